@@ -1,0 +1,26 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv here
+# and install norton with its pinned dependencies (quick when already done).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' || \
+		{ echo "norton needs Python >= 3.11 in $(VENV); remove it and set PYTHON=python3.11"; exit 1; }
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/norton demo
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/cp_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

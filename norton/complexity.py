@@ -1,0 +1,66 @@
+"""MACs and parameter counts (the paper's convention).
+
+MACs = multiply–accumulates of conv and linear layers for one image, i.e.
+``torch.utils.flop_counter.FlopCounterMode`` total / 2.  A CPDBlock counts as its
+three factored convs.  Params = every parameter of the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from norton.errors import NortonError
+
+
+@dataclass(frozen=True)
+class Complexity:
+    macs: int
+    params: int
+
+
+def input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None) -> tuple[int, int, int]:
+    """(C, H, W) of one input image: ``input_size`` as H=W or (H, W) or (C, H, W),
+    or the model's ``default_input_size``."""
+    default = getattr(model, "default_input_size", None)
+    if input_size is None:
+        if default is None:
+            raise NortonError("input_size is needed: this model has no default_input_size")
+        return tuple(default)
+    channels = default[0] if default is not None else 3
+    size = (input_size,) if isinstance(input_size, int) else tuple(input_size)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size) or len(size) not in (1, 2, 3):
+        raise NortonError(f"input size must be H (square), (H, W) or (C, H, W) of positive ints, got {input_size!r}")
+    if len(size) == 1:
+        return (channels, size[0], size[0])
+    if len(size) == 2:
+        return (channels, *size)
+    return size
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> int:
+    """MACs of one forward pass on a single image of ``input_size``."""
+    shape = input_shape(model, input_size)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *shape, device=device, dtype=dtype))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def complexity(model: nn.Module, input_size: int | tuple[int, ...] | None = None) -> Complexity:
+    """MACs (one image) and parameter count of ``model``."""
+    return Complexity(macs=count_macs(model, input_size), params=count_params(model))
