@@ -1,0 +1,198 @@
+"""``norton`` command line.  Parses arguments and calls the library; nothing more.
+
+Every error a user can cause ends with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from norton.complexity import complexity
+from norton.errors import NortonError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"rank must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_rank(text: str) -> int:
+    value = _rank(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("rank must be >= 1 to decompose, got 0")
+    return value
+
+
+def _input_size(text: str) -> tuple[int, ...]:
+    try:
+        parts = tuple(int(p) for p in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        parts = ()
+    if not parts or len(parts) > 3 or any(p < 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"input size must be H, HxW or CxHxW of positive ints, got {text!r}")
+    return parts
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _reduction(value: int, baseline: int) -> float:
+    return 100.0 * (1.0 - value / baseline) if baseline else 0.0
+
+
+def _arch_args(parser: argparse.ArgumentParser, rank_type=_rank, rank_default: int | None = 0) -> None:
+    parser.add_argument("--arch", "-a", required=True, help="zoo architecture (see `norton models`)")
+    parser.add_argument("-r", "--rank", type=rank_type, default=rank_default, help="CP rank (0 = plain convs)")
+    parser.add_argument(
+        "-cpr", "--compress-rate", default=None,
+        help='per-layer compress rates, e.g. "[0.]+[0.1]*2+[0.4]*5" or "0.1,0.2" (default: none)',
+    )
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
+
+
+# -- commands -------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from norton.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_complexity(args: argparse.Namespace) -> int:
+    from norton.models import create_model
+
+    model = create_model(args.arch, rank=args.rank, compress_rate=args.compress_rate, num_classes=args.num_classes)
+    baseline = create_model(args.arch, rank=0, num_classes=args.num_classes)
+    size = args.input_size
+    result, base = complexity(model, size), complexity(baseline, size)
+    record = {
+        "arch": args.arch,
+        "rank": args.rank,
+        "compress_rate": args.compress_rate,
+        "input_size": list(size) if size else list(model.default_input_size),
+        "macs": result.macs,
+        "params": result.params,
+        "baseline_macs": base.macs,
+        "baseline_params": base.params,
+        "macs_reduction_pct": round(_reduction(result.macs, base.macs), 4),
+        "params_reduction_pct": round(_reduction(result.params, base.params), 4),
+    }
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(f"{args.arch}  rank {args.rank}  compress rate {args.compress_rate or 'none'}  input {record['input_size']}")
+    print(f"MACs:   {_human(result.macs)} ({record['macs_reduction_pct']:.2f}% ↓)   baseline {_human(base.macs)}")
+    print(f"Params: {_human(result.params)} ({record['params_reduction_pct']:.2f}% ↓)   baseline {_human(base.params)}")
+    return 0
+
+
+def cmd_decompose_report(args: argparse.Namespace) -> int:
+    from norton.checkpoint import load_state_dict_file, load_state_dict_strict
+    from norton.decompose import decompose
+    from norton.models import create_model
+
+    model = create_model(args.arch, rank=0, compress_rate=args.compress_rate, num_classes=args.num_classes)
+    if args.ckpt:
+        load_state_dict_strict(model, load_state_dict_file(args.ckpt), f"checkpoint {args.ckpt!r}")
+    else:
+        torch.manual_seed(args.seed)
+        print(f"no --ckpt: decomposing randomly initialised weights (seed {args.seed})", file=sys.stderr)
+    report = decompose(model, args.rank, init=args.init, n_iter_max=args.n_iter_max, seed=args.seed, progress=not args.json)
+    if args.json:
+        print(json.dumps({"mean_nmse": report.mean_nmse, "seconds": report.seconds,
+                          "layers": [vars(layer) for layer in report.layers]}))
+    else:
+        print(report.table())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from norton.demo import run_showcase
+
+    run_showcase()
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------
+EXAMPLES = {
+    "complexity": 'norton complexity --arch vgg_16_bn -r 1 -cpr "[0.6]*6+[0.8]*7"\n'
+                  "  norton complexity --arch resnet_50 -r 1 -cpr \"[0.]+[0.1]*2+[0.4]*5+[0.75]*12\" --json",
+    "decompose-report": "norton decompose-report --arch resnet_56 -r 4\n"
+                        "  norton decompose-report --arch vgg_16_bn -r 8 --ckpt baseline.pt",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="norton", description="Compress CNNs with NORTON (CP decomposition + pruning).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list the zoo architectures")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("complexity", help="MACs and params of a zoo model vs its uncompressed baseline",
+                       epilog="examples:\n  " + EXAMPLES["complexity"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arch_args(p)
+    p.add_argument("--input-size", type=_input_size, default=None, help="H, HxW or CxHxW (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_complexity)
+
+    p = sub.add_parser("decompose-report", help="per-layer NMSE of decomposing a model at a given rank",
+                       epilog="examples:\n  " + EXAMPLES["decompose-report"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arch_args(p, rank_type=_positive_rank, rank_default=None)
+    p.add_argument("--ckpt", default=None, help="state dict of the dense model (default: random weights)")
+    p.add_argument("--init", choices=("svd", "random"), default="svd", help="CP-ALS initialisation")
+    p.add_argument("--n-iter-max", type=int, default=300, help="ALS sweeps at most (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_decompose_report)
+
+    p = sub.add_parser("demo", help="showcase: complexity of the paper's configs and decomposition speed")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"norton: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "rank", 0) is None:
+        parser.exit(2, f"norton {args.command}: error: -r/--rank is required (see --help)\n")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
+    except NortonError as err:
+        print(f"norton {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"norton {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

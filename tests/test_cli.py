@@ -1,0 +1,110 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from norton import create_model
+from norton.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "norton.cli", *args], capture_output=True, text=True)
+
+
+def test_complexity_human(capsys):
+    assert main(["complexity", "--arch", "vgg_16_bn", "-r", "1", "-cpr", "[0.6]*6+[0.8]*7"]) == 0
+    out = capsys.readouterr().out
+    assert "MACs:   4.24M (98.65% ↓)" in out
+    assert "Params: 150.67K" in out and "baseline 313.46M" in out
+
+
+def test_complexity_json(capsys):
+    assert main(["complexity", "--arch", "resnet_50", "-r", "1", "-cpr", "[0.]+[0.1]*2+[0.4]*5+[0.75]*12", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["macs"] == 899619808 and record["params"] == 5885736
+    assert record["baseline_macs"] == 4089184256 and record["baseline_params"] == 25557032
+
+
+def test_complexity_input_size(capsys):
+    assert main(["complexity", "--arch", "resnet_56", "--input-size", "64", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["macs"] == 4 * 125485696 - 3 * 640  # convs scale with pixels, the fc does not
+    assert record["input_size"] == [64]
+
+
+def test_short_rate_list_warns_in_one_line(capsys):
+    assert main(["complexity", "--arch", "vgg_16_bn", "-r", "8", "-cpr", "[0.21]*7+[0.75]*5"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["norton: warning: compress rate for vgg_16_bn has 12 of 13 entries; the last 1 are taken as 0 (unpruned)"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["complexity", "--arch", "vgg_17"], "unknown architecture 'vgg_17'; available:"),
+    (["complexity", "--arch", "vgg_16_bn", "-r", "-1"], "rank must be an integer >= 0, got '-1'"),
+    (["complexity", "--arch", "vgg_16_bn", "-r", "1.5"], "rank must be an integer >= 0, got '1.5'"),
+    (["complexity", "--arch", "vgg_16_bn", "-cpr", "[0.1]*2.5"], "repeat count '2.5' is not a whole number"),
+    (["complexity", "--arch", "vgg_16_bn", "-cpr", "[0.1]*14"], "has 14 entries but vgg_16_bn takes 13"),
+    (["complexity", "--arch", "vgg_16_bn", "-cpr", "[1.5]"], "every rate must be in [0, 1)"),
+    (["complexity", "--arch", "vgg_16_bn", "--input-size", "0"], "input size must be"),
+    (["decompose-report", "--arch", "resnet_20"], "-r/--rank is required"),
+    (["decompose-report", "--arch", "resnet_20", "-r", "0"], "rank must be >= 1 to decompose"),
+    (["decompose-report", "--arch", "resnet_20", "-r", "2", "--ckpt", "/nonexistent.pt"], "does not exist"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_input_exits_2_with_one_line(args, match, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert match in lines[0]
+
+
+def test_bad_input_through_the_real_entry_point():
+    result = run("complexity", "--arch", "vgg_16_bn", "-cpr", "[0.1]*999999999")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "norton complexity: error: compress rate '[0.1]*999999999': it has 999999999 entries, more than the "
+        "limit of 10000; expected a form like \"[0.]+[0.1]*2+[0.4]*5\" or \"0.1,0.2\""
+    ]
+
+
+def test_decompose_report_from_checkpoint(tmp_path, capsys):
+    model = create_model("resnet_20")
+    path = tmp_path / "baseline.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    assert main(["decompose-report", "--arch", "resnet_20", "-r", "3", "--ckpt", str(path), "--n-iter-max", "20", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["layers"]) == 19
+    assert all(layer["rank"] == 3 and 0 < layer["nmse"] < 1 for layer in record["layers"])
+
+
+def test_decompose_report_rejects_other_architecture(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(create_model("resnet_20").state_dict(), path)
+    result = run("decompose-report", "--arch", "resnet_56", "-r", "2", "--ckpt", str(path))
+    assert result.returncode == 2
+    assert "missing key 'layer1.3.conv1.weight'" in result.stderr
+
+
+def test_corrupt_checkpoint(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"not a checkpoint at all")
+    result = run("decompose-report", "--arch", "resnet_20", "-r", "2", "--ckpt", str(path))
+    assert result.returncode == 2 and "cannot be read safely" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_models_lists_the_zoo(capsys):
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.split() == ["densenet_40", "resnet_110", "resnet_20", "resnet_50", "resnet_56", "vgg_16_bn", "vgg_19_bn"]
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "norton.cli", "complexity", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "examples:" in result.stdout
