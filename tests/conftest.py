@@ -5,7 +5,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+REFERENCE_DIR = os.path.join(ROOT, "tests", "reference")  # copies of shared/reference
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torchvision
 
-from conftest import SHARED
+from conftest import REFERENCE_DIR
 from norton import CPDBlock, NortonError, complexity, create_model, list_models, register_model
 
-REFERENCE = json.load(open(os.path.join(SHARED, "reference", "complexity.json")))["configs"]
-RESEARCH_KEYS = json.load(open(os.path.join(SHARED, "reference", "research_keys.json")))
+REFERENCE = json.load(open(os.path.join(REFERENCE_DIR, "complexity.json")))["configs"]
+RESEARCH_KEYS = json.load(open(os.path.join(REFERENCE_DIR, "research_keys.json")))
 
 
 def build(arch, rank, rate, **kwargs):
