@@ -45,4 +45,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
         value = kwargs.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise NortonError(f"{key} must be an integer >= 1, got {value!r}")
-    return builder(**kwargs)
+    model = builder(**kwargs)
+    # The architecture as data: enough to rebuild the model (checkpoints, pruning).
+    model.norton_spec = {"arch": name, **{k: v for k, v in kwargs.items() if k != "compress_rate"},
+                         "rank": rank, "compress_rate": kwargs.get("compress_rate")}
+    return model

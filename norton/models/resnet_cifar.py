@@ -40,7 +40,11 @@ class ChannelPadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int, rank: int) -> None:
+    """conv-BN-ReLU-conv-BN plus shortcut.  The first block of every stage always
+    has a ``ChannelPadShortcut`` (an identity while its widths match), so that
+    pruning sees where one stage's channels are placed inside the next."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int, rank: int, first: bool) -> None:
         super().__init__()
         self.conv1 = conv(in_channels, mid_channels, 3, rank=rank, stride=stride, padding=1)
         self.bn1 = nn.BatchNorm2d(mid_channels)
@@ -48,7 +52,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv(mid_channels, out_channels, 3, rank=rank, padding=1)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu2 = nn.ReLU(inplace=True)
-        if stride != 1 or in_channels != out_channels:
+        if first or stride != 1 or in_channels != out_channels:
             self.shortcut: nn.Module = ChannelPadShortcut(in_channels, out_channels, stride)
         else:
             self.shortcut = nn.Identity()
@@ -74,7 +78,7 @@ class CifarResNet(nn.Module):
             for b in range(blocks_per_stage):
                 stride = 2 if s > 0 and b == 0 else 1
                 mid = width(STAGE_WIDTHS[s], next(mid_rates))
-                blocks.append(BasicBlock(channels, mid, stage_out[s], stride, rank))
+                blocks.append(BasicBlock(channels, mid, stage_out[s], stride, rank, first=b == 0))
                 channels = stage_out[s]
             setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)

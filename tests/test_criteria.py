@@ -1,0 +1,131 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import subspace_angles
+
+from norton import NortonError
+from norton.criteria import (
+    csa_similarities, get_criterion, greedy_eliminate, list_criteria, normalized_sum,
+    pabs_distances, top_scores, vbd_distances,
+)
+
+
+def random_factors(n, c=6, k=3, r=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, d, r, generator=g, dtype=torch.float64) for d in (c, k, k))
+
+
+def loop_pabs(factors):
+    """Straightforward reference: scipy's principal angles, pair by pair."""
+    n = factors[0].shape[0]
+    out = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                out[i, j] = sum(subspace_angles(f[i].numpy(), f[j].numpy()).max() for f in factors)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 2), (5, 5, 3), (7, 3, 4)])
+def test_pabs_matches_pairwise_reference(shape):
+    c, k, r = shape
+    factors = random_factors(9, c, k, r)
+    np.testing.assert_allclose(pabs_distances(factors).numpy(), loop_pabs(factors), atol=1e-6)
+
+
+def test_pabs_spatial_modes_vanish_when_rank_covers_them():
+    # R >= k: a k×R factor spans R^k, so only the channel factor discriminates
+    factors = random_factors(5, c=8, k=3, r=3)
+    only_channel = loop_pabs((factors[0],))
+    np.testing.assert_allclose(pabs_distances(factors).numpy(), only_channel, atol=1e-6)
+
+
+def test_pabs_is_not_collapsed_to_zero():
+    # the research code's Frobenius-sine/mod bug maps most pairs to 0; ours does not
+    factors = random_factors(40, c=64, k=3, r=6)
+    d = pabs_distances(factors)
+    off = d[~torch.eye(40, dtype=torch.bool)]
+    assert (off > 0.1).float().mean() > 0.99
+    assert off.max() <= 3 * math.pi / 2 + 1e-9
+
+
+def test_pabs_is_invariant_to_column_scaling_and_order():
+    factors = random_factors(4)
+    a, b, c = (f.clone() for f in factors)
+    a[2] = a[2][:, [1, 0]] * torch.tensor([3.0, -0.5], dtype=torch.float64)
+    torch.testing.assert_close(pabs_distances((a, b, c))[2], pabs_distances(factors)[2], atol=1e-6, rtol=0)
+
+
+def test_vbd_matches_direct_variance():
+    factors = random_factors(6, c=5, r=3)
+    a = factors[0]
+    d = vbd_distances(factors)
+    for i in range(6):
+        for j in range(6):
+            if i != j:
+                expected = torch.var(a[i] - a[j]) / (torch.var(a[i]) + torch.var(a[j]))
+                assert d[i, j].item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_csa_is_cos_squared_of_the_channel_angle():
+    factors = random_factors(5, c=7, r=3)
+    s = csa_similarities(factors)
+    for i, j in [(0, 1), (2, 4)]:
+        angle = subspace_angles(factors[0][i].numpy(), factors[0][j].numpy()).max()
+        assert s[i, j].item() == pytest.approx(math.cos(angle) ** 2, abs=1e-8)
+
+
+def test_greedy_known_answer():
+    # 0≈1 and 2≈3 are near-duplicates; 4 is far from all.  Keeping 3 must keep
+    # one of each pair and 4; the one dropped from each pair is the one closer
+    # to the rest (smaller summed distance).
+    d = torch.tensor([
+        [0.0, 0.1, 5.0, 5.0, 9.0],
+        [0.1, 0.0, 4.0, 4.0, 9.0],
+        [5.0, 4.0, 0.0, 0.2, 9.0],
+        [5.0, 4.0, 0.2, 0.0, 8.0],
+        [9.0, 9.0, 9.0, 8.0, 0.0],
+    ])
+    assert greedy_eliminate(d, 3) == [0, 2, 4]
+    # the same as a similarity (large = close) picks the same filters
+    assert greedy_eliminate(10.0 - d, 3, similarity=True) == [0, 2, 4]
+
+
+def test_greedy_duplicates_of_real_factors_are_removed():
+    base = random_factors(6, c=8, k=3, r=2)
+    factors = tuple(torch.cat([f, f[[1, 3]] * 2.0]) for f in base)  # 6, 7 duplicate 1, 3
+    kept = greedy_eliminate(pabs_distances(factors), 6)
+    assert len(kept) == 6 and 0 in kept and 2 in kept and 4 in kept and 5 in kept
+    assert (1 in kept) != (6 in kept) and (3 in kept) != (7 in kept)  # one of each pair survives
+
+
+def test_greedy_protected_and_allowed():
+    d = torch.rand(8, 8, generator=torch.Generator().manual_seed(1))
+    d = d + d.T
+    kept = greedy_eliminate(d, 4, protected=[0, 1, 2])
+    assert {0, 1, 2} <= set(kept) and len(kept) == 4
+    kept = greedy_eliminate(d, 3, allowed=[5, 6, 7, 2])
+    assert set(kept) <= {5, 6, 7, 2} and len(kept) == 3
+    with pytest.raises(NortonError, match="keep must be in"):
+        greedy_eliminate(d, 0)
+
+
+def test_top_scores():
+    scores = torch.tensor([0.5, 3.0, 1.0, 2.0])
+    assert top_scores(scores, 2) == [1, 3]
+    assert top_scores(scores, 2, protected=[0]) == [0, 1]
+
+
+def test_normalized_sum_weighs_layers_alike():
+    a = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    total = normalized_sum([a, 100 * a])
+    torch.testing.assert_close(total, 2 * a.double())
+
+
+def test_registry():
+    assert list_criteria() == ["csa", "l2", "pabs", "random", "vbd"]
+    assert get_criterion("pabs").needs_factors and not get_criterion("l2").needs_factors
+    with pytest.raises(NortonError, match="unknown criterion 'fpgm'; valid: csa, l2, pabs, random, vbd"):
+        get_criterion("fpgm")
