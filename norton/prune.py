@@ -430,11 +430,13 @@ def prune(
     if amount is not None and not (isinstance(amount, (int, float)) and 0.0 <= amount < 1.0):
         raise NortonError(f"amount must be in [0, 1), got {amount!r}")
     if target_macs is not None:
+        if not isinstance(target_macs, (int, float)) or not 0.0 < target_macs < 1.0:
+            raise NortonError(f"target_macs must be a fraction in (0, 1), got {target_macs!r}")
         amount = _search_amount(model, example_inputs, target_macs, ignored_layers)
 
+    graph = build_graph(model, example_inputs)  # first: it names an input the model rejects
     macs_before = count_macs_on(model, example_inputs)
     params_before = sum(p.numel() for p in model.parameters())
-    graph = build_graph(model, example_inputs)
     groups, skipped = collect_groups(model, graph, example_inputs, ignored_layers)
     if isinstance(compress_rate, Mapping):
         _dict_targets(model, groups, compress_rate, skipped)
@@ -457,8 +459,6 @@ def prune(
 
 def _search_amount(model: nn.Module, example_inputs, target: float, ignored_layers) -> float:
     """Uniform amount whose pruning removes ``target`` of the MACs (±1 point)."""
-    if not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
-        raise NortonError(f"target_macs must be a fraction in (0, 1), got {target!r}")
     base = count_macs_on(model, example_inputs)
 
     def removed(amount: float) -> float:
@@ -468,9 +468,13 @@ def _search_amount(model: nn.Module, example_inputs, target: float, ignored_laye
               ignored_layers=[mapping[m] for m in ignored_layers])
         return 1.0 - count_macs_on(trial, example_inputs) / base
 
-    low, high = 0.0, 0.99
-    if removed(high) < target - 0.01:
-        raise NortonError(f"target_macs {target} is out of reach: pruning 99% of every prunable layer removes {removed(high):.1%} of the MACs")
+    groups, _ = collect_groups(model, build_graph(model, example_inputs), example_inputs, ignored_layers)
+    if not groups:
+        raise NortonError("target_macs: the model has no prunable layer")
+    low, high = 0.0, 1.0 - 1.0 / min(g.info.total for g in groups)  # the most that keeps 1 filter everywhere
+    most = removed(high)
+    if most < target - 0.01:
+        raise NortonError(f"target_macs {target} is out of reach: keeping one filter per prunable layer removes {most:.1%} of the MACs")
     best = high
     for _ in range(20):
         mid = (low + high) / 2

@@ -1,0 +1,272 @@
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import REFERENCE_DIR
+from norton import CPDBlock, NortonError, complexity, create_model, decompose
+from norton.prune import build_graph, collect_groups, count_macs_on, prune
+
+X32 = torch.randn(2, 3, 32, 32)
+
+
+def build(arch, rank=0, rate=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_model(arch, rank=rank, compress_rate=rate)
+
+
+def kill_pruned_channels(model, report, example_inputs, also_dead=None):
+    """Make every channel that pruning will remove exactly zero after its
+    BatchNorm(s), without touching the conv weights the criteria read.  Then the
+    pruned model must compute exactly what this model computes."""
+    graph = build_graph(model, example_inputs)
+    groups, _ = collect_groups(model, graph, example_inputs)
+    kept = {g.root: set(g.kept) for g in report.groups}
+    for root, channels in (also_dead or {}).items():
+        kept[root] -= set(channels)
+    with torch.no_grad():
+        for g in groups:
+            if g.info.root not in kept:
+                continue
+            dead = [i for i in range(g.info.total) if i not in kept[g.info.root]]
+            for module, _, idxs, root_idxs in g.members:
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    where = {r: i for i, r in zip(idxs, root_idxs)}
+                    channels = [where[d] for d in dead if d in where]
+                    module.weight[channels] = 0
+                    module.bias[channels] = 0
+    return model
+
+
+def assert_pruning_is_faithful(model, example_inputs, also_dead=None, **prune_args):
+    model = model.eval()
+    probe = copy.deepcopy(model)
+    report = prune(probe, example_inputs=example_inputs, **prune_args)
+    if callable(also_dead):
+        also_dead = also_dead(report)
+    killed = kill_pruned_channels(copy.deepcopy(model), report, example_inputs, also_dead).eval()
+    pruned = copy.deepcopy(killed)
+    report_again = prune(pruned, example_inputs=example_inputs, **prune_args)
+    assert [g.kept for g in report_again.groups] == [g.kept for g in report.groups]
+    pruned.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(example_inputs), killed(example_inputs), atol=1e-4, rtol=1e-4)
+    return report, pruned
+
+
+# -- zoo models reach exactly the zoo architecture ------------------------------------------
+ZOO_CONFIGS = [
+    (c["arch"], c["rank"], c["compress_rate"])
+    for c in json.load(open(os.path.join(REFERENCE_DIR, "complexity.json")))["configs"]
+] + [
+    ("resnet_56", 1, "[0.]+[0.18]*29"),
+    ("resnet_56", 1, "[0.]+[0.4]*2+[0.5]*9+[0.6]*9+[0.7]*9"),
+    ("resnet_110", 2, "[0.]+[0.2]*2+[0.3]*18+[0.35]*36"),
+    ("resnet_20", 0, "[0.5]+[0.25]+[0.6]+[0.5]*9"),
+]
+
+
+@pytest.mark.parametrize("arch,rank,rate", ZOO_CONFIGS, ids=lambda v: str(v))
+def test_zoo_pruning_gives_the_zoo_architecture(arch, rank, rate):
+    model = build(arch, rank)
+    size = model.default_input_size
+    x = torch.randn(2, size[0], min(size[1], 64), min(size[2], 64))
+    criterion = "pabs" if rank else "l2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune(model, rate, example_inputs=x, criterion=criterion)
+    reference = build(arch, rank, rate)
+    reference.load_state_dict(model.state_dict(), strict=True)
+    assert complexity(model) == complexity(reference)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))  # same weights, same function: same wiring
+
+
+# -- the pruned network computes what the original computes on the kept channels -----------
+def test_option_a_shortcut_placement_is_faithful():
+    model = create_model("resnet_20", rank=2)
+    report, _ = assert_pruning_is_faithful(model, X32, compress_rate="[0.25]+[0.25]+[0.25]+[0.5]*9")
+    stage = {g.root: g for g in report.groups}
+    assert len(stage["layer1.0.conv2"].layers) == 3  # the whole stage stream is one group
+
+
+def test_cropping_shortcut_is_faithful_on_the_channels_it_keeps():
+    # stem 16 -> stage 1 of 12: the shortcut drops 4 stem channels, which the stem
+    # itself keeps; with those 4 dead as well, both networks agree exactly
+    def stem_channels_outside_stage_1(report):
+        groups = {g.root: g for g in report.groups}
+        return {"conv1": [c for c in range(16) if c not in groups["layer1.0.conv2"].kept]}
+
+    model = create_model("resnet_20", rank=2)
+    assert_pruning_is_faithful(model, X32, also_dead=stem_channels_outside_stage_1,
+                               compress_rate="[0.]+[0.25]+[0.5]+[0.5]*9")
+
+
+def test_crop_keeps_the_criterion_choice():
+    # stem 16 -> stage 1 of 12: the criterion picks the 12, the stem is reordered around them
+    model = create_model("resnet_20", rank=2)
+    report = prune(model, "[0.]+[0.25]+[0.]+[0.]*9", example_inputs=X32)
+    group = {g.root: g for g in report.groups}["layer1.0.conv2"]
+    assert group.criterion.startswith("pabs")
+    stem = {g.root: g for g in report.groups}["conv1"]
+    assert sorted(stem.kept) == list(range(16)) and stem.kept[2:14] == group.kept
+
+
+def test_torchvision_resnet18_is_faithful_and_residuals_share_channels():
+    model = torchvision.models.resnet18(weights=None)
+    decompose(model, 2, n_iter_max=5, progress=False)
+    report, pruned = assert_pruning_is_faithful(model, torch.randn(2, 3, 64, 64), amount=0.5)
+    stream = {g.root: g for g in report.groups}["conv1"]  # the stem opens the stage-1 stream
+    assert set(stream.layers) >= {"conv1", "layer1.0.conv2", "layer1.1.conv2"}  # residual adds
+    assert pruned.layer1[0].conv2.out_channels == pruned.layer1[1].conv2.out_channels == pruned.conv1.out_channels == 32
+
+
+def test_densenet_concatenations_are_faithful():
+    model = create_model("densenet_40", rank=3)
+    assert_pruning_is_faithful(model, X32, compress_rate="[0.]+[0.25]*38")
+
+
+def test_vgg_head_follows():
+    model = create_model("vgg_16_bn", rank=1)
+    _, pruned = assert_pruning_is_faithful(model, X32, compress_rate="[0.5]*13")
+    assert pruned.classifier.linear1.in_features == 256
+
+
+def test_batchnorm_statistics_of_kept_channels_are_kept():
+    model = create_model("resnet_20", rank=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn_like(m.running_mean))
+                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+                m.weight.copy_(torch.randn_like(m.weight))
+    original = copy.deepcopy(model)
+    report = prune(model, amount=0.5, example_inputs=X32)
+    group = {g.root: g for g in report.groups}["layer2.1.conv1"]
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        torch.testing.assert_close(getattr(model.layer2[1].bn1, name), getattr(original.layer2[1].bn1, name)[group.kept])
+
+
+def test_dict_rates_and_report():
+    model = create_model("resnet_20", rank=2)
+    report = prune(model, {"layer1.0.conv1": 0.5, "layer3.2.conv1": 0.25}, example_inputs=X32, criterion="vbd")
+    assert model.layer1[0].conv1.out_channels == 8 and model.layer3[2].conv1.out_channels == 48
+    assert model.layer2[0].conv1.out_channels == 32
+    assert report.macs_after < report.macs_before and report.params_after < report.params_before
+    assert "layer1.0.conv1" in report.table() and "8/16" in report.table()
+    assert report.widths()["layer1.0.conv1"] == 8
+
+
+@pytest.mark.parametrize("criterion", ["pabs", "vbd", "csa", "l2", "random"])
+def test_every_criterion_prunes(criterion):
+    model = create_model("resnet_20", rank=2)
+    prune(model, amount=0.3, example_inputs=X32, criterion=criterion)
+    assert model(X32).shape == (2, 10)
+    assert model.layer1[0].conv1.out_channels == int(16 * 0.7)
+
+
+def test_pabs_removes_duplicate_filters():
+    model = create_model("resnet_20", rank=2).eval()
+    block = model.layer2[1].conv1
+    with torch.no_grad():  # filters 5..9 become copies of 0..4 (in scale)
+        a, b, c = block.factors()
+        a, b, c = a.clone(), b.clone(), c.clone()
+        a[5:10], b[5:10], c[5:10] = 2 * a[0:5], b[0:5], c[0:5]
+        block.set_factors((a, b, c))
+    report = prune(model, {"layer2.1.conv1": 5 / 32}, example_inputs=X32)
+    kept = {g.root: g for g in report.groups}["layer2.1.conv1"].kept
+    assert len(kept) == 27
+    for i in range(5):  # exactly one of each duplicate pair survives
+        assert (i in kept) != (i + 5 in kept)
+
+
+@pytest.mark.parametrize("builder", [torchvision.models.resnet50, torchvision.models.densenet121, torchvision.models.vgg16_bn])
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_torchvision_models(builder, decomposed):
+    model = builder(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    shape = model(x).shape
+    if decomposed:
+        decompose(model, 1, n_iter_max=2, progress=False)
+    before = count_macs_on(model, x)
+    report = prune(model, amount=0.5, example_inputs=x, criterion="pabs" if decomposed else "l2")
+    assert model(x).shape == shape
+    assert report.macs_after < 0.45 * before
+    if decomposed:
+        assert any(isinstance(m, CPDBlock) for m in model.modules())
+
+
+def test_detection_backbone_with_fpn():
+    detector = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=128, max_size=128)
+    backbone = detector.backbone.eval()
+    decompose(backbone.body, 1, n_iter_max=2, progress=False)
+    x = torch.randn(1, 3, 128, 128)
+    shapes = {k: v.shape for k, v in backbone(x).items()}
+    report = prune(backbone, amount=0.5, example_inputs=x)
+    assert {k: v.shape for k, v in backbone(x).items()} == shapes
+    assert any("model outputs" in why for why in report.skipped.values())  # FPN output convs
+    assert report.macs_after < 0.5 * report.macs_before
+    detector.eval()
+    with torch.no_grad():
+        assert set(detector([torch.rand(3, 128, 128)])[0]) == {"boxes", "labels", "scores"}
+
+
+def test_target_macs():
+    model = create_model("resnet_20")
+    x = torch.randn(1, 3, 32, 32)
+    report = prune(model, target_macs=0.6, example_inputs=x, criterion="l2")
+    removed = 1 - report.macs_after / report.macs_before
+    assert abs(removed - 0.6) <= 0.01
+
+
+# -- bad input ----------------------------------------------------------------------------------
+def test_rate_removing_every_filter():
+    model = create_model("resnet_20", rank=1)
+    with pytest.raises(NortonError, match="would remove every filter of layer 'layer1.0.conv1'"):
+        prune(model, {"layer1.0.conv1": 0.95}, example_inputs=X32)
+
+
+def test_factor_criterion_on_plain_convs():
+    model = create_model("resnet_20")
+    with pytest.raises(NortonError, match="criterion 'pabs' needs CP factors but layer 'conv1' is a plain 3×3 conv"):
+        prune(model, amount=0.5, example_inputs=X32)
+
+
+def test_wrong_length_compress_rate():
+    model = create_model("vgg_16_bn", rank=1)
+    with pytest.raises(NortonError, match="has 15 entries but vgg_16_bn takes 13"):
+        prune(model, "[0.1]*15", example_inputs=X32)
+
+
+def test_compress_rate_list_needs_a_zoo_model():
+    with pytest.raises(NortonError, match="needs a zoo model"):
+        prune(torchvision.models.resnet18(weights=None), "[0.1]*3", example_inputs=X32, criterion="l2")
+
+
+def test_untraceable_example_input():
+    model = create_model("resnet_20", rank=1)
+    with pytest.raises(NortonError, match="cannot be traced with the given example input"):
+        prune(model, amount=0.5, example_inputs=torch.randn(2, 5, 32, 32))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "exactly one of"),
+    (dict(amount=0.5, target_macs=0.5), "exactly one of"),
+    (dict(amount=1.5), r"amount must be in \[0, 1\)"),
+    (dict(amount=0.5, criterion="fpgm"), "unknown criterion 'fpgm'"),
+    (dict(compress_rate={"nope": 0.5}), "no module named 'nope'"),
+    (dict(compress_rate={"layer1.0.bn1": 0.5}), "not a prunable convolution"),
+    (dict(compress_rate={"layer1.0.conv2": 0.5, "layer1.1.conv2": 0.25}), "share their output channels"),
+    (dict(target_macs=1.5), "target_macs must be a fraction"),
+])
+def test_bad_arguments(kwargs, match):
+    model = create_model("resnet_20", rank=1)
+    with pytest.raises(NortonError, match=match):
+        prune(model, example_inputs=X32, **kwargs)
