@@ -1,33 +1,169 @@
-"""Loading weights safely: ``torch.load(weights_only=True)`` only, clear errors."""
+"""Self-describing checkpoints: safe to load, verified, written atomically.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain data
+(``torch.serialization.get_unsafe_globals_in_checkpoint`` finds nothing), so
+it loads with ``torch.load(weights_only=True)``:
+
+    format, norton_version, torch_version,
+    architecture   (see norton.architecture.describe) — the model is rebuilt from it,
+    state_dict, metrics, train_state, extra,
+    sha256         a hash of all the above, checked on load.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
+import tempfile
 import zipfile
+from typing import Any
 
 import torch
 from torch import nn
 
 from norton.errors import NortonError
 
+FORMAT = "norton.checkpoint/1"
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict in ``path``: a bare state dict, or one under ``"state_dict"``
-    or ``"model"``.  Never unpickles code."""
+
+# -- hashing ------------------------------------------------------------------------------
+def _feed(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted(obj, key=str):
+            h.update(json.dumps(str(key)).encode())
+            _feed(h, obj[key])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for item in obj:
+            _feed(h, item)
+        h.update(b"]")
+    else:
+        h.update(json.dumps(obj).encode())
+
+
+def content_hash(payload: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+# -- writing ------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename:
+    a crash leaves either the old file or the new one, never half of one."""
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    metrics: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    input_size: list[int] | None = None,
+) -> None:
+    """Write ``model`` with its architecture, metrics and training state."""
+    import norton
+    from norton.architecture import describe
+
+    payload = {
+        "format": FORMAT,
+        "norton_version": norton.__version__,
+        "torch_version": str(torch.__version__),
+        "architecture": describe(model, input_size),
+        "state_dict": _cpu(model.state_dict()),
+        "metrics": _cpu(metrics or {}),
+        "train_state": _cpu(train_state or {}),
+        "extra": _cpu(extra or {}),
+    }
+    payload["sha256"] = content_hash(payload)
+    atomic_save(payload, path)
+
+
+# -- reading ------------------------------------------------------------------------------
+def _safe_load(path: str) -> Any:
     if not os.path.isfile(path):
         raise NortonError(f"checkpoint {path!r} does not exist or is not a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NortonError(f"checkpoint {path!r} cannot be read safely (corrupt, truncated, or not a weights file): {first}") from None
+        raise NortonError(
+            f"checkpoint {path!r} cannot be read safely (corrupt, truncated, or not a weights file): {first[:200]}"
+        ) from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A norton checkpoint, its content hash verified."""
+    path = os.fspath(path)
+    obj = _safe_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise NortonError(f"{path!r} is not a norton checkpoint (no format {FORMAT!r}); "
+                          "research-code files are imported with --arch/-r/-cpr")
+    if obj.get("sha256") != content_hash(obj):
+        raise NortonError(f"checkpoint {path!r} is corrupt: its content does not match its sha256")
+    return obj
+
+
+def load_model(path: str | os.PathLike, *, base_model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes and load its weights (strictly)."""
+    from norton.architecture import rebuild
+
+    ckpt = load_checkpoint(path)
+    model = rebuild(ckpt["architecture"], base_model)
+    load_state_dict_strict(model, ckpt["state_dict"], f"checkpoint {os.fspath(path)!r}")
+    return model, ckpt
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: a norton checkpoint, a bare state dict, or one
+    under ``"state_dict"`` or ``"model"``.  Never unpickles code."""
+    path = os.fspath(path)
+    obj = _safe_load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return load_checkpoint(path)["state_dict"]
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise NortonError(
             f"checkpoint {path!r} holds no state dict (expected a dict of tensors, "
             "possibly under 'state_dict' or 'model')"

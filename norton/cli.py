@@ -127,6 +127,100 @@ def cmd_decompose_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace, *, rank: int, compress_rate):
+    """The model a command works on: a norton checkpoint (self-describing), or
+    ``--arch`` (+ rank and compress rate) with an optional state-dict file."""
+    from norton.checkpoint import FORMAT, _safe_load, load_model, load_state_dict_file, load_state_dict_strict
+    from norton.models import create_model
+
+    if args.ckpt:
+        obj = _safe_load(args.ckpt)
+        if isinstance(obj, dict) and obj.get("format") == FORMAT:
+            model, ckpt = load_model(args.ckpt)
+            base = (ckpt["architecture"].get("base") or {}).get("arch")
+            if args.arch and base and args.arch != base:
+                raise NortonError(f"checkpoint {args.ckpt!r} holds a {base}, not a {args.arch}")
+            return model
+    if not args.arch:
+        raise NortonError("give --arch (and -r/-cpr) or --ckpt with a norton checkpoint")
+    model = create_model(args.arch, rank=rank, compress_rate=compress_rate, num_classes=args.num_classes)
+    if args.ckpt:
+        load_state_dict_strict(model, load_state_dict_file(args.ckpt), f"checkpoint {args.ckpt!r}")
+    return model
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    import os
+
+    if args.ckpt and os.path.abspath(args.out) == os.path.abspath(args.ckpt):
+        raise NortonError("--out must differ from --ckpt: the input model file is never modified")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise NortonError(f"{args.out!r} exists; pass --overwrite to replace it")
+
+
+def _example_input(model) -> torch.Tensor:
+    return torch.zeros(1, *model.default_input_size)
+
+
+def cmd_decompose(args: argparse.Namespace) -> int:
+    from norton.checkpoint import save_checkpoint
+    from norton.complexity import complexity
+    from norton.decompose import decompose
+
+    _check_out(args)
+    model = _load_model(args, rank=0, compress_rate=args.compress_rate)
+    before = complexity(model)
+    layer_ranks = dict(_key_value(item, int, "--layer-rank") for item in args.layer_rank)
+    report = decompose(model, args.rank, layer_ranks=layer_ranks, skip=args.skip,
+                       init=args.init, n_iter_max=args.n_iter_max, seed=args.seed)
+    after = complexity(model)
+    print(report.table())
+    print(f"MACs {_human(before.macs)} -> {_human(after.macs)} ({_reduction(after.macs, before.macs):.2f}% ↓); "
+          f"params {_human(before.params)} -> {_human(after.params)} ({_reduction(after.params, before.params):.2f}% ↓)")
+    save_checkpoint(args.out, model, metrics={"macs": after.macs, "params": after.params, "mean_nmse": report.mean_nmse},
+                    extra={"stage": "decompose", "rank": args.rank})
+    print(f"saved {args.out}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from norton.checkpoint import save_checkpoint
+    from norton.prune import prune
+
+    _check_out(args)
+    model = _load_model(args, rank=args.rank, compress_rate=None)
+    rates = dict(_key_value(item, float, "--layer-rate") for item in args.layer_rate) or None
+    if rates and args.compress_rate:
+        raise NortonError("give either -cpr or --layer-rate, not both")
+    report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
+                   example_inputs=_example_input(model), criterion=args.criterion, seed=args.seed, progress=True)
+    print(report.table())
+    save_checkpoint(args.out, model, metrics={"macs": report.macs_after, "params": report.params_after},
+                    extra={"stage": "prune", "criterion": args.criterion, "kept": {g.root: g.kept for g in report.groups}})
+    print(f"saved {args.out}")
+    return 0
+
+
+def _key_value(item: str, cast, flag: str):
+    name, sep, value = item.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, cast(value)
+    except ValueError:
+        raise NortonError(f"{flag} takes NAME=VALUE with a {cast.__name__} value, got {item!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from norton.demo import run_showcase
 
@@ -136,6 +230,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser -----------------------------------------------------------------------
 EXAMPLES = {
+    "decompose": "norton decompose --arch resnet_56 --ckpt baseline.pt -r 1 --out decomposed.pt\n"
+                 "  norton decompose --ckpt baseline.pt -r 4 --layer-rank conv1=0 --out decomposed.pt",
+    "prune": 'norton prune --arch resnet_56 -r 1 -cpr "[0.]+[0.18]*29" --ckpt decomposed.pt --criterion pabs --out pruned.pt\n'
+             "  norton prune --ckpt decomposed.pt --target-macs 0.6 --out pruned.pt\n"
+             "  norton prune --ckpt decomposed.pt --layer-rate layer1.0.conv1=0.5 --criterion vbd --out pruned.pt",
     "complexity": 'norton complexity --arch vgg_16_bn -r 1 -cpr "[0.6]*6+[0.8]*7"\n'
                   "  norton complexity --arch resnet_50 -r 1 -cpr \"[0.]+[0.1]*2+[0.4]*5+[0.75]*12\" --json",
     "decompose-report": "norton decompose-report --arch resnet_56 -r 4\n"
@@ -166,6 +265,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_decompose_report)
+
+    p = sub.add_parser("decompose", help="replace every k×k conv by a CPDBlock and save the model",
+                       epilog="examples:\n  " + EXAMPLES["decompose"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", "-a", default=None, help="zoo architecture of the dense model (not needed for a norton checkpoint)")
+    p.add_argument("-r", "--rank", type=_positive_rank, required=True, help="CP rank of every decomposed conv")
+    p.add_argument("-cpr", "--compress-rate", default=None, help="widths of the dense model, if it is a pruned zoo model")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--ckpt", default=None, help="the dense model: norton checkpoint or state dict (default: random weights)")
+    p.add_argument("--layer-rank", action="append", default=[], metavar="NAME=R", help="per-layer rank (0 keeps it dense)")
+    p.add_argument("--skip", action="append", default=[], metavar="NAME", help="leave this conv dense")
+    p.add_argument("--init", choices=("svd", "random"), default="svd")
+    p.add_argument("--n-iter-max", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="where to write the decomposed checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_decompose)
+
+    p = sub.add_parser("prune", help="remove redundant filters (NORTON criteria) and save the model",
+                       epilog="examples:\n  " + EXAMPLES["prune"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", "-a", default=None, help="zoo architecture (not needed for a norton checkpoint)")
+    p.add_argument("-r", "--rank", type=_rank, default=0, help="rank of the loaded zoo model (state-dict files)")
+    p.add_argument("-cpr", "--compress-rate", default=None, help="zoo compress rate to prune to")
+    p.add_argument("--layer-rate", action="append", default=[], metavar="NAME=RATE", help="prune this layer at RATE")
+    p.add_argument("--amount", type=_fraction, default=None, help="one rate for every prunable layer")
+    p.add_argument("--target-macs", type=_fraction, default=None, help="fraction of MACs to remove")
+    p.add_argument("--criterion", default="pabs", help="pabs (default), vbd, csa, l2, random")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--ckpt", default=None, help="the model to prune: norton checkpoint or state dict")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("demo", help="showcase: complexity of the paper's configs and decomposition speed")
     p.set_defaults(func=cmd_demo)

@@ -486,3 +486,22 @@ def _search_amount(model: nn.Module, example_inputs, target: float, ignored_laye
         else:
             high, best = mid, mid
     return best
+
+
+def restructure(model: nn.Module, widths: Mapping[str, int], example_inputs) -> None:
+    """Prune ``model`` to the recorded output ``widths`` of its convolutions
+    (weights arbitrary: they are loaded afterwards).  Used to rebuild a pruned
+    architecture from a checkpoint."""
+    graph = build_graph(model, example_inputs)
+    groups, _ = collect_groups(model, graph, example_inputs)
+    for g in groups:
+        target = widths.get(g.info.root, g.info.total)
+        if not 1 <= target <= g.info.total:
+            raise NortonError(f"recorded width {target} of {g.info.root} does not fit its {g.info.total} filters")
+        g.target = target
+        g.info.kept = list(range(target))
+    apply_selection(graph, groups)
+    got = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)}
+    wrong = next((n for n, w in widths.items() if got.get(n) != w), None)
+    if wrong is not None:
+        raise NortonError(f"cannot rebuild the pruned architecture: layer {wrong!r} has {got.get(wrong)} filters, the record says {widths[wrong]}")

@@ -108,3 +108,57 @@ def test_models_lists_the_zoo(capsys):
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "norton.cli", "complexity", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout
+
+
+def test_decompose_then_prune_files(tmp_path, capsys):
+    dense = tmp_path / "dense.pt"
+    torch.save(create_model("resnet_20").state_dict(), dense)
+    dense_bytes = dense.read_bytes()
+    decomposed, pruned = tmp_path / "dec.pt", tmp_path / "pruned.pt"
+    assert main(["decompose", "--arch", "resnet_20", "--ckpt", str(dense), "-r", "2", "--n-iter-max", "20",
+                 "--out", str(decomposed)]) == 0
+    assert main(["prune", "--ckpt", str(decomposed), "-cpr", "[0.]+[0.25]*11", "--criterion", "pabs", "--out", str(pruned)]) == 0
+    out = capsys.readouterr().out
+    assert "12/16" in out and "MACs" in out
+    assert dense.read_bytes() == dense_bytes  # the input is never modified
+    from norton.checkpoint import load_model
+    from norton import complexity
+
+    model, ckpt = load_model(pruned)
+    assert complexity(model) == complexity(create_model("resnet_20", rank=2, compress_rate="[0.]+[0.25]*11"))
+    assert ckpt["extra"]["criterion"] == "pabs"
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--criterion", "fpgm", "--amount", "0.5"], "unknown criterion 'fpgm'"),
+    (["--layer-rate", "nope"], "--layer-rate takes NAME=VALUE"),
+    (["--amount", "1.2"], "must be a number in [0, 1)"),
+    (["-cpr", "[0.1]*3+[0.2]"], "has 4 of 12 entries"),
+])
+def test_prune_bad_input(tmp_path, extra, match, capsys):
+    try:
+        code = main(["prune", "--arch", "resnet_20", "-r", "1", "--out", str(tmp_path / "o.pt"), *extra])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    if match.startswith("has 4 of"):  # a short list is padded with a warning, then pruning succeeds
+        assert code == 0 and match in err
+    else:
+        assert code == 2 and match in err
+
+
+def test_prune_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"precious")
+    assert main(["prune", "--arch", "resnet_20", "-r", "1", "--amount", "0.5", "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+
+
+def test_prune_rejects_checkpoint_of_another_architecture(tmp_path, capsys):
+    from norton.checkpoint import save_checkpoint
+
+    path = tmp_path / "r20.pt"
+    save_checkpoint(path, create_model("resnet_20", rank=1))
+    assert main(["prune", "--arch", "vgg_16_bn", "--ckpt", str(path), "--amount", "0.5", "--out", str(tmp_path / "o.pt")]) == 2
+    assert "holds a resnet_20, not a vgg_16_bn" in capsys.readouterr().err

@@ -19,6 +19,17 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+def _torchvision_model_builder(name: str) -> Callable[..., nn.Module]:
+    tv_name = name.split("/", 1)[1]
+
+    def build(rank: int = 0, compress_rate=None, **kwargs) -> nn.Module:
+        if compress_rate is not None:
+            raise NortonError(f"{name}: compress-rate lists are for zoo models; prune with norton.prune instead")
+        return _torchvision_model(tv_name, rank=rank, **kwargs)
+
+    return build
+
+
 def list_models() -> list[str]:
     return sorted(_MODELS)
 
@@ -29,15 +40,34 @@ def get_model_builder(name: str) -> Callable[..., nn.Module]:
     return _MODELS[name]
 
 
+def _torchvision_model(name: str, rank: int = 0, num_classes: int | None = None, **kwargs) -> nn.Module:
+    """A torchvision classifier by name (no weights), with CPDBlocks at rank > 0."""
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
+    except (ValueError, TypeError) as err:
+        raise NortonError(f"torchvision model {name!r} cannot be built: {err}") from None
+    model.default_input_size = (3, 224, 224)
+    if rank:
+        from norton.cpd_block import CPDBlock
+        from norton.decompose import _replace, is_decomposable
+
+        for conv_name, conv in [(n, m) for n, m in model.named_modules() if is_decomposable(m)]:
+            _replace(model, conv_name, CPDBlock.like_conv(conv, rank))
+    return model
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model.  ``None`` keyword values are dropped, so a CLI
     default of ``None`` never overrides the builder's own default.
 
     Common keywords: ``rank`` (0 = plain convs), ``compress_rate`` (list or the
     published string form), ``num_classes``, ``in_channels``.
+    ``"torchvision/<name>"`` builds a torchvision classifier (no weights).
     """
-    builder = get_model_builder(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    builder = _torchvision_model_builder(name) if name.startswith("torchvision/") else get_model_builder(name)
     rank = kwargs.get("rank", 0)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise NortonError(f"rank must be an integer >= 0 (0 = plain convolutions), got {rank!r}")
