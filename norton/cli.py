@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from norton.cli_pipeline import key_value, register
 from norton.complexity import complexity
 from norton.errors import NortonError
 
@@ -61,9 +62,9 @@ def _reduction(value: int, baseline: int) -> float:
     return 100.0 * (1.0 - value / baseline) if baseline else 0.0
 
 
-def _arch_args(parser: argparse.ArgumentParser, rank_type=_rank, rank_default: int | None = 0) -> None:
+def _arch_args(parser: argparse.ArgumentParser, rank_type=_rank, rank_required: bool = False) -> None:
     parser.add_argument("--arch", "-a", required=True, help="zoo architecture (see `norton models`)")
-    parser.add_argument("-r", "--rank", type=rank_type, default=rank_default, help="CP rank (0 = plain convs)")
+    parser.add_argument("-r", "--rank", type=rank_type, default=0, required=rank_required, help="CP rank (0 = plain convs)")
     parser.add_argument(
         "-cpr", "--compress-rate", default=None,
         help='per-layer compress rates, e.g. "[0.]+[0.1]*2+[0.4]*5" or "0.1,0.2" (default: none)',
@@ -170,7 +171,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     _check_out(args)
     model = _load_model(args, rank=0, compress_rate=args.compress_rate)
     before = complexity(model)
-    layer_ranks = dict(_key_value(item, int, "--layer-rank") for item in args.layer_rank)
+    layer_ranks = dict(key_value(item, int, "--layer-rank") for item in args.layer_rank)
     report = decompose(model, args.rank, layer_ranks=layer_ranks, skip=args.skip,
                        init=args.init, n_iter_max=args.n_iter_max, seed=args.seed)
     after = complexity(model)
@@ -189,7 +190,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     _check_out(args)
     model = _load_model(args, rank=args.rank, compress_rate=None)
-    rates = dict(_key_value(item, float, "--layer-rate") for item in args.layer_rate) or None
+    rates = dict(key_value(item, float, "--layer-rate") for item in args.layer_rate) or None
     if rates and args.compress_rate:
         raise NortonError("give either -cpr or --layer-rate, not both")
     report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
@@ -199,16 +200,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     extra={"stage": "prune", "criterion": args.criterion, "kept": {g.root: g.kept for g in report.groups}})
     print(f"saved {args.out}")
     return 0
-
-
-def _key_value(item: str, cast, flag: str):
-    name, sep, value = item.partition("=")
-    try:
-        if not sep or not name:
-            raise ValueError
-        return name, cast(value)
-    except ValueError:
-        raise NortonError(f"{flag} takes NAME=VALUE with a {cast.__name__} value, got {item!r}") from None
 
 
 def _fraction(text: str) -> float:
@@ -258,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decompose-report", help="per-layer NMSE of decomposing a model at a given rank",
                        epilog="examples:\n  " + EXAMPLES["decompose-report"], formatter_class=argparse.RawDescriptionHelpFormatter)
-    _arch_args(p, rank_type=_positive_rank, rank_default=None)
+    _arch_args(p, rank_type=_positive_rank, rank_required=True)
     p.add_argument("--ckpt", default=None, help="state dict of the dense model (default: random weights)")
     p.add_argument("--init", choices=("svd", "random"), default="svd", help="CP-ALS initialisation")
     p.add_argument("--n-iter-max", type=int, default=300, help="ALS sweeps at most (default 300)")
@@ -298,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prune)
 
+    register(sub, _Parser, _rank, _positive_rank, _fraction)
+
     p = sub.add_parser("demo", help="showcase: complexity of the paper's configs and decomposition speed")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -310,8 +303,6 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "rank", 0) is None:
-        parser.exit(2, f"norton {args.command}: error: -r/--rank is required (see --help)\n")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from norton.cpd_block import plan_override
 from norton.errors import NortonError
 
 
@@ -53,8 +54,8 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, ...] | None = None
     dtype = param.dtype if param is not None else torch.float32
     was_training = model.training
     model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
+    try:  # the paper's convention: a CPDBlock costs its factored form, whatever plan runs it
+        with plan_override(model, "separable"), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, *shape, device=device, dtype=dtype))
     finally:
         model.train(was_training)

@@ -13,6 +13,7 @@ itself, so a dependency-graph pruner sees one module with N output channels.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -24,6 +25,10 @@ from norton.cp import Factors, cp_decompose
 from norton.errors import NortonError
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+PLANS = ("auto", "separable", "dense")
+# Depthwise convolutions run far below a dense conv's MACs/s on CPUs; the cost
+# model charges each depthwise MAC this many dense MACs.
+DEPTHWISE_COST = 8.0
 
 
 def _positive_pair(name: str, value: object) -> tuple[int, int]:
@@ -78,6 +83,7 @@ class CPDBlock(nn.Module):
         self.vertical = nn.Parameter(torch.empty(channels, 1, kh, 1, **factory))
         self.horizontal = nn.Parameter(torch.empty(channels, 1, 1, kw, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.plan = "auto"
         self.reset_parameters()
 
     def _resolve_padding(self, padding: object) -> tuple[int, int]:
@@ -110,7 +116,37 @@ class CPDBlock(nn.Module):
                 nn.init.uniform_(self.bias, -bound, bound)
 
     # -- the function ---------------------------------------------------------
+    def set_plan(self, plan: str) -> "CPDBlock":
+        """How forward computes the block: ``separable`` (the three convs),
+        ``dense`` (recompose W = Σ a⊗b⊗c on the fly — differentiable — and run
+        one conv) or ``auto`` (the cheaper by a cost model).  Same function."""
+        if plan not in PLANS:
+            raise NortonError(f"plan must be one of {PLANS}, got {plan!r}")
+        self.plan = plan
+        return self
+
+    def resolved_plan(self) -> str:
+        if self.plan != "auto":
+            return self.plan
+        kh, kw = self.kernel_size
+        separable = self.rank * (self.in_channels + DEPTHWISE_COST * (kh + kw))
+        dense = self.in_channels * kh * kw
+        return "separable" if separable < dense else "dense"
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.resolved_plan() == "dense":
+            return self.forward_dense(x)
+        return self.forward_separable(x)
+
+    def forward_dense(self, x: Tensor) -> Tensor:
+        weight = self.dense_weight()
+        if self.padding_mode != "zeros":
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def forward_separable(self, x: Tensor) -> Tensor:
         ph, pw = self.padding
         sh, sw = self.stride
         dh, dw = self.dilation
@@ -227,6 +263,22 @@ class CPDBlock(nn.Module):
             s += f", dilation={self.dilation}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
+        if self.plan != "auto":
+            s += f", plan={self.plan!r}"
         if self.bias is None:
             s += ", bias=False"
         return s
+
+
+@contextlib.contextmanager
+def plan_override(model: nn.Module, plan: str):
+    """Run every CPDBlock of ``model`` with ``plan`` inside the block (restored after)."""
+    blocks = [m for m in model.modules() if isinstance(m, CPDBlock)]
+    saved = [b.plan for b in blocks]
+    try:
+        for b in blocks:
+            b.set_plan(plan)
+        yield model
+    finally:
+        for b, plan_ in zip(blocks, saved):
+            b.plan = plan_

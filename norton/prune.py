@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from norton.compress_rate import parse_compress_rate
-from norton.cpd_block import CPDBlock
+from norton.cpd_block import CPDBlock, plan_override
 from norton.criteria import get_criterion, greedy_eliminate, normalized_sum, top_scores
 from norton.errors import NortonError
 from norton.models.resnet_cifar import ChannelPadShortcut
@@ -85,7 +85,7 @@ def count_macs_on(model: nn.Module, example_inputs) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), plan_override(model, "separable"), FlopCounterMode(display=False) as counter:
             _forward(model, example_inputs)
     finally:
         model.train(was_training)

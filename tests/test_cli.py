@@ -48,7 +48,7 @@ def test_short_rate_list_warns_in_one_line(capsys):
     (["complexity", "--arch", "vgg_16_bn", "-cpr", "[0.1]*14"], "has 14 entries but vgg_16_bn takes 13"),
     (["complexity", "--arch", "vgg_16_bn", "-cpr", "[1.5]"], "every rate must be in [0, 1)"),
     (["complexity", "--arch", "vgg_16_bn", "--input-size", "0"], "input size must be"),
-    (["decompose-report", "--arch", "resnet_20"], "-r/--rank is required"),
+    (["decompose-report", "--arch", "resnet_20"], "the following arguments are required: -r/--rank"),
     (["decompose-report", "--arch", "resnet_20", "-r", "0"], "rank must be >= 1 to decompose"),
     (["decompose-report", "--arch", "resnet_20", "-r", "2", "--ckpt", "/nonexistent.pt"], "does not exist"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),

@@ -122,3 +122,33 @@ def test_bad_construction(kwargs, match):
 def test_from_conv_rejects_grouped():
     with pytest.raises(NortonError, match="groups=1"):
         CPDBlock.from_conv(nn.Conv2d(4, 4, 3, groups=2), 2)
+
+
+@pytest.mark.parametrize("conv_kwargs", [
+    dict(kernel_size=3, padding=1, bias=True),
+    dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+])
+def test_plans_agree_in_value_and_gradient(conv_kwargs):
+    block = CPDBlock(5, 6, 3, **conv_kwargs)
+    x = torch.randn(2, 5, 12, 13, requires_grad=True)
+    results = {}
+    for plan in ("separable", "dense"):
+        block.set_plan(plan)
+        block.zero_grad()
+        x.grad = None
+        out = block(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[plan] = (out.detach(), x.grad.clone(), [p.grad.clone() for p in block.parameters()])
+    (o1, gx1, gp1), (o2, gx2, gp2) = results["separable"], results["dense"]
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gx1, gx2, atol=1e-5, rtol=1e-4)
+    for a, b in zip(gp1, gp2):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_plan_and_bad_plan():
+    assert CPDBlock(256, 256, 1, 3).resolved_plan() == "separable"  # rank 1: far fewer MACs
+    assert CPDBlock(16, 16, 8, 3).resolved_plan() == "dense"  # rank 8 on few channels: recompose
+    with pytest.raises(NortonError, match="plan must be one of"):
+        CPDBlock(3, 3, 1, 3).set_plan("fast")

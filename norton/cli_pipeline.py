@@ -1,0 +1,235 @@
+"""``norton train / finetune / evaluate / compress``: argument groups and commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from norton.errors import NortonError
+
+
+# -- argument groups ------------------------------------------------------------------------
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    from norton.data import DATASETS
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help=f"dataset: {', '.join(DATASETS)}")
+    g.add_argument("--data-dir", default=None, help="dataset folder (fashion-mnist defaults to /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--subset", type=int, default=None, help="use only this many training images (fixed shuffle)")
+    g.add_argument("--val-size", type=int, default=None, help="held-out validation images from the training set (default 10%%, at most 5000)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+
+
+def add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, warmup: int) -> None:
+    g = p.add_argument_group("training (defaults: the published CIFAR recipe)")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--warmup-epochs", type=int, default=warmup)
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="0.1 for ImageNet")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--run-dir", required=True, help="where checkpoints and metrics.jsonl go")
+    g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    g.add_argument("--overwrite", action="store_true", help="discard a previous run in --run-dir")
+
+
+def train_config(args: argparse.Namespace):
+    from norton.train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                       label_smoothing=args.label_smoothing, seed=args.seed)
+
+
+def load_splits(args: argparse.Namespace):
+    from norton.data import limit, load_dataset, split_validation
+
+    train = limit(load_dataset(args.data, args.data_dir, "train"), args.subset, args.seed)
+    test = load_dataset(args.data, args.data_dir, "test")
+    val_size = args.val_size if args.val_size is not None else min(5000, max(1, len(train) // 10))
+    train, val = split_validation(train, val_size, args.seed)
+    return train, val, test
+
+
+def dataset_shape(train) -> tuple[int, int]:
+    """(classes, input channels) of a dataset."""
+    from norton.data import ArrayDataset
+
+    if isinstance(train, ArrayDataset):
+        return train.num_classes, train.images.shape[1]
+    base = getattr(train, "dataset", train)
+    return len(base.classes), 3
+
+
+def _context(args: argparse.Namespace):
+    from norton.train import init_distributed, resolve_device
+
+    device = resolve_device(args.device)
+    return device, init_distributed(device)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from norton.checkpoint import save_checkpoint
+    from norton.models import create_model
+    from norton.train import evaluate, fit, load_best
+
+    device, ddp = _context(args)
+    train, val, test = load_splits(args)
+    classes, channels = dataset_shape(train)
+    model = create_model(args.arch, rank=args.rank, compress_rate=args.compress_rate,
+                         num_classes=classes, in_channels=channels)
+    result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,
+                 overwrite=args.overwrite, extra={"stage": "train", "data": args.data}, ddp=ddp)
+    load_best(model, args.run_dir)
+    metrics = evaluate(model, test, device=device, ddp=ddp)
+    if ddp.main:
+        save_checkpoint(os.path.join(args.run_dir, "model.pt"), model,
+                        metrics={"test": metrics, "val_top1": result.best_val["top1"], "best_epoch": result.best_epoch},
+                        extra={"stage": "train", "data": args.data})
+        print(f"best epoch {result.best_epoch}: val top-1 {result.best_val['top1']:.2f}%; "
+              f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {os.path.join(args.run_dir, 'model.pt')}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from norton.checkpoint import load_model, save_checkpoint
+    from norton.train import evaluate, fit, load_best
+
+    device, ddp = _context(args)
+    model, _ = load_model(args.ckpt)
+    train, val, test = load_splits(args)
+    result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,
+                 overwrite=args.overwrite, extra={"stage": "finetune", "data": args.data}, ddp=ddp)
+    load_best(model, args.run_dir)
+    metrics = evaluate(model, test, device=device, ddp=ddp)
+    if ddp.main:
+        save_checkpoint(os.path.join(args.run_dir, "model.pt"), model, metrics={"test": metrics, "best_epoch": result.best_epoch},
+                        extra={"stage": "finetune", "data": args.data})
+        print(f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {os.path.join(args.run_dir, 'model.pt')}")
+    return 0
+
+
+def load_any_model(args: argparse.Namespace):
+    """A norton checkpoint, or a research-code file with --arch/-r/-cpr or its published name."""
+    from norton.checkpoint import FORMAT, _safe_load, load_model
+    from norton.research import load_research_checkpoint
+
+    obj = _safe_load(args.ckpt)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return load_model(args.ckpt)[0]
+    model, _ = load_research_checkpoint(args.ckpt, arch=args.arch, rank=args.rank, compress_rate=args.compress_rate,
+                                        num_classes=args.num_classes)
+    return model
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from norton.data import load_dataset
+    from norton.train import evaluate, resolve_device
+
+    device = resolve_device(args.device)
+    model = load_any_model(args).to(device)
+    test = load_dataset(args.data, args.data_dir, "test")
+    metrics = evaluate(model, test, device=device)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images)")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from norton.checkpoint import load_model
+    from norton.pipeline import CompressConfig, compress
+
+    device, ddp = _context(args)
+    model, _ = load_model(args.ckpt)
+    rates = dict(key_value(item, float, "--layer-rate") for item in args.layer_rate) or None
+    if rates and args.compress_rate:
+        raise NortonError("give either -cpr or --layer-rate, not both")
+    train, val, test = load_splits(args)
+    config = CompressConfig(rank=args.rank, compress_rate=rates or args.compress_rate, amount=args.amount,
+                            target_macs=args.target_macs, criterion=args.criterion, recalibrate=not args.no_recalibrate,
+                            recalibration_images=args.recalibration_images, finetune=train_config(args), seed=args.seed)
+    summary = compress(model, train, val, test, config, args.run_dir, device=device, resume=args.resume,
+                       overwrite=args.overwrite, ddp=ddp)
+    if ddp.main:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    rows = ["| stage | top-1 (%) | after BN recalibration (%) | MACs | params |", "|---|---|---|---|---|"]
+    for stage in ("baseline", "decomposed", "pruned", "final"):
+        s = summary.get(stage)
+        if not s:
+            continue
+        recal = s.get("recalibrated")
+        rows.append(f"| {stage} | {s['top1']:.2f} | {recal['top1']:.2f} |" if recal else f"| {stage} | {s['top1']:.2f} | — |")
+        rows[-1] += f" {s['macs']:,} | {s['params']:,} |"
+    return "\n".join(rows)
+
+
+def key_value(item: str, cast, flag: str):
+    """``NAME=VALUE`` -> (name, cast(value)), or an error naming the flag."""
+    name, sep, value = item.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, cast(value)
+    except ValueError:
+        raise NortonError(f"{flag} takes NAME=VALUE with a {cast.__name__} value, got {item!r}") from None
+
+
+def register(sub, parser_class, rank_type, positive_rank, fraction) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("train", help="train a zoo model (the baseline)", formatter_class=fmt,
+                       epilog="examples:\n  norton train --arch resnet_20 --data fashion-mnist --epochs 30 --run-dir runs/base\n"
+                              "  torchrun --nproc_per_node 2 -m norton.cli train --arch resnet_56 --data cifar10 "
+                              "--data-dir ~/data --run-dir runs/r56 --device cpu")
+    p.add_argument("--arch", "-a", required=True)
+    p.add_argument("-r", "--rank", type=rank_type, default=0)
+    p.add_argument("-cpr", "--compress-rate", default=None)
+    add_data_args(p)
+    add_train_args(p, epochs=400, lr=0.05, warmup=5)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a norton checkpoint", formatter_class=fmt,
+                       epilog="examples:\n  norton finetune --ckpt pruned.pt --data cifar10 --data-dir ~/data --run-dir runs/ft")
+    p.add_argument("--ckpt", required=True)
+    add_data_args(p)
+    add_train_args(p, epochs=400, lr=0.05, warmup=5)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 and loss of a checkpoint on a test set", formatter_class=fmt,
+                       epilog="examples:\n  norton evaluate --ckpt runs/ft/model.pt --data cifar10 --data-dir ~/data\n"
+                              "  norton evaluate --ckpt 'vgg_16_bn_[0.6]*6+[0.8]*7_1_90.32.pt' --data cifar10 --data-dir ~/data --json")
+    p.add_argument("--ckpt", required=True, help="norton checkpoint, or a research-code file")
+    p.add_argument("--arch", "-a", default=None, help="research-code files: architecture (default: from the file name)")
+    p.add_argument("-r", "--rank", type=rank_type, default=None, help="research-code files: rank")
+    p.add_argument("-cpr", "--compress-rate", default=None, help="research-code files: compress rate")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--data", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compress", help="decompose + prune + fine-tune in one resumable run", formatter_class=fmt,
+                       epilog="examples:\n  norton compress --ckpt runs/base/model.pt -r 4 --amount 0.5 --data fashion-mnist "
+                              "--epochs 10 --run-dir runs/c1\n"
+                              '  norton compress --ckpt base.pt -r 1 -cpr "[0.]+[0.18]*29" --data cifar10 --data-dir ~/data --run-dir runs/r56')
+    p.add_argument("--ckpt", required=True, help="the trained baseline (norton checkpoint)")
+    p.add_argument("-r", "--rank", type=positive_rank, required=True)
+    p.add_argument("-cpr", "--compress-rate", default=None)
+    p.add_argument("--layer-rate", action="append", default=[], metavar="NAME=RATE")
+    p.add_argument("--amount", type=fraction, default=None)
+    p.add_argument("--target-macs", type=fraction, default=None)
+    p.add_argument("--criterion", default="pabs")
+    p.add_argument("--no-recalibrate", action="store_true", help="skip BatchNorm recalibration after decompose and prune")
+    p.add_argument("--recalibration-images", type=int, default=512)
+    add_data_args(p)
+    add_train_args(p, epochs=400, lr=0.05, warmup=5)
+    p.set_defaults(func=cmd_compress)
