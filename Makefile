@@ -16,11 +16,18 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
 demo: $(STAMP)
-	$(VENV)/bin/norton demo
+	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
+		{ echo "installing Debian's dataset-fashion-mnist"; \
+		  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
+		  else sudo -n apt-get install -y -q dataset-fashion-mnist; fi; } || true
+	$(VENV)/bin/norton demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/cp_speed.py
+	$(VENV)/bin/python benchmarks/pabs_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -213,9 +213,15 @@ def _fraction(text: str) -> float:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from norton.demo import run_showcase
+    if args.showcase:
+        from norton.showcase import run_showcase
 
-    run_showcase()
+        run_showcase()
+        return 0
+    from norton.demo import run_demo
+    from norton.train import resolve_device
+
+    run_demo(args.out_dir, full=args.full, resume=args.resume, data_dir=args.data_dir, device=resolve_device(args.device))
     return 0
 
 
@@ -291,7 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub, _Parser, _rank, _positive_rank, _fraction)
 
-    p = sub.add_parser("demo", help="showcase: complexity of the paper's configs and decomposition speed")
+    p = sub.add_parser("demo", help="NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot")
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--full", action="store_true", help="all 60k images and the published 400-epoch schedules")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--showcase", action="store_true", help="instead: complexity of the paper's configs and decomposition speed")
     p.set_defaults(func=cmd_demo)
     return parser
 

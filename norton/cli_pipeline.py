@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 
+import torch
+
 from norton.errors import NortonError
 
 
@@ -79,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     device, ddp = _context(args)
     train, val, test = load_splits(args)
     classes, channels = dataset_shape(train)
+    torch.manual_seed(args.seed)  # the initial weights follow the seed too
     model = create_model(args.arch, rank=args.rank, compress_rate=args.compress_rate,
                          num_classes=classes, in_channels=channels)
     result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,

@@ -269,7 +269,11 @@ def fit(
             logits = net(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if ddp.world_size > 1:  # DDP averages rank means; weigh them so the result is the global mean
+                global_n = min(config.batch_size, len(train_data) - step * config.batch_size)
+                (loss * (labels.numel() * ddp.world_size / global_n)).backward()
+            else:
+                loss.backward()
             batch_loss = ddp.sum([float(loss.detach()) * labels.numel(), float(labels.numel())], device)
             if not math.isfinite(batch_loss[0]):
                 raise NortonError(

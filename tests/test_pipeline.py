@@ -1,0 +1,78 @@
+import json
+import os
+
+import pytest
+import torch
+
+from formats import write_fashion_mnist
+from norton.checkpoint import load_checkpoint, load_model
+from norton.cli import main
+from norton.demo import DemoBudget, run_demo
+from norton.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    run = tmp_path_factory.mktemp("base")
+    assert main(["train", "--arch", "resnet_20", "--data", "digits", "--epochs", "3", "--batch-size", "64",
+                 "--lr", "0.1", "--warmup-epochs", "1", "--run-dir", str(run), "--device", "cpu"]) == 0
+    return run / "model.pt"
+
+
+def test_train_writes_a_self_describing_model(baseline):
+    ckpt = load_checkpoint(baseline)
+    assert ckpt["architecture"]["base"]["arch"] == "resnet_20" and ckpt["architecture"]["base"]["in_channels"] == 1
+    assert ckpt["metrics"]["test"]["top1"] > 70
+
+
+def test_compress_end_to_end(baseline, tmp_path, capsys):
+    run = tmp_path / "c"
+    args = ["compress", "--ckpt", str(baseline), "-r", "3", "--amount", "0.5", "--criterion", "pabs", "--data", "digits",
+            "--epochs", "2", "--batch-size", "64", "--lr", "0.02", "--warmup-epochs", "0", "--run-dir", str(run), "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| decomposed |" in out and "| final |" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final"]["macs"] < 0.5 * summary["baseline"]["macs"]
+    assert summary["final"]["top1"] > 60
+    # BN recalibration is reported next to the raw accuracy after each stage
+    assert summary["decomposed"]["recalibrated"]["top1"] >= 0 and summary["pruned"]["recalibrated"] is not None
+    for stage in ("decomposed", "pruned", "final"):
+        model, _ = load_model(run / f"{stage}.pt")
+    # a finished run is refused; --resume loads every stage instead of redoing it
+    assert main(args) == 2
+    assert "already holds a compress run" in capsys.readouterr().err
+    before = (run / "final.pt").read_bytes()
+    assert main(args + ["--resume"]) == 0
+    assert (run / "final.pt").read_bytes() == before
+
+    assert main(["evaluate", "--ckpt", str(run / "final.pt"), "--data", "digits", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["top1"] == pytest.approx(summary["final"]["top1"])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["evaluate", "--ckpt", "x.pt", "--data", "mnist"], "does not exist"),
+    (["train", "--arch", "resnet_20", "--data", "mnist", "--run-dir", "r"], "unknown dataset 'mnist'"),
+    (["train", "--arch", "resnet_20", "--data", "cifar10", "--data-dir", "/nonexistent", "--run-dir", "r"], "no CIFAR-10 data in '/nonexistent'"),
+])
+def test_bad_input(args, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_runs_through_the_same_code_on_tiny_data(tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", n_train=120, n_test=40)
+    tiny = DemoBudget(train_images=None, val_images=20,
+                      baseline=TrainConfig(epochs=2, batch_size=32, lr=0.05, warmup_epochs=0),
+                      finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01, warmup_epochs=0),
+                      levels=(("NORTON rank 2, prune 50%", 2, 0.5),))
+    table = run_demo(str(tmp_path / "demo"), data_dir=str(data), budget=tiny)
+    assert "| baseline ResNet-20 |" in table and "NORTON rank 2, prune 50%" in table
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    level = results["levels"]["NORTON rank 2, prune 50%"]
+    assert level["final"]["macs"] < level["baseline"]["macs"]
+    assert f"{level['final']['top1']:.2f} %" in table  # the table holds the measured numbers
+    assert (tmp_path / "demo" / "accuracy_vs_macs.png").stat().st_size > 10_000

@@ -1,0 +1,149 @@
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from norton import NortonError, create_model
+from norton.checkpoint import load_checkpoint, load_model
+from norton.data import load_dataset, split_validation
+from norton.train import TrainConfig, evaluate, fit, lr_factor, recalibrate_bn, resolve_device
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train = load_dataset("digits", None, "train")
+    train, val = split_validation(train, 200)
+    return train, val, load_dataset("digits", None, "test")
+
+
+def test_schedule_warmup_then_cosine():
+    total, warm = 100, 10
+    assert lr_factor(0, total, warm, 0.01) == pytest.approx(0.01)
+    assert lr_factor(5, total, warm, 0.01) == pytest.approx(0.505)
+    assert lr_factor(10, total, warm, 0.01) == pytest.approx(1.0)
+    assert lr_factor(55, total, warm, 0.01) == pytest.approx(0.5)
+    assert lr_factor(100, total, warm, 0.01) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0, total, 0, 0.01) == pytest.approx(1.0)
+
+
+def test_training_learns_and_writes_its_run(digits, tmp_path):
+    train, val, test = digits
+    model = create_model("resnet_20", in_channels=1)
+    result = fit(model, train, val, TrainConfig(epochs=3, batch_size=64, lr=0.1, warmup_epochs=1), str(tmp_path),
+                 device=CPU, progress=False)
+    assert result.best_val["top1"] > 80 and len(result.history) == 3
+    assert evaluate(model, test, device=CPU)["top1"] > 70
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and '"val_top1"' in lines[0]
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["train_state"]["finished"] and ckpt["train_state"]["epoch"] == 2
+    best, _ = load_model(tmp_path / "best.pt")
+    assert evaluate(best, val, device=CPU)["top1"] == pytest.approx(result.best_val["top1"])
+
+
+def test_run_directory_is_protected(digits, tmp_path):
+    train, val, _ = digits
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.05, warmup_epochs=0)
+    fit(create_model("resnet_20", in_channels=1), train, val, config, str(tmp_path), device=CPU, progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(NortonError, match="already holds a finished run; pass --resume .* or --overwrite"):
+        fit(create_model("resnet_20", in_channels=1), train, val, config, str(tmp_path), device=CPU, progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    with pytest.raises(NortonError, match="different settings"):
+        fit(create_model("resnet_20", in_channels=1), train, val, TrainConfig(epochs=2, batch_size=64), str(tmp_path),
+            device=CPU, resume=True, progress=False)
+
+
+class NaNAfter(nn.Module):
+    """Wraps a model; its output turns NaN after ``calls`` forward passes in training."""
+
+    def __init__(self, model, calls):
+        super().__init__()
+        self.model, self.calls = model, calls
+        self.default_input_size = model.default_input_size
+        self.norton_spec = model.norton_spec
+
+    def forward(self, x):
+        out = self.model(x)
+        if self.training:
+            self.calls -= 1
+            if self.calls < 0:
+                return out * float("nan")
+        return out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path):
+    train, val, _ = digits
+    steps = -(-len(train) // 128)
+    model = NaNAfter(create_model("resnet_20", in_channels=1), calls=steps + 3)  # NaN in epoch 2
+    with pytest.raises(NortonError, match="the loss became nan at epoch 2, step 4; .* last good checkpoint"):
+        fit(model, train, val, TrainConfig(epochs=3, batch_size=128, lr=0.05, warmup_epochs=0), str(tmp_path),
+            device=CPU, progress=False)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["train_state"]["epoch"] == 0 and not ckpt["train_state"]["finished"]
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def _train_cmd(run_dir, *extra):
+    return [sys.executable, "-m", "norton.cli", "train", "--arch", "resnet_20", "--data", "digits",
+            "--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "1", "--device", "cpu",
+            "--run-dir", str(run_dir), *extra]
+
+
+def _digest(path):
+    ckpt = load_checkpoint(path)
+    h = hashlib.sha256()
+    for key in sorted(ckpt["state_dict"]):
+        h.update(ckpt["state_dict"][key].numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(straight), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the first epoch's checkpoint, then kill mid-epoch 2
+        if (killed / "last.pt").exists():
+            time.sleep(0.7)
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(killed / "last.pt")["train_state"]["epoch"] < 2  # it really was interrupted
+    resumed = subprocess.run(_train_cmd(killed, "--resume"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _digest(killed / "last.pt") == _digest(straight / "last.pt")
+    assert _digest(killed / "model.pt") == _digest(straight / "model.pt")
+    assert (killed / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_recalibration_restores_mode_and_momentum(digits):
+    train, _, _ = digits
+    model = create_model("resnet_20", in_channels=1).eval()
+    bn = model.bn1
+    bn.running_mean.fill_(5.0)
+    used = recalibrate_bn(model, train, device=CPU, num_images=200, batch_size=64)
+    assert used == 200 and not model.training and bn.momentum == 0.1
+    assert bn.running_mean.abs().max() < 5.0 and bn.num_batches_tracked == 4
+
+
+def test_devices():
+    assert resolve_device("cpu") == CPU
+    with pytest.raises(NortonError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(NortonError, match="CUDA is not available"):
+            resolve_device("cuda")
