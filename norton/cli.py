@@ -193,13 +193,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
     rates = dict(key_value(item, float, "--layer-rate") for item in args.layer_rate) or None
     if rates and args.compress_rate:
         raise NortonError("give either -cpr or --layer-rate, not both")
+    test = _test_data(args)
+    before = evaluate(model, test, device=torch.device("cpu")) if test is not None else None
     report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
                    example_inputs=_example_input(model), criterion=args.criterion, seed=args.seed, progress=True)
     print(report.table())
+    if test is not None:
+        after = evaluate(model, test, device=torch.device("cpu"))
+        print(f"test top-1 before pruning {before['top1']:.2f}%, right after pruning (no fine-tuning) {after['top1']:.2f}%")
     save_checkpoint(args.out, model, metrics={"macs": report.macs_after, "params": report.params_after},
                     extra={"stage": "prune", "criterion": args.criterion, "kept": {g.root: g.kept for g in report.groups}})
     print(f"saved {args.out}")
     return 0
+
+
+def _test_data(args: argparse.Namespace):
+    if not getattr(args, "data", None):
+        return None
+    from norton.data import load_dataset
+
+    return load_dataset(args.data, args.data_dir, "test")
+
+
+def evaluate(model, data, device):
+    from norton.train import evaluate as evaluate_
+
+    return evaluate_(model, data, device=device)
 
 
 def _fraction(text: str) -> float:
@@ -290,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="pabs", help="pabs (default), vbd, csa, l2, random")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--ckpt", default=None, help="the model to prune: norton checkpoint or state dict")
+    p.add_argument("--data", default=None, help="print test accuracy before and right after pruning on this dataset")
+    p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -76,3 +76,11 @@ def test_demo_runs_through_the_same_code_on_tiny_data(tmp_path):
     assert level["final"]["macs"] < level["baseline"]["macs"]
     assert f"{level['final']['top1']:.2f} %" in table  # the table holds the measured numbers
     assert (tmp_path / "demo" / "accuracy_vs_macs.png").stat().st_size > 10_000
+
+
+def test_prune_prints_accuracy_when_given_data(baseline, tmp_path, capsys):
+    decomposed = tmp_path / "d.pt"
+    assert main(["decompose", "--ckpt", str(baseline), "-r", "2", "--n-iter-max", "30", "--out", str(decomposed)]) == 0
+    assert main(["prune", "--ckpt", str(decomposed), "--amount", "0.3", "--data", "digits", "--out", str(tmp_path / "p.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "test top-1 before pruning" in out and "right after pruning (no fine-tuning)" in out
