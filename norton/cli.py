@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from norton.cli_pipeline import key_value, register
+from norton.cli_pipeline import key_value, register, register_speed
 from norton.complexity import complexity
 from norton.errors import NortonError
 
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
 
     register(sub, _Parser, _rank, _positive_rank, _fraction)
+    register_speed(sub, _rank)
 
     p = sub.add_parser("demo", help="NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot")
     p.add_argument("--out-dir", default="runs/demo")

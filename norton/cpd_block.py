@@ -25,7 +25,7 @@ from norton.cp import Factors, cp_decompose
 from norton.errors import NortonError
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-PLANS = ("auto", "separable", "dense")
+PLANS = ("auto", "separable", "depthwise", "dense")
 # Depthwise convolutions run far below a dense conv's MACs/s on CPUs; the cost
 # model charges each depthwise MAC this many dense MACs.
 DEPTHWISE_COST = 8.0
@@ -117,9 +117,13 @@ class CPDBlock(nn.Module):
 
     # -- the function ---------------------------------------------------------
     def set_plan(self, plan: str) -> "CPDBlock":
-        """How forward computes the block: ``separable`` (the three convs),
-        ``dense`` (recompose W = Σ a⊗b⊗c on the fly — differentiable — and run
-        one conv) or ``auto`` (the cheaper by a cost model).  Same function."""
+        """How forward computes the block — always the same function:
+        ``separable``: the three convs (the published structure);
+        ``depthwise``: the 1×1 conv, then one depthwise kh×kw conv whose kernels
+        are the outer products b ⊗ c (built on the fly), then the rank sum;
+        ``dense``: recompose W = Σ a⊗b⊗c on the fly and run one conv;
+        ``auto``: the cheaper by a cost model (``norton.deploy.tune_plans`` times
+        them instead).  Gradients reach the factors in every plan."""
         if plan not in PLANS:
             raise NortonError(f"plan must be one of {PLANS}, got {plan!r}")
         self.plan = plan
@@ -134,9 +138,30 @@ class CPDBlock(nn.Module):
         return "separable" if separable < dense else "dense"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.resolved_plan() == "dense":
+        plan = self.resolved_plan()
+        if plan == "dense":
             return self.forward_dense(x)
+        if plan == "depthwise":
+            return self.forward_depthwise(x)
         return self.forward_separable(x)
+
+    def _rank_sum(self, y: Tensor) -> Tensor:
+        if self.rank > 1:
+            batch, _, height, width = y.shape
+            y = y.reshape(batch, self.rank, self.out_channels, height, width).sum(1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def forward_depthwise(self, x: Tensor) -> Tensor:
+        ph, pw = self.padding
+        y = F.conv2d(x, self.pointwise)
+        if self.padding_mode != "zeros":
+            y = F.pad(y, (pw, pw, ph, ph), mode=self.padding_mode)
+            ph = pw = 0
+        kernel = self.vertical * self.horizontal  # (R·N, 1, kh, kw): b ⊗ c per channel
+        y = F.conv2d(y, kernel, stride=self.stride, padding=(ph, pw), dilation=self.dilation, groups=kernel.shape[0])
+        return self._rank_sum(y)
 
     def forward_dense(self, x: Tensor) -> Tensor:
         weight = self.dense_weight()
@@ -157,11 +182,7 @@ class CPDBlock(nn.Module):
             ph = pw = 0
         y = F.conv2d(y, self.vertical, stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=channels)
         y = F.conv2d(y, self.horizontal, stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=channels)
-        batch, _, height, width = y.shape
-        out = y.view(batch, self.rank, self.out_channels, height, width).sum(1)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        return self._rank_sum(y)
 
     # -- factors <-> dense ----------------------------------------------------
     def factors(self) -> Factors:

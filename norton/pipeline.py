@@ -20,6 +20,7 @@ from norton.checkpoint import load_model, save_checkpoint
 from norton.complexity import complexity
 from norton.data import ArrayDataset, input_size_of
 from norton.decompose import decompose
+from norton.deploy import tune_plans
 from norton.errors import NortonError
 from norton.prune import prune
 from norton.train import Distributed, TrainConfig, evaluate, fit, load_best, recalibrate_bn
@@ -125,6 +126,7 @@ def compress(
         model, _ = load_model(stage_files["final"])
         model.to(device)
     else:
+        tune_plans(model, example, training=True)  # the fastest trainable plan per layer
         finetune_dir = os.path.join(run_dir, "finetune")
         resuming = resume and os.path.exists(os.path.join(finetune_dir, "last.pt"))
         result = fit(model, train, val, config.finetune, finetune_dir, device=device, resume=resuming,

@@ -133,18 +133,20 @@ def test_plans_agree_in_value_and_gradient(conv_kwargs):
     block = CPDBlock(5, 6, 3, **conv_kwargs)
     x = torch.randn(2, 5, 12, 13, requires_grad=True)
     results = {}
-    for plan in ("separable", "dense"):
+    for plan in ("separable", "depthwise", "dense"):
         block.set_plan(plan)
         block.zero_grad()
         x.grad = None
         out = block(x)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results[plan] = (out.detach(), x.grad.clone(), [p.grad.clone() for p in block.parameters()])
-    (o1, gx1, gp1), (o2, gx2, gp2) = results["separable"], results["dense"]
-    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(gx1, gx2, atol=1e-5, rtol=1e-4)
-    for a, b in zip(gp1, gp2):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    o1, gx1, gp1 = results["separable"]
+    for plan in ("depthwise", "dense"):
+        o2, gx2, gp2 = results[plan]
+        torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gx1, gx2, atol=1e-5, rtol=1e-4)
+        for a, b in zip(gp1, gp2):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_auto_plan_and_bad_plan():

@@ -1,0 +1,117 @@
+"""Do compressed models run faster?  Dense vs three-conv CPDBlocks vs deployed, side by side.
+
+    .venv/bin/python benchmarks/latency.py            # every reference config with rank > 0
+    .venv/bin/python benchmarks/latency.py --train    # also the VGG-16-BN rank-8 training step
+
+For each config of tests/reference/complexity.json with rank > 0: latency of
+the uncompressed dense network, of the compressed network as the research code
+runs it (three convs per CPDBlock), and of ``norton.deploy`` of it; CIFAR
+models at batch 128, 32×32, ResNet-50 at batch 8, 224×224.  Random weights:
+latency does not depend on their values.  All runs of one config interleave,
+so machine noise hits every model alike; quote the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from norton import create_model
+from norton.benchmark import compare_latency
+from norton.complexity import complexity
+from norton.cpd_block import plan_override
+from norton.deploy import deploy, tune_plans
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "..", "tests", "reference", "complexity.json")
+
+
+def build(arch, rank, rate):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_model(arch, rank=rank, compress_rate=rate).eval()
+
+
+def inference_rows(repeats: int) -> list[dict]:
+    rows = []
+    for config in json.load(open(CONFIGS))["configs"]:
+        if config["rank"] == 0:
+            continue
+        arch, rank, rate = config["arch"], config["rank"], config["compress_rate"]
+        batch, size = (8, 224) if config["input"] == 224 else (128, 32)
+        x = torch.randn(batch, 3, size, size)
+        dense = build(arch, 0, None)
+        compressed = build(arch, rank, rate)
+        three_conv = build(arch, rank, rate)
+        three_conv.load_state_dict(compressed.state_dict())
+        for m in three_conv.modules():
+            if hasattr(m, "set_plan"):
+                m.set_plan("separable")
+        deployed, report = deploy(compressed, x)
+        f = complexity(dense, size).macs / complexity(compressed, size).macs
+        lat = compare_latency({"dense": dense, "three-conv": three_conv, "deployed": deployed}, x, repeats=repeats)
+        rows.append({"arch": arch, "rank": rank, "compress_rate": rate, "batch": batch, "input": size, "macs_factor": f,
+                     "dense_ms": lat["dense"].median_ms, "three_conv_ms": lat["three-conv"].median_ms,
+                     "deployed_ms": lat["deployed"].median_ms, "plans": report.layers, "channels_last": report.channels_last})
+    return rows
+
+
+def train_step_ratio(repeats: int) -> dict:
+    """Forward + backward + SGD step, batch 128 at 32×32: VGG-16-BN dense vs rank 8."""
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    models = {"dense": build("vgg_16_bn", 0, None), "rank 8, three-conv": build("vgg_16_bn", 8, None),
+              "rank 8, tuned plans": build("vgg_16_bn", 8, None)}
+    for m in models["rank 8, three-conv"].modules():
+        if hasattr(m, "set_plan"):
+            m.set_plan("separable")
+    tune_plans(models["rank 8, tuned plans"], x, training=True)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    times = {k: [] for k in models}
+    for m in models.values():
+        m.train()
+    for i in range(repeats + 1):
+        for k, m in models.items():
+            start = time.perf_counter()
+            loss = F.cross_entropy(m(x), y)
+            opts[k].zero_grad()
+            loss.backward()
+            opts[k].step()
+            if i:
+                times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--train", action="store_true", help="also time the VGG-16-BN rank-8 training step")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    rows = inference_rows(args.repeats)
+    print("| config | batch × input | MACs ÷ | dense | three-conv | deployed | deployed vs dense | vs three-conv | target |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        target = min(8.0, max(1.0, 0.6 * r["macs_factor"]))
+        speed = r["dense_ms"] / r["deployed_ms"]
+        print(f"| {r['arch']} r{r['rank']} `{r['compress_rate']}` | {r['batch']} × {r['input']}² | {r['macs_factor']:.1f} "
+              f"| {r['dense_ms']:.1f} ms | {r['three_conv_ms']:.1f} ms | {r['deployed_ms']:.1f} ms | {speed:.2f}× "
+              f"| {r['three_conv_ms'] / r['deployed_ms']:.2f}× | ≥ {target:.2f}× {'✓' if speed >= target else '✗'} |")
+    if args.train:
+        t = train_step_ratio(args.repeats)
+        print("\nVGG-16-BN training step (batch 128, 32×32): " + ", ".join(f"{k} {v:.0f} ms" for k, v in t.items()))
+        print(f"rank 8 / dense: three-conv {t['rank 8, three-conv'] / t['dense']:.2f}×, "
+              f"tuned plans {t['rank 8, tuned plans'] / t['dense']:.2f}× (target ≤ 1.3×)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
