@@ -28,6 +28,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/cp_speed.py
 	$(VENV)/bin/python benchmarks/pabs_speed.py
+	$(VENV)/bin/python benchmarks/latency.py --train
 
 clean:
 	rm -rf $(VENV) .pytest_cache
