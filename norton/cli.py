@@ -85,6 +85,10 @@ def cmd_complexity(args: argparse.Namespace) -> int:
 
     model = create_model(args.arch, rank=args.rank, compress_rate=args.compress_rate, num_classes=args.num_classes)
     baseline = create_model(args.arch, rank=0, num_classes=args.num_classes)
+    from norton.models.detection import is_detector
+
+    if is_detector(model):
+        return _detector_complexity(args, model, baseline)
     size = args.input_size
     result, base = complexity(model, size), complexity(baseline, size)
     record = {
@@ -105,6 +109,31 @@ def cmd_complexity(args: argparse.Namespace) -> int:
     print(f"{args.arch}  rank {args.rank}  compress rate {args.compress_rate or 'none'}  input {record['input_size']}")
     print(f"MACs:   {_human(result.macs)} ({record['macs_reduction_pct']:.2f}% ↓)   baseline {_human(base.macs)}")
     print(f"Params: {_human(result.params)} ({record['params_reduction_pct']:.2f}% ↓)   baseline {_human(base.params)}")
+    return 0
+
+
+def _detector_complexity(args: argparse.Namespace, model, baseline) -> int:
+    from norton.models.detection import detector_complexity
+
+    if args.input_size and len(args.input_size) != 1:
+        raise NortonError("detectors take one --input-size (the image side, default 800)")
+    size = args.input_size[0] if args.input_size else 800
+    got, base = detector_complexity(model, size), detector_complexity(baseline, size)
+    record = {"arch": args.arch, "rank": args.rank, "compress_rate": args.compress_rate, "input_size": got["input"],
+              "macs": got["backbone_fpn_macs"], "params": got["params"],
+              "baseline_macs": base["backbone_fpn_macs"], "baseline_params": base["params"],
+              "whole_model_macs": got["whole_model_macs"], "baseline_whole_model_macs": base["whole_model_macs"],
+              "box_rois": got["box_rois"],
+              "convention": "macs = backbone + FPN on one image; whole_model_macs adds RPN and heads for box_rois RoIs"}
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(f"{args.arch}  rank {args.rank}  compress rate {args.compress_rate or 'none'}  image {got['input']}")
+    print(f"MACs, backbone + FPN: {_human(got['backbone_fpn_macs'])} ({_reduction(got['backbone_fpn_macs'], base['backbone_fpn_macs']):.2f}% ↓)"
+          f"   baseline {_human(base['backbone_fpn_macs'])}")
+    print(f"MACs, whole model ({got['box_rois']} RoIs in the box head): {_human(got['whole_model_macs'])} "
+          f"({_reduction(got['whole_model_macs'], base['whole_model_macs']):.2f}% ↓)   baseline {_human(base['whole_model_macs'])}")
+    print(f"Params: {_human(got['params'])} ({_reduction(got['params'], base['params']):.2f}% ↓)   baseline {_human(base['params'])}")
     return 0
 
 

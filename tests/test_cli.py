@@ -102,7 +102,7 @@ def test_corrupt_checkpoint(tmp_path):
 
 def test_models_lists_the_zoo(capsys):
     assert main(["models"]) == 0
-    assert capsys.readouterr().out.split() == ["densenet_40", "resnet_110", "resnet_20", "resnet_50", "resnet_56", "vgg_16_bn", "vgg_19_bn"]
+    assert capsys.readouterr().out.split() == ["densenet_40", "fasterrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "resnet_110", "resnet_20", "resnet_50", "resnet_56", "vgg_16_bn", "vgg_19_bn"]
 
 
 def test_console_script_help():
