@@ -20,13 +20,14 @@ class Latency:
         return f"{self.median_ms:.1f} ms (p10 {self.p10_ms:.1f}, p90 {self.p90_ms:.1f}, {self.runs} runs)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(example) -> None:
+    tensor = example[0] if isinstance(example, (list, tuple)) else example
+    if tensor.device.type == "cuda":
+        torch.cuda.synchronize(tensor.device)
 
 
 @torch.no_grad()
-def compare_latency(models: dict[str, nn.Module], example: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> dict[str, Latency]:
+def compare_latency(models: dict[str, nn.Module], example, *, warmup: int = 3, repeats: int = 15) -> dict[str, Latency]:
     """Latency of each model on ``example``, runs interleaved round-robin so that
     machine noise hits every model alike; ratios are what to quote."""
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -34,12 +35,12 @@ def compare_latency(models: dict[str, nn.Module], example: torch.Tensor, *, warm
         model.eval()
         for _ in range(warmup):
             model(example)
-    _sync(example.device)
+    _sync(example)
     for _ in range(repeats):
         for name, model in models.items():
             start = time.perf_counter()
             model(example)
-            _sync(example.device)
+            _sync(example)
             times[name].append(1000.0 * (time.perf_counter() - start))
     out = {}
     for name, values in times.items():

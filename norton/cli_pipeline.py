@@ -90,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = evaluate(model, test, device=device, ddp=ddp)
     if ddp.main:
         save_checkpoint(os.path.join(args.run_dir, "model.pt"), model,
-                        metrics={"test": metrics, "val_top1": result.best_val["top1"], "best_epoch": result.best_epoch},
+                        metrics={"test": metrics, "val_top1": result.best_val["top1"], "best_epoch": result.best_epoch,
+                                 **_complexity(model, train)},
                         extra={"stage": "train", "data": args.data})
         print(f"best epoch {result.best_epoch}: val top-1 {result.best_val['top1']:.2f}%; "
               f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {os.path.join(args.run_dir, 'model.pt')}")
@@ -104,15 +105,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     device, ddp = _context(args)
     model, _ = load_model(args.ckpt)
     train, val, test = load_splits(args)
+    from norton.data import input_size_of
+    from norton.deploy import tune_plans
+
+    tune_plans(model, torch.zeros(2, *input_size_of(train)), training=True)  # the fastest trainable plan per layer
     result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,
                  overwrite=args.overwrite, extra={"stage": "finetune", "data": args.data}, ddp=ddp)
     load_best(model, args.run_dir)
     metrics = evaluate(model, test, device=device, ddp=ddp)
     if ddp.main:
-        save_checkpoint(os.path.join(args.run_dir, "model.pt"), model, metrics={"test": metrics, "best_epoch": result.best_epoch},
+        save_checkpoint(os.path.join(args.run_dir, "model.pt"), model,
+                        metrics={"test": metrics, "best_epoch": result.best_epoch, **_complexity(model, train)},
                         extra={"stage": "finetune", "data": args.data})
         print(f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {os.path.join(args.run_dir, 'model.pt')}")
     return 0
+
+
+def _complexity(model, data) -> dict[str, int]:
+    from norton.complexity import complexity
+    from norton.data import input_size_of
+
+    cx = complexity(model, list(input_size_of(data)))
+    return {"macs": cx.macs, "params": cx.params}
 
 
 def load_any_model(args: argparse.Namespace):
@@ -274,6 +288,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model, baseline, example = _model_and_baseline(args)
+    from norton.models.detection import is_detector
+
+    if is_detector(model):
+        return _benchmark_detector(args, model, baseline, device)
     model, example = model.to(device), example.to(device)
     deployed, _ = deploy(model, example, repeats=3)
     models = {"compressed (eager)": model, "compressed (deployed)": deployed}
@@ -310,6 +328,41 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         speed = f"{row['speedup_vs_baseline']:.2f}×" if row["speedup_vs_baseline"] else "—"
         spread = f"{row['p10_ms']:.1f}–{row['p90_ms']:.1f} ms"
         print(f"{name:<28} {row['median_ms']:>8.1f} ms {spread:>17} {row['images_per_s']:>10.0f} {speed:>12}")
+    return 0
+
+
+def _benchmark_detector(args: argparse.Namespace, model, baseline, device) -> int:
+    """Images/s of a detector against its uncompressed baseline at the model's
+    resolution (800 px by default), one image per call."""
+    from norton.benchmark import compare_latency
+    from norton.deploy import tune_plans
+
+    size = args.input_size or 800
+    for m in (model, baseline):
+        if m is not None:
+            m.transform.min_size, m.transform.max_size = (size,), size
+    images = [torch.rand(3, size, size, device=device)]
+    model = model.to(device)
+    tune_plans(model, images)  # the fastest plan of every CPDBlock for this input
+    models = {"compressed": model}
+    if baseline is not None:
+        models = {"baseline": baseline.to(device), **models}
+    lat = compare_latency(models, images, warmup=2, repeats=args.repeats)
+    rows = {k: {"median_ms": v.median_ms, "p10_ms": v.p10_ms, "p90_ms": v.p90_ms, "images_per_s": 1000 / v.median_ms}
+            for k, v in lat.items()}
+    if "baseline" in rows:
+        for row in rows.values():
+            row["speedup_vs_baseline"] = rows["baseline"]["median_ms"] / row["median_ms"]
+    record = {"image": [3, size, size], "threads": torch.get_num_threads(), "device": str(device),
+              "repeats": args.repeats, "results": rows}
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(f"detector, one {size}×{size} image per call, {torch.get_num_threads()} threads, {device}, "
+          f"median of {args.repeats} interleaved runs")
+    for name, row in rows.items():
+        speed = f"{row['speedup_vs_baseline']:.2f}×" if "speedup_vs_baseline" in row else "—"
+        print(f"{name:<12} {row['median_ms']:>9.1f} ms  {row['images_per_s']:>7.2f} images/s  {speed}")
     return 0
 
 

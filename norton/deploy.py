@@ -27,7 +27,9 @@ _TIMING_CACHE: dict[tuple, dict[str, float]] = {}
 
 
 def _as_tuple(example_inputs) -> tuple:
-    return example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    """Positional arguments of the forward call: a tuple is unpacked, anything
+    else (a tensor, or a detector's list of images) is the one argument."""
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
 def _block_inputs(model: nn.Module, example_inputs) -> dict[str, Tensor]:

@@ -71,7 +71,9 @@ class PruneReport:
 
 # -- graph ------------------------------------------------------------------------------
 def _as_tuple(example_inputs) -> tuple:
-    return example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    """Positional arguments of the forward call: a tuple is unpacked, anything
+    else (a tensor, or a detector's list of images) is the one argument."""
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
 def _forward(model: nn.Module, example_inputs):

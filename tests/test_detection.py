@@ -80,3 +80,13 @@ def test_detector_complexity_cli(capsys):
     assert record["macs"] < record["baseline_macs"] < record["baseline_whole_model_macs"]
     assert record["params"] < record["baseline_params"] == 41_755_286
     assert record["box_rois"] > 0 and record["input_size"] == [3, 320, 320]
+
+
+def test_detector_benchmark_cli(capsys):
+    args = ["benchmark", "--arch", "fasterrcnn_resnet50_fpn", "-r", "1", "-cpr", CPR, "--input-size", "224",
+            "--repeats", "2", "--json"]
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record["results"]) == {"baseline", "compressed"} and record["image"] == [3, 224, 224]
+    assert record["results"]["baseline"]["speedup_vs_baseline"] == 1.0
+    assert all(r["images_per_s"] > 0 for r in record["results"].values())

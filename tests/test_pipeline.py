@@ -23,6 +23,9 @@ def test_train_writes_a_self_describing_model(baseline):
     ckpt = load_checkpoint(baseline)
     assert ckpt["architecture"]["base"]["arch"] == "resnet_20" and ckpt["architecture"]["base"]["in_channels"] == 1
     assert ckpt["metrics"]["test"]["top1"] > 70
+    from norton import complexity, create_model
+    expected = complexity(create_model("resnet_20", in_channels=1), [1, 16, 16])
+    assert (ckpt["metrics"]["macs"], ckpt["metrics"]["params"]) == (expected.macs, expected.params)
 
 
 def test_compress_end_to_end(baseline, tmp_path, capsys):
