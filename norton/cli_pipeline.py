@@ -74,9 +74,7 @@ def _context(args: argparse.Namespace):
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from norton.checkpoint import save_checkpoint
     from norton.models import create_model
-    from norton.train import evaluate, fit, load_best
 
     device, ddp = _context(args)
     train, val, test = load_splits(args)
@@ -84,23 +82,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the initial weights follow the seed too
     model = create_model(args.arch, rank=args.rank, compress_rate=args.compress_rate,
                          num_classes=classes, in_channels=channels)
-    result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,
-                 overwrite=args.overwrite, extra={"stage": "train", "data": args.data}, ddp=ddp)
-    load_best(model, args.run_dir)
-    metrics = evaluate(model, test, device=device, ddp=ddp)
-    if ddp.main:
-        save_checkpoint(os.path.join(args.run_dir, "model.pt"), model,
-                        metrics={"test": metrics, "val_top1": result.best_val["top1"], "best_epoch": result.best_epoch,
-                                 **_complexity(model, train)},
-                        extra={"stage": "train", "data": args.data})
-        print(f"best epoch {result.best_epoch}: val top-1 {result.best_val['top1']:.2f}%; "
-              f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {os.path.join(args.run_dir, 'model.pt')}")
+    _fit_and_save(args, model, (train, val, test), device, ddp, stage="train")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from norton.checkpoint import load_model, save_checkpoint
-    from norton.train import evaluate, fit, load_best
+    from norton.checkpoint import load_model
 
     device, ddp = _context(args)
     model, _ = load_model(args.ckpt)
@@ -109,16 +96,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from norton.deploy import tune_plans
 
     tune_plans(model, torch.zeros(2, *input_size_of(train)), training=True)  # the fastest trainable plan per layer
+    _fit_and_save(args, model, (train, val, test), device, ddp, stage="finetune")
+    return 0
+
+
+def _fit_and_save(args: argparse.Namespace, model, splits, device, ddp, *, stage: str) -> None:
+    """Train, keep the best validation epoch, evaluate on the test set, write model.pt."""
+    from norton.checkpoint import save_checkpoint
+    from norton.train import evaluate, fit, load_best
+
+    train, val, test = splits
     result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,
-                 overwrite=args.overwrite, extra={"stage": "finetune", "data": args.data}, ddp=ddp)
+                 overwrite=args.overwrite, extra={"stage": stage, "data": args.data}, ddp=ddp)
     load_best(model, args.run_dir)
     metrics = evaluate(model, test, device=device, ddp=ddp)
     if ddp.main:
-        save_checkpoint(os.path.join(args.run_dir, "model.pt"), model,
-                        metrics={"test": metrics, "best_epoch": result.best_epoch, **_complexity(model, train)},
-                        extra={"stage": "finetune", "data": args.data})
-        print(f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {os.path.join(args.run_dir, 'model.pt')}")
-    return 0
+        path = os.path.join(args.run_dir, "model.pt")
+        save_checkpoint(path, model, metrics={"test": metrics, "val_top1": result.best_val["top1"],
+                                              "best_epoch": result.best_epoch, **_complexity(model, train)},
+                        extra={"stage": stage, "data": args.data})
+        print(f"best epoch {result.best_epoch}: val top-1 {result.best_val['top1']:.2f}%; "
+              f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {path}")
 
 
 def _complexity(model, data) -> dict[str, int]:

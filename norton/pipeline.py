@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from norton.checkpoint import load_model, save_checkpoint
+from norton.checkpoint import atomic_write_text, load_model, save_checkpoint
 from norton.complexity import complexity
 from norton.data import ArrayDataset, input_size_of
 from norton.decompose import decompose
@@ -154,7 +154,4 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _write(path: str, summary: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(summary), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_jsonable(summary), indent=1))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from norton.checkpoint import load_checkpoint, save_checkpoint
+from norton.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from norton.data import ArrayDataset, epoch_batches, num_batches
 from norton.errors import NortonError
 
@@ -329,11 +329,5 @@ def _read_history(path: str, before_epoch: int) -> list[dict[str, Any]]:
 
 
 def _write_history(path: str, history: list[dict[str, Any]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in history))
 

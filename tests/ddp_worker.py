@@ -28,7 +28,9 @@ def main(run_dir, out):
     train, val = split_validation(train, 200)
     fit(model, train, val, TrainConfig(epochs=2, batch_size=64, lr=0.05, warmup_epochs=0), run_dir,
         device=device, overwrite=True, progress=False, ddp=ddp)
-    torch.save(model.state_dict(), f"{out}.rank{ddp.rank}.pt")
+    state = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values()), "training diverged"
+    torch.save(state, f"{out}.rank{ddp.rank}.pt")
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
 

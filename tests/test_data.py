@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from formats import write_cifar10, write_fashion_mnist, write_idx, write_image_folder
+from conftest import write_cifar10, write_fashion_mnist, write_idx, write_image_folder
 from norton import NortonError
 from norton.data import (
     FASHION_MNIST_DIR, augment, epoch_batches, limit, load_dataset, split_validation,

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from formats import write_fashion_mnist
+from conftest import write_fashion_mnist
 from norton.checkpoint import load_checkpoint, load_model
 from norton.cli import main
 from norton.demo import DemoBudget, run_demo

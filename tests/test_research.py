@@ -58,7 +58,7 @@ def test_wrong_rank_names_the_key(tmp_path):
 
 
 def test_evaluate_a_research_checkpoint_on_cifar10(tmp_path, capsys):
-    from formats import write_cifar10
+    from conftest import write_cifar10
 
     write_cifar10(tmp_path / "data")
     sd = research_state_dict("resnet_56", 1, "[0.]+[0.18]*29")
