@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from norton import create_model
 from norton.benchmark import compare_latency
 from norton.complexity import complexity
-from norton.cpd_block import plan_override
 from norton.deploy import deploy, tune_plans
 
 HERE = os.path.dirname(os.path.abspath(__file__))

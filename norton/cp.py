@@ -160,6 +160,7 @@ def cp_als(
     done = torch.zeros_like(norm_sq, dtype=torch.bool)
     q_out = torch.zeros(n, kh * kw, rank, dtype=torch.float64, device=x.device)
     eye = torch.eye(rank, dtype=torch.float64, device=x.device)
+    q_old, b_old, c_old = q, b, c  # the previous sweep's factors, for the line search
     it = 0
     for it in range(1, n_iter_max + 1):
         if idx.numel() == 0:

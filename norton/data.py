@@ -13,7 +13,6 @@ Grayscale data (Fashion-MNIST, digits) has one channel; build the model with
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import struct

@@ -2,7 +2,6 @@ import gzip
 import os
 import pickle
 import struct
-import sys
 
 import numpy as np
 

@@ -1,6 +1,5 @@
 """Run by test_distributed under torchrun (2 processes) and alone (1 process):
 the same training with the same global batch; writes the final weights."""
-import os
 import sys
 
 import torch

@@ -7,7 +7,7 @@ from torch import nn
 
 from norton import CPDBlock, NortonError, create_model, decompose
 from norton.cli import main
-from norton.deploy import ChannelsLast, deploy, fold_batchnorm, time_plans, tune_plans
+from norton.deploy import deploy, fold_batchnorm, time_plans, tune_plans
 
 
 def build(arch, rank, rate=None):

@@ -1,8 +1,6 @@
 import json
-import os
 
 import pytest
-import torch
 
 from conftest import write_fashion_mnist
 from norton.checkpoint import load_checkpoint, load_model
