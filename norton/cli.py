@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="norton", description="Compress CNNs with NORTON (CP decomposition + pruning).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("models", help="list the zoo architectures")
+    p = sub.add_parser("models", help="list the zoo architectures", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  norton models\n  norton complexity --arch $(norton models | head -1)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("complexity", help="MACs and params of a zoo model vs its uncompressed baseline",
@@ -348,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub, _Parser, _rank, _positive_rank, _fraction)
     register_speed(sub, _rank)
 
-    p = sub.add_parser("demo", help="NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot")
+    p = sub.add_parser("demo", help="NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  norton demo                      # ~15 min on 2 CPU cores\n"
+                              "  norton demo --resume             # continue an interrupted run\n"
+                              "  norton demo --full --device cuda # all 60k images, published schedules")
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--full", action="store_true", help="all 60k images and the published 400-epoch schedules")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")

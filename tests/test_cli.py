@@ -105,6 +105,14 @@ def test_models_lists_the_zoo(capsys):
     assert capsys.readouterr().out.split() == ["densenet_40", "fasterrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "resnet_110", "resnet_20", "resnet_50", "resnet_56", "vgg_16_bn", "vgg_19_bn"]
 
 
+@pytest.mark.parametrize("command", ["models", "complexity", "decompose-report", "decompose", "prune", "train", "finetune",
+                                     "evaluate", "compress", "benchmark", "export", "demo"])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and "examples:" in capsys.readouterr().out
+
+
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "norton.cli", "complexity", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout
