@@ -216,6 +216,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from norton.checkpoint import save_checkpoint
     from norton.prune import prune
+    from norton.train import evaluate
 
     _check_out(args)
     model = _load_model(args, rank=args.rank, compress_rate=None)
@@ -242,12 +243,6 @@ def _test_data(args: argparse.Namespace):
     from norton.data import load_dataset
 
     return load_dataset(args.data, args.data_dir, "test")
-
-
-def evaluate(model, data, device):
-    from norton.train import evaluate as evaluate_
-
-    return evaluate_(model, data, device=device)
 
 
 def _fraction(text: str) -> float:

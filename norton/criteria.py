@@ -187,8 +187,6 @@ def greedy_eliminate(
     if int((alive | shield).sum()) < keep:
         raise NortonError(f"cannot keep {keep} filters: only {int((alive | shield).sum())} may be kept")
     alive |= shield
-    if int(alive.sum()) < keep:
-        raise NortonError(f"cannot keep {keep} filters: only {int(alive.sum())} are selectable")
 
     inf = torch.tensor(math.inf, dtype=torch.float64)
     dist.fill_diagonal_(math.inf)

@@ -21,15 +21,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from norton.cpd_block import CPDBlock
 from norton.decompose import _replace
 from norton.errors import NortonError
+from norton.prune import _as_tuple
 
 FACTORED_PLANS = ("separable", "depthwise", "dense")
 _TIMING_CACHE: dict[tuple, dict[str, float]] = {}
-
-
-def _as_tuple(example_inputs) -> tuple:
-    """Positional arguments of the forward call: a tuple is unpacked, anything
-    else (a tensor, or a detector's list of images) is the one argument."""
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
 def _block_inputs(model: nn.Module, example_inputs) -> dict[str, Tensor]:
