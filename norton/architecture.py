@@ -33,7 +33,7 @@ def build_base(base: dict[str, Any]) -> nn.Module:
     """The unpruned, undecomposed model a description starts from."""
     from norton.models import create_model
 
-    kwargs = {k: v for k, v in base.items() if k not in ("arch", "rank", "compress_rate")}
+    kwargs = {k: v for k, v in base.items() if k not in ("arch", "rank", "compress_rate", "backbone_ckpt")}
     return create_model(base["arch"], rank=0, **kwargs)
 
 
@@ -58,7 +58,8 @@ def rebuild(description: dict[str, Any], base_model: nn.Module | None = None) ->
         if not isinstance(conv, (nn.Conv2d, CPDBlock)):
             raise NortonError(f"the checkpoint decomposes layer {name!r}, which this model does not have as a convolution")
         if isinstance(conv, nn.Conv2d):
-            _replace(model, name, CPDBlock.like_conv(conv, rank))
+            block = CPDBlock.like_conv(conv, rank).requires_grad_(conv.weight.requires_grad)  # frozen stays frozen
+            _replace(model, name, block)
     widths = description.get("widths", {})
     current = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPDBlock))}
     if widths and widths != current:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from norton.cli_pipeline import key_value, register, register_speed
+from norton.cli_detect import register_detect
 from norton.complexity import complexity
 from norton.errors import NortonError
 
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub, _Parser, _rank, _positive_rank, _fraction)
     register_speed(sub, _rank)
+    register_detect(sub, _rank)
 
     p = sub.add_parser("demo", help="NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch_pruning as tp
 from torch import Tensor
 
 from norton.cp import Factors
@@ -95,13 +96,30 @@ def random_scores(weight: Tensor, *, seed: int = 0) -> Tensor:
 @dataclass(frozen=True)
 class Criterion:
     """``kind`` is "distance" (small = redundant pair), "similarity" (large =
-    redundant pair) or "score" (small = unimportant filter)."""
+    redundant pair) or "score" (small = unimportant filter).  ``on_group``
+    criteria score a whole torch-pruning dependency group (every coupled
+    layer) instead of one weight tensor."""
 
     name: str
     kind: str
     needs_factors: bool
     compute: Callable
     description: str
+    on_group: bool = False
+
+
+def _torch_pruning_importance(importance) -> Callable:
+    """Per-channel scores of a torch-pruning dependency group (plain conv /
+    linear / BN layers of the group; CPDBlocks are not among their types)."""
+
+    def compute(group) -> Tensor:
+        scores = importance(group)
+        if scores is None:
+            raise NortonError("this criterion scores plain Conv2d/Linear/BatchNorm layers; the group has none "
+                              "(use pabs/vbd/csa for decomposed layers)")
+        return scores.detach().to(torch.float64).cpu()
+
+    return compute
 
 
 CRITERIA: dict[str, Criterion] = {}
@@ -122,6 +140,14 @@ register_criterion(Criterion("vbd", "distance", True, vbd_distances, "variance-b
 register_criterion(Criterion("csa", "similarity", True, csa_similarities, "cos² of the channel-factor principal angle"))
 register_criterion(Criterion("l2", "score", False, l2_scores, "L2 norm of each filter"))
 register_criterion(Criterion("random", "score", False, random_scores, "seeded random choice (baseline)"))
+register_criterion(Criterion(
+    "l1", "score", False,
+    _torch_pruning_importance(tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=None)),
+    "L1 norm over the coupled layers of the group (torch-pruning's MagnitudeImportance)", on_group=True))
+register_criterion(Criterion(
+    "fpgm", "score", False,
+    _torch_pruning_importance(tp.importance.FPGMImportance(p=2, group_reduction="mean", normalizer=None)),
+    "distance to the geometric median of the filters (torch-pruning's FPGMImportance)", on_group=True))
 
 
 def get_criterion(name: str) -> Criterion:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -130,10 +131,14 @@ def _modules_feeding_output(model: nn.Module, example_inputs) -> set[nn.Module]:
 
 def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """torch-pruning's dependency graph with norton's pruners, traced in eval mode
-    (so tracing never touches BatchNorm statistics)."""
+    (so tracing never touches BatchNorm statistics).  Frozen parameters are
+    traced too: torch-pruning follows autograd, which skips them otherwise."""
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, customized_pruners=CUSTOM_PRUNERS, verbose=False
@@ -146,6 +151,8 @@ def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
             "pass example_inputs the model's forward accepts"
         ) from None
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
 
 
@@ -156,6 +163,7 @@ class _Group:
     members: list[tuple[nn.Module, bool, list[int], list[int]]]  # (module, is_out, its idxs, root idxs)
     convs: list[tuple[str, nn.Module]]  # output-channel convs / CPDBlocks with names
     target: int = 0
+    dependencies: Any = None  # the torch-pruning group, for criteria that score it whole
 
 
 def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, ignored_layers=()) -> tuple[list[_Group], dict[str, str]]:
@@ -190,7 +198,7 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
             skipped[root_name] = reason
             continue
         info = GroupPruning(root=root_name, layers=[n for n, _ in convs], total=total)
-        groups.append(_Group(info=info, root_module=root, members=members, convs=convs))
+        groups.append(_Group(info=info, root_module=root, members=members, convs=convs, dependencies=group))
     groups.sort(key=lambda g: order[g.info.root])
     return groups, skipped
 
@@ -263,6 +271,12 @@ def _dense_weight(module: nn.Module) -> Tensor:
 def _group_scores(g: _Group, criterion_name: str, seed: int):
     """(kind, matrix or scores, label) for the group under the criterion."""
     criterion = get_criterion(criterion_name)
+    if criterion.on_group:
+        with torch.no_grad():
+            scores = criterion.compute(g.dependencies)
+        if scores.numel() != g.info.total:
+            raise NortonError(f"criterion {criterion.name!r} gave {scores.numel()} scores for the {g.info.total} channels of {g.info.root}")
+        return "score", scores, criterion.name
     if criterion.needs_factors:
         blocks = [m for _, m in g.convs if isinstance(m, CPDBlock)]
         if blocks:
@@ -379,7 +393,16 @@ def _permute(module: nn.Module, is_out: bool, perm: list[int]) -> None:
 
 
 def apply_selection(graph: tp.DependencyGraph, groups: list[_Group]) -> None:
-    """Remove the channels not kept, then put the kept ones in their planned order."""
+    """Remove the channels not kept, then put the kept ones in their planned order.
+    Frozen parameters stay frozen (torch-pruning's pruners make new, trainable ones)."""
+    frozen = {(module, name) for g in groups for module, *_ in g.members
+              for name, p in module.named_parameters(recurse=False) if not p.requires_grad}
+    _apply_selection(graph, groups)
+    for module, name in frozen:
+        getattr(module, name).requires_grad_(False)
+
+
+def _apply_selection(graph: tp.DependencyGraph, groups: list[_Group]) -> None:
     for g in groups:
         keep = g.info.kept
         removed = sorted(set(range(g.info.total)) - set(keep))

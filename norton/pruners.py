@@ -3,7 +3,8 @@
 The dependency graph (``torch_pruning.DependencyGraph``) finds which layers are
 coupled; these pruners do the surgery on a ``CPDBlock`` (all R rank terms of a
 filter go together, rank-major layout kept) and on the option-A
-``ChannelPadShortcut`` (only its widths change; the placement rule is fixed).
+``ChannelPadShortcut`` (only its widths change; the placement rule is fixed),
+and on torchvision's ``FrozenBatchNorm2d``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch_pruning as tp
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from norton.cpd_block import CPDBlock
 from norton.models.resnet_cifar import ChannelPadShortcut
@@ -86,4 +88,25 @@ class ChannelPadShortcutPruner(tp.pruner.function.BasePruningFunc):
         return layer.in_channels
 
 
-CUSTOM_PRUNERS = {CPDBlock: CPDBlockPruner(), ChannelPadShortcut: ChannelPadShortcutPruner()}
+class FrozenBatchNormPruner(tp.pruner.function.BasePruningFunc):
+    """torchvision's FrozenBatchNorm2d (detection bodies): its statistics are
+    buffers, which torch-pruning's BatchNorm pruner does not know."""
+
+    TARGET_MODULES = (FrozenBatchNorm2d,)
+
+    def prune_out_channels(self, layer: FrozenBatchNorm2d, idxs: Sequence[int]) -> FrozenBatchNorm2d:
+        keep = torch.as_tensor(_keep(layer.weight.shape[0], idxs), dtype=torch.long, device=layer.weight.device)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            setattr(layer, name, getattr(layer, name).index_select(0, keep))
+        return layer
+
+    prune_in_channels = prune_out_channels  # one channel in, one out: coupled
+
+    def get_out_channels(self, layer: FrozenBatchNorm2d) -> int:
+        return layer.weight.shape[0]
+
+    get_in_channels = get_out_channels
+
+
+CUSTOM_PRUNERS = {CPDBlock: CPDBlockPruner(), ChannelPadShortcut: ChannelPadShortcutPruner(),
+                  FrozenBatchNorm2d: FrozenBatchNormPruner()}

@@ -242,14 +242,8 @@ def fit(
     start_epoch, best_epoch, best_val, history = 0, -1, {"top1": -1.0}, []
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if resume_from:
-        ckpt = load_checkpoint(resume_from)
-        state = ckpt["train_state"]
-        if state.get("config") != asdict(config):
-            raise NortonError(f"cannot resume {run_dir!r} with different settings: it was started with {state.get('config')}")
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = restore_training(resume_from, model, optimizer, config, run_dir)
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
         start_epoch, best_epoch, best_val = state["epoch"] + 1, state["best_epoch"], state["best_val"]
         history = _read_history(metrics_path, before_epoch=start_epoch)
         if ddp.main:
@@ -312,6 +306,19 @@ def fit(
                            f"{val['top1']:.2f}%  ({record['images_per_s']:.0f} img/s)")
         ddp.barrier()
     return FitResult(best_epoch=best_epoch + 1, best_val=best_val, history=history, run_dir=run_dir)
+
+
+def restore_training(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, config, run_dir: str) -> dict[str, Any]:
+    """Load weights, optimizer and RNG state of a run's checkpoint; returns its train_state.
+    A run only resumes with the settings it was started with."""
+    ckpt = load_checkpoint(path)
+    state = ckpt["train_state"]
+    if state.get("config") != asdict(config):
+        raise NortonError(f"cannot resume {run_dir!r} with different settings: it was started with {state.get('config')}")
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
 
 
 def load_best(model: nn.Module, run_dir: str) -> None:

@@ -97,3 +97,57 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=3, size=(40, 30))
                 pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.JPEG"), format="JPEG")
     return root
+
+
+KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_hand", "right_hand"]
+
+
+def write_coco(root, task="bbox", n_images=4, size=(96, 128), seed=0):
+    """A tiny COCO-format dataset: PNG images with a drawn square and disk, their
+    boxes, polygon masks and (task "keypoints") 5 keypoints of a 'person' figure.
+    Category ids are not contiguous (1 and 3), as in COCO.  Returns (images dir, json)."""
+    import json
+    import math
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image_dir = os.path.join(root, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    if task == "keypoints":
+        categories = [{"id": 1, "name": "person", "supercategory": "person", "keypoints": KEYPOINT_NAMES,
+                       "skeleton": [[1, 2], [1, 3], [2, 4], [3, 5]]}]
+    else:
+        categories = [{"id": 1, "name": "square", "supercategory": "shape"},
+                      {"id": 3, "name": "disk", "supercategory": "shape"}]
+    images, annotations = [], []
+    h, w = size
+    for i in range(n_images):
+        picture = Image.fromarray(rng.integers(0, 60, (h, w, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(picture)
+        x0, y0 = int(rng.integers(4, w // 2 - 30)), int(rng.integers(4, h - 40))
+        s = int(rng.integers(24, 34))
+        draw.rectangle([x0, y0, x0 + s, y0 + s], fill=(230, 40, 40))
+        square = {"bbox": [x0, y0, s + 1, s + 1], "category_id": 1,
+                  "segmentation": [[x0, y0, x0 + s + 1, y0, x0 + s + 1, y0 + s + 1, x0, y0 + s + 1]]}
+        cx, cy, r = int(rng.integers(w // 2 + 16, w - 18)), int(rng.integers(18, h - 18)), int(rng.integers(10, 16))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(40, 200, 240))
+        polygon = [v for k in range(16) for v in (cx + r * math.cos(2 * math.pi * k / 16), cy + r * math.sin(2 * math.pi * k / 16))]
+        disk = {"bbox": [cx - r, cy - r, 2 * r + 1, 2 * r + 1], "category_id": 3, "segmentation": [polygon]}
+        objects = [square, disk]
+        if task == "keypoints":  # the square is a "person": nose on top, eyes, hands at the bottom corners
+            x1, y1 = x0 + s, y0 + s
+            square["keypoints"] = [x0 + s / 2, y0 + 2, 2, x0 + s / 3, y0 + s / 3, 2, x0 + 2 * s / 3, y0 + s / 3, 2,
+                                   x0 + 1, y1 - 1, 2, x1 - 1, y1 - 1, 1]
+            square["num_keypoints"] = 5
+            objects = [square]
+        name = f"{i:06d}.png"
+        picture.save(os.path.join(image_dir, name))
+        images.append({"id": 100 + i, "file_name": name, "height": h, "width": w})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": 100 + i, "iscrowd": 0,
+                                "area": float(obj["bbox"][2] * obj["bbox"][3]), **obj})
+    ann_file = os.path.join(root, f"{task}.json")
+    with open(ann_file, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return image_dir, ann_file
