@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench compare fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -18,17 +18,25 @@ test: $(STAMP)
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-demo: $(STAMP)
+fashion-mnist:
 	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
 		{ echo "installing Debian's dataset-fashion-mnist"; \
 		  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
 		  else sudo -n apt-get install -y -q dataset-fashion-mnist; fi; } || true
+
+demo: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton demo $(DEMO_ARGS)
+
+# NORTON vs pruning / decomposition baselines, then the paper's analyses (~30 + ~20 min on 2 cores)
+compare: $(STAMP) fashion-mnist
+	$(VENV)/bin/norton compare --budget small --resume
+	$(VENV)/bin/norton report --compare runs/compare --resume
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/cp_speed.py
 	$(VENV)/bin/python benchmarks/pabs_speed.py
 	$(VENV)/bin/python benchmarks/latency.py --train
+	$(VENV)/bin/python -m pytest -q -m benchmark
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,4 +1,4 @@
-"""``norton detect-train / detect-eval / detect`` and ``norton compare``."""
+"""``norton detect-train / detect-eval / detect``, ``norton compare`` and ``norton report``."""
 from __future__ import annotations
 
 import argparse
@@ -163,6 +163,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranks(text: str) -> tuple[int, ...]:
+    """``1-8`` or ``3,4,6,8``."""
+    try:
+        if "-" in text:
+            low, high = (int(v) for v in text.split("-"))
+            values = tuple(range(low, high + 1))
+        else:
+            values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ranks like 1-8 or 3,4,6,8, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be >= 1, got {text!r}")
+    return values
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from norton.report import ReportPlan, run_report
+    from norton.train import resolve_device
+
+    plan = ReportPlan(ranks=args.ranks, grid=args.grid, gradcam_images=args.gradcam_images)
+    plan.gradcam_ranks = tuple(r for r in (1, 2, 4) if r in plan.ranks) or plan.ranks[:1]
+    run_report(args.out, baseline_ckpt=args.baseline, compare_dir=args.compare, budget=args.budget, plan=plan,
+               resume=args.resume, data_dir=args.data_dir, device=resolve_device(args.device))
+    return 0
+
+
 def register_detect(sub, rank_type) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("detect-train", help="train Faster/Mask/Keypoint R-CNN on a NORTON ResNet-50 (COCO format)",
@@ -232,6 +258,23 @@ def register_detect(sub, rank_type) -> None:
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="rank sweep, rank × pruning grid, Pareto curve and Grad-CAM figures (Markdown + PNG)",
+                       formatter_class=fmt, epilog=(
+                           "examples:\n  norton report --compare runs/compare            # baseline + methods of a comparison\n"
+                           "  norton report --baseline best.pt --ranks 1-4 --grid 2,3,4 --out runs/report_small\n"
+                           "  norton report --compare runs/compare --resume   # reuse finished runs, redraw"))
+    p.add_argument("--compare", default=None, help="a norton compare run: its baseline and models join the report")
+    p.add_argument("--baseline", default=None, help="norton checkpoint of the trained ResNet-20 (default: the comparison's)")
+    p.add_argument("--budget", choices=("small", "full"), default="small", help="data subset and fine-tuning schedule")
+    p.add_argument("--ranks", type=_ranks, default=tuple(range(1, 9)), help="rank sweep (default 1-8)")
+    p.add_argument("--grid", type=_ranks, default=(3, 4, 6, 8), help="first unpruned, the rest pruned to its MACs")
+    p.add_argument("--gradcam-images", type=int, default=6)
+    p.add_argument("--out", default="runs/report")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_report)
 
 
 def _coco_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:

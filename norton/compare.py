@@ -29,7 +29,7 @@ from norton.complexity import complexity, count_macs
 from norton.cpd_block import CPDBlock
 from norton.data import limit, load_dataset, split_validation
 from norton.decompose import _replace, decompose, is_decomposable
-from norton.deploy import deploy
+from norton.deploy import deploy, tune_plans
 from norton.errors import NortonError
 from norton.models import create_model
 from norton.prune import prune
@@ -328,6 +328,7 @@ def _run_one(model, configuration, method, target, seed, train, val, test, budge
     raw = evaluate(model, test, device=device)
     recalibrate_bn(model, train, device=device, num_images=budget.recalibration_images, seed=seed)
     recalibrated = evaluate(model, test, device=device)
+    tune_plans(model, torch.zeros(budget.finetune.batch_size, *INPUT, device=device), training=True)  # as compress does
     config = replace(budget.finetune, seed=seed)
     finetune_dir = os.path.join(run_dir, "finetune")
     fit(model, train, val, config, finetune_dir, device=device, progress=progress,

@@ -98,6 +98,7 @@ def compress(
         report = decompose(model, config.rank, progress=progress and ddp.main, seed=config.seed)
         after = _measure(model, test, device, ddp)
         after["mean_nmse"] = report.mean_nmse
+        after["layer_nmse"] = {layer.name: layer.nmse for layer in report.layers}
         after["recalibrated"] = _recalibrated(model, train, config, test, device, ddp)
         summary["decomposed"] = after
         if ddp.main:

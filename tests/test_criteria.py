@@ -125,7 +125,56 @@ def test_normalized_sum_weighs_layers_alike():
 
 
 def test_registry():
-    assert list_criteria() == ["csa", "l2", "pabs", "random", "vbd"]
+    assert list_criteria() == ["csa", "fpgm", "l1", "l2", "pabs", "random", "vbd"]
     assert get_criterion("pabs").needs_factors and not get_criterion("l2").needs_factors
-    with pytest.raises(NortonError, match="unknown criterion 'fpgm'; valid: csa, l2, pabs, random, vbd"):
-        get_criterion("fpgm")
+    assert get_criterion("l1").on_group and not get_criterion("l2").on_group
+    with pytest.raises(NortonError, match="unknown criterion 'hrank'; valid: csa, fpgm, l1, l2, pabs, random, vbd"):
+        get_criterion("hrank")
+
+
+def _two_convs(first: torch.Tensor, second: torch.Tensor) -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Conv2d(first.shape[1], first.shape[0], 3, padding=1, bias=False),
+                              torch.nn.Conv2d(second.shape[1], second.shape[0], 3, padding=1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(first)
+        net[1].weight.copy_(second)
+    return net
+
+
+def test_l1_scores_the_group_as_torch_pruning_does():
+    """L1 of a group: the mean over its layers of each channel's L1 norm (the
+    filter of the first conv and the matching input slice of the next)."""
+    from norton.prune import prune
+
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.randn(6, 2, 3, 3, generator=gen), torch.randn(4, 6, 3, 3, generator=gen)
+    expected = (first.abs().flatten(1).sum(1) + second.abs().transpose(0, 1).flatten(1).sum(1)) / 2
+    net = _two_convs(first, second)
+    report = prune(net, {"0": 0.5}, example_inputs=torch.zeros(1, 2, 8, 8), criterion="l1")
+    assert sorted(report.groups[0].kept) == sorted(expected.topk(3).indices.tolist())
+    assert torch.equal(net[0].weight, first[sorted(report.groups[0].kept)])
+
+
+def test_fpgm_removes_the_filter_nearest_the_geometric_median():
+    from norton.prune import prune
+
+    gen = torch.Generator().manual_seed(1)
+    spread = torch.randn(4, 2, 3, 3, generator=gen) * 5
+    first = torch.cat([spread, spread.mean(0, keepdim=True)])  # filter 4 is the centre
+    second = torch.ones(3, 5, 3, 3)  # identical input slices: no say in the ranking
+    net = _two_convs(first, second)
+    report = prune(net, {"0": 0.2}, example_inputs=torch.zeros(1, 2, 8, 8), criterion="fpgm")
+    assert sorted(report.groups[0].kept) == [0, 1, 2, 3]
+    l1 = prune(_two_convs(first, second), {"0": 0.2}, example_inputs=torch.zeros(1, 2, 8, 8), criterion="l1")
+    assert sorted(l1.groups[0].kept) != [0, 1, 2, 3] or first[4].abs().sum() < first[:4].abs().flatten(1).sum(1).min()
+
+
+def test_torch_pruning_criteria_need_plain_layers():
+    from norton.decompose import decompose
+    from norton.prune import prune
+
+    gen = torch.Generator().manual_seed(2)
+    net = _two_convs(torch.randn(6, 2, 3, 3, generator=gen), torch.randn(4, 6, 3, 3, generator=gen))
+    decompose(net, 2, progress=False)  # only CPDBlocks left: nothing for torch-pruning's importances
+    with pytest.raises(NortonError, match="plain Conv2d/Linear/BatchNorm"):
+        prune(net, {"0": 0.5}, example_inputs=torch.zeros(1, 2, 8, 8), criterion="l1")

@@ -1,0 +1,113 @@
+"""`norton compare` and `norton report` built from tiny runs on Fashion-MNIST-format files."""
+import json
+import os
+import statistics
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_fashion_mnist
+from norton.compare import METHODS, TOLERANCE, CompareBudget, Context, _reduction, run_compare
+from norton.errors import NortonError
+from norton.models import create_model
+from norton.report import ReportPlan, run_report
+from norton.train import TrainConfig
+
+TINY = CompareBudget(train_images=None, val_images=32, test_images=None,
+                     baseline=TrainConfig(epochs=1, batch_size=32, lr=0.05, warmup_epochs=0),
+                     finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01, warmup_epochs=0),
+                     seeds=(0, 1), targets=(0.85,), recalibration_images=32)
+
+
+@pytest.mark.parametrize("target", [pytest.param(0.60, marks=pytest.mark.benchmark), 0.85])
+def test_every_method_lands_within_two_points_of_the_target(target):
+    torch.manual_seed(0)
+    base = create_model("resnet_20", in_channels=1, num_classes=10)
+    ctx = Context(base_macs=30_821_248, example=torch.zeros(1, 1, 28, 28), budget=TINY.__class__(
+        **{**TINY.__dict__, "targets": (target,)}))
+    assert _reduction(base, ctx) == 0.0
+    for name, method in METHODS.items():
+        model, text = method.build(base, target, 0, ctx)
+        assert abs(_reduction(model, ctx) - target) <= TOLERANCE, (name, text, _reduction(model, ctx))
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evidence")
+    data = str(root / "fashion")
+    write_fashion_mnist(data, n_train=160, n_test=48)
+    out = str(root / "compare")
+    summary = run_compare(out, budget=TINY, methods=["norton", "l1"], data_dir=data, progress=False)
+    return data, out, summary
+
+
+def test_compare_writes_the_measured_table_and_plot(compared):
+    data, out, summary = compared
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    table = open(os.path.join(out, "results.md")).read()
+    assert len(saved["runs"]) == 4  # 2 methods × 1 target × 2 seeds
+    for method in ("norton", "l1"):
+        runs = [r for r in saved["runs"] if r["method"] == method]
+        assert sorted(r["seed"] for r in runs) == [0, 1]
+        mean = statistics.fmean(r["top1"] for r in runs)
+        std = statistics.stdev(r["top1"] for r in runs)
+        assert f"**{mean:.2f} ± {std:.2f}**" in table
+        assert abs(1 - runs[0]["macs"] / saved["baseline"]["macs"] - 0.85) <= TOLERANCE
+        assert runs[0]["latency_ms"] > 0
+    assert f"Baseline ResNet-20: {saved['baseline']['top1']:.2f} %" in table
+    assert ("NORTON (pabs) has the best accuracy" in table) != ("NORTON (pabs) does **not** win" in table)
+    with Image.open(os.path.join(out, "accuracy_vs_macs.png")) as png:
+        assert png.size[0] > 400 and png.size[1] > 300
+
+
+def test_compare_resumes_and_refuses_to_overwrite(compared):
+    data, out, summary = compared
+    with pytest.raises(NortonError, match="already holds a comparison"):
+        run_compare(out, budget=TINY, methods=["norton", "l1"], data_dir=data, progress=False)
+    again = run_compare(out, budget=TINY, methods=["norton", "l1"], data_dir=data, progress=False, resume=True)
+    assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in summary["runs"]]
+
+
+def test_compare_rejects_bad_settings(tmp_path):
+    with pytest.raises(NortonError, match="unknown method\\(s\\) 'hrank'"):
+        run_compare(str(tmp_path), budget=TINY, methods=["hrank"])
+    with pytest.raises(NortonError, match="unknown budget 'huge'"):
+        run_compare(str(tmp_path), budget="huge")
+    bad = CompareBudget(**{**TINY.__dict__, "targets": (1.5,)})
+    with pytest.raises(NortonError, match="MACs target 1.5"):
+        run_compare(str(tmp_path), budget=bad)
+
+
+def test_report_from_tiny_runs(compared):
+    data, compare_dir, _ = compared
+    out = os.path.join(os.path.dirname(compare_dir), "report")
+    plan = ReportPlan(ranks=(1, 2), grid=(2, 3), gradcam_images=2, gradcam_ranks=(1,))
+    report = run_report(out, compare_dir=compare_dir, budget=TINY, plan=plan, data_dir=data, progress=False)
+    md = open(os.path.join(out, "report.md")).read()
+    saved = json.load(open(os.path.join(out, "report.json")))
+    for rank in ("1", "2"):
+        s = saved["rank_sweep"][rank]
+        assert f"| {rank} | {s['decomposed']['mean_nmse']:.4f} |" in md
+        assert f"{s['decomposed']['recalibrated']['top1']:.2f} % | {s['final']['top1']:.2f} % |" in md
+        assert len(s["decomposed"]["layer_nmse"]) == 19
+    assert saved["rank_sweep"]["1"]["decomposed"]["mean_nmse"] > saved["rank_sweep"]["2"]["decomposed"]["mean_nmse"]
+    assert list(saved["grid"]) == ["2N", "3P"]
+    pruned = saved["grid"]["3P"]
+    assert abs(1 - pruned["final"]["macs"] / saved["baseline"]["macs"] - saved["target_macs_reduction"]) < 0.03
+    assert f"{pruned['final']['top1']:.2f} % |" in md
+    front = [p for p in saved["pareto"] if p["pareto"]]
+    assert front and all(f"| {p['label']} | {p['source']} |" in md for p in front)
+    assert {p["source"] for p in saved["pareto"]} == {"rank sweep", "rank × pruning", "compare"}
+    for name, value in saved["gradcam_agreement"]["correlation_with_baseline"].items():
+        assert -1.0 <= value <= 1.0 and f"| {name} |" in md and f"{value:.3f}" in md
+    for png in ("rank_sweep.png", "grid.png", "pareto.png", "gradcam.png"):
+        with Image.open(os.path.join(out, png)) as image:
+            assert image.size[0] > 400
+    assert report["baseline"]["top1"] == saved["baseline"]["top1"]
+    with pytest.raises(NortonError, match="already holds a report"):
+        run_report(out, compare_dir=compare_dir, budget=TINY, plan=plan, data_dir=data, progress=False)
+    with pytest.raises(NortonError, match="give --baseline"):
+        run_report(out, budget=TINY)
