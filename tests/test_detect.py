@@ -263,3 +263,29 @@ def test_detect_draws_on_a_real_photograph(trained, task, tmp_path, capsys):
     assert (drawn[min(y0, 510), edge] != photo[min(y0, 510), edge]).any()  # the box outline is drawn there
     assert main(["detect", "--ckpt", os.path.join(run_dir, "final.pt"), str(tmp_path / "missing.jpg"), "-o", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_detect_train_under_torchrun(tmp_path):
+    """Two processes share every batch; evaluation gathers both halves of the
+    val set, so it matches a one-process evaluation of the saved model."""
+    import subprocess
+    import sys
+
+    images, ann = write_coco(tmp_path, "bbox", n_images=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run_dir = tmp_path / "run"
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "norton", "detect-train",
+                          "--arch", "fasterrcnn_resnet50_fpn", *FAST, "--train-images", images, "--train-ann", ann,
+                          "--val-images", images, "--val-ann", ann, "--epochs", "1", "--batch-size", "1",
+                          "--run-dir", str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 2" in two.stdout
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [1, 2]  # 4 images, 2 per step across the two processes: written once
+    one = subprocess.run([sys.executable, "-m", "norton", "detect-eval", "--ckpt", str(run_dir / "final.pt"),
+                          "--val-images", images, "--val-ann", ann, "--device", "cpu", "--json"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert json.loads(one.stdout.strip().splitlines()[-1]) == json.load(open(run_dir / "eval.json"))
