@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-rate", action="append", default=[], metavar="NAME=RATE", help="prune this layer at RATE")
     p.add_argument("--amount", type=_fraction, default=None, help="one rate for every prunable layer")
     p.add_argument("--target-macs", type=_fraction, default=None, help="fraction of MACs to remove")
-    p.add_argument("--criterion", default="pabs", help="pabs (default), vbd, csa, l2, random")
+    p.add_argument("--criterion", default="pabs", help="pabs (default), vbd, csa, l2, random; l1, fpgm (torch-pruning importances, plain convs)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--ckpt", default=None, help="the model to prune: norton checkpoint or state dict")
     p.add_argument("--data", default=None, help="print test accuracy before and right after pruning on this dataset")

@@ -446,7 +446,7 @@ def prune(
     zoo models only) or a dict ``{module name: rate}``; ``amount`` — one rate for
     every prunable group; ``target_macs`` — the fraction of MACs to remove
     (a uniform amount is searched to within 1 percentage point).
-    ``criterion``: pabs (default), vbd, csa (need CPDBlocks), l2, random.
+    ``criterion``: pabs (default), vbd, csa (need CPDBlocks), l2, random, l1, fpgm.
     """
     given = [x is not None for x in (compress_rate, amount, target_macs)]
     if sum(given) != 1:

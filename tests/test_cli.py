@@ -138,7 +138,7 @@ def test_decompose_then_prune_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--criterion", "fpgm", "--amount", "0.5"], "unknown criterion 'fpgm'"),
+    (["--criterion", "hrank", "--amount", "0.5"], "unknown criterion 'hrank'"),
     (["--layer-rate", "nope"], "--layer-rate takes NAME=VALUE"),
     (["--amount", "1.2"], "must be a number in [0, 1)"),
     (["-cpr", "[0.1]*3+[0.2]"], "has 4 of 12 entries"),

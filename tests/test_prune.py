@@ -260,7 +260,7 @@ def test_untraceable_example_input():
     (dict(), "exactly one of"),
     (dict(amount=0.5, target_macs=0.5), "exactly one of"),
     (dict(amount=1.5), r"amount must be in \[0, 1\)"),
-    (dict(amount=0.5, criterion="fpgm"), "unknown criterion 'fpgm'"),
+    (dict(amount=0.5, criterion="hrank"), "unknown criterion 'hrank'"),
     (dict(compress_rate={"nope": 0.5}), "no module named 'nope'"),
     (dict(compress_rate={"layer1.0.bn1": 0.5}), "not a prunable convolution"),
     (dict(compress_rate={"layer1.0.conv2": 0.5, "layer1.1.conv2": 0.25}), "share their output channels"),
