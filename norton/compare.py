@@ -31,6 +31,7 @@ from norton.data import limit, load_dataset, split_validation
 from norton.decompose import _replace, decompose, is_decomposable
 from norton.deploy import deploy, tune_plans
 from norton.errors import NortonError
+from norton.plotting import pyplot, save
 from norton.models import create_model
 from norton.prune import prune
 from norton.train import TrainConfig, evaluate, fit, load_best, recalibrate_bn
@@ -415,11 +416,7 @@ def plot_compare(summary: dict, path: str) -> None:
     """Accuracy after fine-tuning vs MACs removed, one marker per method, error
     bars = std over seeds.  The axis spans the results within 12 points of the
     baseline; a method far below is drawn on the lower edge with its value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     base = summary["baseline"]
     fig, ax = plt.subplots(figsize=(9.6, 4.8), dpi=120)
     ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1, label=f"baseline ({base['top1']:.2f} %)")
@@ -451,6 +448,4 @@ def plot_compare(summary: dict, path: str) -> None:
     ax.set_title(f"ResNet-20 on Fashion-MNIST, budget '{summary['budget']}' (mean ± std over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)

@@ -21,6 +21,7 @@ from norton.checkpoint import load_checkpoint, load_model
 from norton.data import limit, load_dataset, split_validation
 from norton.models import create_model
 from norton.pipeline import CompressConfig, compress
+from norton.plotting import pyplot, save
 from norton.train import TrainConfig, evaluate, fit, load_best
 
 
@@ -127,11 +128,7 @@ def _table(baseline, summaries, latency) -> str:
 
 
 def _plot(baseline, summaries, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     base = next(iter(summaries.values()))["baseline"]
     ax.scatter([base["macs"] / 1e6], [baseline["top1"]], marker="*", s=160, color="black", label="baseline", zorder=3)
@@ -147,6 +144,4 @@ def _plot(baseline, summaries, path: str) -> None:
     ax.set_title("NORTON on Fashion-MNIST, ResNet-20\n(each level: decomposed → pruned → fine-tuned; BN recalibrated)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)

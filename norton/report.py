@@ -33,6 +33,7 @@ from norton.compare import BUDGETS, INPUT, CompareBudget, _cp_reduction, _decomp
 from norton.complexity import complexity
 from norton.data import limit, load_dataset, split_validation
 from norton.errors import NortonError
+from norton.plotting import pyplot, save
 from norton.pipeline import CompressConfig, compress
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -162,7 +163,7 @@ def rank_sweep_table(report: dict) -> str:
 
 
 def _plot_rank_sweep(report: dict, path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     sweep = report["rank_sweep"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     layers = list(next(iter(sweep.values()))["decomposed"]["layer_nmse"])
@@ -194,9 +195,7 @@ def _plot_rank_sweep(report: dict, path: str) -> None:
     right.set_title("accuracy without pruning", fontsize=10)
     right.legend(fontsize=8, loc="lower right")
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 # -- rank × pruning grid ----------------------------------------------------------------------
@@ -216,7 +215,7 @@ def grid_table(report: dict) -> str:
 
 
 def _plot_grid(report: dict, path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     base = report["baseline"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     names = list(report["grid"])
@@ -236,9 +235,7 @@ def _plot_grid(report: dict, path: str) -> None:
                  fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 # -- Pareto -----------------------------------------------------------------------------------
@@ -272,7 +269,7 @@ def pareto_section(points: list[dict]) -> str:
 
 
 def _plot_pareto(points: list[dict], base: dict, path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6), dpi=120)
     for marker, source in zip("os^", dict.fromkeys(p["source"] for p in points)):
         mine = [p for p in points if p["source"] == source]
@@ -295,9 +292,7 @@ def _plot_pareto(points: list[dict], base: dict, path: str) -> None:
     ax.set_title("every compressed model of the runs", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 # -- Grad-CAM ---------------------------------------------------------------------------------
@@ -346,7 +341,7 @@ def _gradcam(out_dir, baseline, test, plan, sweep, grid, grid_names, device) -> 
 def _plot_gradcam(images, labels, cams, macs, agreement, path) -> None:
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(cams)
     rows, cols = len(labels), len(names) + 1
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.75 * rows + 0.6), dpi=120, squeeze=False)
@@ -371,9 +366,7 @@ def _plot_gradcam(images, labels, cams, macs, agreement, path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("Grad-CAM of the true class (last residual block); r = correlation with the baseline's map", fontsize=8.5)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def gradcam_section(cams: dict) -> str:
@@ -383,11 +376,3 @@ def gradcam_section(cams: dict) -> str:
     lines += [f"| {name} | {cams['macs'][name] / 1e6:.2f}M | {value:.3f} |" for name, value in cams["correlation_with_baseline"].items()]
     return "\n".join(lines) + "\n\n![gradcam](gradcam.png)\n"
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
