@@ -21,7 +21,7 @@ from norton.checkpoint import load_checkpoint, load_model
 from norton.data import limit, load_dataset, split_validation
 from norton.models import create_model
 from norton.pipeline import CompressConfig, compress
-from norton.plotting import pyplot, save
+from norton.plotting import accuracy_vs_macs_axes, pyplot, save
 from norton.train import TrainConfig, evaluate, fit, load_best
 
 
@@ -139,9 +139,6 @@ def _plot(baseline, summaries, path: str) -> None:
         line = ax.plot([p[0] / 1e6 for p in points], [p[1] for p in points], marker=marker, linestyle=":", label=name)[0]
         ax.annotate("fine-tuned", (points[-1][0] / 1e6, points[-1][1]), textcoords="offset points", xytext=(6, -10),
                     fontsize=8, color=line.get_color())
-    ax.set_xlabel("MACs per image (millions, factored convention)")
-    ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title("NORTON on Fashion-MNIST, ResNet-20\n(each level: decomposed → pruned → fine-tuned; BN recalibrated)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    accuracy_vs_macs_axes(ax, "NORTON on Fashion-MNIST, ResNet-20\n(each level: decomposed → pruned → fine-tuned; "
+                              "BN recalibrated)", legend="lower right", fontsize=9)
     save(fig, path)

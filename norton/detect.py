@@ -284,10 +284,6 @@ def _lr_factor(config: DetectTrainConfig, epoch: int, iteration: int) -> float:
     return factor
 
 
-def _collate(items):
-    return tuple(zip(*items))
-
-
 def _batch(data: CocoData, indices: list[int], config: DetectTrainConfig, epoch: int, device: torch.device):
     images, targets = [], []
     for index in indices:

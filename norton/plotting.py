@@ -19,3 +19,12 @@ def save(fig, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def accuracy_vs_macs_axes(ax, title: str, *, legend: str, fontsize: float) -> None:
+    """Labels, grid and legend of an accuracy-vs-MACs plot."""
+    ax.set_xlabel("MACs per image (millions, factored convention)")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title(title, fontsize=fontsize)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc=legend)

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from norton.checkpoint import atomic_write_text, load_model
-from norton.compare import BUDGETS, INPUT, CompareBudget, _cp_reduction, _decomposable
+from norton.compare import BUDGETS, INPUT, CompareBudget, Context, _cp_reduction, _decomposable
 from norton.complexity import complexity
 from norton.data import limit, load_dataset, split_validation
 from norton.errors import NortonError
-from norton.plotting import pyplot, save
+from norton.plotting import accuracy_vs_macs_axes, pyplot, save
 from norton.pipeline import CompressConfig, compress
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -101,14 +101,12 @@ def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: s
     sweep = {r: run(f"rank{r}", CompressConfig(rank=r, amount=0.0, **common)) for r in plan.ranks}
 
     names = _grid_names(plan.grid)
-    reference = {n: baseline.get_submodule(n) for n in _decomposable(baseline)}
-    from norton.compare import Context
-
+    layers = _decomposable(baseline)
     ctx = Context(base_macs=base["macs"], example=torch.zeros(1, *INPUT), budget=budget)
-    target = _cp_reduction(baseline.cpu(), dict.fromkeys(reference, plan.grid[0]), ctx)
+    target = _cp_reduction(baseline.cpu(), dict.fromkeys(layers, plan.grid[0]), ctx)
     grid = {names[0]: sweep.get(plan.grid[0]) or run(f"rank{plan.grid[0]}", CompressConfig(rank=plan.grid[0], amount=0.0, **common))}
     for name, rank in zip(names[1:], plan.grid[1:]):
-        decomposed = _cp_reduction(baseline.cpu(), dict.fromkeys(reference, rank), ctx)
+        decomposed = _cp_reduction(baseline.cpu(), dict.fromkeys(layers, rank), ctx)
         keep = (1 - target) / (1 - decomposed)
         if keep >= 1:
             raise NortonError(f"grid rank {rank} alone removes more MACs than rank {plan.grid[0]}; list the grid ranks in increasing order")
@@ -287,11 +285,7 @@ def _plot_pareto(points: list[dict], base: dict, path: str) -> None:
         ax.text(0.01, 0.02, "below the axis: " + ", ".join(f"{p['label']} {p['top1']:.1f} %" for p in below),
                 transform=ax.transAxes, fontsize=7)
     ax.scatter([base["macs"] / 1e6], [base["top1"]], marker="*", s=140, color="black", label="baseline")
-    ax.set_xlabel("MACs per image (millions, factored convention)")
-    ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title("every compressed model of the runs", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    accuracy_vs_macs_axes(ax, "every compressed model of the runs", legend="best", fontsize=10)
     save(fig, path)
 
 
