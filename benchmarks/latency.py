@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from norton import create_model
-from norton.benchmark import compare_latency
-from norton.complexity import complexity
-from norton.deploy import deploy, tune_plans
+from norton.core import complexity, tune_plans
+from norton.deployment import compare_latency, deploy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "..", "tests", "reference", "complexity.json")

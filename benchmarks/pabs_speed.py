@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from norton.criteria import greedy_eliminate, pabs_distances
+from norton.compression.criteria import greedy_eliminate, pabs_distances
 
 
 def loop_pabs(factors) -> torch.Tensor:

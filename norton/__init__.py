@@ -1,26 +1,80 @@
-"""norton: compress CNNs with NORTON — filter-wise CP decomposition, then pruning."""
-from norton.complexity import Complexity, complexity
-from norton.compress_rate import parse_compress_rate
-from norton.cp import cp_als, cp_decompose, nmse
-from norton.cpd_block import CPDBlock
-from norton.decompose import DecompositionReport, decompose
+"""norton: compress CNNs with NORTON — filter-wise CP decomposition, then pruning.
+
+The package is layered; each layer imports only those below it:
+
+    core < models < compression < checkpoints < training | deployment < detection < evidence < cli
+
+Everything a user calls is re-exported here.
+"""
+from norton.checkpoints import load_checkpoint, load_model, save_checkpoint
+from norton.compression import (
+    DecompositionReport,
+    PruneReport,
+    decompose,
+    list_criteria,
+    prune,
+)
+from norton.core import (
+    Complexity,
+    CPDBlock,
+    complexity,
+    count_macs,
+    cp_als,
+    cp_decompose,
+    nmse,
+    parse_compress_rate,
+    tune_plans,
+)
+from norton.deployment import DeployReport, compare_latency, deploy, export_onnx
+from norton.detection import (
+    detector_complexity,  # also registers the detectors in the model registry
+)
 from norton.errors import NortonError
 from norton.models import create_model, list_models, register_model
-
-__version__ = "0.1.0"
+from norton.training import (
+    CompressConfig,
+    TrainConfig,
+    compress,
+    evaluate,
+    fit,
+    load_dataset,
+    recalibrate_bn,
+)
+from norton.version import __version__
 
 __all__ = [
     "CPDBlock",
     "Complexity",
+    "CompressConfig",
     "DecompositionReport",
+    "DeployReport",
     "NortonError",
+    "PruneReport",
+    "TrainConfig",
+    "__version__",
+    "compare_latency",
     "complexity",
+    "compress",
+    "count_macs",
     "cp_als",
     "cp_decompose",
     "create_model",
     "decompose",
+    "deploy",
+    "detector_complexity",
+    "evaluate",
+    "export_onnx",
+    "fit",
+    "list_criteria",
     "list_models",
+    "load_checkpoint",
+    "load_dataset",
+    "load_model",
     "nmse",
     "parse_compress_rate",
+    "prune",
+    "recalibrate_bn",
     "register_model",
+    "save_checkpoint",
+    "tune_plans",
 ]

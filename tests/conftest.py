@@ -4,7 +4,6 @@ import pickle
 import struct
 
 import numpy as np
-
 import pytest
 import torch
 

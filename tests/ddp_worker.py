@@ -5,8 +5,13 @@ import sys
 import torch
 from torch import nn
 
-from norton.data import load_dataset, split_validation
-from norton.train import TrainConfig, fit, init_distributed
+from norton.training import (
+    TrainConfig,
+    fit,
+    init_distributed,
+    load_dataset,
+    split_validation,
+)
 
 
 def small_net():

@@ -6,8 +6,8 @@ import torch
 import torchvision
 
 from norton import NortonError, create_model, decompose
-from norton.checkpoint import atomic_save, load_checkpoint, load_model, save_checkpoint
-from norton.prune import prune
+from norton.checkpoints import atomic_save, load_checkpoint, load_model, save_checkpoint
+from norton.compression import prune
 
 X = torch.randn(2, 3, 32, 32)
 

@@ -129,8 +129,8 @@ def test_decompose_then_prune_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12/16" in out and "MACs" in out
     assert dense.read_bytes() == dense_bytes  # the input is never modified
-    from norton.checkpoint import load_model
     from norton import complexity
+    from norton.checkpoints import load_model
 
     model, ckpt = load_model(pruned)
     assert complexity(model) == complexity(create_model("resnet_20", rank=2, compress_rate="[0.]+[0.25]*11"))
@@ -164,7 +164,7 @@ def test_prune_refuses_to_overwrite(tmp_path, capsys):
 
 
 def test_prune_rejects_checkpoint_of_another_architecture(tmp_path, capsys):
-    from norton.checkpoint import save_checkpoint
+    from norton.checkpoints import save_checkpoint
 
     path = tmp_path / "r20.pt"
     save_checkpoint(path, create_model("resnet_20", rank=1))

@@ -1,8 +1,13 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from norton import NortonError, parse_compress_rate
-from norton.compress_rate import MAX_ENTRIES, fit_compress_rate, format_compress_rate
+from norton.core.compress_rate import (
+    MAX_ENTRIES,
+    fit_compress_rate,
+    format_compress_rate,
+)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import low_rank_filters, trained_like_filters
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tensorly.decomposition import parafac
 
-from conftest import low_rank_filters, trained_like_filters
 from norton import NortonError, cp_als, cp_decompose, nmse
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import low_rank_filters
 from torch import nn
 
-from conftest import low_rank_filters
 from norton import CPDBlock, NortonError, nmse
 
 

@@ -6,9 +6,15 @@ import torch
 from scipy.linalg import subspace_angles
 
 from norton import NortonError
-from norton.criteria import (
-    csa_similarities, get_criterion, greedy_eliminate, list_criteria, normalized_sum,
-    pabs_distances, top_scores, vbd_distances,
+from norton.compression.criteria import (
+    csa_similarities,
+    get_criterion,
+    greedy_eliminate,
+    list_criteria,
+    normalized_sum,
+    pabs_distances,
+    top_scores,
+    vbd_distances,
 )
 
 
@@ -144,7 +150,7 @@ def _two_convs(first: torch.Tensor, second: torch.Tensor) -> torch.nn.Module:
 def test_l1_scores_the_group_as_torch_pruning_does():
     """L1 of a group: the mean over its layers of each channel's L1 norm (the
     filter of the first conv and the matching input slice of the next)."""
-    from norton.prune import prune
+    from norton.compression import prune
 
     gen = torch.Generator().manual_seed(0)
     first, second = torch.randn(6, 2, 3, 3, generator=gen), torch.randn(4, 6, 3, 3, generator=gen)
@@ -156,7 +162,7 @@ def test_l1_scores_the_group_as_torch_pruning_does():
 
 
 def test_fpgm_removes_the_filter_nearest_the_geometric_median():
-    from norton.prune import prune
+    from norton.compression import prune
 
     gen = torch.Generator().manual_seed(1)
     spread = torch.randn(4, 2, 3, 3, generator=gen) * 5
@@ -170,8 +176,7 @@ def test_fpgm_removes_the_filter_nearest_the_geometric_median():
 
 
 def test_torch_pruning_criteria_need_plain_layers():
-    from norton.decompose import decompose
-    from norton.prune import prune
+    from norton.compression import decompose, prune
 
     gen = torch.Generator().manual_seed(2)
     net = _two_convs(torch.randn(6, 2, 3, 3, generator=gen), torch.randn(4, 6, 3, 3, generator=gen))

@@ -5,12 +5,18 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from conftest import write_cifar10, write_fashion_mnist, write_idx, write_image_folder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from norton import NortonError
-from norton.data import (
-    FASHION_MNIST_DIR, augment, epoch_batches, limit, load_dataset, split_validation,
+from norton.training.data import (
+    FASHION_MNIST_DIR,
+    augment,
+    epoch_batches,
+    limit,
+    load_dataset,
+    split_validation,
 )
 
 

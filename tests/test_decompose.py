@@ -4,7 +4,7 @@ import torchvision
 from torch import nn
 
 from norton import CPDBlock, NortonError, decompose
-from norton.decompose import is_decomposable
+from norton.compression.decomposition import is_decomposable
 
 FAST = dict(n_iter_max=3, progress=False)
 

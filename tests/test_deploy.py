@@ -7,7 +7,8 @@ from torch import nn
 
 from norton import CPDBlock, NortonError, create_model, decompose
 from norton.cli import main
-from norton.deploy import deploy, fold_batchnorm, time_plans, tune_plans
+from norton.core import time_plans, tune_plans
+from norton.deployment import deploy, fold_batchnorm
 
 
 def build(arch, rank, rate=None):
@@ -111,8 +112,9 @@ def test_deploy_rejects_bad_memory_format():
 
 def test_export_and_benchmark_cli(tmp_path, capsys):
     import onnxruntime as ort
-    from norton.checkpoint import save_checkpoint
-    from norton.prune import prune
+
+    from norton.checkpoints import save_checkpoint
+    from norton.compression import prune
 
     model = build("resnet_20", 2)
     prune(model, "[0.]+[0.25]*11", example_inputs=torch.randn(1, 3, 32, 32))

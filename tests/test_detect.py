@@ -5,11 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import KEYPOINT_NAMES, write_coco
+
 from norton.cli import main
-from norton.detect import (CocoData, DetectTrainConfig, _to_coco, aspect_ratio_groups, coco_stats, grouped_batches,
-                           hflip, train_detector)
+from norton.detection import CocoData, DetectTrainConfig, coco_stats, train_detector
+from norton.detection.coco import aspect_ratio_groups, grouped_batches, hflip, to_coco
 from norton.errors import NortonError
 
 ARCHS = {"bbox": "fasterrcnn_resnet50_fpn", "segm": "maskrcnn_resnet50_fpn", "keypoints": "keypointrcnn_resnet50_fpn"}
@@ -83,7 +83,7 @@ def test_ground_truth_as_predictions_scores_ap_1(tmp_path, task):
             output["masks"] = target["masks"][:, None].float()
         if task == "keypoints":
             output["keypoints"] = target["keypoints"]
-        results += _to_coco(output, data.ids[i], data)
+        results += to_coco(output, data.ids[i], data)
     assert {r["category_id"] for r in results} == ({1} if task == "keypoints" else {1, 3})
     stats = coco_stats(data, results, "bbox")
     assert stats["AP"] == pytest.approx(1.0) and stats["AR100"] == pytest.approx(1.0)
@@ -194,8 +194,8 @@ def test_lr_schedule_scales_the_26_epoch_steps():
 
 
 def test_interrupted_detection_training_resumes_exactly(tmp_path, monkeypatch):
+    import norton.detection.engine as detect
     from norton.models import create_model
-    import norton.detect as detect
 
     images, ann = write_coco(tmp_path, "bbox", n_images=4)
     data = CocoData(images, ann, "bbox", train=True)
@@ -234,7 +234,7 @@ def test_interrupted_detection_training_resumes_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
-    with pytest.raises(NortonError, match="already holds a detection run"):
+    with pytest.raises(NortonError, match="already holds a finished detection run; pass --resume"):
         train_detector(model(), data, config, str(tmp_path / "b"), device=torch.device("cpu"), progress=False)
 
 

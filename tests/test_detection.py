@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from norton import NortonError, create_model
-from norton.checkpoint import save_checkpoint
+from norton.checkpoints import save_checkpoint
 from norton.cli import main
 
 CPR = "[0.]+[0.1]*2+[0.4]*5+[0.75]*12"

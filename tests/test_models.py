@@ -5,9 +5,16 @@ import warnings
 import pytest
 import torch
 import torchvision
-
 from conftest import REFERENCE_DIR
-from norton import CPDBlock, NortonError, complexity, create_model, list_models, register_model
+
+from norton import (
+    CPDBlock,
+    NortonError,
+    complexity,
+    create_model,
+    list_models,
+    register_model,
+)
 
 REFERENCE = json.load(open(os.path.join(REFERENCE_DIR, "complexity.json")))["configs"]
 RESEARCH_KEYS = json.load(open(os.path.join(REFERENCE_DIR, "research_keys.json")))

@@ -1,12 +1,12 @@
 import json
 
 import pytest
-
 from conftest import write_fashion_mnist
-from norton.checkpoint import load_checkpoint, load_model
+
+from norton.checkpoints import load_checkpoint, load_model
 from norton.cli import main
-from norton.demo import DemoBudget, run_demo
-from norton.train import TrainConfig
+from norton.evidence import DemoBudget, run_demo
+from norton.training import TrainConfig
 
 
 @pytest.fixture(scope="module")

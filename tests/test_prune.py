@@ -6,11 +6,12 @@ import warnings
 import pytest
 import torch
 import torchvision
+from conftest import REFERENCE_DIR
 from torch import nn
 
-from conftest import REFERENCE_DIR
 from norton import CPDBlock, NortonError, complexity, create_model, decompose
-from norton.prune import build_graph, collect_groups, count_macs_on, prune
+from norton.compression.pruning import build_graph, collect_groups, prune
+from norton.core import count_macs
 
 X32 = torch.randn(2, 3, 32, 32)
 
@@ -195,7 +196,7 @@ def test_torchvision_models(builder, decomposed):
     shape = model(x).shape
     if decomposed:
         decompose(model, 1, n_iter_max=2, progress=False)
-    before = count_macs_on(model, x)
+    before = count_macs(model, x)
     report = prune(model, amount=0.5, example_inputs=x, criterion="pabs" if decomposed else "l2")
     assert model(x).shape == shape
     assert report.macs_after < 0.45 * before
@@ -270,3 +271,23 @@ def test_bad_arguments(kwargs, match):
     model = create_model("resnet_20", rank=1)
     with pytest.raises(NortonError, match=match):
         prune(model, example_inputs=X32, **kwargs)
+
+
+def test_ignored_classifier_keeps_its_outputs_and_its_inputs_follow_the_pruned_block():
+    """torch-pruning's rule: an ignored layer keeps its output channels; its input
+    channels follow the layers that produce them."""
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    report = prune(model, amount=0.5, example_inputs=x, criterion="l2", ignored_layers=[model.fc])
+    assert model.fc.out_features == 10
+    assert model.fc.in_features == model.layer4[-1].conv2.out_channels < 512
+    assert "layer4.0.conv2" not in report.skipped and model(x).shape == (1, 10)
+
+
+def test_an_ignored_conv_keeps_its_output_channels():
+    model = create_model("vgg_16_bn")
+    x = torch.zeros(1, 3, 32, 32)
+    kept = model.features.conv0
+    report = prune(model, amount=0.5, example_inputs=x, criterion="l2", ignored_layers=[kept])
+    assert kept.out_channels == 64 and report.skipped["features.conv0"] == "ignored layer"
+    assert model.features.conv1.in_channels == 64 and model.features.conv1.out_channels == 32

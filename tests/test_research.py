@@ -3,11 +3,15 @@ import os
 
 import pytest
 import torch
-
 from conftest import REFERENCE_DIR
+
 from norton import NortonError, create_model
+from norton.checkpoints import (
+    convert_research_state_dict,
+    load_research_checkpoint,
+    parse_research_name,
+)
 from norton.cli import main
-from norton.research import convert_research_state_dict, load_research_checkpoint, parse_research_name
 
 KEYS = json.load(open(os.path.join(REFERENCE_DIR, "research_keys.json")))
 

@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from norton import NortonError, create_model
-from norton.checkpoint import load_checkpoint, load_model
-from norton.data import load_dataset, split_validation
-from norton.train import TrainConfig, evaluate, fit, lr_factor, recalibrate_bn, resolve_device
+from norton.checkpoints import load_checkpoint, load_model
+from norton.training import (
+    TrainConfig,
+    evaluate,
+    fit,
+    load_dataset,
+    lr_factor,
+    recalibrate_bn,
+    resolve_device,
+    split_validation,
+)
 
 CPU = torch.device("cpu")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from norton.cpd_block import CPDBlock
+from norton.core import CPDBlock
 from norton.errors import NortonError
 
 

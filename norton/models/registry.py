@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from norton.core import CPDBlock, is_decomposable, replace_module
 from norton.errors import NortonError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -50,11 +51,8 @@ def _torchvision_model(name: str, rank: int = 0, num_classes: int | None = None,
         raise NortonError(f"torchvision model {name!r} cannot be built: {err}") from None
     model.default_input_size = (3, 224, 224)
     if rank:
-        from norton.cpd_block import CPDBlock
-        from norton.decompose import _replace, is_decomposable
-
         for conv_name, conv in [(n, m) for n, m in model.named_modules() if is_decomposable(m)]:
-            _replace(model, conv_name, CPDBlock.like_conv(conv, rank))
+            replace_module(model, conv_name, CPDBlock.like_conv(conv, rank))
     return model
 
 

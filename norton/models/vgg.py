@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from norton.compress_rate import fit_compress_rate
+from norton.core import fit_compress_rate
 from norton.models.layers import conv, width
 from norton.models.registry import register_model
 

@@ -1,0 +1,98 @@
+"""``norton compare / report / demo``: the evidence, measured."""
+from __future__ import annotations
+
+import argparse
+
+from norton.cli.common import FORMATTER
+from norton.evidence import ReportPlan, run_compare, run_demo, run_report, run_showcase
+from norton.training import resolve_device
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    run_compare(args.out, budget=args.budget, methods=methods, resume=args.resume, data_dir=args.data_dir,
+                device=resolve_device(args.device))
+    return 0
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    """``1-8`` or ``3,4,6,8``."""
+    try:
+        if "-" in text:
+            low, high = (int(v) for v in text.split("-"))
+            values = tuple(range(low, high + 1))
+        else:
+            values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ranks like 1-8 or 3,4,6,8, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be >= 1, got {text!r}")
+    return values
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+
+    plan = ReportPlan(ranks=args.ranks, grid=args.grid, gradcam_images=args.gradcam_images)
+    plan.gradcam_ranks = tuple(r for r in (1, 2, 4) if r in plan.ranks) or plan.ranks[:1]
+    run_report(args.out, baseline_ckpt=args.baseline, compare_dir=args.compare, budget=args.budget, plan=plan,
+               resume=args.resume, data_dir=args.data_dir, device=resolve_device(args.device))
+    return 0
+
+
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.showcase:
+        run_showcase()
+        return 0
+    run_demo(args.out_dir, full=args.full, resume=args.resume, data_dir=args.data_dir, device=resolve_device(args.device))
+    return 0
+
+
+def register(sub) -> None:
+    fmt = FORMATTER
+    p = sub.add_parser("compare", help="NORTON vs pruning and decomposition baselines on Fashion-MNIST, side by side",
+                       formatter_class=fmt, epilog=(
+                           "examples:\n  norton compare                   # --budget small: about 30 min on 2 CPU cores\n"
+                           "  norton compare --resume          # continue an interrupted comparison\n"
+                           "  norton compare --budget full --device cuda --out runs/compare_full\n"
+                           "  norton compare --methods norton,l1,fpgm"))
+    p.add_argument("--budget", choices=("small", "full"), default="small")
+    p.add_argument("--methods", default=None, help="comma-separated subset of: norton, norton-random, norton-l2, "
+                                                   "cp-only, l1, fpgm, tltorch-cp, tltorch-tucker2")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="rank sweep, rank × pruning grid, Pareto curve and Grad-CAM figures (Markdown + PNG)",
+                       formatter_class=fmt, epilog=(
+                           "examples:\n  norton report --compare runs/compare            # baseline + methods of a comparison\n"
+                           "  norton report --baseline best.pt --ranks 1-4 --grid 2,3,4 --out runs/report_small\n"
+                           "  norton report --compare runs/compare --resume   # reuse finished runs, redraw"))
+    p.add_argument("--compare", default=None, help="a norton compare run: its baseline and models join the report")
+    p.add_argument("--baseline", default=None, help="norton checkpoint of the trained ResNet-20 (default: the comparison's)")
+    p.add_argument("--budget", choices=("small", "full"), default="small", help="data subset and fine-tuning schedule")
+    p.add_argument("--ranks", type=_ranks, default=tuple(range(1, 9)), help="rank sweep (default 1-8)")
+    p.add_argument("--grid", type=_ranks, default=(3, 4, 6, 8), help="first unpruned, the rest pruned to its MACs")
+    p.add_argument("--gradcam-images", type=int, default=6)
+    p.add_argument("--out", default="runs/report")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot",
+                       formatter_class=fmt,
+                       epilog="examples:\n  norton demo                      # ~15 min on 2 CPU cores\n"
+                              "  norton demo --resume             # continue an interrupted run\n"
+                              "  norton demo --full --device cuda # all 60k images, published schedules")
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--full", action="store_true", help="all 60k images and the published 400-epoch schedules")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--showcase", action="store_true", help="instead: complexity of the paper's configs and decomposition speed")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,111 @@
+"""``norton train / finetune / evaluate``: classification training and test accuracy."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from norton.checkpoints import save_checkpoint
+from norton.cli.common import (
+    add_command,
+    add_data_args,
+    add_train_args,
+    dataset_shape,
+    device_and_processes,
+    load_splits,
+    model_from_args,
+    rank,
+    train_config,
+)
+from norton.core import complexity, tune_plans
+from norton.models import create_model
+from norton.training import (
+    evaluate,
+    fit,
+    input_size_of,
+    load_best,
+    load_dataset,
+    resolve_device,
+)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    device, ddp = device_and_processes(args)
+    train, val, test = load_splits(args)
+    classes, channels = dataset_shape(train)
+    torch.manual_seed(args.seed)  # the initial weights follow the seed too
+    model = create_model(args.arch, rank=args.rank, compress_rate=args.compress_rate,
+                         num_classes=classes, in_channels=channels)
+    _fit_and_save(args, model, (train, val, test), device, ddp, stage="train")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    device, ddp = device_and_processes(args)
+    model = model_from_args(args).model
+    train, val, test = load_splits(args)
+    tune_plans(model, torch.zeros(2, *input_size_of(train)), training=True)  # the fastest trainable plan per layer
+    _fit_and_save(args, model, (train, val, test), device, ddp, stage="finetune")
+    return 0
+
+
+def _fit_and_save(args: argparse.Namespace, model, splits, device, ddp, *, stage: str) -> None:
+    """Train, keep the best validation epoch, evaluate on the test set, write model.pt."""
+    train, val, test = splits
+    result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,
+                 overwrite=args.overwrite, extra={"stage": stage, "data": args.data}, ddp=ddp)
+    load_best(model, args.run_dir)
+    metrics = evaluate(model, test, device=device, ddp=ddp)
+    if ddp.main:
+        path = os.path.join(args.run_dir, "model.pt")
+        cx = complexity(model, list(input_size_of(train)))
+        save_checkpoint(path, model, metrics={"test": metrics, "val_top1": result.best_val["top1"],
+                                              "best_epoch": result.best_epoch, "macs": cx.macs, "params": cx.params},
+                        extra={"stage": stage, "data": args.data})
+        print(f"best epoch {result.best_epoch}: val top-1 {result.best_val['top1']:.2f}%; "
+              f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model = model_from_args(args, rank=args.rank, compress_rate=args.compress_rate, research=True).model.to(device)
+    test = load_dataset(args.data, args.data_dir, "test")
+    metrics = evaluate(model, test, device=device)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['images']} images)")
+    return 0
+
+
+def register(sub) -> None:
+    p = add_command(sub, "train", cmd_train, "train a zoo model (the baseline)",
+                    "norton train --arch resnet_20 --data fashion-mnist --epochs 30 --run-dir runs/base\n"
+                    "  torchrun --nproc_per_node 2 -m norton.cli train --arch resnet_56 --data cifar10 "
+                    "--data-dir ~/data --run-dir runs/r56 --device cpu")
+    p.add_argument("--arch", "-a", required=True)
+    p.add_argument("-r", "--rank", type=rank, default=0)
+    p.add_argument("-cpr", "--compress-rate", default=None)
+    add_data_args(p)
+    add_train_args(p)
+
+    p = add_command(sub, "finetune", cmd_finetune, "fine-tune a norton checkpoint",
+                    "norton finetune --ckpt pruned.pt --data cifar10 --data-dir ~/data --run-dir runs/ft")
+    p.add_argument("--ckpt", required=True)
+    add_data_args(p)
+    add_train_args(p)
+
+    p = add_command(sub, "evaluate", cmd_evaluate, "top-1/top-5 and loss of a checkpoint on a test set",
+                    "norton evaluate --ckpt runs/ft/model.pt --data cifar10 --data-dir ~/data\n"
+                    "  norton evaluate --ckpt 'vgg_16_bn_[0.6]*6+[0.8]*7_1_90.32.pt' --data cifar10 --data-dir ~/data --json")
+    p.add_argument("--ckpt", required=True, help="norton checkpoint, or a research-code file")
+    p.add_argument("--arch", "-a", default=None, help="research-code files: architecture (default: from the file name)")
+    p.add_argument("-r", "--rank", type=rank, default=None, help="research-code files: rank")
+    p.add_argument("-cpr", "--compress-rate", default=None, help="research-code files: compress rate")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--data", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")

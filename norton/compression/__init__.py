@@ -1,0 +1,21 @@
+"""NORTON's stages ① and ②: decomposition into CPDBlocks, redundancy criteria,
+pruning of any model through its dependency graph, and the architecture of a
+compressed model as data."""
+from norton.compression.architecture import build_base, describe, rebuild
+from norton.compression.criteria import (
+    Criterion,
+    get_criterion,
+    list_criteria,
+    register_criterion,
+)
+from norton.compression.decomposition import (
+    DecompositionReport,
+    LayerDecomposition,
+    decompose,
+)
+from norton.compression.pruning import GroupPruning, PruneReport, prune
+
+__all__ = [
+    "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "PruneReport", "build_base",
+    "decompose", "describe", "get_criterion", "list_criteria", "prune", "rebuild", "register_criterion",
+]

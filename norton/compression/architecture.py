@@ -1,0 +1,67 @@
+"""A model's architecture as data, and the model rebuilt from it.
+
+A description holds the base architecture (a zoo name with its keyword
+arguments, or a torchvision classifier), which convolutions are CPDBlocks at
+which rank, and the output width of every convolution after pruning.  That is
+enough to recreate the exact module structure before loading weights, without
+the original model object.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from norton.compression.pruning import restructure
+from norton.core import CPDBlock, replace_module
+from norton.errors import NortonError
+from norton.models import create_model
+
+
+def describe(model: nn.Module, input_size: list[int] | None = None) -> dict[str, Any]:
+    """Plain data (str/int/float/list/dict) describing ``model``'s structure."""
+    spec = getattr(model, "norton_spec", None)
+    size = input_size or list(getattr(model, "default_input_size", []) or [])
+    return {
+        "base": dict(spec) if spec else None,
+        "decomposed": {n: m.rank for n, m in model.named_modules() if isinstance(m, CPDBlock)},
+        "widths": {n: m.out_channels for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPDBlock))},
+        "input_size": [int(s) for s in size],
+    }
+
+
+def build_base(base: dict[str, Any]) -> nn.Module:
+    """The unpruned, undecomposed model a description starts from."""
+    kwargs = {k: v for k, v in base.items() if k not in ("arch", "rank", "compress_rate", "backbone_ckpt")}
+    return create_model(base["arch"], rank=0, **kwargs)
+
+
+def rebuild(description: dict[str, Any], base_model: nn.Module | None = None) -> nn.Module:
+    """The module structure of a description, with arbitrary weights.
+
+    ``base_model`` replaces the zoo base for models that are not in the zoo (it
+    is modified in place).
+    """
+    if base_model is None:
+        if not description.get("base"):
+            raise NortonError("this checkpoint's model is not from the norton zoo; pass the original (unpruned) model to rebuild it")
+        model = build_base(description["base"])
+    else:
+        model = base_model
+    modules = dict(model.named_modules())
+    for name, rank in description.get("decomposed", {}).items():
+        conv = modules.get(name)
+        if not isinstance(conv, (nn.Conv2d, CPDBlock)):
+            raise NortonError(f"the checkpoint decomposes layer {name!r}, which this model does not have as a convolution")
+        if isinstance(conv, nn.Conv2d):
+            block = CPDBlock.like_conv(conv, rank).requires_grad_(conv.weight.requires_grad)  # frozen stays frozen
+            replace_module(model, name, block)
+    widths = description.get("widths", {})
+    current = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPDBlock))}
+    if widths and widths != current:
+        size = description.get("input_size") or list(getattr(model, "default_input_size", []))
+        if not size:
+            raise NortonError("the checkpoint has no input size to trace the pruned model with")
+        restructure(model, widths, torch.zeros(1, *size))
+    return model

@@ -1,0 +1,461 @@
+"""`norton compare`: NORTON against other compression methods, side by side.
+
+One trained ResNet-20 baseline on Fashion-MNIST is shared by every method.  At
+each MACs target (fraction of the baseline's MACs removed, factored
+convention) every method's configuration is searched so that it lands within
+``TOLERANCE`` of the target; then every compressed model gets the same BN
+recalibration and the same fine-tuning (optimizer, schedule, epochs, data
+order) for every seed.  Results: ``results.md`` (table), ``results.json`` (every
+measured number, per seed) and ``accuracy_vs_macs.png`` in the run directory.
+Every (method, target, seed) run is kept on disk, so ``--resume`` continues an
+interrupted comparison.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from norton.checkpoints import atomic_write_text, load_checkpoint
+from norton.compression import decompose, prune
+from norton.core import (
+    CPDBlock,
+    complexity,
+    count_macs,
+    is_decomposable,
+    replace_module,
+    tune_plans,
+)
+from norton.deployment import compare_latency, deploy
+from norton.errors import NortonError
+from norton.evidence.plotting import pyplot, save
+from norton.models import create_model
+from norton.training import (
+    TrainConfig,
+    evaluate,
+    fit,
+    limit,
+    load_best,
+    load_dataset,
+    recalibrate_bn,
+    split_validation,
+)
+
+TOLERANCE = 0.02  # each method lands within 2 points of the MACs target
+INPUT = (1, 28, 28)
+
+
+@dataclass
+class CompareBudget:
+    train_images: int | None  # before the validation split; None = all 60,000
+    val_images: int
+    test_images: int | None  # None = all 10,000
+    baseline: TrainConfig
+    finetune: TrainConfig
+    seeds: tuple[int, ...] = (0, 1)
+    targets: tuple[float, ...] = (0.60, 0.85)
+    recalibration_images: int = 1024
+    # NORTON's rank at each target: one step above the rank at which CP alone
+    # would reach it, so that pruning removes the rest
+    norton_ranks: dict[float, int] = field(default_factory=lambda: {0.60: 4, 0.85: 2})
+
+
+SMALL = CompareBudget(
+    train_images=12_000, val_images=2_000, test_images=5_000,
+    baseline=TrainConfig(epochs=6, batch_size=128, lr=0.1, warmup_epochs=1),
+    finetune=TrainConfig(epochs=1, batch_size=128, lr=0.02, warmup_epochs=0),
+)
+FULL = CompareBudget(
+    train_images=None, val_images=5_000, test_images=None,
+    baseline=TrainConfig(epochs=200, batch_size=128, lr=0.1, warmup_epochs=5),
+    finetune=TrainConfig(epochs=60, batch_size=128, lr=0.02, warmup_epochs=0),
+    seeds=(0, 1, 2),
+)
+BUDGETS = {"small": SMALL, "full": FULL}
+
+
+# -- the methods ------------------------------------------------------------------------------
+@dataclass
+class Context:
+    base_macs: int
+    example: torch.Tensor
+    budget: CompareBudget
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    family: str
+    build: Callable  # (baseline, target, seed, ctx) -> (model, configuration text)
+    seeded: bool = False  # the compressed model (before fine-tuning) depends on the seed
+
+
+def macs_reduction(model: nn.Module, ctx: Context) -> float:
+    return 1.0 - count_macs(model, input_size=INPUT) / ctx.base_macs
+
+
+def decomposable_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_decomposable(m)]
+
+
+def _norton(criterion: str) -> Callable:
+    def build(base: nn.Module, target: float, seed: int, ctx: Context):
+        rank = ctx.budget.norton_ranks.get(target) or _norton_rank(base, target, ctx)
+        model = copy.deepcopy(base)
+        decompose(model, rank, progress=False)
+        keep = (1.0 - target) * ctx.base_macs / count_macs(model, input_size=INPUT)
+        if keep >= 1.0:
+            raise NortonError(f"rank {rank} alone already removes more than {target:.0%} of the MACs; use a higher rank")
+        report = prune(model, target_macs=1.0 - keep, example_inputs=ctx.example, criterion=criterion, seed=seed)
+        total = sum(g.total for g in report.groups)
+        kept = sum(len(g.kept) for g in report.groups)
+        return model, f"rank {rank}, {criterion} prunes {1 - kept / total:.0%} of filters"
+
+    return build
+
+
+def _norton_rank(base: nn.Module, target: float, ctx: Context) -> int:
+    """The smallest rank whose decomposition alone leaves ≥ 10 points for pruning."""
+    for rank in range(1, 65):
+        if cp_reduction(base, {n: rank for n in decomposable_layers(base)}, ctx) <= target - 0.10:
+            return rank
+    raise NortonError(f"no rank up to 64 leaves room for pruning at target {target}")
+
+
+def cp_reduction(base: nn.Module, ranks: dict[str, int], ctx: Context) -> float:
+    model = copy.deepcopy(base)
+    for name, rank in ranks.items():
+        replace_module(model, name, CPDBlock.like_conv(model.get_submodule(name), rank))
+    return macs_reduction(model, ctx)
+
+
+def _cp_only(base: nn.Module, target: float, seed: int, ctx: Context):
+    """The uniform rank nearest the target; when no uniform rank is within the
+    tolerance, layers (in network order) take rank r instead of r + 1 until it is."""
+    names = decomposable_layers(base)
+    by_rank = {r: cp_reduction(base, dict.fromkeys(names, r), ctx) for r in range(1, 17)}
+    rank = min(by_rank, key=lambda r: abs(by_rank[r] - target))
+    ranks = dict.fromkeys(names, rank)
+    if abs(by_rank[rank] - target) > TOLERANCE / 2 and rank > 1:
+        high = rank if by_rank[rank] < target else rank + 1  # the rank that removes too little
+        ranks = dict.fromkeys(names, high)
+        for name in names:
+            ranks[name] = high - 1
+            if cp_reduction(base, ranks, ctx) >= target - TOLERANCE / 4:
+                break
+    model = copy.deepcopy(base)
+    decompose(model, 1, layer_ranks=ranks, progress=False)
+    used = sorted(set(ranks.values()))
+    text = f"rank {used[0]}" if len(used) == 1 else (
+        f"rank {used[0]} on {sum(r == used[0] for r in ranks.values())} layers, {used[1]} on the rest")
+    return model, text
+
+
+def _pruning_only(criterion: str) -> Callable:
+    def build(base: nn.Module, target: float, seed: int, ctx: Context):
+        model = copy.deepcopy(base)
+        report = prune(model, target_macs=target, example_inputs=ctx.example, criterion=criterion, seed=seed)
+        total = sum(g.total for g in report.groups)
+        kept = sum(len(g.kept) for g in report.groups)
+        return model, f"{criterion} prunes {1 - kept / total:.0%} of filters (torch-pruning importance)"
+
+    return build
+
+
+def _layerwise(factorization: str) -> Callable:
+    """tltorch's FactorizedConv on every 3×3 conv but the 1-channel stem, the
+    parameter fraction searched to meet the target.  Tucker-2 keeps the kernel
+    modes whole (``fixed_rank_modes=(2, 3)``)."""
+
+    def build(base: nn.Module, target: float, seed: int, ctx: Context):
+        import tltorch
+
+        names = [n for n in decomposable_layers(base) if base.get_submodule(n).in_channels > 1]
+        fixed = (2, 3) if factorization == "tucker" else None
+
+        def make(fraction: float, weights: bool) -> nn.Module:
+            model = copy.deepcopy(base)
+            torch.manual_seed(seed)
+            for name in names:
+                replace_module(model, name, tltorch.FactorizedConv.from_conv(
+                    model.get_submodule(name), rank=fraction, factorization=factorization,
+                    implementation="factorized", decompose_weights=weights, fixed_rank_modes=fixed))
+            return model
+
+        low, high = 0.005, 1.0
+        for _ in range(30):
+            mid = (low + high) / 2
+            got = macs_reduction(make(mid, False), ctx)
+            if abs(got - target) <= TOLERANCE / 4:
+                break
+            low, high = (low, mid) if got < target else (mid, high)
+        kind = "CP" if factorization == "cp" else "Tucker-2"
+        return make(mid, True), f"{kind}, {mid:.1%} of each layer's parameters (tltorch)"
+
+    return build
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("norton", "NORTON (pabs)", "NORTON", _norton("pabs")),
+    Method("norton-random", "NORTON, random selection", "ablation", _norton("random"), seeded=True),
+    Method("norton-l2", "NORTON, L2 selection", "ablation", _norton("l2")),
+    Method("cp-only", "CP decomposition only", "decomposition", _cp_only),
+    Method("l1", "L1-norm pruning", "pruning", _pruning_only("l1")),
+    Method("fpgm", "FPGM pruning", "pruning", _pruning_only("fpgm")),
+    Method("tltorch-cp", "layer-wise CP (tltorch)", "decomposition", _layerwise("cp")),
+    Method("tltorch-tucker2", "Tucker-2 (tltorch)", "decomposition", _layerwise("tucker")),
+]}
+
+
+# -- the run ----------------------------------------------------------------------------------
+def _check(methods, seeds, targets) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise NortonError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid: {', '.join(METHODS)}")
+    if not methods:
+        raise NortonError(f"give at least one method; valid: {', '.join(METHODS)}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise NortonError(f"seeds must be distinct integers, got {list(seeds)}")
+    for t in targets:
+        if not 0.05 <= t <= 0.98:
+            raise NortonError(f"MACs target {t!r} must be a fraction between 0.05 and 0.98 (e.g. 0.6 for 60 % fewer MACs)")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = "small",
+                methods: list[str] | None = None, resume: bool = False, data_dir: str | None = None,
+                device: torch.device | None = None, progress: bool = True) -> dict:
+    if isinstance(budget, str):
+        if budget not in BUDGETS:
+            raise NortonError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
+        budget_name, budget = budget, BUDGETS[budget]
+    else:
+        budget_name = "custom"
+    methods = list(methods or METHODS)
+    _check(methods, budget.seeds, budget.targets)
+    device = device or torch.device("cpu")
+    if os.path.exists(os.path.join(out_dir, "baseline")) and not resume:
+        raise NortonError(f"{out_dir!r} already holds a comparison; pass --resume to continue it or choose another --out")
+    started = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+
+    train = limit(load_dataset("fashion-mnist", data_dir, "train"), budget.train_images)
+    test = limit(load_dataset("fashion-mnist", data_dir, "test"), budget.test_images)
+    train, val = split_validation(train, budget.val_images)
+    setup = (f"Fashion-MNIST: {len(train)} training + {len(val)} validation images (held out), {len(test)} test images; "
+             f"ResNet-20 (1×28×28); baseline {budget.baseline.epochs} epochs; every compressed model: BN recalibration on "
+             f"{budget.recalibration_images} training images, then {budget.finetune.epochs} fine-tuning epoch(s) "
+             f"(SGD lr {budget.finetune.lr}, cosine, batch {budget.finetune.batch_size}, best validation epoch); "
+             f"seeds {list(budget.seeds)}; {torch.get_num_threads()} CPU threads")
+    print(setup)
+
+    # the shared baseline
+    base_dir = os.path.join(out_dir, "baseline")
+    torch.manual_seed(budget.baseline.seed)
+    baseline = create_model("resnet_20", in_channels=1, num_classes=10)
+    last = os.path.join(base_dir, "last.pt")
+    if not _finished(last):
+        fit(baseline, train, val, budget.baseline, base_dir, device=device, resume=os.path.exists(last),
+            progress=progress, extra={"stage": "compare baseline"})
+    load_best(baseline, base_dir)
+    baseline.to(device).eval()
+    base_cx = complexity(baseline, list(INPUT))
+    base_test = evaluate(baseline, test, device=device)
+    ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *INPUT), budget=budget)
+
+    results = []
+    finals: dict[tuple[str, float], nn.Module] = {}
+    for target in budget.targets:
+        for name in methods:
+            method = METHODS[name]
+            built = None
+            for seed in budget.seeds:
+                run_dir = os.path.join(out_dir, f"{name}_{round(100 * target)}", f"seed{seed}")
+                result_path = os.path.join(run_dir, "result.json")
+                if built is None or method.seeded:
+                    t0 = time.perf_counter()
+                    built = method.build(baseline.cpu(), target, seed, ctx)
+                    build_seconds = time.perf_counter() - t0
+                    reached = macs_reduction(built[0], ctx)
+                    if abs(reached - target) > TOLERANCE:
+                        raise NortonError(f"{name} reached {reached:.1%} fewer MACs, more than {TOLERANCE:.0%} from the target {target:.0%}")
+                model = copy.deepcopy(built[0]).to(device)
+                if resume and os.path.exists(result_path):
+                    with open(result_path) as f:
+                        result = json.load(f)
+                    load_best(model, os.path.join(run_dir, "finetune"))
+                else:
+                    print(f"\n{method.label} at {target:.0%} fewer MACs, seed {seed}: {built[1]}")
+                    result = _run_one(model, built[1], method, target, seed, train, val, test, budget, run_dir,
+                                      device, progress, resume, build_seconds)
+                    atomic_write_text(result_path, json.dumps(result, indent=1))
+                results.append(result)
+                finals.setdefault((name, target), model)
+        baseline.to(device)
+
+    latency = _latencies(baseline, finals, device)
+    for r in results:
+        r["latency_ms"] = latency[(r["method"], r["target"])]
+    summary = {
+        "budget": budget_name, "setup": setup,
+        "baseline": {"top1": base_test["top1"], "macs": base_cx.macs, "params": base_cx.params,
+                     "latency_ms": latency["baseline"]},
+        "runs": results, "budget_settings": _budget_dict(budget),
+        "minutes": (time.perf_counter() - started) / 60,
+    }
+    table = render_table(summary)
+    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=1))
+    atomic_write_text(os.path.join(out_dir, "results.md"), table)
+    plot_compare(summary, os.path.join(out_dir, "accuracy_vs_macs.png"))
+    print("\n" + table)
+    print(f"written: {out_dir}/results.md, results.json, accuracy_vs_macs.png")
+    return summary
+
+
+def _finished(last: str) -> bool:
+    return os.path.exists(last) and bool(load_checkpoint(last)["train_state"].get("finished"))
+
+
+def _budget_dict(budget: CompareBudget) -> dict:
+    out = asdict(budget)
+    out["norton_ranks"] = {str(k): v for k, v in budget.norton_ranks.items()}
+    return out
+
+
+def _run_one(model, configuration, method, target, seed, train, val, test, budget, run_dir, device, progress,
+             resume, build_seconds) -> dict:
+    cx = complexity(model, list(INPUT))
+    raw = evaluate(model, test, device=device)
+    recalibrate_bn(model, train, device=device, num_images=budget.recalibration_images, seed=seed)
+    recalibrated = evaluate(model, test, device=device)
+    tune_plans(model, torch.zeros(budget.finetune.batch_size, *INPUT, device=device), training=True)  # as compress does
+    config = replace(budget.finetune, seed=seed)
+    finetune_dir = os.path.join(run_dir, "finetune")
+    fit(model, train, val, config, finetune_dir, device=device, progress=progress,
+        resume=resume and os.path.exists(os.path.join(finetune_dir, "last.pt")),
+        overwrite=not resume, extra={"stage": f"compare {method.name} {target}"})
+    load_best(model, finetune_dir)
+    final = evaluate(model, test, device=device)
+    return {"method": method.name, "label": method.label, "family": method.family, "target": target, "seed": seed,
+            "configuration": configuration, "macs": cx.macs, "params": cx.params,
+            "top1_before_finetune": raw["top1"], "top1_recalibrated": recalibrated["top1"], "top1": final["top1"],
+            "build_seconds": build_seconds}
+
+
+def _latencies(baseline: nn.Module, finals: dict, device: torch.device) -> dict:
+    """Deployed latency of every compressed model (seed 0) and of the baseline,
+    timed round-robin in one run on a batch of 128."""
+    example = torch.randn(128, *INPUT, device=device)
+    deployed = {"baseline": deploy(baseline, example)[0]}
+    for (name, target), model in finals.items():
+        deployed[f"{name}@{target}"] = deploy(model, example)[0]
+    measured = compare_latency(deployed, example)
+    out = {"baseline": measured["baseline"].median_ms}
+    for (name, target) in finals:
+        out[(name, target)] = measured[f"{name}@{target}"].median_ms
+    return out
+
+
+# -- the report -------------------------------------------------------------------------------
+def _groups(summary: dict) -> dict[tuple[float, str], list[dict]]:
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for r in summary["runs"]:
+        groups.setdefault((r["target"], r["method"]), []).append(r)
+    return groups
+
+
+def _fmt(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def render_table(summary: dict) -> str:
+    base = summary["baseline"]
+    lines = [
+        f"Measured by `norton compare --budget {summary['budget']}` in {summary['minutes']:.1f} min. {summary['setup']}.",
+        "Accuracy: test top-1 (%), mean ± std over seeds. Latency: deployed model, median of 15 round-robin passes "
+        "of a batch of 128 (ratios are what to quote).",
+        "",
+        f"Baseline ResNet-20: {base['top1']:.2f} %, {base['macs'] / 1e6:.2f}M MACs, {base['params'] / 1e3:.1f}K params, "
+        f"{base['latency_ms']:.1f} ms.",
+        "",
+        "| MACs target | method | configuration | MACs ↓ | params ↓ | before fine-tuning | + BN recalibration "
+        "| after fine-tuning | vs baseline | latency (speed-up) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    groups = _groups(summary)
+    for target in sorted({t for t, _ in groups}):
+        rows = [(m, runs) for (t, m), runs in groups.items() if t == target]
+        for method, runs in rows:
+            r0 = runs[0]
+            final = [r["top1"] for r in runs]
+            lines.append(
+                f"| {target:.0%} | {r0['label']} | {r0['configuration']} | {100 * (1 - r0['macs'] / base['macs']):.1f} % "
+                f"| {100 * (1 - r0['params'] / base['params']):.1f} % | {_fmt([r['top1_before_finetune'] for r in runs])} "
+                f"| {_fmt([r['top1_recalibrated'] for r in runs])} | **{_fmt(final)}** "
+                f"| {statistics.fmean(final) - base['top1']:+.2f} | {r0['latency_ms']:.1f} ms "
+                f"({base['latency_ms'] / r0['latency_ms']:.2f}×) |")
+        ranked = sorted(rows, key=lambda mr: -statistics.fmean(r["top1"] for r in mr[1]))
+        best_method, best_runs = ranked[0]
+        best = statistics.fmean(r["top1"] for r in best_runs)
+        if "norton" in dict(rows):
+            ours = statistics.fmean(r["top1"] for r in dict(rows)["norton"])
+            if best_method == "norton":
+                second = ranked[1] if len(ranked) > 1 else None
+                margin = f", {ours - statistics.fmean(r['top1'] for r in second[1]):.2f} points above {second[1][0]['label']}" if second else ""
+                verdicts.append(f"- at {target:.0%} fewer MACs NORTON (pabs) has the best accuracy{margin}.")
+            else:
+                verdicts.append(f"- at {target:.0%} fewer MACs NORTON (pabs) does **not** win: {best_runs[0]['label']} is "
+                                f"{best - ours:.2f} points better ({best:.2f} % vs {ours:.2f} %).")
+    return "\n".join(lines + [""] + verdicts) + "\n"
+
+
+def plot_compare(summary: dict, path: str) -> None:
+    """Accuracy after fine-tuning vs MACs removed, one marker per method, error
+    bars = std over seeds.  The axis spans the results within 12 points of the
+    baseline; a method far below is drawn on the lower edge with its value."""
+    plt = pyplot()
+    base = summary["baseline"]
+    fig, ax = plt.subplots(figsize=(9.6, 4.8), dpi=120)
+    ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1, label=f"baseline ({base['top1']:.2f} %)")
+    markers = "o^sDvP*Xh<>"
+    by_method: dict[str, list] = {}
+    for (target, method), runs in _groups(summary).items():
+        by_method.setdefault(method, []).append(runs)
+    means = [statistics.fmean(r["top1"] for r in runs) for groups in by_method.values() for runs in groups]
+    floor = max(min(means) - 1.5, base["top1"] - 12)
+    off_scale = []
+    for marker, (method, groups) in zip(markers, by_method.items()):
+        groups.sort(key=lambda runs: runs[0]["macs"], reverse=True)
+        xs = [100 * (1 - runs[0]["macs"] / base["macs"]) for runs in groups]
+        stats = [_mean_std([r["top1"] for r in runs]) for runs in groups]
+        ys = [max(m, floor + 0.4) for m, _ in stats]
+        ours = groups[0][0]["family"] == "NORTON"
+        line = ax.errorbar(xs, ys, yerr=[s if m > floor else 0 for m, s in stats], marker=marker, markersize=8 if ours else 7,
+                           capsize=4, linestyle="-" if ours else ":", linewidth=2.2 if ours else 1,
+                           label=groups[0][0]["label"], zorder=3 if ours else 2)
+        off_scale += [(x, m, s, line.lines[0].get_color(), groups[0][0]["label"]) for x, (m, s) in zip(xs, stats) if m <= floor]
+    for x, m, s, color, label in off_scale:
+        left = x < 72
+        ax.annotate(f"{label}: {m:.1f} ± {s:.1f} % (off scale)", (x, floor + 0.4), xytext=(12 if left else -12, 14),
+                    textcoords="offset points", ha="left" if left else "right", fontsize=7.5, color=color,
+                    arrowprops={"arrowstyle": "->", "color": color})
+    ax.set_ylim(floor, base["top1"] + 1.0)
+    ax.set_xlabel("MACs removed from the baseline (%, factored convention)")
+    ax.set_ylabel("test top-1 accuracy after fine-tuning (%)")
+    ax.set_title(f"ResNet-20 on Fashion-MNIST, budget '{summary['budget']}' (mean ± std over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    save(fig, path)

@@ -1,0 +1,30 @@
+"""Stage ③: datasets in their on-disk formats, the one training engine, the
+classification loop, and ``compress`` (decompose → prune → fine-tune)."""
+from norton.training.classification import (
+    FitResult,
+    TrainConfig,
+    evaluate,
+    fit,
+    load_best,
+    lr_factor,
+    recalibrate_bn,
+)
+from norton.training.data import (
+    DATASETS,
+    ArrayDataset,
+    epoch_batches,
+    input_size_of,
+    limit,
+    load_dataset,
+    num_batches,
+    split_validation,
+)
+from norton.training.distributed import Distributed, init_distributed, resolve_device
+from norton.training.engine import TrainingRun
+from norton.training.pipeline import CompressConfig, compress
+
+__all__ = [
+    "DATASETS", "ArrayDataset", "CompressConfig", "Distributed", "FitResult", "TrainConfig", "TrainingRun",
+    "compress", "epoch_batches", "evaluate", "fit", "init_distributed", "input_size_of", "limit", "load_best",
+    "load_dataset", "lr_factor", "num_batches", "recalibrate_bn", "resolve_device", "split_validation",
+]

@@ -1,0 +1,219 @@
+"""Stage ③: classification training for the baseline, fine-tuning and ``compress``.
+
+SGD with momentum, linear warm-up then cosine decay (per step), weight decay,
+optional label smoothing.  The best epoch is chosen on a held-out validation
+split.  Every epoch ends with an atomic checkpoint (``last.pt``) holding model,
+optimizer, scheduler, epoch and best metric; all data randomness derives from
+(seed, epoch), so a run killed at any point and resumed ends bit-identical to
+an uninterrupted one on CPU.  Under ``torchrun`` the model is wrapped in
+DistributedDataParallel (gloo on CPU, nccl on GPU) and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from norton.checkpoints import load_checkpoint, save_checkpoint
+from norton.errors import NortonError
+from norton.training.data import ArrayDataset, epoch_batches, num_batches
+from norton.training.distributed import Distributed
+from norton.training.engine import TrainingRun
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the published CIFAR recipe (SPEC §3)."""
+
+    epochs: int = 400
+    batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 5
+    warmup_start: float = 0.01  # the warm-up starts at lr × this
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch size must be an integer >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight decay must be >= 0"),
+            (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "warm-up epochs must be an integer >= 0"),
+            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise NortonError(f"{message}; got {asdict(self)}")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_start: float) -> float:
+    """Multiplier of the base lr: linear warm-up from ``warmup_start``, then cosine to 0."""
+    if warmup_steps and step < warmup_steps:
+        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- evaluation ---------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ArrayDataset, *, device: torch.device, batch_size: int = 500,
+             ddp: Distributed | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``data``."""
+    ddp = ddp or Distributed()
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    plain = data.without_augmentation() if isinstance(data, ArrayDataset) else data
+    for images, labels in epoch_batches(plain, batch_size, seed=0, epoch=0, shuffle=False,
+                                        rank=ddp.rank, world_size=ddp.world_size):
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += float((top[:, 0] == labels).sum())
+        correct5 += float((top == labels[:, None]).any(dim=1).sum())
+        count += labels.numel()
+    model.train(was_training)
+    correct1, correct5, loss_sum, count = ddp.sum([correct1, correct5, loss_sum, count], device)
+    if count == 0:
+        raise NortonError("cannot evaluate on an empty dataset")
+    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count, "images": int(count)}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: ArrayDataset, *, device: torch.device, num_images: int = 512,
+                   batch_size: int = 128, seed: int = 0) -> int:
+    """Re-estimate BatchNorm running statistics on ``num_images`` training images
+    (train-mode forward passes, no gradients, cumulative average).  Returns the
+    number of images used; the model's mode and BN momenta are restored."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or num_images <= 0:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    used = 0
+    try:
+        for images, _ in epoch_batches(data, batch_size, seed=seed, epoch=10_000, shuffle=True):
+            if used >= num_images:
+                break
+            images = images[: num_images - used]
+            if images.shape[0] < 2 and used:
+                break
+            model(images.to(device))
+            used += images.shape[0]
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
+
+
+# -- the loop ---------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: str = ""
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    train_data: ArrayDataset,
+    val_data: ArrayDataset,
+    config: TrainConfig,
+    run_dir: str,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    ddp: Distributed | None = None,
+) -> FitResult:
+    """Train ``model`` in place; ``run_dir`` receives last.pt, best.pt, metrics.jsonl."""
+    config.validate()
+    ddp = ddp or Distributed()
+    model.to(device)
+    steps_per_epoch = num_batches(train_data, config.batch_size)
+    total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
+    run = TrainingRun(run_dir, model, _optimizer(model, config),
+                      lambda step, epoch: lr_factor(step, total, warmup, config.warmup_start),
+                      settings=asdict(config), resume=resume, overwrite=overwrite, ddp=ddp,
+                      outputs=("last.pt", "best.pt", "metrics.jsonl"))
+    start_epoch, best_epoch, best_val = 0, -1, {"top1": -1.0}
+    if run.state:
+        start_epoch, best_epoch, best_val = run.state["epoch"] + 1, run.state["best_epoch"], run.state["best_val"]
+    history = run.logged(lambda row: row["epoch"] <= start_epoch)
+    net = nn.parallel.DistributedDataParallel(model) if ddp.world_size > 1 else model
+
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        net.train()
+        loss_sum = correct = seen = 0.0
+        bar = tqdm(epoch_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, shuffle=True,
+                                 rank=ddp.rank, world_size=ddp.world_size),
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                   disable=not (progress and ddp.main), leave=False)
+        for step, (images, labels) in enumerate(bar):
+            images, labels = images.to(device), labels.to(device)
+            logits = net(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+            if ddp.world_size > 1:  # DDP averages rank means; weigh them so the result is the global mean
+                global_n = min(config.batch_size, len(train_data) - step * config.batch_size)
+                weighted = loss * (labels.numel() * ddp.world_size / global_n)
+            else:
+                weighted = loss
+            batch_loss = ddp.sum([float(loss.detach()) * labels.numel(), float(labels.numel())], device)
+            run.step(weighted, loss_value=batch_loss[0], epoch=epoch, where=f"epoch {epoch + 1}, step {step + 1}")
+            loss_sum += batch_loss[0]
+            seen += batch_loss[1]
+            correct += float((logits.argmax(1) == labels).sum())
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{run.lr:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+        correct = ddp.sum([correct], device)[0]
+        val = evaluate(model, val_data, device=device, ddp=ddp)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+                  "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
+                  "lr": run.lr, "seconds": time.perf_counter() - started,
+                  "images_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+        history.append(record)
+        run.log(record)
+        improved = val["top1"] > best_val["top1"]
+        if improved:
+            best_epoch, best_val = epoch, val
+        metrics = {"val": val, "epoch": epoch + 1}
+        if improved and ddp.main:
+            save_checkpoint(os.path.join(run_dir, "best.pt"), model, metrics=metrics, extra=extra)
+        run.save(finished=epoch + 1 == config.epochs, metrics=metrics, extra=extra,
+                 position={"epoch": epoch, "best_epoch": best_epoch, "best_val": best_val})
+        if progress and ddp.main:
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  val top-1 "
+                       f"{val['top1']:.2f}%  ({record['images_per_s']:.0f} img/s)")
+        ddp.barrier()
+    return FitResult(best_epoch=best_epoch + 1, best_val=best_val, history=history, run_dir=run_dir)
+
+
+def load_best(model: nn.Module, run_dir: str) -> None:
+    """Load the weights of the best validation epoch of a finished run."""
+    ckpt = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    model.load_state_dict(ckpt["state_dict"])

@@ -1,0 +1,163 @@
+"""The whole method in one run: decompose → prune → fine-tune, every stage kept.
+
+``compress`` writes ``decomposed.pt``, ``pruned.pt``, ``finetune/`` (the
+training run) and ``final.pt`` into its run directory, plus ``summary.json``
+with the accuracy after every stage (before and after BatchNorm
+recalibration), MACs and params.  With ``resume=True`` finished stages are
+loaded from their checkpoints instead of being redone.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from norton.checkpoints import atomic_write_text, load_model, save_checkpoint
+from norton.compression import decompose, prune
+from norton.core import complexity, tune_plans
+from norton.errors import NortonError
+from norton.training.classification import (
+    TrainConfig,
+    evaluate,
+    fit,
+    load_best,
+    recalibrate_bn,
+)
+from norton.training.data import ArrayDataset, input_size_of
+from norton.training.distributed import Distributed
+
+
+@dataclass
+class CompressConfig:
+    rank: int
+    compress_rate: Any = None  # zoo list/string or {layer: rate}
+    amount: float | None = None
+    target_macs: float | None = None
+    criterion: str = "pabs"
+    recalibrate: bool = True
+    recalibration_images: int = 512
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+def _measure(model: nn.Module, test: ArrayDataset, device: torch.device, ddp: Distributed) -> dict[str, Any]:
+    acc = evaluate(model, test, device=device, ddp=ddp)
+    cx = complexity(model, list(input_size_of(test)))
+    return {"top1": acc["top1"], "top5": acc["top5"], "loss": acc["loss"], "macs": cx.macs, "params": cx.params}
+
+
+def _recalibrated(model, train, config: CompressConfig, test, device, ddp) -> dict[str, Any] | None:
+    if not config.recalibrate:
+        return None
+    recalibrate_bn(model, train, device=device, num_images=config.recalibration_images, seed=config.seed)
+    return evaluate(model, test, device=device, ddp=ddp)
+
+
+def compress(
+    model: nn.Module,
+    train: ArrayDataset,
+    val: ArrayDataset,
+    test: ArrayDataset,
+    config: CompressConfig,
+    run_dir: str,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    ddp: Distributed | None = None,
+) -> dict[str, Any]:
+    """Compress a trained ``model`` with NORTON; returns (and writes) the summary."""
+    ddp = ddp or Distributed()
+    summary_path = os.path.join(run_dir, "summary.json")
+    stage_files = {s: os.path.join(run_dir, f"{s}.pt") for s in ("decomposed", "pruned", "final")}
+    existing = [p for p in stage_files.values() if os.path.exists(p)]
+    if existing and not (resume or overwrite):
+        raise NortonError(f"run directory {run_dir!r} already holds a compress run; pass --resume to continue it or --overwrite")
+    if overwrite and ddp.main:
+        for p in [*existing, summary_path]:
+            if os.path.exists(p):
+                os.remove(p)
+    if ddp.main:
+        os.makedirs(run_dir, exist_ok=True)
+    ddp.barrier()
+    summary: dict[str, Any] = {"config": _jsonable(asdict(config))}
+    if resume and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary.update({k: v for k, v in json.load(f).items() if k != "config"})
+    input_size = list(input_size_of(test))
+    example = torch.zeros(2, *input_size, device=device)
+    model.to(device)
+    if "baseline" not in summary:
+        summary["baseline"] = _measure(model, test, device, ddp)
+
+    # ① decompose
+    if resume and os.path.exists(stage_files["decomposed"]):
+        model, _ = load_model(stage_files["decomposed"])
+        model.to(device)
+    else:
+        report = decompose(model, config.rank, progress=progress and ddp.main, seed=config.seed)
+        after = _measure(model, test, device, ddp)
+        after["mean_nmse"] = report.mean_nmse
+        after["layer_nmse"] = {layer.name: layer.nmse for layer in report.layers}
+        after["recalibrated"] = _recalibrated(model, train, config, test, device, ddp)
+        summary["decomposed"] = after
+        if ddp.main:
+            save_checkpoint(stage_files["decomposed"], model, metrics=after, input_size=input_size, extra={"stage": "decomposed"})
+            _write(summary_path, summary)
+
+    # ② prune
+    if resume and os.path.exists(stage_files["pruned"]):
+        model, _ = load_model(stage_files["pruned"])
+        model.to(device)
+    else:
+        report = prune(model, config.compress_rate, amount=config.amount, target_macs=config.target_macs,
+                       example_inputs=example, criterion=config.criterion, seed=config.seed)
+        after = _measure(model, test, device, ddp)
+        after["recalibrated"] = _recalibrated(model, train, config, test, device, ddp)
+        after["kept"] = {g.root: [g.width, g.total] for g in report.groups}
+        summary["pruned"] = after
+        if ddp.main:
+            save_checkpoint(stage_files["pruned"], model, metrics=after, input_size=input_size,
+                            extra={"stage": "pruned", "criterion": config.criterion})
+            _write(summary_path, summary)
+    ddp.barrier()
+
+    # ③ fine-tune (a resumable training run of its own)
+    if resume and os.path.exists(stage_files["final"]):
+        model, _ = load_model(stage_files["final"])
+        model.to(device)
+    else:
+        tune_plans(model, example, training=True)  # the fastest trainable plan per layer
+        finetune_dir = os.path.join(run_dir, "finetune")
+        resuming = resume and os.path.exists(os.path.join(finetune_dir, "last.pt"))
+        result = fit(model, train, val, config.finetune, finetune_dir, device=device, resume=resuming,
+                     overwrite=not resuming, progress=progress, extra={"stage": "finetune"}, ddp=ddp)
+        load_best(model, finetune_dir)
+        final = _measure(model, test, device, ddp)
+        final["best_epoch"] = result.best_epoch
+        final["val_top1"] = result.best_val["top1"]
+        summary["final"] = final
+        if ddp.main:
+            save_checkpoint(stage_files["final"], model, metrics=final, input_size=input_size, extra={"stage": "final"})
+            _write(summary_path, summary)
+    ddp.barrier()
+    return summary
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _write(path: str, summary: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(summary), indent=1))
