@@ -122,7 +122,7 @@ class CPDBlock(nn.Module):
         ``depthwise``: the 1×1 conv, then one depthwise kh×kw conv whose kernels
         are the outer products b ⊗ c (built on the fly), then the rank sum;
         ``dense``: recompose W = Σ a⊗b⊗c on the fly and run one conv;
-        ``auto``: the cheaper by a cost model (``norton.deploy.tune_plans`` times
+        ``auto``: the cheaper by a cost model (``norton.tune_plans`` times
         them instead).  Gradients reach the factors in every plan."""
         if plan not in PLANS:
             raise NortonError(f"plan must be one of {PLANS}, got {plan!r}")
