@@ -1,7 +1,8 @@
 """Do compressed models run faster?  Dense vs three-conv CPDBlocks vs deployed, side by side.
 
     .venv/bin/python benchmarks/latency.py            # every reference config with rank > 0
-    .venv/bin/python benchmarks/latency.py --train    # also the VGG-16-BN rank-8 training step
+    .venv/bin/python benchmarks/latency.py --train    # also training steps (VGG-16-BN r8, ResNet-56 r4)
+    .venv/bin/python benchmarks/latency.py --train-only
 
 For each config of tests/reference/complexity.json with rank > 0: latency of
 the uncompressed dense network, of the compressed network as the research code
@@ -60,15 +61,20 @@ def inference_rows(repeats: int) -> list[dict]:
     return rows
 
 
-def train_step_ratio(repeats: int) -> dict:
-    """Forward + backward + SGD step, batch 128 at 32×32: VGG-16-BN dense vs rank 8."""
+TRAIN_CASES = (("vgg_16_bn", 8), ("resnet_56", 4))
+
+
+def train_step_ratio(arch: str, rank: int, repeats: int) -> dict:
+    """Forward + backward + SGD step at batch 128, 32×32: the dense model, the
+    decomposed one as a user builds it (``auto`` plans, no call), with every
+    block on the three-conv plan, and after ``tune_plans``."""
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    models = {"dense": build("vgg_16_bn", 0, None), "rank 8, three-conv": build("vgg_16_bn", 8, None),
-              "rank 8, tuned plans": build("vgg_16_bn", 8, None)}
-    for m in models["rank 8, three-conv"].modules():
+    models = {"dense": build(arch, 0, None), "three-conv": build(arch, rank, None),
+              "as built (auto)": build(arch, rank, None), "tuned plans": build(arch, rank, None)}
+    for m in models["three-conv"].modules():
         if hasattr(m, "set_plan"):
             m.set_plan("separable")
-    tune_plans(models["rank 8, tuned plans"], x, training=True)
+    tune_plans(models["tuned plans"], x, training=True)
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
     times = {k: [] for k in models}
     for m in models.values():
@@ -88,11 +94,13 @@ def train_step_ratio(repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--train", action="store_true", help="also time the VGG-16-BN rank-8 training step")
+    parser.add_argument("--train", action="store_true", help="also time training steps (VGG-16-BN r8, ResNet-56 r4)")
+    parser.add_argument("--train-only", action="store_true", help="only the training steps")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    rows = inference_rows(args.repeats)
+    rows = [] if args.train_only else inference_rows(args.repeats)
+    args.train = args.train or args.train_only
     print("| config | batch × input | MACs ÷ | dense | three-conv | deployed | deployed vs dense | vs three-conv | target |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -102,10 +110,14 @@ def main() -> None:
               f"| {r['dense_ms']:.1f} ms | {r['three_conv_ms']:.1f} ms | {r['deployed_ms']:.1f} ms | {speed:.2f}× "
               f"| {r['three_conv_ms'] / r['deployed_ms']:.2f}× | ≥ {target:.2f}× {'✓' if speed >= target else '✗'} |")
     if args.train:
-        t = train_step_ratio(args.repeats)
-        print("\nVGG-16-BN training step (batch 128, 32×32): " + ", ".join(f"{k} {v:.0f} ms" for k, v in t.items()))
-        print(f"rank 8 / dense: three-conv {t['rank 8, three-conv'] / t['dense']:.2f}×, "
-              f"tuned plans {t['rank 8, tuned plans'] / t['dense']:.2f}× (target ≤ 1.3×)")
+        print("\n| training step, batch 128, 32×32 | dense | three-conv | as built (auto) | tuned plans | auto / dense | target |")
+        print("|---|---|---|---|---|---|---|")
+        for arch, rank in TRAIN_CASES:
+            t = train_step_ratio(arch, rank, args.repeats)
+            ratio = t["as built (auto)"] / t["dense"]
+            print(f"| {arch} rank {rank} | {t['dense']:.0f} ms | {t['three-conv']:.0f} ms ({t['three-conv'] / t['dense']:.2f}×) "
+                  f"| {t['as built (auto)']:.0f} ms | {t['tuned plans']:.0f} ms ({t['tuned plans'] / t['dense']:.2f}×) "
+                  f"| {ratio:.2f}× | ≤ 1.05× {'✓' if ratio <= 1.05 else '✗'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

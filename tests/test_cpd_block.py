@@ -150,7 +150,14 @@ def test_plans_agree_in_value_and_gradient(conv_kwargs):
 
 
 def test_auto_plan_and_bad_plan():
-    assert CPDBlock(256, 256, 1, 3).resolved_plan() == "separable"  # rank 1: far fewer MACs
-    assert CPDBlock(16, 16, 8, 3).resolved_plan() == "dense"  # rank 8 on few channels: recompose
+    with torch.no_grad():  # inference
+        assert CPDBlock(256, 256, 1, 3).resolved_plan() == "separable"  # rank 1: far fewer MACs
+        assert CPDBlock(16, 16, 8, 3).resolved_plan() == "dense"  # rank 8 on few channels: recompose
+    # training (gradients on): the factored plan only where it trains clearly faster than a dense conv
+    assert CPDBlock(256, 256, 1, 3).resolved_plan() == "depthwise"
+    assert CPDBlock(512, 512, 8, 3).resolved_plan() == "dense"  # VGG-16's rank-8 layers
+    assert CPDBlock(16, 16, 4, 3).resolved_plan() == "dense"  # ResNet-56's rank-4 layers
+    assert CPDBlock(3, 64, 1, 3).resolved_plan() == "dense"  # a 3-channel stem
+    assert CPDBlock(256, 256, 1, 3).eval().resolved_plan() == "separable"  # eval mode is inference
     with pytest.raises(NortonError, match="plan must be one of"):
         CPDBlock(3, 3, 1, 3).set_plan("fast")

@@ -19,7 +19,7 @@ from norton.cli.common import (
     rank,
     train_config,
 )
-from norton.core import complexity, tune_plans
+from norton.core import complexity
 from norton.models import create_model
 from norton.training import (
     evaluate,
@@ -46,7 +46,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     device, ddp = device_and_processes(args)
     model = model_from_args(args).model
     train, val, test = load_splits(args)
-    tune_plans(model, torch.zeros(2, *input_size_of(train)), training=True)  # the fastest trainable plan per layer
     _fit_and_save(args, model, (train, val, test), device, ddp, stage="finetune")
     return 0
 

@@ -147,12 +147,19 @@ def cp_als(
     # The channel factor A is never formed inside the loop.  With X₁ the (C, K)
     # unfolding of a filter (K = kh·kw), KR the Khatri-Rao product of B and C
     # and V = BᵀB ∗ CᵀC, the ALS update is A = X₁ KR V⁻¹ =: X₁ Q, and all that
-    # the other two updates need from it is P = X₁ᵀA = G Q and AᵀA = Qᵀ P, with
-    # G = X₁ᵀX₁ a K×K Gram computed once.  So one sweep costs O(K²R) per filter,
-    # whatever the number of input channels; A = X₁ Q is formed at the end.
+    # the other two updates need from it is P = X₁ᵀA = X₁ᵀX₁ Q and AᵀA = Qᵀ P.
+    # For small kernels (K < 2C) the K×K Gram G = X₁ᵀX₁ is computed once and a
+    # sweep costs O(K²R) per filter whatever the number of input channels; for
+    # large kernels on few channels (a ViT patch embedding: C=3, K=1024) G would
+    # be huge and P = X₁ᵀ(X₁Q) costs O(CKR).  A = X₁ Q is formed at the end.
     idx = torch.nonzero(norm_sq_all > 0).flatten()  # all-zero filters are never fitted
     x1_all = x.reshape(n, c_in, kh * kw)
-    gram_x = x1_all[idx].mT @ x1_all[idx]  # (n, K, K)
+    use_gram = kh * kw < 2 * c_in
+    operand = x1_all[idx].mT @ x1_all[idx] if use_gram else x1_all[idx]  # (n, K, K) or (n, C, K)
+
+    def gram_times(q: Tensor) -> Tensor:
+        return operand @ q if use_gram else operand.mT @ (operand @ q)
+
     b, c = b0[idx], c0[idx]
     q = torch.zeros(idx.numel(), kh * kw, rank, dtype=torch.float64, device=x.device)
     norm_sq = norm_sq_all[idx]
@@ -170,7 +177,7 @@ def cp_als(
         gram_c = c.mT @ c
         khatri_rao = (b.unsqueeze(2) * c.unsqueeze(1)).reshape(m, kh * kw, rank)
         q = _solve(khatri_rao, (b.mT @ b) * gram_c, eye)
-        p = gram_x @ q  # P[i·kw+j, r] = Σ_c X[c,i,j] A[c,r]
+        p = gram_times(q)  # P[i·kw+j, r] = Σ_c X[c,i,j] A[c,r]
         gram_a = q.mT @ p
         p = p.reshape(m, kh, kw, rank)
         b = _solve((p * c.unsqueeze(1)).sum(2), gram_a * gram_c, eye)
@@ -188,7 +195,7 @@ def cp_als(
         if it > 1:
             step = it ** (1.0 / 3.0)
             q_j, b_j, c_j = (torch.lerp(o, f, step) for o, f in ((q_old, q), (b_old, b), (c_old, c)))
-            p_j = gram_x @ q_j
+            p_j = gram_times(q_j)
             inner_j = (p_j.reshape(m, kh, kw, rank) * b_j.unsqueeze(2) * c_j.unsqueeze(1)).sum(dim=(1, 2, 3))
             fit_j = ((q_j.mT @ p_j) * (b_j.mT @ b_j) * (c_j.mT @ c_j)).sum(dim=(1, 2))
             err_sq_j = norm_sq - 2 * inner_j + fit_j
@@ -207,7 +214,7 @@ def cp_als(
             for buf, f in zip((q_out, out[1], out[2]), (q, b, c)):
                 buf[idx[done]] = f[done]
             keep = ~done
-            idx, gram_x, q, b, c = idx[keep], gram_x[keep], q[keep], b[keep], c[keep]
+            idx, operand, q, b, c = idx[keep], operand[keep], q[keep], b[keep], c[keep]
             q_old, b_old, c_old = q, b, c
             norm_sq, prev_err, done = norm_sq[keep], prev_err[keep], done[keep]
     for buf, f in zip((q_out, out[1], out[2]), (q, b, c)):

@@ -29,6 +29,15 @@ PLANS = ("auto", "separable", "depthwise", "dense")
 # Depthwise convolutions run far below a dense conv's MACs/s on CPUs; the cost
 # model charges each depthwise MAC this many dense MACs.
 DEPTHWISE_COST = 8.0
+# Training (forward + backward) cost of the depthwise plan relative to the dense
+# conv, fitted to per-layer timings on CPU (ranks 1–8, 3–512 channels, 2–32 px):
+# ≈ MACS_WEIGHT × (its MACs / dense MACs) + TRAFFIC_WEIGHT × (its R·N·H·W
+# intermediate values / dense MACs).  The factored plan trains only when that
+# is below TRAIN_FACTORED_BELOW; otherwise the recomposed dense kernel trains at
+# the dense model's speed.
+TRAIN_MACS_WEIGHT = 1.3
+TRAIN_TRAFFIC_WEIGHT = 200.0
+TRAIN_FACTORED_BELOW = 0.6
 
 
 def _positive_pair(name: str, value: object) -> tuple[int, int]:
@@ -130,11 +139,19 @@ class CPDBlock(nn.Module):
         return self
 
     def resolved_plan(self) -> str:
+        """The plan forward runs: the set one, or for ``auto`` the cheaper by a
+        cost model — when training (gradients on), the measured training model
+        above, so a fresh block trains at least as fast as the dense conv with
+        no plan tuning by the caller."""
         if self.plan != "auto":
             return self.plan
         kh, kw = self.kernel_size
-        separable = self.rank * (self.in_channels + DEPTHWISE_COST * (kh + kw))
         dense = self.in_channels * kh * kw
+        if self.training and torch.is_grad_enabled() and self.pointwise.requires_grad:
+            predicted = (TRAIN_MACS_WEIGHT * self.rank * (self.in_channels + kh * kw) / dense
+                         + TRAIN_TRAFFIC_WEIGHT * self.rank / dense)
+            return "depthwise" if predicted < TRAIN_FACTORED_BELOW else "dense"
+        separable = self.rank * (self.in_channels + DEPTHWISE_COST * (kh + kw))
         return "separable" if separable < dense else "dense"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -212,7 +229,9 @@ class CPDBlock(nn.Module):
         Differentiable: gradients reach the factors.
         """
         a, b, c = self.factors()
-        return torch.einsum("ncr,nhr,nwr->nchw", a, b, c)
+        n, kh, kw = self.out_channels, *self.kernel_size
+        khatri_rao = (b.unsqueeze(2) * c.unsqueeze(1)).reshape(n, kh * kw, self.rank)  # (N, K, R)
+        return torch.bmm(a, khatri_rao.mT).reshape(n, self.in_channels, kh, kw)  # one batched matmul, fwd and bwd
 
     @classmethod
     def like_conv(cls, conv: nn.Conv2d, rank: int) -> "CPDBlock":

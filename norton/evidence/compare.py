@@ -31,7 +31,6 @@ from norton.core import (
     count_macs,
     is_decomposable,
     replace_module,
-    tune_plans,
 )
 from norton.deployment import compare_latency, deploy
 from norton.errors import NortonError
@@ -339,7 +338,6 @@ def _run_one(model, configuration, method, target, seed, train, val, test, budge
     raw = evaluate(model, test, device=device)
     recalibrate_bn(model, train, device=device, num_images=budget.recalibration_images, seed=seed)
     recalibrated = evaluate(model, test, device=device)
-    tune_plans(model, torch.zeros(budget.finetune.batch_size, *INPUT, device=device), training=True)  # as compress does
     config = replace(budget.finetune, seed=seed)
     finetune_dir = os.path.join(run_dir, "finetune")
     fit(model, train, val, config, finetune_dir, device=device, progress=progress,

@@ -18,7 +18,7 @@ from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_model, save_checkpoint
 from norton.compression import decompose, prune
-from norton.core import complexity, tune_plans
+from norton.core import complexity
 from norton.errors import NortonError
 from norton.training.classification import (
     TrainConfig,
@@ -132,7 +132,6 @@ def compress(
         model, _ = load_model(stage_files["final"])
         model.to(device)
     else:
-        tune_plans(model, example, training=True)  # the fastest trainable plan per layer
         finetune_dir = os.path.join(run_dir, "finetune")
         resuming = resume and os.path.exists(os.path.join(finetune_dir, "last.pt"))
         result = fit(model, train, val, config.finetune, finetune_dir, device=device, resume=resuming,
