@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,19 @@ def _orthonormal_bases(factor: Tensor) -> Tensor:
     return torch.linalg.qr(factor.detach().to(torch.float64)).Q
 
 
+def _smallest_eigenvalues(matrices: Tensor) -> Tensor:
+    """The smallest eigenvalue of every symmetric (k, k) matrix, (B,).
+
+    On the CPU LAPACK runs one small matrix at a time on one core; the batch is
+    split over torch's threads (the calls release the GIL)."""
+    workers = torch.get_num_threads() if matrices.device.type == "cpu" else 1
+    if workers <= 1 or matrices.shape[0] < 4096:
+        return torch.linalg.eigvalsh(matrices)[:, 0]
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda chunk: torch.linalg.eigvalsh(chunk)[:, 0], matrices.chunk(workers)))
+    return torch.cat(parts)
+
+
 def _min_cosines_squared(factor: Tensor) -> Tensor | None:
     """cos² of the largest principal angle between every pair of column spaces, (N, N).
 
@@ -36,12 +50,26 @@ def _min_cosines_squared(factor: Tensor) -> Tensor | None:
     k = q.shape[-1]
     if k == d:
         return None
-    stacked = q.permute(0, 2, 1).reshape(n * k, d)
-    gram = (stacked @ stacked.T).view(n, k, n, k)
-    i, j = torch.triu_indices(n, n, offset=1)
-    cross = gram[i, :, j, :]  # (pairs, k, k) = Q_iᵀ Q_j
-    lam = torch.linalg.eigvalsh(cross.mT @ cross)[:, 0].clamp(0.0, 1.0)
-    out = torch.ones(n, n, dtype=torch.float64)
+    stacked = q.permute(0, 2, 1).reshape(n, k, d)
+    # Q_iᵀQ_j for i < j only: the Gram of the stacked bases block by block
+    # (blocks below the diagonal are never computed).
+    bounds = [round(n * t / 4) for t in range(5)]
+    rows, cols, crosses = [], [], []
+    for a in range(4):
+        for b in range(a, 4):
+            (a0, a1), (b0, b1) = bounds[a:a + 2], bounds[b:b + 2]
+            if a1 == a0 or b1 == b0:
+                continue
+            block = (stacked[a0:a1].reshape(-1, d) @ stacked[b0:b1].reshape(-1, d).T).view(a1 - a0, k, b1 - b0, k)
+            i, j = torch.triu_indices(a1 - a0, b1 - b0, offset=1, device=factor.device) if a == b else \
+                torch.cartesian_prod(torch.arange(a1 - a0, device=factor.device), torch.arange(b1 - b0, device=factor.device)).T
+            crosses.append(block[i, :, j, :])
+            rows.append(i + a0)
+            cols.append(j + b0)
+    i, j = torch.cat(rows), torch.cat(cols)
+    cross = torch.cat(crosses)  # (pairs, k, k) = Q_iᵀ Q_j
+    lam = _smallest_eigenvalues(cross.mT @ cross).clamp(0.0, 1.0)
+    out = torch.ones(n, n, dtype=torch.float64, device=factor.device)
     out[i, j] = lam
     out[j, i] = lam
     return out
@@ -50,7 +78,7 @@ def _min_cosines_squared(factor: Tensor) -> Tensor | None:
 def pabs_distances(factors: Factors) -> Tensor:
     """Σ over the three modes of the largest principal angle (MATLAB ``subspace``), (N, N)."""
     n = factors[0].shape[0]
-    total = torch.zeros(n, n, dtype=torch.float64)
+    total = torch.zeros(n, n, dtype=torch.float64, device=factors[0].device)
     for factor in factors:
         cos2 = _min_cosines_squared(factor)
         if cos2 is not None:
@@ -63,7 +91,7 @@ def csa_similarities(factors: Factors) -> Tensor:
     """cos² of the largest principal angle between channel factors, (N, N): a similarity."""
     cos2 = _min_cosines_squared(factors[0])
     n = factors[0].shape[0]
-    out = torch.ones(n, n, dtype=torch.float64) if cos2 is None else cos2
+    out = torch.ones(n, n, dtype=torch.float64, device=factors[0].device) if cos2 is None else cos2
     return out.fill_diagonal_(1.0)
 
 
@@ -169,7 +197,7 @@ def normalized_sum(matrices: Sequence[Tensor]) -> Tensor:
         m = m.to(torch.float64)
         if m.dim() == 2:
             n = m.shape[0]
-            off = m[~torch.eye(n, dtype=torch.bool)] if n > 1 else m.flatten()
+            off = m[~torch.eye(n, dtype=torch.bool, device=m.device)] if n > 1 else m.flatten()
             scale = off.abs().mean() if off.numel() else torch.tensor(0.0, dtype=torch.float64)
         else:
             scale = m.abs().mean()
@@ -201,7 +229,7 @@ def greedy_eliminate(
         raise ValueError(f"pairwise must be square, got {tuple(pairwise.shape)}")
     if not 1 <= keep <= n:
         raise NortonError(f"cannot keep {keep} of {n} filters; keep must be in [1, {n}]")
-    dist = pairwise.detach().to(torch.float64).clone()
+    dist = pairwise.detach().to(device="cpu", dtype=torch.float64).clone()  # a sequential loop: on the CPU
     if similarity:
         dist = -dist
     alive = torch.ones(n, dtype=torch.bool)
@@ -223,10 +251,15 @@ def greedy_eliminate(
     search = dist.clone()
     search[shield.nonzero().flatten()[:, None], shield.nonzero().flatten()[None, :]] = math.inf
     remaining = int(alive.sum())
+    # Row minima of ``search`` kept up to date: after an elimination only the rows
+    # whose minimum sat in the eliminated column are searched again, so a step
+    # costs O(N) instead of a search of the whole N×N matrix.  Ties resolve as a
+    # row-major argmin over the matrix would: smallest row, then smallest column.
+    row_min, row_arg = search.min(dim=1)
     while remaining > keep:
-        flat = int(torch.argmin(search))
-        i, j = divmod(flat, n)
-        if not torch.isfinite(search[i, j]):
+        i = int(torch.argmin(row_min))
+        j = int(row_arg[i])
+        if not torch.isfinite(row_min[i]):
             # no comparable pair left: drop the unprotected filter with the smallest sum
             candidates = (alive & ~shield).nonzero().flatten()
             e = int(candidates[torch.argmin(sums[candidates])])
@@ -242,6 +275,10 @@ def greedy_eliminate(
         finite[:, e] = 0.0
         search[e, :] = inf
         search[:, e] = inf
+        row_min[e] = inf
+        stale = (row_arg == e).nonzero().flatten()
+        if stale.numel():
+            row_min[stale], row_arg[stale] = search[stale].min(dim=1)
         remaining -= 1
     return alive.nonzero().flatten().tolist()
 
@@ -251,7 +288,7 @@ def top_scores(scores: Tensor, keep: int, *, protected: Sequence[int] = (), allo
     n = scores.shape[0]
     if not 1 <= keep <= n:
         raise NortonError(f"cannot keep {keep} of {n} filters; keep must be in [1, {n}]")
-    s = scores.detach().to(torch.float64).clone()
+    s = scores.detach().to(device="cpu", dtype=torch.float64).clone()
     if allowed is not None:
         mask = torch.ones(n, dtype=torch.bool)
         mask[list(allowed)] = False

@@ -23,7 +23,7 @@ class LayerDecomposition:
     nmse: float  # mean over the layer's filters of ||W_n - Ŵ_n||² / ||W_n||²
     max_nmse: float
     iterations: int
-    seconds: float
+    seconds: float  # a batch of equal-shape layers shares its time equally
 
 
 @dataclass
@@ -107,24 +107,29 @@ def decompose(
         for name, module in model.named_modules()
         if name in eligible and name not in skip and layer_ranks.get(name, rank) > 0
     ]
-    report = DecompositionReport()
-    for name, conv, layer_rank in tqdm(todo, desc="decompose", unit="layer", disable=not progress):
+    # Layers of equal shape and rank are fitted in one batched CP-ALS call (every
+    # filter has its own CPD, so this only saves per-call overhead).
+    groups: dict[tuple, list[tuple[str, nn.Conv2d, int]]] = {}
+    for item in todo:
+        weight = item[1].weight
+        groups.setdefault((tuple(weight.shape), item[2], weight.dtype, weight.device), []).append(item)
+    rows: dict[str, LayerDecomposition] = {}
+    bar = tqdm(total=len(todo), desc="decompose", unit="layer", disable=not progress)
+    for (shape, layer_rank, _, _), members in groups.items():
         start = time.perf_counter()
-        result = cp_als(conv.weight, layer_rank, **cp_options)
-        block = CPDBlock.like_conv(conv, layer_rank)
-        block.set_factors(result.factors)
-        block.copy_bias_from(conv)
-        errors = nmse(conv.weight, result.factors)
-        replace_module(model, name, block)
-        report.layers.append(
-            LayerDecomposition(
-                name=name,
-                shape=tuple(conv.weight.shape),
-                rank=layer_rank,
-                nmse=float(errors.mean()),
-                max_nmse=float(errors.max()),
-                iterations=result.n_iter,
-                seconds=time.perf_counter() - start,
-            )
-        )
-    return report
+        weights = torch.cat([conv.weight for _, conv, _ in members])
+        result = cp_als(weights, layer_rank, **cp_options)
+        errors = nmse(weights, result.factors)
+        seconds = (time.perf_counter() - start) / len(members)
+        for k, (name, conv, _) in enumerate(members):
+            part = slice(k * shape[0], (k + 1) * shape[0])
+            block = CPDBlock.like_conv(conv, layer_rank)
+            block.set_factors(tuple(f[part] for f in result.factors))
+            block.copy_bias_from(conv)
+            replace_module(model, name, block)
+            rows[name] = LayerDecomposition(name=name, shape=shape, rank=layer_rank, nmse=float(errors[part].mean()),
+                                            max_nmse=float(errors[part].max()), iterations=result.n_iter,
+                                            seconds=seconds)
+        bar.update(len(members))
+    bar.close()
+    return DecompositionReport(layers=[rows[name] for name, _, _ in todo])
