@@ -35,8 +35,13 @@ compare: $(STAMP) fashion-mnist
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/cp_speed.py
+	$(VENV)/bin/python benchmarks/cp_speed.py --out 512 --in 512
+	$(VENV)/bin/python benchmarks/cp_speed.py --weights uniform
+	$(VENV)/bin/python benchmarks/decompose_speed.py
+	$(VENV)/bin/python benchmarks/decompose_speed.py --device cuda
 	$(VENV)/bin/python benchmarks/pabs_speed.py
 	$(VENV)/bin/python benchmarks/latency.py --train
+	$(VENV)/bin/python benchmarks/latency.py --train-only --device cuda
 	$(VENV)/bin/python -m pytest -q -m benchmark
 
 clean:

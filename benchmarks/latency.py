@@ -64,13 +64,13 @@ def inference_rows(repeats: int) -> list[dict]:
 TRAIN_CASES = (("vgg_16_bn", 8), ("resnet_56", 4))
 
 
-def train_step_ratio(arch: str, rank: int, repeats: int) -> dict:
+def train_step_ratio(arch: str, rank: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     """Forward + backward + SGD step at batch 128, 32×32: the dense model, the
     decomposed one as a user builds it (``auto`` plans, no call), with every
     block on the three-conv plan, and after ``tune_plans``."""
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    models = {"dense": build(arch, 0, None), "three-conv": build(arch, rank, None),
-              "as built (auto)": build(arch, rank, None), "tuned plans": build(arch, rank, None)}
+    x, y = torch.randn(128, 3, 32, 32, device=device), torch.randint(0, 10, (128,), device=device)
+    models = {"dense": build(arch, 0, None).to(device), "three-conv": build(arch, rank, None).to(device),
+              "as built (auto)": build(arch, rank, None).to(device), "tuned plans": build(arch, rank, None).to(device)}
     for m in models["three-conv"].modules():
         if hasattr(m, "set_plan"):
             m.set_plan("separable")
@@ -86,6 +86,8 @@ def train_step_ratio(arch: str, rank: int, repeats: int) -> dict:
             opts[k].zero_grad()
             loss.backward()
             opts[k].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             if i:
                 times[k].append(time.perf_counter() - start)
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
@@ -97,12 +99,18 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="also time training steps (VGG-16-BN r8, ResNet-56 r4)")
     parser.add_argument("--train-only", action="store_true", help="only the training steps")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--device", default="cpu", help="training steps on this device (cuda: skipped without a GPU)")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"{args.device}: no CUDA device on this machine; GPU figures skipped")
+        return
+    device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     rows = [] if args.train_only else inference_rows(args.repeats)
     args.train = args.train or args.train_only
-    print("| config | batch × input | MACs ÷ | dense | three-conv | deployed | deployed vs dense | vs three-conv | target |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if rows:
+        print("| config | batch × input | MACs ÷ | dense | three-conv | deployed | deployed vs dense | vs three-conv | target |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         target = min(8.0, max(1.0, 0.6 * r["macs_factor"]))
         speed = r["dense_ms"] / r["deployed_ms"]
@@ -113,7 +121,7 @@ def main() -> None:
         print("\n| training step, batch 128, 32×32 | dense | three-conv | as built (auto) | tuned plans | auto / dense | target |")
         print("|---|---|---|---|---|---|---|")
         for arch, rank in TRAIN_CASES:
-            t = train_step_ratio(arch, rank, args.repeats)
+            t = train_step_ratio(arch, rank, args.repeats, device)
             ratio = t["as built (auto)"] / t["dense"]
             print(f"| {arch} rank {rank} | {t['dense']:.0f} ms | {t['three-conv']:.0f} ms ({t['three-conv'] / t['dense']:.2f}×) "
                   f"| {t['as built (auto)']:.0f} ms | {t['tuned plans']:.0f} ms ({t['tuned plans'] / t['dense']:.2f}×) "

@@ -1,0 +1,59 @@
+"""Whole-model and large-kernel decomposition times, and the same on a GPU when there is one.
+
+    .venv/bin/python benchmarks/decompose_speed.py                 # CPU
+    .venv/bin/python benchmarks/decompose_speed.py --device cuda   # prints a line and stops without a GPU
+
+Rows: ResNet-50 and VGG-16-BN decomposed at rank 8 (every k×k conv; layers of
+equal shape go through one batched CP-ALS call), a ViT-B/32 patch embedding
+(768, 3, 32, 32) at rank 8 (a large kernel on few channels), and pabs selection
+of a 512-filter layer.  Random weights: the hardest case for a low-rank fit.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import norton
+from norton.compression.criteria import greedy_eliminate, pabs_distances
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"{args.device}: no CUDA device on this machine; GPU figures skipped")
+        return
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"device {device}, torch threads {torch.get_num_threads()}")
+    for arch in ("resnet_50", "vgg_16_bn"):
+        model = norton.create_model(arch).to(device)
+        report, seconds = timed(lambda: norton.decompose(model, 8, progress=False), device)
+        print(f"{arch} rank 8: {len(report.layers)} layers in {seconds:.2f} s, mean NMSE {report.mean_nmse:.4f}")
+    weight = (torch.randn(768, 3, 32, 32) * (2.0 / (3 * 1024)) ** 0.5).to(device)
+    result, seconds = timed(lambda: norton.cp_als(weight, 8), device)
+    print(f"ViT-B/32 patch embedding (768, 3, 32, 32) rank 8: {seconds:.2f} s, {result.n_iter} sweeps, "
+          f"mean NMSE {float(norton.nmse(weight, result.factors).mean()):.4f}")
+    factors = tuple(f.to(device) for f in (torch.randn(512, 512, 8), torch.randn(512, 3, 8), torch.randn(512, 3, 8)))
+    _, seconds = timed(lambda: greedy_eliminate(pabs_distances(factors), 256), device)
+    print(f"pabs + greedy selection, 512 filters, C_in 512, rank 8: {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
