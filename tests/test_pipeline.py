@@ -52,6 +52,21 @@ def test_compress_end_to_end(baseline, tmp_path, capsys):
     assert record["top1"] == pytest.approx(summary["final"]["top1"])
 
 
+def test_compress_distils_from_the_uncompressed_model(baseline, tmp_path):
+    run = tmp_path / "kd"
+    assert main(["compress", "--ckpt", str(baseline), "-r", "3", "--amount", "0.5", "--criterion", "l2", "--data", "digits",
+                 "--epochs", "1", "--batch-size", "64", "--lr", "0.02", "--warmup-epochs", "0", "--distill", "0.5",
+                 "--temperature", "3", "--run-dir", str(run), "--device", "cpu"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["finetune"]["distill"] == 0.5 and summary["config"]["finetune"]["temperature"] == 3.0
+    assert summary["final"]["top1"] > 50
+    # finetune takes the teacher from a checkpoint; without one --distill is refused
+    ft = ["finetune", "--ckpt", str(run / "pruned.pt"), "--data", "digits", "--epochs", "1", "--batch-size", "64",
+          "--warmup-epochs", "0", "--distill", "0.5", "--device", "cpu"]
+    assert main(ft + ["--run-dir", str(tmp_path / "ft0")]) == 2
+    assert main(ft + ["--teacher", str(baseline), "--run-dir", str(tmp_path / "ft1")]) == 0
+
+
 @pytest.mark.parametrize("args,match", [
     (["evaluate", "--ckpt", "x.pt", "--data", "mnist"], "does not exist"),
     (["train", "--arch", "resnet_20", "--data", "mnist", "--run-dir", "r"], "unknown dataset 'mnist'"),

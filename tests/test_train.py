@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from norton import NortonError, create_model
 from norton.checkpoints import load_checkpoint, load_model
 from norton.training import (
     TrainConfig,
+    classification_loss,
     evaluate,
     fit,
     load_dataset,
@@ -155,3 +157,36 @@ def test_devices():
     if not torch.cuda.is_available():
         with pytest.raises(NortonError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_distillation_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    config = TrainConfig(distill=0.3, temperature=2.0)
+    s, t = student.numpy(), teacher.numpy()
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    ce = -np.mean(np.log(softmax(s)[np.arange(5), labels.numpy()]))
+    p_t, p_s = softmax(t / 2.0), softmax(s / 2.0)
+    kl = np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=1))
+    expected = 0.7 * ce + 0.3 * 4.0 * kl
+    assert float(classification_loss(student, labels, config, teacher)) == pytest.approx(expected, rel=1e-12)
+    assert float(classification_loss(student, labels, TrainConfig(), teacher)) == pytest.approx(ce, rel=1e-12)
+
+
+def test_distillation_needs_a_teacher_and_trains_with_one(tmp_path):
+    train, val = split_validation(load_dataset("digits", None, "train"), 200)
+    model = create_model("resnet_20", in_channels=1)
+    config = TrainConfig(epochs=1, batch_size=128, warmup_epochs=0, distill=0.5)
+    with pytest.raises(NortonError, match="needs a teacher"):
+        fit(model, train, val, config, str(tmp_path / "a"), device=torch.device("cpu"), progress=False)
+    teacher = create_model("resnet_20", in_channels=1)
+    result = fit(model, train, val, config, str(tmp_path / "b"), device=torch.device("cpu"), progress=False,
+                 teacher=teacher)
+    assert result.history[0]["train_loss"] > 0 and all(not p.requires_grad for p in teacher.parameters())
+    with pytest.raises(NortonError, match="distillation weight must be in"):
+        TrainConfig(distill=1.5).validate()

@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the initial weights follow the seed too
     model = create_model(args.arch, rank=args.rank, compress_rate=args.compress_rate,
                          num_classes=classes, in_channels=channels)
-    _fit_and_save(args, model, (train, val, test), device, ddp, stage="train")
+    _fit_and_save(args, model, (train, val, test), device, ddp, stage="train", teacher=_teacher(args))
     return 0
 
 
@@ -46,15 +46,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     device, ddp = device_and_processes(args)
     model = model_from_args(args).model
     train, val, test = load_splits(args)
-    _fit_and_save(args, model, (train, val, test), device, ddp, stage="finetune")
+    _fit_and_save(args, model, (train, val, test), device, ddp, stage="finetune", teacher=_teacher(args))
     return 0
 
 
-def _fit_and_save(args: argparse.Namespace, model, splits, device, ddp, *, stage: str) -> None:
+def _teacher(args: argparse.Namespace):
+    """The model of ``--teacher`` (a norton checkpoint), for ``--distill``."""
+    if not args.teacher:
+        return None
+    return model_from_args(argparse.Namespace(ckpt=args.teacher)).model
+
+
+def _fit_and_save(args: argparse.Namespace, model, splits, device, ddp, *, stage: str, teacher=None) -> None:
     """Train, keep the best validation epoch, evaluate on the test set, write model.pt."""
     train, val, test = splits
     result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,
-                 overwrite=args.overwrite, extra={"stage": stage, "data": args.data}, ddp=ddp)
+                 overwrite=args.overwrite, extra={"stage": stage, "data": args.data}, ddp=ddp, teacher=teacher)
     load_best(model, args.run_dir)
     metrics = evaluate(model, test, device=device, ddp=ddp)
     if ddp.main:
@@ -87,12 +94,14 @@ def register(sub) -> None:
     p.add_argument("--arch", "-a", required=True)
     p.add_argument("-r", "--rank", type=rank, default=0)
     p.add_argument("-cpr", "--compress-rate", default=None)
+    p.add_argument("--teacher", default=None, help="norton checkpoint of a teacher model, for --distill")
     add_data_args(p)
     add_train_args(p)
 
     p = add_command(sub, "finetune", cmd_finetune, "fine-tune a norton checkpoint",
                     "norton finetune --ckpt pruned.pt --data cifar10 --data-dir ~/data --run-dir runs/ft")
     p.add_argument("--ckpt", required=True)
+    p.add_argument("--teacher", default=None, help="norton checkpoint of the uncompressed model, for --distill")
     add_data_args(p)
     add_train_args(p)
 

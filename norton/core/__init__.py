@@ -1,12 +1,12 @@
 """The bottom layer: CP decomposition, the CPDBlock and its execution plans,
 layers shared by models and pruning, MAC/param counting, module surgery and
 the compress-rate grammar.  Imports nothing else of norton but its errors."""
-from norton.core.counting import Complexity, complexity, count_macs, count_params
 from norton.core.compress_rate import (
     fit_compress_rate,
     format_compress_rate,
     parse_compress_rate,
 )
+from norton.core.counting import Complexity, complexity, count_macs, count_params
 from norton.core.cp import CPResult, Factors, cp_als, cp_decompose, nmse, reconstruct
 from norton.core.cpd_block import PLANS, CPDBlock, plan_override
 from norton.core.layers import ChannelPadShortcut

@@ -3,6 +3,7 @@ classification loop, and ``compress`` (decompose → prune → fine-tune)."""
 from norton.training.classification import (
     FitResult,
     TrainConfig,
+    classification_loss,
     evaluate,
     fit,
     load_best,
@@ -25,6 +26,6 @@ from norton.training.pipeline import CompressConfig, compress
 
 __all__ = [
     "DATASETS", "ArrayDataset", "CompressConfig", "Distributed", "FitResult", "TrainConfig", "TrainingRun",
-    "compress", "epoch_batches", "evaluate", "fit", "init_distributed", "input_size_of", "limit", "load_best",
+    "classification_loss", "compress", "epoch_batches", "evaluate", "fit", "init_distributed", "input_size_of", "limit", "load_best",
     "load_dataset", "lr_factor", "num_batches", "recalibrate_bn", "resolve_device", "split_validation",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from norton.checkpoints import load_checkpoint, save_checkpoint
@@ -41,6 +41,8 @@ class TrainConfig:
     warmup_start: float = 0.01  # the warm-up starts at lr × this
     label_smoothing: float = 0.0
     seed: int = 0
+    distill: float = 0.0  # weight of the distillation term (0: plain cross-entropy; needs a teacher)
+    temperature: float = 4.0  # of the distillation softmaxes
 
     def validate(self) -> None:
         checks = [
@@ -51,10 +53,25 @@ class TrainConfig:
             (self.weight_decay >= 0, "weight decay must be >= 0"),
             (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "warm-up epochs must be an integer >= 0"),
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+            (0 <= self.distill <= 1, "the distillation weight must be in [0, 1]"),
+            (self.temperature > 0 and math.isfinite(self.temperature), "the distillation temperature must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise NortonError(f"{message}; got {asdict(self)}")
+
+
+def classification_loss(logits: Tensor, labels: Tensor, config: TrainConfig, teacher_logits: Tensor | None = None) -> Tensor:
+    """Cross-entropy (with label smoothing), or with a teacher
+    ``(1 − w)·CE + w·T²·KL(softmax(teacher/T) ‖ softmax(logits/T))`` (Hinton et al.;
+    the T² keeps the gradient scale of the soft term independent of T)."""
+    ce = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+    if teacher_logits is None or config.distill == 0:
+        return ce
+    t = config.temperature
+    kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return (1.0 - config.distill) * ce + config.distill * t * t * kl
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_start: float) -> float:
@@ -149,11 +166,20 @@ def fit(
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     ddp: Distributed | None = None,
+    teacher: nn.Module | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; ``run_dir`` receives last.pt, best.pt, metrics.jsonl."""
+    """Train ``model`` in place; ``run_dir`` receives last.pt, best.pt, metrics.jsonl.
+
+    With ``config.distill > 0`` the ``teacher`` (e.g. the uncompressed model; kept
+    in eval mode, never updated) adds a distillation term to the loss."""
     config.validate()
+    if config.distill > 0 and teacher is None:
+        raise NortonError(f"distillation weight {config.distill} needs a teacher model (the uncompressed one); "
+                          "pass teacher=... or set distill=0")
     ddp = ddp or Distributed()
     model.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
     steps_per_epoch = num_batches(train_data, config.batch_size)
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     run = TrainingRun(run_dir, model, _optimizer(model, config),
@@ -177,7 +203,9 @@ def fit(
         for step, (images, labels) in enumerate(bar):
             images, labels = images.to(device), labels.to(device)
             logits = net(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+            with torch.no_grad():
+                teacher_logits = teacher(images) if teacher is not None and config.distill > 0 else None
+            loss = classification_loss(logits, labels, config, teacher_logits)
             if ddp.world_size > 1:  # DDP averages rank means; weigh them so the result is the global mean
                 global_n = min(config.batch_size, len(train_data) - step * config.batch_size)
                 weighted = loss * (labels.numel() * ddp.world_size / global_n)

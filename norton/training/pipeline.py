@@ -8,6 +8,7 @@ loaded from their checkpoints instead of being redone.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,7 @@ def compress(
 ) -> dict[str, Any]:
     """Compress a trained ``model`` with NORTON; returns (and writes) the summary."""
     ddp = ddp or Distributed()
+    teacher = copy.deepcopy(model) if config.finetune.distill > 0 else None  # the uncompressed model teaches
     summary_path = os.path.join(run_dir, "summary.json")
     stage_files = {s: os.path.join(run_dir, f"{s}.pt") for s in ("decomposed", "pruned", "final")}
     existing = [p for p in stage_files.values() if os.path.exists(p)]
@@ -135,7 +137,7 @@ def compress(
         finetune_dir = os.path.join(run_dir, "finetune")
         resuming = resume and os.path.exists(os.path.join(finetune_dir, "last.pt"))
         result = fit(model, train, val, config.finetune, finetune_dir, device=device, resume=resuming,
-                     overwrite=not resuming, progress=progress, extra={"stage": "finetune"}, ddp=ddp)
+                     overwrite=not resuming, progress=progress, extra={"stage": "finetune"}, ddp=ddp, teacher=teacher)
         load_best(model, finetune_dir)
         final = _measure(model, test, device, ddp)
         final["best_epoch"] = result.best_epoch
