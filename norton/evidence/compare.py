@@ -271,6 +271,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     baseline.to(device).eval()
     base_cx = complexity(baseline, list(INPUT))
     base_test = evaluate(baseline, test, device=device)
+    teacher = copy.deepcopy(baseline) if budget.finetune.distill > 0 else None  # the same teacher for every method
     ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *INPUT), budget=budget)
 
     results = []
@@ -297,7 +298,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                 else:
                     print(f"\n{method.label} at {target:.0%} fewer MACs, seed {seed}: {built[1]}")
                     result = _run_one(model, built[1], method, target, seed, train, val, test, budget, run_dir,
-                                      device, progress, resume, build_seconds)
+                                      device, progress, resume, build_seconds, teacher)
                     atomic_write_text(result_path, json.dumps(result, indent=1))
                 results.append(result)
                 finals.setdefault((name, target), model)
@@ -333,7 +334,7 @@ def _budget_dict(budget: CompareBudget) -> dict:
 
 
 def _run_one(model, configuration, method, target, seed, train, val, test, budget, run_dir, device, progress,
-             resume, build_seconds) -> dict:
+             resume, build_seconds, teacher=None) -> dict:
     cx = complexity(model, list(INPUT))
     raw = evaluate(model, test, device=device)
     recalibrate_bn(model, train, device=device, num_images=budget.recalibration_images, seed=seed)
@@ -342,7 +343,7 @@ def _run_one(model, configuration, method, target, seed, train, val, test, budge
     finetune_dir = os.path.join(run_dir, "finetune")
     fit(model, train, val, config, finetune_dir, device=device, progress=progress,
         resume=resume and os.path.exists(os.path.join(finetune_dir, "last.pt")),
-        overwrite=not resume, extra={"stage": f"compare {method.name} {target}"})
+        overwrite=not resume, extra={"stage": f"compare {method.name} {target}"}, teacher=teacher)
     load_best(model, finetune_dir)
     final = evaluate(model, test, device=device)
     return {"method": method.name, "label": method.label, "family": method.family, "target": target, "seed": seed,
