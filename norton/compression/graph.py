@@ -1,0 +1,136 @@
+"""The coupled channel groups of a model, from torch-pruning's dependency graph.
+
+A group is one set of output channels that must be pruned together (a conv
+and its BatchNorm, both sides of a residual add, a concatenation, the inputs
+of the consumers); norton keeps, per group, its convs and CPDBlocks, the
+torch-pruning group and, after selection, the ordered kept channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from norton.compression.pruners import CUSTOM_PRUNERS
+from norton.core import CPDBlock
+from norton.core.surgery import as_args, flatten_tensors
+from norton.errors import NortonError
+
+ROOT_TYPES = (nn.Conv2d, CPDBlock)
+
+
+@dataclass
+class GroupPruning:
+    """One set of coupled output channels and what was kept of it."""
+
+    root: str  # first conv of the group, in network order
+    layers: list[str]  # every conv / CPDBlock whose output channels form the group
+    total: int
+    kept: list[int] = field(default_factory=list)  # original indices, in their new order
+    criterion: str = ""  # what decided: the criterion, "l2 (no CP factors)", "placement", "unpruned"
+
+    @property
+    def width(self) -> int:
+        return len(self.kept)
+
+
+def modules_feeding_output(model: nn.Module, example_inputs) -> set[nn.Module]:
+    """Modules whose output tensor *is* (shares storage with) a model output:
+    their channels are the model's output channels and must not change."""
+    produced: list[tuple[Tensor, nn.Module]] = []  # tensors kept alive so storages are not reused
+
+    def hook(module, _inputs, output):
+        produced.extend((t, module) for t in flatten_tensors(output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(*as_args(example_inputs))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    out_storages = {t.untyped_storage().data_ptr() for t in flatten_tensors(outputs)}
+    return {m for t, m in produced if t.untyped_storage().data_ptr() in out_storages}
+
+
+def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph with norton's pruners, traced in eval mode
+    (so tracing never touches BatchNorm statistics).  Frozen parameters are
+    traced too: torch-pruning follows autograd, which skips them otherwise."""
+    was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    model.eval()
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, customized_pruners=CUSTOM_PRUNERS, verbose=False
+            )
+    except NortonError:
+        raise
+    except Exception as err:  # tracing failures come from arbitrary user models
+        raise NortonError(
+            f"the model cannot be traced with the given example input ({type(err).__name__}: {err}); "
+            "pass example_inputs the model's forward accepts"
+        ) from None
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
+
+
+@dataclass
+class CoupledGroup:
+    """One coupled group while it is being pruned: the report entry, every member
+    (in- and out-channel), the convs that produce its channels, and the target width."""
+
+    info: GroupPruning
+    root_module: nn.Module
+    members: list[tuple[nn.Module, bool, list[int], list[int]]]  # (module, is_out, its idxs, root idxs)
+    convs: list[tuple[str, nn.Module]]  # output-channel convs / CPDBlocks with names
+    target: int = 0
+    dependencies: Any = None  # the torch-pruning group, for criteria that score it whole
+
+
+def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, ignored_layers=()) -> tuple[list[CoupledGroup], dict[str, str]]:
+    names = {m: n for n, m in model.named_modules()}
+    order = {n: i for i, n in enumerate(names.values())}
+    output_modules = modules_feeding_output(model, example_inputs)
+    ignored = set(ignored_layers)
+    groups, skipped = [], {}
+    for group in graph.get_all_groups(root_module_types=ROOT_TYPES):
+        members, convs = [], []
+        for item in group:
+            dep, module = item.dep, item.dep.target.module
+            if not isinstance(module, nn.Module):
+                continue
+            is_out = graph.is_out_channel_pruning_fn(dep.handler)
+            members.append((module, is_out, list(item.idxs), list(item.root_idxs)))
+            if is_out and isinstance(module, ROOT_TYPES) and module in names:
+                convs.append((names[module], module))
+        if not convs:
+            continue
+        convs.sort(key=lambda nc: order[nc[0]])
+        root_name, root = convs[0]
+        total = root.out_channels
+        reason = None
+        if any(m in ignored for m, is_out, *_ in members if is_out):  # an ignored layer keeps its outputs;
+            reason = "ignored layer"  # its inputs follow the layers that produce them (torch-pruning's rule)
+        elif any(m in output_modules for m, is_out, *_ in members if is_out):
+            reason = "its channels are model outputs"
+        elif any(isinstance(m, nn.Conv2d) and 1 < m.groups for m, *_ in members):
+            reason = "grouped convolution"
+        if reason:
+            skipped[root_name] = reason
+            continue
+        info = GroupPruning(root=root_name, layers=[n for n, _ in convs], total=total)
+        groups.append(CoupledGroup(info=info, root_module=root, members=members, convs=convs, dependencies=group))
+    groups.sort(key=lambda g: order[g.info.root])
+    return groups, skipped

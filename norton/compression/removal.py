@@ -1,0 +1,77 @@
+"""Model surgery: remove the channels not kept, then put the kept ones in order.
+
+torch-pruning's pruners (and norton's, for CPDBlock, the option-A shortcut and
+FrozenBatchNorm2d) cut every coupled layer; reordering follows the selection's
+planned order so that option-A shortcuts place channels where the original did.
+"""
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from norton.compression.graph import CoupledGroup
+from norton.compression.pruners import select_cpd_in_channels, select_cpd_out_channels
+from norton.core import ChannelPadShortcut, CPDBlock
+from norton.errors import NortonError
+
+
+def _permute(module: nn.Module, is_out: bool, perm: list[int]) -> None:
+    index = torch.as_tensor(perm, dtype=torch.long)
+
+    def take(t: Tensor, dim: int) -> Tensor:
+        return t.index_select(dim, index.to(t.device))
+
+    with torch.no_grad():
+        if isinstance(module, CPDBlock):
+            (select_cpd_out_channels if is_out else select_cpd_in_channels)(module, perm)
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
+            dim = 0 if (is_out or depthwise) else 1
+            module.weight.data = take(module.weight.data, dim)
+            if dim == 0 and module.bias is not None:
+                module.bias.data = take(module.bias.data, 0)
+        elif isinstance(module, (nn.modules.batchnorm._NormBase,)) or type(module).__name__ == "FrozenBatchNorm2d":
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(module, name, None)
+                if t is not None:
+                    t.data = take(t.data, 0)
+        elif isinstance(module, ChannelPadShortcut) or not list(module.parameters(recurse=False)):
+            return
+        else:
+            raise NortonError(f"cannot reorder the channels of a {type(module).__name__}")
+
+
+def apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> None:
+    """Remove the channels not kept, then put the kept ones in their planned order.
+    Frozen parameters stay frozen (torch-pruning's pruners make new, trainable ones)."""
+    frozen = {(module, name) for g in groups for module, *_ in g.members
+              for name, p in module.named_parameters(recurse=False) if not p.requires_grad}
+    _apply_selection(graph, groups)
+    for module, name in frozen:
+        getattr(module, name).requires_grad_(False)
+
+
+def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> None:
+    for g in groups:
+        keep = g.info.kept
+        removed = sorted(set(range(g.info.total)) - set(keep))
+        if removed:
+            pruner = graph.get_pruner_of_module(g.root_module)
+            group = graph.get_pruning_group(g.root_module, pruner.prune_out_channels, removed)
+            if not graph.check_pruning_group(group):
+                raise NortonError(f"pruning {len(removed)} of {g.info.total} filters of {g.info.root} would leave a layer empty")
+            group.prune()
+        ordered = sorted(keep)
+        if keep != ordered:
+            position = {k: i for i, k in enumerate(ordered)}
+            perm = [position[k] for k in keep]
+            seen = set()
+            for module, is_out, idxs, root_idxs in g.members:
+                key = (id(module), is_out)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if idxs != root_idxs:
+                    raise NortonError(f"cannot reorder the channels of group {g.info.root}: they pass through a concatenation")
+                _permute(module, is_out, perm)

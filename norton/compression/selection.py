@@ -1,0 +1,184 @@
+"""Which filters of every coupled group stay: targets (how many) and selection (which).
+
+Targets come from a zoo compress rate, a ``{layer: rate}`` dict or one amount.
+Selection scores the group with a criterion — factor-based (summed over the
+group's CPDBlocks) or per-filter — and respects the fixed channel placement of
+option-A (zero-padding) shortcuts.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from norton.compression.criteria import (
+    get_criterion,
+    greedy_eliminate,
+    normalized_sum,
+    top_scores,
+)
+from norton.compression.graph import CoupledGroup
+from norton.core import ChannelPadShortcut, CPDBlock
+from norton.errors import NortonError
+from norton.models import create_model
+
+
+def _keep_count(total: int, rate: float, where: str) -> int:
+    if not 0.0 <= rate < 1.0:
+        raise NortonError(f"rate {rate!r} for {where} is outside [0, 1)")
+    keep = int(total * (1.0 - rate))
+    if keep < 1:
+        raise NortonError(f"rate {rate!r} would remove every filter of {where} ({total} filters)")
+    return keep
+
+
+def set_zoo_targets(model: nn.Module, groups: list[CoupledGroup], compress_rate) -> None:
+    spec = getattr(model, "norton_spec", None)
+    if not spec:
+        raise NortonError(
+            "a compress-rate list needs a zoo model (norton.create_model); for other models "
+            "give a dict {module name: rate}, an amount, or target_macs"
+        )
+    kwargs = {k: v for k, v in spec.items() if k not in ("arch", "rank", "compress_rate")}
+    reference = create_model(spec["arch"], rank=0, compress_rate=compress_rate, **kwargs)
+    for g in groups:
+        target = reference.get_submodule(g.info.root).out_channels
+        if target > g.info.total:
+            raise NortonError(
+                f"layer {g.info.root} has {g.info.total} filters, fewer than the {target} that "
+                f"compress rate {compress_rate!r} asks for; was the model pruned already?"
+            )
+        g.target = target
+
+
+def set_dict_targets(model: nn.Module, groups: list[CoupledGroup], rates: Mapping[str, float], skipped: Mapping[str, str]) -> None:
+    by_layer = {name: g for g in groups for name in g.info.layers}
+    known = {n for n, _ in model.named_modules()}
+    for g in groups:
+        g.target = g.info.total
+    chosen: dict[int, tuple[str, float]] = {}
+    for name, rate in rates.items():
+        if name not in known:
+            raise NortonError(f"the model has no module named {name!r}")
+        if name in skipped:
+            raise NortonError(f"layer {name!r} cannot be pruned: {skipped[name]}")
+        if name not in by_layer:
+            raise NortonError(f"{name!r} is not a prunable convolution (Conv2d with groups=1 or CPDBlock)")
+        g = by_layer[name]
+        if id(g) in chosen and chosen[id(g)][1] != rate:
+            other = chosen[id(g)][0]
+            raise NortonError(
+                f"{name!r} and {other!r} share their output channels (coupled by an add or concat) "
+                f"but got different rates {rate!r} and {chosen[id(g)][1]!r}"
+            )
+        chosen[id(g)] = (name, rate)
+        g.target = _keep_count(g.info.total, float(rate), f"layer {name!r}")
+
+
+def set_amount_targets(groups: list[CoupledGroup], amount: float) -> None:
+    for g in groups:
+        g.target = _keep_count(g.info.total, amount, f"layer {g.info.root!r}")
+
+
+# -- selection ----------------------------------------------------------------------------
+def _dense_weight(module: nn.Module) -> Tensor:
+    return module.dense_weight() if isinstance(module, CPDBlock) else module.weight
+
+
+def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
+    """(kind, matrix or scores, label) for the group under the criterion."""
+    criterion = get_criterion(criterion_name)
+    if criterion.on_group:
+        with torch.no_grad():
+            scores = criterion.compute(g.dependencies)
+        if scores.numel() != g.info.total:
+            raise NortonError(f"criterion {criterion.name!r} gave {scores.numel()} scores for the {g.info.total} channels of {g.info.root}")
+        return "score", scores, criterion.name
+    if criterion.needs_factors:
+        blocks = [m for _, m in g.convs if isinstance(m, CPDBlock)]
+        if blocks:
+            with torch.no_grad():
+                matrix = normalized_sum([criterion.compute(b.factors()) for b in blocks])
+            return criterion.kind, matrix, criterion.name
+        plain = [(n, m) for n, m in g.convs if m.kernel_size[0] * m.kernel_size[1] > 1]
+        if plain:
+            raise NortonError(
+                f"criterion {criterion.name!r} needs CP factors but layer {plain[0][0]!r} is a plain "
+                f"{plain[0][1].kernel_size[0]}×{plain[0][1].kernel_size[1]} conv; decompose the model "
+                "first (norton.decompose) or use criterion 'l2' or 'random'"
+            )
+        criterion = get_criterion("l2")  # 1×1 convs have no CP factors: L2 norm, as in the paper
+        label = "l2 (no CP factors)"
+    else:
+        label = criterion.name
+    with torch.no_grad():
+        scores = normalized_sum([criterion.compute(_dense_weight(m), seed=seed) for _, m in g.convs])
+    return "score", scores, label
+
+
+def _select(g: CoupledGroup, criterion: str, seed: int, *, protected=(), allowed=None) -> tuple[list[int], str]:
+    if g.target == g.info.total and not protected and allowed is None:
+        return list(range(g.info.total)), "unpruned"
+    kind, values, label = _group_scores(g, criterion, seed)
+    if kind == "score":
+        return top_scores(values, g.target, protected=protected, allowed=allowed), label
+    return greedy_eliminate(values, g.target, similarity=kind == "similarity", protected=protected, allowed=allowed), label
+
+
+def _shortcut_edges(groups: list[CoupledGroup]) -> list[tuple[ChannelPadShortcut, CoupledGroup, CoupledGroup]]:
+    """(shortcut, group of its input channels, group of its output channels)."""
+    where_in, where_out = {}, {}
+    for g in groups:
+        for m, is_out, *_ in g.members:
+            if isinstance(m, ChannelPadShortcut):
+                (where_out if is_out else where_in)[m] = g
+    return [(s, where_in[s], where_out[s]) for s in where_out if s in where_in]
+
+
+def plan_selection(groups: list[CoupledGroup], criterion: str, seed: int = 0, progress: bool = False) -> None:
+    """Fill every group's ordered ``kept`` list.
+
+    Across an option-A shortcut P -> Q (fixed offset ``off`` of P's channels
+    inside Q), the pruned shortcut places P's kept channels centred in Q, so:
+    if Q keeps at least as many channels as P, P's kept channels (shifted by
+    ``off``) are pinned in the middle of Q and the rest of Q is chosen by the
+    criterion; if Q keeps fewer, Q is chosen among P's kept channels and P is
+    reordered so that they sit in its middle (or, when P's order is itself
+    pinned, Q takes P's middle).  The result computes what the original model
+    computes on the kept channels.
+    """
+    incoming = {id(q): (s, p) for s, p, q in _shortcut_edges(groups)}
+    pinned_order: set[int] = set()  # groups whose order is constrained
+    for g in tqdm(groups, desc="select", unit="group", disable=not progress):
+        edge = incoming.get(id(g))
+        if edge is None:
+            g.info.kept, g.info.criterion = _select(g, criterion, seed)
+            continue
+        shortcut, p = edge
+        off = shortcut.before
+        w_p, w_q = p.target, g.target
+        before = (w_q - w_p) // 2
+        shifted = [k + off for k in p.info.kept]
+        if any(not 0 <= s < g.info.total for s in shifted):
+            raise NortonError(f"shortcut into {g.info.root}: channels do not fit the original placement")
+        pinned_order.add(id(g))
+        if w_q >= w_p:
+            kept, label = _select(g, criterion, seed, protected=shifted)
+            free = [k for k in kept if k not in set(shifted)]
+            g.info.kept = free[:before] + shifted + free[before:]
+            g.info.criterion = label + " (+ shortcut placement)"
+        elif id(p) not in pinned_order:
+            chosen, label = _select(g, criterion, seed, allowed=shifted)
+            sources = [c - off for c in chosen]
+            rest = [k for k in p.info.kept if k not in set(sources)]
+            crop = -before
+            p.info.kept = rest[:crop] + sources + rest[crop:]
+            pinned_order.add(id(p))
+            g.info.kept = chosen
+            g.info.criterion = label + " (+ shortcut placement)"
+        else:
+            crop = -before
+            g.info.kept = [k + off for k in p.info.kept[crop:crop + w_q]]
+            g.info.criterion = "placement (forced by the shortcut)"
