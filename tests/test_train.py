@@ -190,3 +190,24 @@ def test_distillation_needs_a_teacher_and_trains_with_one(tmp_path):
     assert result.history[0]["train_loss"] > 0 and all(not p.requires_grad for p in teacher.parameters())
     with pytest.raises(NortonError, match="distillation weight must be in"):
         TrainConfig(distill=1.5).validate()
+
+
+def test_a_run_started_before_a_setting_existed_resumes_when_the_setting_has_its_default(digits, tmp_path):
+    """Runs of norton 0.1.0 have no distill/temperature in their saved settings."""
+    from norton.checkpoints import atomic_save
+    from norton.checkpoints.files import content_hash
+
+    train, val, _ = digits
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.05, warmup_epochs=0)
+    fit(create_model("resnet_20", in_channels=1), train, val, config, str(tmp_path), device=CPU, progress=False)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    for key in ("distill", "temperature"):
+        del ckpt["train_state"]["config"][key]
+    ckpt["sha256"] = content_hash(ckpt)
+    atomic_save(ckpt, tmp_path / "last.pt")
+    fit(create_model("resnet_20", in_channels=1), train, val, config, str(tmp_path), device=CPU, progress=False,
+        resume=True)
+    with pytest.raises(NortonError, match="different settings"):
+        fit(create_model("resnet_20", in_channels=1), train, val, TrainConfig(epochs=1, batch_size=128, lr=0.05,
+            warmup_epochs=0, distill=0.5), str(tmp_path), device=CPU, progress=False, resume=True,
+            teacher=create_model("resnet_20", in_channels=1))

@@ -185,7 +185,7 @@ def fit(
     run = TrainingRun(run_dir, model, _optimizer(model, config),
                       lambda step, epoch: lr_factor(step, total, warmup, config.warmup_start),
                       settings=asdict(config), resume=resume, overwrite=overwrite, ddp=ddp,
-                      outputs=("last.pt", "best.pt", "metrics.jsonl"))
+                      outputs=("last.pt", "best.pt", "metrics.jsonl"), defaults=asdict(TrainConfig()))
     start_epoch, best_epoch, best_val = 0, -1, {"top1": -1.0}
     if run.state:
         start_epoch, best_epoch, best_val = run.state["epoch"] + 1, run.state["best_epoch"], run.state["best_val"]

@@ -38,15 +38,17 @@ class TrainingRun:
     """A resumable training run in ``run_dir`` (see the module docstring).
 
     ``settings`` are the run's configuration as plain data: a run resumes only
-    with the settings it was started with.  ``outputs`` are the files a fresh
+    with the settings it was started with (a setting added by a later version
+    counts as unchanged when it has its ``defaults`` value).  ``outputs`` are the files a fresh
     run removes when ``overwrite`` is given.
     """
 
     def __init__(self, run_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, lr_at: LrFactor, *,
                  settings: dict[str, Any], resume: bool = False, overwrite: bool = False, ddp: Distributed | None = None,
-                 outputs: tuple[str, ...] = ("last.pt", "metrics.jsonl"), kind: str = "run") -> None:
+                 outputs: tuple[str, ...] = ("last.pt", "metrics.jsonl"), kind: str = "run",
+                 defaults: dict[str, Any] | None = None) -> None:
         self.run_dir, self.model, self.optimizer, self.lr_at = run_dir, model, optimizer, lr_at
-        self.settings, self.kind = settings, kind
+        self.settings, self.kind, self.defaults = settings, kind, defaults or {}
         self.ddp = ddp or Distributed()
         self.last = os.path.join(run_dir, "last.pt")
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -89,7 +91,8 @@ class TrainingRun:
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.last)
         state = ckpt["train_state"]
-        if state.get("config") != self.settings:
+        started = {**self.defaults, **(state.get("config") or {})}
+        if {k: started.get(k) for k in self.settings} != self.settings:
             raise NortonError(f"cannot resume {self.run_dir!r} with different settings: "
                               f"it was started with {state.get('config')}")
         self.model.load_state_dict(ckpt["state_dict"])
