@@ -10,7 +10,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, write_png
 
 from norton.checkpoints import atomic_write_text
-from norton.cli.common import FORMATTER, key_value, model_from_args, rank
+from norton.cli.common import add_command, key_value, model_from_args, rank
 from norton.detection import (
     DETECTORS,
     CocoData,
@@ -97,13 +97,11 @@ def cmd_detect_train(args: argparse.Namespace) -> int:
 
 def _load_detector(args: argparse.Namespace):
     loaded = model_from_args(args)
-    model, ckpt, path = loaded.model, loaded.checkpoint, args.ckpt
-    if ckpt is None:
-        raise NortonError(f"{path!r} is not a norton checkpoint; give a detector checkpoint written by detect-train")
-    if not is_detector(model):
-        arch = (ckpt["architecture"].get("base") or {}).get("arch")
-        raise NortonError(f"checkpoint {path!r} holds a {arch}, not a detector ({', '.join(DETECTORS)})")
-    return model, ckpt
+    if loaded.checkpoint is None:
+        raise NortonError(f"{args.ckpt!r} is not a norton checkpoint; give a detector checkpoint written by detect-train")
+    if not is_detector(loaded.model):
+        raise NortonError(f"checkpoint {args.ckpt!r} holds a {loaded.arch}, not a detector ({', '.join(DETECTORS)})")
+    return loaded.model, loaded.checkpoint
 
 
 def cmd_detect_eval(args: argparse.Namespace) -> int:
@@ -151,14 +149,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    fmt = FORMATTER
-    p = sub.add_parser("detect-train", help="train Faster/Mask/Keypoint R-CNN on a NORTON ResNet-50 (COCO format)",
-                       formatter_class=fmt, epilog=(
-                           "examples:\n  norton detect-train --arch fasterrcnn_resnet50_fpn --data /data/coco "
-                           "--backbone-ckpt resnet50_norton.pt --run-dir runs/frcnn\n"
-                           "  torchrun --nproc_per_node 8 -m norton detect-train --arch maskrcnn_resnet50_fpn "
-                           "-r 4 -cpr '[0.]+[0.1]*3+[0.3]*16' --data /data/coco --run-dir runs/mrcnn\n"
-                           "  norton detect-train ... --resume   # continue from the last checkpoint"))
+    p = add_command(sub, "detect-train", cmd_detect_train,
+                    "train Faster/Mask/Keypoint R-CNN on a NORTON ResNet-50 (COCO format)",
+                    "norton detect-train --arch fasterrcnn_resnet50_fpn --data /data/coco "
+                    "--backbone-ckpt resnet50_norton.pt --run-dir runs/frcnn\n"
+                    "  torchrun --nproc_per_node 8 -m norton detect-train --arch maskrcnn_resnet50_fpn "
+                    "-r 4 -cpr '[0.]+[0.1]*3+[0.3]*16' --data /data/coco --run-dir runs/mrcnn\n"
+                    "  norton detect-train ... --resume   # continue from the last checkpoint")
     p.add_argument("--arch", "-a", required=True, choices=list(DETECTORS))
     p.add_argument("-r", "--rank", type=rank, default=0, help="CP rank of the ResNet-50 body (0: dense)")
     p.add_argument("-cpr", "--compress-rate", default=None, help="resnet_50 compress rate (20 entries)")
@@ -183,27 +180,24 @@ def register(sub) -> None:
     g.add_argument("--resume", action="store_true")
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.set_defaults(func=cmd_detect_train)
 
-    p = sub.add_parser("detect-eval", help="COCO AP/AR (pycocotools) of a detector checkpoint", formatter_class=fmt,
-                       epilog="examples:\n  norton detect-eval --ckpt runs/frcnn/final.pt --data /data/coco\n"
-                              "  norton detect-eval --ckpt final.pt --val-images imgs/ --val-ann instances.json --json")
+    p = add_command(sub, "detect-eval", cmd_detect_eval, "COCO AP/AR (pycocotools) of a detector checkpoint",
+                    "norton detect-eval --ckpt runs/frcnn/final.pt --data /data/coco\n"
+                    "  norton detect-eval --ckpt final.pt --val-images imgs/ --val-ann instances.json --json")
     p.add_argument("--ckpt", required=True)
     _coco_args(p, splits=("val",))
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_detect_eval)
 
-    p = sub.add_parser("detect", help="draw a detector's boxes, masks and keypoints on an image", formatter_class=fmt,
-                       epilog="examples:\n  norton detect --ckpt runs/mrcnn/final.pt street.jpg -o street_detections.png\n"
-                              "  norton detect --ckpt final.pt photo.png -o out.png --score-threshold 0.3")
+    p = add_command(sub, "detect", cmd_detect, "draw a detector's boxes, masks and keypoints on an image",
+                    "norton detect --ckpt runs/mrcnn/final.pt street.jpg -o street_detections.png\n"
+                    "  norton detect --ckpt final.pt photo.png -o out.png --score-threshold 0.3")
     p.add_argument("image")
     p.add_argument("--ckpt", required=True, help="a detector checkpoint written by detect-train")
     p.add_argument("-o", "--output", required=True, help="the PNG to write")
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_detect)
 
 
 def _coco_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from norton.cli.common import FORMATTER
+from norton.cli.common import add_command
 from norton.evidence import ReportPlan, run_compare, run_demo, run_report, run_showcase
 from norton.training import resolve_device
 
@@ -51,13 +51,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    fmt = FORMATTER
-    p = sub.add_parser("compare", help="NORTON vs pruning and decomposition baselines on Fashion-MNIST, side by side",
-                       formatter_class=fmt, epilog=(
-                           "examples:\n  norton compare                   # --budget small: about 30 min on 2 CPU cores\n"
-                           "  norton compare --resume          # continue an interrupted comparison\n"
-                           "  norton compare --budget full --device cuda --out runs/compare_full\n"
-                           "  norton compare --methods norton,l1,fpgm"))
+    p = add_command(sub, "compare", cmd_compare,
+                    "NORTON vs pruning and decomposition baselines on Fashion-MNIST, side by side",
+                    "norton compare                   # --budget small: about 30 min on 2 CPU cores\n"
+                    "  norton compare --resume          # continue an interrupted comparison\n"
+                    "  norton compare --budget full --device cuda --out runs/compare_full\n"
+                    "  norton compare --methods norton,l1,fpgm")
     p.add_argument("--budget", choices=("small", "full"), default="small")
     p.add_argument("--methods", default=None, help="comma-separated subset of: norton, norton-random, norton-l2, "
                                                    "cp-only, l1, fpgm, tltorch-cp, tltorch-tucker2")
@@ -65,13 +64,12 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("report", help="rank sweep, rank × pruning grid, Pareto curve and Grad-CAM figures (Markdown + PNG)",
-                       formatter_class=fmt, epilog=(
-                           "examples:\n  norton report --compare runs/compare            # baseline + methods of a comparison\n"
-                           "  norton report --baseline best.pt --ranks 1-4 --grid 2,3,4 --out runs/report_small\n"
-                           "  norton report --compare runs/compare --resume   # reuse finished runs, redraw"))
+    p = add_command(sub, "report", cmd_report,
+                    "rank sweep, rank × pruning grid, Pareto curve and Grad-CAM figures (Markdown + PNG)",
+                    "norton report --compare runs/compare            # baseline + methods of a comparison\n"
+                    "  norton report --baseline best.pt --ranks 1-4 --grid 2,3,4 --out runs/report_small\n"
+                    "  norton report --compare runs/compare --resume   # reuse finished runs, redraw")
     p.add_argument("--compare", default=None, help="a norton compare run: its baseline and models join the report")
     p.add_argument("--baseline", default=None, help="norton checkpoint of the trained ResNet-20 (default: the comparison's)")
     p.add_argument("--budget", choices=("small", "full"), default="small", help="data subset and fine-tuning schedule")
@@ -82,17 +80,15 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot",
-                       formatter_class=fmt,
-                       epilog="examples:\n  norton demo                      # ~15 min on 2 CPU cores\n"
-                              "  norton demo --resume             # continue an interrupted run\n"
-                              "  norton demo --full --device cuda # all 60k images, published schedules")
+    p = add_command(sub, "demo", cmd_demo,
+                    "NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot",
+                    "norton demo                      # ~15 min on 2 CPU cores\n"
+                    "  norton demo --resume             # continue an interrupted run\n"
+                    "  norton demo --full --device cuda # all 60k images, published schedules")
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--full", action="store_true", help="all 60k images and the published 400-epoch schedules")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--showcase", action="store_true", help="instead: complexity of the paper's configs and decomposition speed")
-    p.set_defaults(func=cmd_demo)
