@@ -67,14 +67,23 @@ def positive_rank(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
+def _number(accept, message: str):
+    """An argparse type: a float that ``accept`` admits, else ``message``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{message}, got {text!r}")
+        return value
+
+    return parse
+
+
+fraction = _number(lambda v: 0.0 <= v < 1.0, "must be a number in [0, 1)")
+macs_target = _number(lambda v: 0.0 < v < 1.0, "MACs target must be the fraction of MACs to remove, in (0, 1)")
+speedup = _number(lambda v: 1.0 < v < float("inf"), "speed-up must be a number > 1 (2 = twice as fast)")
 
 
 def input_size(text: str) -> tuple[int, ...]:

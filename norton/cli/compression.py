@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import torch
 
-from norton.checkpoints import save_checkpoint
+from norton.checkpoints import atomic_write_text, read_checkpoint, save_checkpoint
 from norton.cli.common import (
     add_command,
     add_data_args,
@@ -17,15 +19,26 @@ from norton.cli.common import (
     key_value,
     layer_rates,
     load_splits,
+    macs_target,
     model_from_args,
     positive_rank,
     rank,
     reduction,
+    speedup,
     train_config,
 )
-from norton.compression import decompose, prune
+from norton.compression import Plan, decompose, plan, prune
 from norton.core import complexity
-from norton.training import CompressConfig, compress, evaluate, load_dataset
+from norton.errors import NortonError
+from norton.training import (
+    DATASETS,
+    CompressConfig,
+    calibration_batches,
+    compress,
+    evaluate,
+    load_dataset,
+    resolve_device,
+)
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
@@ -64,14 +77,60 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_plan(path: str) -> dict:
+    """A plan from ``norton plan --out`` (JSON) or from a checkpoint made with one."""
+    if not os.path.exists(path):
+        raise NortonError(f"plan file {path!r} does not exist")
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise NortonError(f"cannot read plan {path!r}: {err}") from None
+    else:
+        kind, obj = read_checkpoint(path)
+        data = obj.get("extra", {}).get("plan") if kind == "norton" else None
+        if data is None:
+            raise NortonError(f"{path!r} holds no plan (a checkpoint written by a planned norton compress has one)")
+    Plan.from_dict(data)  # a malformed plan is named now
+    return data
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    if args.out:
+        check_out(args)
+    model = model_from_args(args).model.to(resolve_device(args.device))
+    train = load_dataset(args.data, args.data_dir, "train")
+    batches = calibration_batches(train, args.calibration_images, seed=args.seed)
+    result = plan(model, [b.to(resolve_device(args.device)) for b in batches], target_macs=args.target_macs,
+                  target_speedup=args.target_speedup, criterion=args.criterion, allocation=args.allocation,
+                  latency_batch=args.latency_batch, seed=args.seed, progress=True)
+    print(result.table())
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result.to_dict(), indent=1))
+        print(f"saved {args.out}; apply it with: norton compress --ckpt {args.ckpt or 'MODEL'} --plan {args.out} ...")
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     device, ddp = device_and_processes(args)
+    planned = args.rank is None
+    if planned and args.target_macs is None and args.target_speedup is None and args.plan is None:
+        raise NortonError("give -r RANK, or let the planner choose ranks and filters: --target-macs F, "
+                          "--target-speedup S or --plan FILE")
+    if not planned and (args.target_speedup is not None or args.plan is not None):
+        raise NortonError("--target-speedup and --plan let the planner choose ranks: drop -r")
+    if planned and (args.compress_rate or args.layer_rate or args.amount is not None):
+        raise NortonError("-cpr, --layer-rate and --amount prune a model decomposed at one rank: give -r RANK")
+    saved_plan = read_plan(args.plan) if args.plan else None
     model = model_from_args(args).model
     rates = layer_rates(args)
     train, val, test = load_splits(args)
     config = CompressConfig(rank=args.rank, compress_rate=rates or args.compress_rate, amount=args.amount,
                             target_macs=args.target_macs, criterion=args.criterion, recalibrate=not args.no_recalibrate,
-                            recalibration_images=args.recalibration_images, finetune=train_config(args), seed=args.seed)
+                            recalibration_images=args.recalibration_images, finetune=train_config(args), seed=args.seed,
+                            target_speedup=args.target_speedup, plan=saved_plan,
+                            calibration_images=args.calibration_images)
     summary = compress(model, train, val, test, config, args.run_dir, device=device, resume=args.resume,
                        overwrite=args.overwrite, ddp=ddp)
     if ddp.main:
@@ -89,6 +148,15 @@ def format_summary(summary: dict) -> str:
         rows.append(f"| {stage} | {s['top1']:.2f} | {recal['top1']:.2f} |" if recal else f"| {stage} | {s['top1']:.2f} | — |")
         rows[-1] += f" {s['macs']:,} | {s['params']:,} |"
     return "\n".join(rows)
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-macs", type=macs_target, help="fraction of the MACs to remove, e.g. 0.6")
+    target.add_argument("--target-speedup", type=speedup, help="latency target, e.g. 2 (timed on this machine)")
+    p.add_argument("--criterion", default="l2", help="filter selection on dense weights: l2 (default), l1, fpgm, random")
+    p.add_argument("--calibration-images", type=int, default=512, help="training images that measure each option's damage")
+    p.add_argument("--latency-batch", type=int, default=32, help="batch size the layers are timed on (--target-speedup)")
 
 
 def register(sub) -> None:
@@ -127,17 +195,40 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    p = add_command(sub, "plan", cmd_plan, "choose per-layer ranks and filter counts for a MACs or speed-up target",
+                    "norton plan --ckpt runs/base/model.pt --data fashion-mnist --target-macs 0.6 --out plan.json\n"
+                    "  norton plan --ckpt base.pt --data cifar10 --data-dir ~/data --target-speedup 2")
+    p.add_argument("--ckpt", default=None, help="the trained model (norton checkpoint or state dict with --arch)")
+    p.add_argument("--arch", "-a", default=None, help="zoo architecture (not needed for a norton checkpoint)")
+    p.add_argument("--num-classes", type=int, default=None)
+    _add_plan_args(p)
+    p.add_argument("--allocation", choices=("best", "greedy", "lagrangian"), default="best",
+                   help="how the options are combined (best: both, the smaller predicted damage)")
+    p.add_argument("--data", required=True, choices=DATASETS, help="calibration images come from its training split")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the plan (JSON) here")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     p = add_command(sub, "compress", cmd_compress, "decompose + prune + fine-tune in one resumable run",
-                    "norton compress --ckpt runs/base/model.pt -r 4 --amount 0.5 --data fashion-mnist "
+                    "norton compress --ckpt runs/base/model.pt --target-macs 0.6 --data fashion-mnist "
+                    "--epochs 10 --run-dir runs/auto60\n"
+                    "  norton compress --ckpt runs/base/model.pt -r 4 --amount 0.5 --data fashion-mnist "
                     "--epochs 10 --run-dir runs/c1\n"
                     '  norton compress --ckpt base.pt -r 1 -cpr "[0.]+[0.18]*29" --data cifar10 --data-dir ~/data --run-dir runs/r56')
     p.add_argument("--ckpt", required=True, help="the trained baseline (norton checkpoint)")
-    p.add_argument("-r", "--rank", type=positive_rank, required=True)
+    p.add_argument("-r", "--rank", type=positive_rank, default=None,
+                   help="one CP rank for every conv; without it the planner chooses per layer (--target-macs/--target-speedup/--plan)")
     p.add_argument("-cpr", "--compress-rate", default=None)
     p.add_argument("--layer-rate", action="append", default=[], metavar="NAME=RATE")
     p.add_argument("--amount", type=fraction, default=None)
-    p.add_argument("--target-macs", type=fraction, default=None)
-    p.add_argument("--criterion", default="pabs")
+    p.add_argument("--target-macs", type=macs_target, default=None,
+                   help="fraction of MACs to remove: of the dense model (planner), or of the rank-r model (with -r)")
+    p.add_argument("--target-speedup", type=speedup, default=None, help="planner: latency target (measured here)")
+    p.add_argument("--plan", default=None, help="apply a saved plan (norton plan --out, or a planned checkpoint)")
+    p.add_argument("--calibration-images", type=int, default=512, help="planner: training images that measure damage")
+    p.add_argument("--criterion", default=None, help="filter selection: pabs (with -r) or l2 (planner) by default")
     p.add_argument("--no-recalibrate", action="store_true", help="skip BatchNorm recalibration after decompose and prune")
     p.add_argument("--recalibration-images", type=int, default=512)
     add_data_args(p)

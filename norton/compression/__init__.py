@@ -13,9 +13,10 @@ from norton.compression.decomposition import (
     LayerDecomposition,
     decompose,
 )
+from norton.compression.planning import Plan, plan
 from norton.compression.pruning import GroupPruning, PruneReport, prune
 
 __all__ = [
-    "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "PruneReport", "build_base",
-    "decompose", "describe", "get_criterion", "list_criteria", "prune", "rebuild", "register_criterion",
+    "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "Plan", "PruneReport", "build_base",
+    "decompose", "describe", "get_criterion", "list_criteria", "plan", "prune", "rebuild", "register_criterion",
 ]

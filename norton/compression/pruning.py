@@ -25,13 +25,14 @@ from norton.compression.removal import apply_selection
 from norton.compression.selection import (
     plan_selection,
     set_amount_targets,
+    set_count_targets,
     set_dict_targets,
     set_zoo_targets,
 )
 from norton.core import count_macs, parse_compress_rate
 from norton.errors import NortonError
 
-__all__ = ["GroupPruning", "PruneReport", "build_graph", "collect_groups", "prune", "restructure"]
+__all__ = ["GroupPruning", "PruneReport", "build_graph", "collect_groups", "prune", "prune_in_place", "restructure"]
 
 
 @dataclass
@@ -71,6 +72,7 @@ def prune(
     criterion: str = "pabs",
     ignored_layers: Sequence[nn.Module] = (),
     target_macs: float | None = None,
+    keep: Mapping[str, int] | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> PruneReport:
@@ -79,15 +81,16 @@ def prune(
     Give exactly one of: ``compress_rate`` — a zoo list or string (SPEC meaning,
     zoo models only) or a dict ``{module name: rate}``; ``amount`` — one rate for
     every prunable group; ``target_macs`` — the fraction of MACs to remove
-    (a uniform amount is searched to within 1 percentage point).
+    (a uniform amount is searched to within 1 percentage point); ``keep`` —
+    ``{module name: filters to keep}`` (what a ``norton.plan`` gives).
     ``criterion``: pabs (default), vbd, csa (need CPDBlocks), l2, random, l1, fpgm.
     ``ignored_layers`` keep their output channels; their input channels still
     follow the layers that produce them (as in torch-pruning), so ignoring the
     classifier keeps the model's outputs and still prunes the block feeding it.
     """
-    given = [x is not None for x in (compress_rate, amount, target_macs)]
+    given = [x is not None for x in (compress_rate, amount, target_macs, keep)]
     if sum(given) != 1:
-        raise NortonError("give exactly one of compress_rate, amount or target_macs")
+        raise NortonError("give exactly one of compress_rate, amount, target_macs or keep")
     get_criterion(criterion)  # unknown names fail before any work
     if amount is not None and not (isinstance(amount, (int, float)) and 0.0 <= amount < 1.0):
         raise NortonError(f"amount must be in [0, 1), got {amount!r}")
@@ -99,8 +102,28 @@ def prune(
     graph = build_graph(model, example_inputs)  # first: it names an input the model rejects
     macs_before = count_macs(model, example_inputs)
     params_before = sum(p.numel() for p in model.parameters())
+    groups, skipped = prune_in_place(model, example_inputs, compress_rate=compress_rate, amount=amount, keep=keep,
+                                     criterion=criterion, ignored_layers=ignored_layers, seed=seed,
+                                     progress=progress, graph=graph)
+    return PruneReport(
+        groups=groups,
+        macs_before=macs_before,
+        macs_after=count_macs(model, example_inputs),
+        params_before=params_before,
+        params_after=sum(p.numel() for p in model.parameters()),
+        skipped=skipped,
+    )
+
+
+def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amount: float | None = None,
+                   keep: Mapping[str, int] | None = None, criterion: str = "pabs", ignored_layers=(), seed: int = 0,
+                   progress: bool = False, graph=None) -> tuple[list[GroupPruning], dict[str, str]]:
+    """The work of ``prune`` without its MACs and params report: (groups, skipped)."""
+    graph = build_graph(model, example_inputs) if graph is None else graph
     groups, skipped = collect_groups(model, graph, example_inputs, ignored_layers)
-    if isinstance(compress_rate, Mapping):
+    if keep is not None:
+        set_count_targets(model, groups, keep, skipped)
+    elif isinstance(compress_rate, Mapping):
         set_dict_targets(model, groups, compress_rate, skipped)
     elif compress_rate is not None:
         parse_compress_rate(compress_rate)  # a malformed string is named before anything else
@@ -109,14 +132,7 @@ def prune(
         set_amount_targets(groups, float(amount))
     plan_selection(groups, criterion, seed, progress)
     apply_selection(graph, groups)
-    return PruneReport(
-        groups=[g.info for g in groups],
-        macs_before=macs_before,
-        macs_after=count_macs(model, example_inputs),
-        params_before=params_before,
-        params_after=sum(p.numel() for p in model.parameters()),
-        skipped=skipped,
-    )
+    return [g.info for g in groups], skipped
 
 
 def _search_amount(model: nn.Module, example_inputs, target: float, ignored_layers) -> float:

@@ -54,12 +54,28 @@ def set_zoo_targets(model: nn.Module, groups: list[CoupledGroup], compress_rate)
 
 
 def set_dict_targets(model: nn.Module, groups: list[CoupledGroup], rates: Mapping[str, float], skipped: Mapping[str, str]) -> None:
+    """Targets from ``{module name: rate}`` (the fraction of its filters to remove)."""
+    _set_named_targets(model, groups, rates, skipped, "rate",
+                       lambda g, rate, name: _keep_count(g.info.total, float(rate), f"layer {name!r}"))
+
+
+def set_count_targets(model: nn.Module, groups: list[CoupledGroup], keep: Mapping[str, int], skipped: Mapping[str, str]) -> None:
+    """Targets from ``{module name: filters to keep}``."""
+    def count(g: CoupledGroup, value, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= g.info.total:
+            raise NortonError(f"keep[{name!r}] must be an integer from 1 to its {g.info.total} filters, got {value!r}")
+        return value
+
+    _set_named_targets(model, groups, keep, skipped, "filter count", count)
+
+
+def _set_named_targets(model, groups, values: Mapping, skipped, what: str, to_count) -> None:
     by_layer = {name: g for g in groups for name in g.info.layers}
     known = {n for n, _ in model.named_modules()}
     for g in groups:
         g.target = g.info.total
-    chosen: dict[int, tuple[str, float]] = {}
-    for name, rate in rates.items():
+    chosen: dict[int, tuple[str, object]] = {}
+    for name, value in values.items():
         if name not in known:
             raise NortonError(f"the model has no module named {name!r}")
         if name in skipped:
@@ -67,14 +83,14 @@ def set_dict_targets(model: nn.Module, groups: list[CoupledGroup], rates: Mappin
         if name not in by_layer:
             raise NortonError(f"{name!r} is not a prunable convolution (Conv2d with groups=1 or CPDBlock)")
         g = by_layer[name]
-        if id(g) in chosen and chosen[id(g)][1] != rate:
+        if id(g) in chosen and chosen[id(g)][1] != value:
             other = chosen[id(g)][0]
             raise NortonError(
                 f"{name!r} and {other!r} share their output channels (coupled by an add or concat) "
-                f"but got different rates {rate!r} and {chosen[id(g)][1]!r}"
+                f"but got different {what}s {value!r} and {chosen[id(g)][1]!r}"
             )
-        chosen[id(g)] = (name, rate)
-        g.target = _keep_count(g.info.total, float(rate), f"layer {name!r}")
+        chosen[id(g)] = (name, value)
+        g.target = to_count(g, value, name)
 
 
 def set_amount_targets(groups: list[CoupledGroup], amount: float) -> None:

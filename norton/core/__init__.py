@@ -1,6 +1,7 @@
 """The bottom layer: CP decomposition, the CPDBlock and its execution plans,
 layers shared by models and pruning, MAC/param counting, module surgery and
 the compress-rate grammar.  Imports nothing else of norton but its errors."""
+from norton.core.batchnorm import batchnorms, reestimate_bn
 from norton.core.compress_rate import (
     fit_compress_rate,
     format_compress_rate,
@@ -14,8 +15,28 @@ from norton.core.plans import time_plans, tune_plans
 from norton.core.surgery import as_args, is_decomposable, replace_module
 
 __all__ = [
-    "PLANS", "CPDBlock", "CPResult", "ChannelPadShortcut", "Complexity", "Factors", "as_args", "complexity",
-    "count_macs", "count_params", "cp_als", "cp_decompose", "fit_compress_rate", "format_compress_rate",
-    "is_decomposable", "nmse", "parse_compress_rate", "plan_override", "reconstruct", "replace_module",
-    "time_plans", "tune_plans",
+    "PLANS",
+    "CPDBlock",
+    "CPResult",
+    "ChannelPadShortcut",
+    "Complexity",
+    "Factors",
+    "as_args",
+    "batchnorms",
+    "complexity",
+    "count_macs",
+    "count_params",
+    "cp_als",
+    "cp_decompose",
+    "fit_compress_rate",
+    "format_compress_rate",
+    "is_decomposable",
+    "nmse",
+    "parse_compress_rate",
+    "plan_override",
+    "reconstruct",
+    "reestimate_bn",
+    "replace_module",
+    "time_plans",
+    "tune_plans",
 ]

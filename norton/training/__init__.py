@@ -22,10 +22,30 @@ from norton.training.data import (
 )
 from norton.training.distributed import Distributed, init_distributed, resolve_device
 from norton.training.engine import TrainingRun
-from norton.training.pipeline import CompressConfig, compress
+from norton.training.pipeline import CompressConfig, calibration_batches, compress
 
 __all__ = [
-    "DATASETS", "ArrayDataset", "CompressConfig", "Distributed", "FitResult", "TrainConfig", "TrainingRun",
-    "classification_loss", "compress", "epoch_batches", "evaluate", "fit", "init_distributed", "input_size_of", "limit", "load_best",
-    "load_dataset", "lr_factor", "num_batches", "recalibrate_bn", "resolve_device", "split_validation",
+    "DATASETS",
+    "ArrayDataset",
+    "CompressConfig",
+    "Distributed",
+    "FitResult",
+    "TrainConfig",
+    "TrainingRun",
+    "calibration_batches",
+    "classification_loss",
+    "compress",
+    "epoch_batches",
+    "evaluate",
+    "fit",
+    "init_distributed",
+    "input_size_of",
+    "limit",
+    "load_best",
+    "load_dataset",
+    "lr_factor",
+    "num_batches",
+    "recalibrate_bn",
+    "resolve_device",
+    "split_validation",
 ]

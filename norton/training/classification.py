@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from norton.checkpoints import load_checkpoint, save_checkpoint
+from norton.core import reestimate_bn
 from norton.errors import NortonError
 from norton.training.data import ArrayDataset, epoch_batches, num_batches
 from norton.training.distributed import Distributed
@@ -108,36 +109,26 @@ def evaluate(model: nn.Module, data: ArrayDataset, *, device: torch.device, batc
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count, "images": int(count)}
 
 
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: ArrayDataset, *, device: torch.device, num_images: int = 512,
                    batch_size: int = 128, seed: int = 0) -> int:
     """Re-estimate BatchNorm running statistics on ``num_images`` training images
     (train-mode forward passes, no gradients, cumulative average).  Returns the
     number of images used; the model's mode and BN momenta are restored."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms or num_images <= 0:
+    if num_images <= 0:
         return 0
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
-    used = 0
-    try:
+
+    def batches():
+        used = 0
         for images, _ in epoch_batches(data, batch_size, seed=seed, epoch=10_000, shuffle=True):
             if used >= num_images:
-                break
+                return
             images = images[: num_images - used]
             if images.shape[0] < 2 and used:
-                break
-            model(images.to(device))
+                return
             used += images.shape[0]
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-    return used
+            yield images.to(device)
+
+    return reestimate_bn(model, batches())
 
 
 # -- the loop ---------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_model, save_checkpoint
-from norton.compression import decompose, prune
+from norton.compression import Plan, decompose, prune
+from norton.compression import plan as plan_compression
 from norton.core import complexity
 from norton.errors import NortonError
 from norton.training.classification import (
@@ -28,17 +29,26 @@ from norton.training.classification import (
     load_best,
     recalibrate_bn,
 )
-from norton.training.data import ArrayDataset, input_size_of
+from norton.training.data import ArrayDataset, epoch_batches, input_size_of
 from norton.training.distributed import Distributed
 
 
 @dataclass
 class CompressConfig:
-    rank: int
+    """``rank`` given: decompose every conv at that rank, then prune by
+    ``compress_rate`` / ``amount`` / ``target_macs`` (of the decomposed model).
+    ``rank`` None: the budget planner chooses ranks and filter counts for
+    ``target_macs`` (of the dense model) or ``target_speedup``, or ``plan`` (a
+    saved plan's dict) is applied as it is."""
+
+    rank: int | None = None
     compress_rate: Any = None  # zoo list/string or {layer: rate}
     amount: float | None = None
     target_macs: float | None = None
-    criterion: str = "pabs"
+    criterion: str | None = None  # pabs with a rank, l2 with the planner
+    target_speedup: float | None = None
+    plan: dict | None = None
+    calibration_images: int = 512
     recalibrate: bool = True
     recalibration_images: int = 512
     finetune: TrainConfig = field(default_factory=TrainConfig)
@@ -74,14 +84,21 @@ def compress(
 ) -> dict[str, Any]:
     """Compress a trained ``model`` with NORTON; returns (and writes) the summary."""
     ddp = ddp or Distributed()
+    planned = config.rank is None
+    _check_config(config)
     teacher = copy.deepcopy(model) if config.finetune.distill > 0 else None  # the uncompressed model teaches
     summary_path = os.path.join(run_dir, "summary.json")
     stage_files = {s: os.path.join(run_dir, f"{s}.pt") for s in ("decomposed", "pruned", "final")}
     existing = [p for p in stage_files.values() if os.path.exists(p)]
     if existing and not (resume or overwrite):
         raise NortonError(f"run directory {run_dir!r} already holds a compress run; pass --resume to continue it or --overwrite")
+    plan_path = os.path.join(run_dir, "plan.json")
+    model.to(device)
+    fresh_plan = planned and not (resume and os.path.exists(plan_path))
+    if fresh_plan and ddp.main:  # one process plans (timings differ between processes), before anything is written
+        plan = _make_plan(model, train, config, device, progress)
     if overwrite and ddp.main:
-        for p in [*existing, summary_path]:
+        for p in [*existing, summary_path, plan_path]:
             if os.path.exists(p):
                 os.remove(p)
     if ddp.main:
@@ -93,23 +110,35 @@ def compress(
             summary.update({k: v for k, v in json.load(f).items() if k != "config"})
     input_size = list(input_size_of(test))
     example = torch.zeros(2, *input_size, device=device)
-    model.to(device)
     if "baseline" not in summary:
         summary["baseline"] = _measure(model, test, device, ddp)
+    if fresh_plan and ddp.main:
+        atomic_write_text(plan_path, json.dumps(plan.to_dict(), indent=1))
+        print(plan.table())
+    ddp.barrier()
+    if planned:
+        with open(plan_path) as f:
+            plan = Plan.from_dict(json.load(f))
+        summary["plan"] = {"target": plan.target, "value": plan.value, "ranks": plan.ranks, "keep": plan.keep,
+                           "macs_reduction": plan.macs_reduction, "damage": plan.damage, "allocation": plan.allocation}
+    stage_extra = {"plan": plan.to_dict()} if planned else {}
 
     # ① decompose
     if resume and os.path.exists(stage_files["decomposed"]):
         model, _ = load_model(stage_files["decomposed"])
         model.to(device)
     else:
-        report = decompose(model, config.rank, progress=progress and ddp.main, seed=config.seed)
+        if planned:
+            report = plan.decompose(model, progress=progress and ddp.main)
+        else:
+            report = decompose(model, config.rank, progress=progress and ddp.main, seed=config.seed)
         after = _measure(model, test, device, ddp)
         after["mean_nmse"] = report.mean_nmse
         after["layer_nmse"] = {layer.name: layer.nmse for layer in report.layers}
         after["recalibrated"] = _recalibrated(model, train, config, test, device, ddp)
         summary["decomposed"] = after
         if ddp.main:
-            save_checkpoint(stage_files["decomposed"], model, metrics=after, input_size=input_size, extra={"stage": "decomposed"})
+            save_checkpoint(stage_files["decomposed"], model, metrics=after, input_size=input_size, extra={"stage": "decomposed", **stage_extra})
             _write(summary_path, summary)
 
     # ② prune
@@ -117,15 +146,18 @@ def compress(
         model, _ = load_model(stage_files["pruned"])
         model.to(device)
     else:
-        report = prune(model, config.compress_rate, amount=config.amount, target_macs=config.target_macs,
-                       example_inputs=example, criterion=config.criterion, seed=config.seed)
+        if planned:
+            report = plan.prune(model, example)
+        else:
+            report = prune(model, config.compress_rate, amount=config.amount, target_macs=config.target_macs,
+                           example_inputs=example, criterion=config.criterion or "pabs", seed=config.seed)
         after = _measure(model, test, device, ddp)
         after["recalibrated"] = _recalibrated(model, train, config, test, device, ddp)
         after["kept"] = {g.root: [g.width, g.total] for g in report.groups}
         summary["pruned"] = after
         if ddp.main:
             save_checkpoint(stage_files["pruned"], model, metrics=after, input_size=input_size,
-                            extra={"stage": "pruned", "criterion": config.criterion})
+                            extra={"stage": "pruned", "criterion": report.groups[0].criterion if report.groups else "", **stage_extra})
             _write(summary_path, summary)
     ddp.barrier()
 
@@ -144,10 +176,43 @@ def compress(
         final["val_top1"] = result.best_val["top1"]
         summary["final"] = final
         if ddp.main:
-            save_checkpoint(stage_files["final"], model, metrics=final, input_size=input_size, extra={"stage": "final"})
+            save_checkpoint(stage_files["final"], model, metrics=final, input_size=input_size, extra={"stage": "final", **stage_extra})
             _write(summary_path, summary)
     ddp.barrier()
     return summary
+
+
+def _check_config(config: CompressConfig) -> None:
+    if config.rank is not None:
+        if config.target_speedup is not None or config.plan is not None:
+            raise NortonError("a rank and a planner target (target_speedup or plan) exclude each other: "
+                              "drop the rank to let the planner choose ranks")
+        return
+    targets = [x is not None for x in (config.target_macs, config.target_speedup, config.plan)]
+    if sum(targets) != 1 or config.compress_rate is not None or config.amount is not None:
+        raise NortonError("without a rank give exactly one of target_macs, target_speedup or plan "
+                          "(compress_rate and amount need a rank)")
+
+
+def calibration_batches(data: ArrayDataset, num_images: int, *, batch_size: int = 256, seed: int = 0) -> list[torch.Tensor]:
+    """``num_images`` training images (no augmentation), in batches, for the planner."""
+    if num_images < 1:
+        raise NortonError(f"calibration images must be at least 1, got {num_images}")
+    out, used = [], 0
+    for images, _ in epoch_batches(data.without_augmentation(), batch_size, seed=seed, epoch=20_000, shuffle=True):
+        out.append(images[: num_images - used])
+        used += out[-1].shape[0]
+        if used >= num_images:
+            break
+    return out
+
+
+def _make_plan(model, train, config: CompressConfig, device, progress: bool) -> Plan:
+    if config.plan is not None:
+        return Plan.from_dict(config.plan)
+    batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
+    return plan_compression(model, batches, target_macs=config.target_macs, target_speedup=config.target_speedup,
+                            criterion=config.criterion or "l2", seed=config.seed, progress=progress)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,0 +1,621 @@
+"""The budget planner: NORTON configured for a MACs or speed-up target.
+
+For every decomposable conv the planner chooses a CP rank or "dense"; for every
+coupled group of filters (see ``graph``) how many filters stay.  Each option is
+scored by the damage it does alone — the divergence of the model's outputs on
+calibration images from the uncompressed model's, after BatchNorm
+re-estimation — and a global allocation picks the options of least total damage
+whose cost meets the target.  Cost is MACs (exact, counted per layer), or for a
+speed-up target the latency of each layer's fastest execution plan timed on
+this machine.  The search space holds CP-only (every filter kept) and
+pruning-only (every layer dense), so the plan is never forced into a worse
+corner than either.
+
+The result is a :class:`Plan`: a value that prints as a table, goes into
+checkpoints as plain data and is applied by ``Plan.apply`` (decompose, then
+prune).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from norton.compression.criteria import get_criterion
+from norton.compression.decomposition import DecompositionReport, decompose
+from norton.compression.graph import build_graph, collect_groups
+from norton.compression.pruning import PruneReport, prune, prune_in_place
+from norton.core import (
+    CPDBlock,
+    batchnorms,
+    count_macs,
+    is_decomposable,
+    reestimate_bn,
+    replace_module,
+)
+from norton.core.plans import time_call, time_plans
+from norton.core.surgery import flatten_tensors
+from norton.errors import NortonError
+
+RANK_OPTIONS = (1, 2, 3, 4, 6, 8, 12, 16)
+KEEP_STEPS = 8  # a group may keep 1/8, 2/8, …, 8/8 of its filters
+ALLOCATIONS = ("best", "greedy", "lagrangian")
+FINE_KEEP_OPTIONS = 64  # per group, for the allocation (damages interpolated between the measured ones)
+FILL_TOLERANCE = 0.005  # a plan's cost ends within half a point of the full cost below its budget
+
+
+# -- the value -----------------------------------------------------------------------------
+@dataclass
+class LayerRow:
+    name: str
+    rank: int  # 0 = kept dense
+    filters: int  # filters the layer keeps
+    total: int
+    macs: int  # of this layer in the planned model
+    latency_ms: float | None  # predicted, on the latency batch
+    damage: float  # measured damage of its chosen rank alone
+
+
+@dataclass
+class Plan:
+    """Per-layer ranks and per-group filter counts for one target."""
+
+    target: str  # "macs" (fraction of MACs removed) or "speedup"
+    value: float
+    ranks: dict[str, int]  # every decomposable conv: its rank, 0 = dense
+    keep: dict[str, int]  # every prunable group, by its root layer: filters kept
+    totals: dict[str, int]  # every prunable group: filters before
+    criterion: str
+    allocation: str
+    seed: int
+    macs_before: int
+    macs_after: int  # predicted by the per-layer counts (exact for the MACs convention)
+    latency_before_ms: float | None = None  # predicted, speed-up targets only
+    latency_after_ms: float | None = None
+    damage: float = 0.0  # sum of the chosen options' measured damages
+    rows: list[LayerRow] = field(default_factory=list)
+    group_damage: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1.0 - self.macs_after / self.macs_before
+
+    def table(self) -> str:
+        timed = self.latency_after_ms is not None
+        head = f"{'layer':<30} {'rank':>5} {'filters':>11} {'MACs':>12} {'damage':>9}"
+        lines = [head + (f" {'ms':>8}" if timed else "")]
+        for r in self.rows:
+            line = (f"{r.name:<30} {'dense' if r.rank == 0 else r.rank:>5} {r.filters:>5}/{r.total:<5} "
+                    f"{r.macs:>12,} {r.damage:>9.4f}")
+            lines.append(line + (f" {r.latency_ms:>8.3f}" if timed else ""))
+        pruned = {root: f"{self.keep[root]}/{self.totals[root]}" for root in self.totals if self.keep[root] < self.totals[root]}
+        if pruned:
+            lines.append("groups pruned (root: kept/total, damage): " + ", ".join(
+                f"{root} {text} ({self.group_damage.get(root, 0.0):.4f})" for root, text in pruned.items()))
+        goal = f"{self.value:.0%} fewer MACs" if self.target == "macs" else f"{self.value:g}× speed-up"
+        lines.append(f"target {goal}: MACs {self.macs_before:,} -> {self.macs_after:,} "
+                     f"({100 * self.macs_reduction:.2f}% ↓)"
+                     + (f", predicted latency {self.latency_before_ms:.2f} -> {self.latency_after_ms:.2f} ms "
+                        f"({self.latency_before_ms / self.latency_after_ms:.2f}×)" if timed else "")
+                     + f"; predicted damage {self.damage:.4f} ({self.allocation}, {self.criterion} selection)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Plan:
+        try:
+            data = dict(data)
+            data["rows"] = [LayerRow(**r) for r in data.get("rows", [])]
+            return cls(**data)
+        except TypeError as err:
+            raise NortonError(f"not a norton plan: {err}") from None
+
+    def decompose(self, model: nn.Module, *, progress: bool = False, **cp_options) -> DecompositionReport:
+        """Stage ①: replace the planned convs of ``model`` by CPDBlocks at their ranks, in place."""
+        layers = {n for n, m in model.named_modules() if is_decomposable(m)}
+        if layers != set(self.ranks):
+            different = sorted(set(self.ranks) ^ layers)
+            raise NortonError(f"this plan was made for another model: layer {different[0]!r} "
+                              f"{'is not a decomposable conv of this model' if different[0] in self.ranks else 'is not in the plan'}")
+        cp_options.setdefault("seed", self.seed)
+        return decompose(model, max([1, *self.ranks.values()]), layer_ranks=self.ranks, progress=progress, **cp_options)
+
+    def prune(self, model: nn.Module, example_inputs, *, progress: bool = False) -> PruneReport:
+        """Stage ②: prune every planned group of ``model`` to its filter count, in place."""
+        keep = {root: k for root, k in self.keep.items() if k < self.totals[root]}
+        return prune(model, keep=keep, example_inputs=example_inputs, criterion=self.criterion, seed=self.seed,
+                     progress=progress)
+
+    def apply(self, model: nn.Module, example_inputs, *, progress: bool = False, **cp_options
+              ) -> tuple[DecompositionReport, PruneReport]:
+        """Decompose ``model`` at the planned ranks, then prune it to the planned
+        filter counts, in place.  The model must be the one planned for."""
+        return self.decompose(model, progress=progress, **cp_options), self.prune(model, example_inputs, progress=progress)
+
+
+# -- calibration ---------------------------------------------------------------------------
+def _batches(data, device: torch.device | None) -> list[Tensor]:
+    """Calibration images as a list of batches: a tensor of images, or an
+    iterable of tensors or (images, labels) pairs."""
+    if isinstance(data, Tensor):
+        items = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        items = [x[0] if isinstance(x, (tuple, list)) else x for x in data]
+    else:
+        raise NortonError(f"calibration data must be a tensor of images or batches of them, got {type(data).__name__}")
+    if not items or not all(isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] > 0 for x in items):
+        raise NortonError("calibration data must hold at least one non-empty batch of image tensors (N, C, H, W)")
+    return [x.to(device) if device is not None else x for x in items]
+
+
+class _Probe:
+    """Damage of a changed model: divergence of its outputs from the reference
+    model's on the calibration batches, after re-estimating its BatchNorms."""
+
+    def __init__(self, model: nn.Module, batches: list[Tensor]):
+        self.batches = batches
+        with torch.no_grad():
+            model.eval()
+            self.reference = [self._outputs(model, x) for x in batches]
+
+    @staticmethod
+    def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+        return [t.detach().to(torch.float64) for t in flatten_tensors(model(x))]
+
+    @torch.no_grad()
+    def damage(self, model: nn.Module) -> float:
+        if batchnorms(model):
+            reestimate_bn(model, self.batches)
+        model.eval()
+        total = 0.0
+        for x, ref in zip(self.batches, self.reference):
+            for got, want in zip(self._outputs(model, x), ref):
+                if want.dim() == 2:  # logits: KL(reference || changed), mean over images
+                    total += float(F.kl_div(F.log_softmax(got, 1), F.log_softmax(want, 1), log_target=True,
+                                            reduction="batchmean"))
+                else:
+                    total += float(((got - want) ** 2).sum() / (want ** 2).sum().clamp_min(1e-30))
+        return total / len(self.batches)
+
+
+# -- costs ---------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    in_size: tuple[int, ...]  # one sample's input shape
+    out_groups: list[tuple[str, float]] = field(default_factory=list)  # (group root, channels per group filter)
+    in_groups: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def full(self) -> tuple[int, int]:
+        m = self.module
+        return (m.out_features, m.in_features) if isinstance(m, nn.Linear) else (m.out_channels, m.in_channels)
+
+
+def layer_macs(module: nn.Module, rank: int, n: int, c: int, in_size: Sequence[int]) -> int:
+    """MACs of ``module`` (a Conv2d or Linear, groups=1) with ``n`` outputs and
+    ``c`` inputs, as a dense layer (``rank`` 0) or a CPDBlock of that rank, on
+    one input of ``in_size`` — what ``count_macs`` counts, without running it."""
+    if isinstance(module, nn.Linear):
+        return math.prod(in_size[:-1]) * c * n
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
+    height, width = in_size[-2:]
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if rank == 0:
+        return n * (c // module.groups) * kh * kw * out_h * out_w
+    # the three factored convs: 1×1 (c -> R·n), kh×1 depthwise (stride sh), 1×kw depthwise (stride sw)
+    return height * width * c * rank * n + rank * n * kh * out_h * width + rank * n * kw * out_h * out_w
+
+
+def _layer_inputs(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:
+    sizes: dict[str, tuple[int, ...]] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        sizes.setdefault(names[module], tuple(args[0].shape[1:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, CPDBlock))]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+class _CostModel:
+    """Cost of the model for any choice of ranks and kept filters, as a constant
+    plus the sum of its convs' and linears' costs, each measured once per shape:
+    MACs (counted) or seconds (the fastest plan, timed on ``batch`` images)."""
+
+    def __init__(self, layers: dict[str, _Layer], measure: str, batch: int, device, dtype):
+        self.layers, self.measure, self.batch = layers, measure, batch
+        self.device, self.dtype = device, dtype
+        self._memo: dict[tuple, float] = {}
+        self.constant = 0.0
+
+    def channels(self, layer: _Layer, keep: Mapping[str, int], totals: Mapping[str, int]) -> tuple[int, int]:
+        n, c = layer.full
+        n -= round(sum((totals[g] - keep[g]) * per for g, per in layer.out_groups))
+        c -= round(sum((totals[g] - keep[g]) * per for g, per in layer.in_groups))
+        return max(n, 1), max(c, 1)
+
+    def layer_cost(self, layer: _Layer, rank: int, n: int, c: int) -> float:
+        m = layer.module
+        if isinstance(m, nn.Linear):
+            key = ("linear", n, c, layer.in_size[:-1], m.bias is not None)
+        else:
+            key = ("conv", n, c, m.kernel_size, m.stride, m.padding, m.dilation, m.bias is not None, m.padding_mode,
+                   layer.in_size[1:], rank, type(m).__name__)
+        if key not in self._memo:
+            self._memo[key] = self._measure(layer, rank, n, c)
+        return self._memo[key]
+
+    def _measure(self, layer: _Layer, rank: int, n: int, c: int) -> float:
+        m = layer.module
+        if self.measure == "macs":
+            return float(layer_macs(m, rank, n, c, layer.in_size))
+        if isinstance(m, nn.Linear):
+            module: nn.Module = nn.Linear(c, n, bias=m.bias is not None)
+            shape = (*layer.in_size[:-1], c)
+        else:
+            conv = nn.Conv2d(c, n, m.kernel_size, m.stride, m.padding, m.dilation, bias=m.bias is not None,
+                             padding_mode=m.padding_mode)
+            module = CPDBlock.like_conv(conv, rank) if rank > 0 else conv
+            shape = (c, *layer.in_size[1:])
+        module = module.to(self.device, self.dtype).eval()
+        x = torch.randn(self.batch, *shape, device=self.device, dtype=self.dtype)
+        if isinstance(module, CPDBlock):  # deploy runs the fastest plan (or the recomposed conv)
+            return min(time_plans(module, x, repeats=5, with_conv=True).values())
+        with torch.no_grad():
+            return time_call(lambda: module(x), x, 5)
+
+
+# -- the search ----------------------------------------------------------------------------
+@dataclass
+class _Unit:
+    """One choice: a layer's rank or a group's filter count, with its options
+    ordered from the most to the least expensive and their measured damages."""
+
+    kind: str  # "rank" or "keep"
+    name: str
+    options: list[int]
+    damage: list[float] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)  # layers whose cost depends on it
+
+
+class _Search:
+    def __init__(self, units: list[_Unit], costs: _CostModel, totals: dict[str, int]):
+        self.units, self.costs, self.totals = units, costs, totals
+
+    def config(self, state: Sequence[int]) -> tuple[dict[str, int], dict[str, int]]:
+        ranks = {u.name: u.options[i] for u, i in zip(self.units, state) if u.kind == "rank"}
+        keep = dict(self.totals)
+        keep.update({u.name: u.options[i] for u, i in zip(self.units, state) if u.kind == "keep"})
+        return ranks, keep
+
+    def layer_costs(self, state: Sequence[int], names: Iterable[str] | None = None) -> dict[str, float]:
+        return self._costs(*self.config(state), self.costs.layers if names is None else names)
+
+    def _costs(self, ranks: Mapping[str, int], keep: Mapping[str, int], names: Iterable[str]) -> dict[str, float]:
+        out = {}
+        for name in names:
+            layer = self.costs.layers[name]
+            n, c = self.costs.channels(layer, keep, self.totals)
+            out[name] = self.costs.layer_cost(layer, ranks.get(name, 0), n, c)
+        return out
+
+    def cost(self, state: Sequence[int]) -> float:
+        return self.costs.constant + sum(self.layer_costs(state).values())
+
+    def damage(self, state: Sequence[int]) -> float:
+        return sum(u.damage[i] for u, i in zip(self.units, state))
+
+    def _moves(self, state: list[int], current: dict[str, float], cheaper: bool):
+        """(unit index, option, Δdamage, Δcost) of every single-unit change."""
+        ranks, keep = self.config(state)
+        for k, u in enumerate(self.units):
+            options = range(state[k] + 1, len(u.options)) if cheaper else range(state[k])
+            table = ranks if u.kind == "rank" else keep
+            saved = table[u.name]
+            before = sum(current[n] for n in u.layers)
+            for j in options:
+                table[u.name] = u.options[j]
+                delta = sum(self._costs(ranks, keep, u.layers).values()) - before
+                yield k, j, u.damage[j] - u.damage[state[k]], delta
+            table[u.name] = saved
+
+    def greedy(self, budget: float) -> list[int]:
+        """Cheapen the unit with the least damage per cost saved until the budget is met."""
+        state = [0] * len(self.units)
+        current = self.layer_costs(state)
+        while self.costs.constant + sum(current.values()) > budget:
+            best = None
+            for k, j, d_damage, d_cost in self._moves(state, current, cheaper=True):
+                if d_cost >= 0:
+                    continue
+                score = d_damage / -d_cost
+                if best is None or score < best[0]:
+                    best = (score, k, j)
+            if best is None:
+                raise NortonError("the planner cannot reduce the cost any further")
+            state[best[1]] = best[2]
+            current = self.layer_costs(state)
+        return self.refill(state, budget)
+
+    def lagrangian(self, budget: float) -> list[int]:
+        """Minimise damage + λ·cost by coordinate descent, λ bisected (in log
+        scale) to the smallest value that meets the budget."""
+        base = self.cost([0] * len(self.units))
+
+        def solve(lam: float) -> list[int]:
+            state = [0] * len(self.units)
+            for _ in range(8):
+                changed = False
+                for k, u in enumerate(self.units):
+                    others = [n for n in self.costs.layers if n not in u.layers]
+                    rest = sum(self.layer_costs(state, others).values())
+                    scores = []
+                    for j in range(len(u.options)):
+                        trial = state.copy()
+                        trial[k] = j
+                        scores.append(u.damage[j] + lam * (rest + sum(self.layer_costs(trial, u.layers).values())) / base)
+                    j = min(range(len(scores)), key=scores.__getitem__)
+                    changed |= j != state[k]
+                    state[k] = j
+                if not changed:
+                    break
+            return state
+
+        low, high = 1e-6, 1e6
+        best = solve(high)
+        if self.cost(best) > budget:
+            return self.greedy(budget)  # the penalty cannot reach the budget: fall back to the greedy path
+        for _ in range(40):
+            mid = math.sqrt(low * high)
+            state = solve(mid)
+            if self.cost(state) <= budget:
+                high, best = mid, state
+            else:
+                low = mid
+        return self.refill(best, budget)
+
+    def refill(self, state: list[int], budget: float) -> list[int]:
+        """Spend what the budget still allows: first the more expensive options
+        that also lower the damage (most damage saved per cost), then, while
+        the cost is more than ``FILL_TOLERANCE`` of the full model's below the
+        budget, those of least damage added per cost — a plan that removes far
+        more than asked for gives up accuracy that fine-tuning would keep."""
+        state = state.copy()
+        slack = FILL_TOLERANCE * self.cost([0] * len(self.units))
+        while True:
+            current = self.layer_costs(state)
+            spare = budget - self.costs.constant - sum(current.values())
+            best = None
+            for k, j, d_damage, d_cost in self._moves(state, current, cheaper=False):
+                if d_cost > spare or (d_cost <= 0 and d_damage >= 0):
+                    continue
+                score = d_damage / max(d_cost, 1e-12)
+                if best is None or score < best[0]:
+                    best = (score, k, j)
+            if best is None or (best[0] >= 0 and spare <= slack):
+                return state
+            state[best[1]] = best[2]
+
+
+# -- the entry point -----------------------------------------------------------------------
+def plan(
+    model: nn.Module,
+    data,
+    *,
+    target_macs: float | None = None,
+    target_speedup: float | None = None,
+    criterion: str = "l2",
+    ranks: Sequence[int] = RANK_OPTIONS,
+    keep_steps: int = KEEP_STEPS,
+    allocation: str = "best",
+    latency_batch: int = 32,
+    ignored_layers: Sequence[nn.Module] = (),
+    seed: int = 0,
+    progress: bool = False,
+) -> Plan:
+    """Choose a rank (or dense) for every decomposable conv and a filter count
+    for every coupled group of ``model`` so that it meets the target with the
+    least damage measured on ``data`` (calibration images: a tensor or batches).
+
+    Give one of ``target_macs`` (fraction of MACs to remove, in (0, 1)) or
+    ``target_speedup`` (> 1, latency of the layers' fastest execution plans
+    timed here on ``latency_batch`` images).  ``criterion`` selects the filters
+    of a pruned group (one that works on dense weights: l2, l1, fpgm, random).
+    ``allocation``: greedy (least damage per cost saved), lagrangian, or best
+    (both, the one of smaller predicted damage).  The model is not changed.
+    """
+    if (target_macs is None) == (target_speedup is None):
+        raise NortonError("give exactly one of target_macs or target_speedup")
+    if target_macs is not None and (isinstance(target_macs, bool) or not isinstance(target_macs, (int, float))
+                                    or not 0.0 < target_macs < 1.0):
+        raise NortonError(f"target_macs must be a fraction of the MACs to remove, in (0, 1), got {target_macs!r}")
+    if target_speedup is not None and (isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float))
+                                       or not target_speedup > 1.0 or not math.isfinite(target_speedup)):
+        raise NortonError(f"target_speedup must be a number > 1 (e.g. 2 for twice as fast), got {target_speedup!r}")
+    if allocation not in ALLOCATIONS:
+        raise NortonError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if get_criterion(criterion).needs_factors:
+        raise NortonError(f"the planner selects filters on the dense weights; criterion {criterion!r} needs CP "
+                          "factors — use l2, l1, fpgm or random (or prune a decomposed model with norton.prune)")
+    if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise NortonError(f"ranks must be positive integers, got {list(ranks)!r}")
+    rank_options = sorted(set(ranks), reverse=True)
+    if isinstance(keep_steps, bool) or not isinstance(keep_steps, int) or keep_steps < 1:
+        raise NortonError(f"keep_steps must be a positive integer, got {keep_steps!r}")
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    dtype = param.dtype if param is not None else torch.float32
+    batches = _batches(data, device)
+    dense = copy.deepcopy(model).eval()
+    try:
+        probe = _Probe(dense, batches)
+    except Exception as err:
+        raise NortonError(f"calibration images of shape {tuple(batches[0].shape)} do not fit the model "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    example = batches[0][:1]
+
+    # what can change: decomposable convs, coupled groups
+    graph = build_graph(dense, example)
+    groups, _ = collect_groups(dense, graph, example, [dict(zip(model.modules(), dense.modules()))[m] for m in ignored_layers])
+    totals = {g.info.root: g.info.total for g in groups}
+    names = {m: n for n, m in dense.named_modules()}
+    sizes = _layer_inputs(dense, example)
+    layers = {n: _Layer(n, m, sizes[n]) for n, m in dense.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and n in sizes}
+    for g in groups:
+        for module, is_out, idxs, _ in g.members:
+            name = names.get(module)
+            if name in layers and (isinstance(module, nn.Linear) or module.groups == 1):
+                side = layers[name].out_groups if is_out else layers[name].in_groups
+                if all(root != g.info.root for root, _ in side):
+                    side.append((g.info.root, len(set(idxs)) / g.info.total))
+    measure = "macs" if target_macs is not None else "seconds"
+    costs = _CostModel(layers, measure, latency_batch, device, dtype)
+
+    units: list[_Unit] = []
+    for name, layer in layers.items():
+        if not is_decomposable(layer.module):
+            continue
+        n, c = layer.full
+        counter = _macs_model(costs)
+        cheaper = [r for r in rank_options if counter.layer_cost(layer, r, n, c) < counter.layer_cost(layer, 0, n, c)]
+        units.append(_Unit("rank", name, [0, *cheaper], layers=[name]))
+    for g in groups:
+        counts = sorted({max(1, round(g.info.total * s / keep_steps)) for s in range(keep_steps, 0, -1)}, reverse=True)
+        affected = [n for n, layer in layers.items() if any(root == g.info.root for root, _ in layer.out_groups + layer.in_groups)]
+        units.append(_Unit("keep", g.info.root, counts, layers=affected))
+
+    # the budget
+    search = _Search(units, costs, totals)
+    if measure == "seconds":
+        with torch.no_grad():
+            x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=dtype)
+            whole = time_call(lambda: dense(x), x, 5)
+        costs.constant = max(whole - sum(search.layer_costs([0] * len(units)).values()), 0.0)
+    else:
+        costs.constant = float(count_macs(dense, example)) - sum(search.layer_costs([0] * len(units)).values())
+    full = search.cost([0] * len(units))
+    budget = full * (1.0 - target_macs) if target_macs is not None else full / target_speedup
+    cheapest = search.cost([len(u.options) - 1 for u in units])
+    if cheapest > budget:
+        reach = (f"{1 - cheapest / full:.1%} fewer MACs" if measure == "macs" else f"a {full / cheapest:.2f}× speed-up")
+        raise NortonError(f"the target is out of reach: the planner's cheapest options (rank {min(rank_options)}, "
+                          f"{1}/{keep_steps} of the filters) give {reach}")
+
+    # the damage of every option alone
+    blocks = _decompositions(dense, [u for u in units if u.kind == "rank"], seed, progress)
+    trials = sum(len(u.options) - 1 for u in units)
+    bar = tqdm(total=trials, desc="plan: damage of each option", unit="option", disable=not progress)
+    for u in units:
+        u.damage = [0.0]
+        for option in u.options[1:]:
+            trial = copy.deepcopy(dense)
+            if u.kind == "rank":  # the recomposed kernel: the same function, the fastest to evaluate here
+                replace_module(trial, u.name, copy.deepcopy(blocks[(u.name, option)]).set_plan("dense"))
+            else:
+                prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed)
+            u.damage.append(probe.damage(trial))
+            bar.update(1)
+    bar.close()
+
+    for u in units:  # between measured counts, any count: damage interpolated, so the budget can be met closely
+        if u.kind == "keep":
+            _refine_counts(u, FINE_KEEP_OPTIONS)
+
+    search = _Search(units, costs, totals)
+    candidates = {}
+    if allocation in ("best", "greedy"):
+        candidates["greedy"] = search.greedy(budget)
+    if allocation in ("best", "lagrangian"):
+        candidates["lagrangian"] = search.lagrangian(budget)
+    chosen = min(candidates, key=lambda k: search.damage(candidates[k]))
+    state = candidates[chosen]
+
+    ranks_chosen, keep = search.config(state)
+    rank_units = {u.name: (u, i) for u, i in zip(units, state) if u.kind == "rank"}
+    macs_model = _macs_model(costs)
+    macs_search = _Search(units, macs_model, totals)
+    macs_model.constant = float(count_macs(dense, example)) - sum(macs_search.layer_costs([0] * len(units)).values())
+    layer_macs = macs_search.layer_costs(state)
+    layer_seconds = search.layer_costs(state) if measure == "seconds" else {}
+    rows = []
+    for name, layer in layers.items():
+        n, c = costs.channels(layer, keep, totals)
+        unit = rank_units.get(name)
+        rows.append(LayerRow(name=name, rank=ranks_chosen.get(name, 0), filters=n, total=layer.full[0],
+                             macs=int(layer_macs[name]),
+                             latency_ms=1000 * layer_seconds[name] if layer_seconds else None,
+                             damage=unit[0].damage[unit[1]] if unit else 0.0))
+    return Plan(
+        target="macs" if target_macs is not None else "speedup",
+        value=float(target_macs if target_macs is not None else target_speedup),
+        ranks={u.name: u.options[i] for u, i in zip(units, state) if u.kind == "rank"},
+        keep=keep, totals=totals, criterion=criterion,
+        allocation=chosen if allocation == "best" else allocation, seed=seed,
+        macs_before=round(macs_search.cost([0] * len(units))),
+        macs_after=round(macs_search.cost(state)),
+        latency_before_ms=1000 * full if measure == "seconds" else None,
+        latency_after_ms=1000 * search.cost(state) if measure == "seconds" else None,
+        damage=search.damage(state), rows=rows,
+        group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
+    )
+
+
+def _refine_counts(unit: _Unit, most: int) -> None:
+    """Every filter count from the largest to the smallest measured one (at
+    most ``most`` of them, evenly spread), damage linear in between."""
+    measured = list(zip(unit.options, unit.damage))  # descending counts
+    high, low = measured[0][0], measured[-1][0]
+    step = max(1, math.ceil((high - low) / most))
+    counts = sorted({*range(high, low - 1, -step), *unit.options}, reverse=True)
+    damage = []
+    for count in counts:
+        for (c0, d0), (c1, d1) in zip(measured, measured[1:]):
+            if c1 <= count <= c0:
+                damage.append(d0 + (d1 - d0) * (c0 - count) / (c0 - c1))
+                break
+        else:
+            damage.append(measured[0][1] if count == high else measured[-1][1])
+    unit.options, unit.damage = counts, damage
+
+
+def _macs_model(costs: _CostModel) -> _CostModel:
+    """The MACs counterpart of a cost model (itself when it counts MACs)."""
+    if costs.measure == "macs":
+        return costs
+    if not hasattr(costs, "_macs"):
+        costs._macs = _CostModel(costs.layers, "macs", 1, costs.device, costs.dtype)
+    return costs._macs
+
+
+def _decompositions(model: nn.Module, units: list[_Unit], seed: int, progress: bool) -> dict[tuple[str, int], CPDBlock]:
+    """Every decomposable conv as a CPDBlock at every rank it may take."""
+    blocks = {}
+    ranks = sorted({r for u in units for r in u.options[1:]})
+    for rank in tqdm(ranks, desc="plan: decompose at each rank", unit="rank", disable=not progress):
+        names = [u.name for u in units if rank in u.options]
+        trial = copy.deepcopy(model)
+        decompose(trial, rank, layer_ranks={u.name: (rank if u.name in names else 0) for u in units},
+                  progress=False, seed=seed)
+        for name in names:
+            blocks[(name, rank)] = trial.get_submodule(name)
+    return blocks

@@ -1,0 +1,38 @@
+"""BatchNorm statistics re-estimated on calibration images."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them as the
+    cumulative average over ``batches`` (train-mode forward passes, no
+    gradients).  Returns the number of images seen; the model's mode and the
+    BN momenta are restored."""
+    norms = batchnorms(model)
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    seen = 0
+    try:
+        for images in batches:
+            model(images)
+            seen += images.shape[0]
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return seen

@@ -1,0 +1,179 @@
+"""The budget planner: targets met, plans as values, clear refusals."""
+import copy
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from norton import NortonError, create_model
+from norton.cli import main
+from norton.compression import Plan, plan
+from norton.compression.planning import layer_macs
+from norton.core import CPDBlock, count_macs
+
+SMALL = {"ranks": (1, 2, 4), "keep_steps": 4}  # a small search space keeps the tests fast
+
+
+def images(n=16, channels=3, size=32, seed=0):
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def reduction(model, planned, x):
+    return 1 - count_macs(planned, x[:1]) / count_macs(model, x[:1])
+
+
+@pytest.mark.parametrize("make, target", [
+    (lambda: create_model("resnet_20"), 0.6),
+    (lambda: create_model("vgg_16_bn"), 0.85),
+    (lambda: torchvision.models.resnet18(num_classes=10), 0.6),
+])
+def test_plan_meets_the_macs_target_within_one_point(make, target):
+    model = make().eval()
+    x = images(4)
+    p = plan(model, x, target_macs=target, ranks=(1, 3), keep_steps=4)
+    planned = copy.deepcopy(model)
+    p.apply(planned, x[:1])
+    got = reduction(model, planned, x)
+    assert target - 0.001 <= got <= target + 0.01, got
+    assert got == pytest.approx(p.macs_reduction, abs=1e-9)  # the predicted MACs are the counted MACs
+    for m in planned.modules():  # at least one filter everywhere, and the output keeps its shape
+        if isinstance(m, (nn.Conv2d, CPDBlock)):
+            assert m.out_channels >= 1
+    assert planned(x).shape == model(x).shape
+    assert all(1 <= p.keep[root] <= p.totals[root] for root in p.totals)
+
+
+def test_layer_macs_counts_what_count_macs_counts():
+    for conv, size in [(nn.Conv2d(16, 32, 3, 1, 1), 15), (nn.Conv2d(8, 12, (3, 5), (2, 1), (1, 2)), 17),
+                       (nn.Conv2d(4, 6, 7, 2, 3, dilation=1), 32), (nn.Conv2d(5, 9, 3, 2, 0, dilation=2), 21)]:
+        x = torch.zeros(1, conv.in_channels, size, size)
+        assert layer_macs(conv, 0, conv.out_channels, conv.in_channels, x.shape[1:]) == count_macs(conv, x)
+        for rank in (1, 3):
+            block = CPDBlock.like_conv(conv, rank)
+            assert layer_macs(conv, rank, conv.out_channels, conv.in_channels, x.shape[1:]) == count_macs(block, x)
+
+
+def test_same_seed_same_plan_and_the_plan_is_a_value():
+    model = create_model("resnet_20").eval()
+    x = images(8, size=16)
+    a = plan(model, [x[:4], x[4:]], target_macs=0.7, **SMALL, seed=3)
+    b = plan(model, [x[:4], x[4:]], target_macs=0.7, **SMALL, seed=3)
+    assert a.to_dict() == b.to_dict()
+    again = Plan.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert again == a
+    table = a.table()
+    assert "layer1.0.conv1" in table and "70% fewer MACs" in table
+    # the search space holds CP-only and pruning-only: every layer has "dense" among its options
+    assert set(a.ranks.values()) <= {0, 1, 2, 4}
+
+
+def test_plan_does_not_change_the_model():
+    model = create_model("resnet_20").eval()
+    before = copy.deepcopy(model.state_dict())
+    plan(model, images(4, size=16), target_macs=0.5, ranks=(2,), keep_steps=2)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_macs": 0.0}, "target_macs must be"),
+    ({"target_macs": 1.0}, "target_macs must be"),
+    ({"target_macs": -0.2}, "target_macs must be"),
+    ({"target_speedup": 1.0}, "target_speedup must be"),
+    ({"target_macs": 0.5, "target_speedup": 2.0}, "exactly one"),
+    ({}, "exactly one"),
+    ({"target_macs": 0.999}, "out of reach"),
+    ({"target_macs": 0.5, "criterion": "pabs"}, "needs CP factors"),
+    ({"target_macs": 0.5, "allocation": "annealing"}, "allocation must be"),
+])
+def test_bad_targets_are_named(kwargs, message):
+    with pytest.raises(NortonError, match=message):
+        plan(create_model("resnet_20").eval(), images(4), **{**SMALL, **kwargs})
+
+
+def test_calibration_images_of_the_wrong_shape_are_named():
+    with pytest.raises(NortonError, match=r"calibration images of shape \(4, 1, 32, 32\) do not fit the model"):
+        plan(create_model("resnet_20").eval(), images(4, channels=1), target_macs=0.5, **SMALL)
+    with pytest.raises(NortonError, match="at least one non-empty batch"):
+        plan(create_model("resnet_20").eval(), [], target_macs=0.5, **SMALL)
+
+
+def test_speedup_target_predicts_a_faster_model():
+    model = create_model("resnet_20").eval()
+    p = plan(model, images(4), target_speedup=1.3, latency_batch=16, ranks=(1, 4), keep_steps=4)
+    assert p.target == "speedup" and p.latency_before_ms / p.latency_after_ms >= 1.3
+    assert "speed-up" in p.table()
+
+
+# -- the command line --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    run = tmp_path_factory.mktemp("base")
+    assert main(["train", "--arch", "resnet_20", "--data", "digits", "--epochs", "1", "--batch-size", "64",
+                 "--run-dir", str(run), "--device", "cpu"]) == 0
+    return run / "model.pt"
+
+
+def test_compress_with_a_macs_target_plans_and_the_checkpoint_keeps_the_plan(baseline, tmp_path, capsys):
+    from norton.checkpoints import load_checkpoint, load_model
+    run = tmp_path / "auto"
+    assert main(["compress", "--ckpt", str(baseline), "--target-macs", "0.6", "--calibration-images", "64",
+                 "--data", "digits", "--epochs", "1", "--batch-size", "64", "--run-dir", str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "target 60% fewer MACs" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.59 <= 1 - summary["final"]["macs"] / summary["baseline"]["macs"] <= 0.61
+    saved = load_checkpoint(run / "final.pt")["extra"]["plan"]
+    assert Plan.from_dict(saved).to_dict() == json.loads((run / "plan.json").read_text())
+    # the checkpoint rebuilds the planned model with no flags
+    model, _ = load_model(run / "final.pt")
+    x = torch.randn(2, 1, 8, 8)
+    reference, _ = load_model(run / "final.pt")
+    assert torch.equal(model.eval()(x), reference.eval()(x))
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, CPDBlock)}
+    assert ranks == {n: r for n, r in saved["ranks"].items() if r > 0}
+
+    # the saved plan applies again, from the checkpoint, without a target
+    again = tmp_path / "again"
+    assert main(["compress", "--ckpt", str(baseline), "--plan", str(run / "final.pt"), "--data", "digits",
+                 "--epochs", "1", "--batch-size", "64", "--run-dir", str(again), "--device", "cpu"]) == 0
+    assert json.loads((again / "plan.json").read_text()) == json.loads((run / "plan.json").read_text())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target-macs", "0"], "MACs target must be"),
+    (["--target-macs", "1"], "MACs target must be"),
+    (["--target-speedup", "0.5"], "speed-up must be"),
+    (["--target-macs", "0.999"], "out of reach"),
+])
+def test_plan_refusals_are_one_line_exit_2_and_write_nothing(baseline, tmp_path, capsys, extra, message):
+    def run(args):
+        try:
+            return main(args)
+        except SystemExit as stop:  # argparse refusals
+            return stop.code
+
+    out = tmp_path / "plan.json"
+    assert run(["plan", "--ckpt", str(baseline), "--data", "digits", "--calibration-images", "16",
+                "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+    run_dir = tmp_path / "run"
+    assert run(["compress", "--ckpt", str(baseline), "--data", "digits", "--calibration-images", "16",
+                "--run-dir", str(run_dir), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not run_dir.exists()
+
+
+def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--ckpt", str(baseline), "--data", "digits", "--target-macs", "0.5",
+                 "--calibration-images", "8", "--out", str(out)]) == 0
+    assert "target 50% fewer MACs" in capsys.readouterr().out
+    assert Plan.from_dict(json.loads(out.read_text())).macs_reduction >= 0.5
+    assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--plan", str(out), "--data", "digits",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    assert "drop -r" in capsys.readouterr().err
