@@ -24,7 +24,8 @@ from norton.training import TrainConfig
 TINY = CompareBudget(train_images=None, val_images=32, test_images=None,
                      baseline=TrainConfig(epochs=1, batch_size=32, lr=0.05, warmup_epochs=0),
                      finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01, warmup_epochs=0),
-                     seeds=(0, 1), targets=(0.85,), recalibration_images=32)
+                     seeds=(0, 1), targets=(0.85,), recalibration_images=32, calibration_images=16,
+                     plan_options={"ranks": (1, 2), "keep_steps": 4})
 
 
 @pytest.mark.parametrize("target", [pytest.param(0.60, marks=pytest.mark.benchmark), 0.85])
@@ -32,7 +33,7 @@ def test_every_method_lands_within_two_points_of_the_target(target):
     torch.manual_seed(0)
     base = create_model("resnet_20", in_channels=1, num_classes=10)
     ctx = Context(base_macs=30_821_248, example=torch.zeros(1, 1, 28, 28), budget=TINY.__class__(
-        **{**TINY.__dict__, "targets": (target,)}))
+        **{**TINY.__dict__, "targets": (target,)}), calibration=[torch.randn(8, 1, 28, 28)])
     assert macs_reduction(base, ctx) == 0.0
     for name, method in METHODS.items():
         model, text = method.build(base, target, 0, ctx)
@@ -46,7 +47,7 @@ def compared(tmp_path_factory):
     data = str(root / "fashion")
     write_fashion_mnist(data, n_train=160, n_test=48)
     out = str(root / "compare")
-    summary = run_compare(out, budget=TINY, methods=["norton", "l1"], data_dir=data, progress=False)
+    summary = run_compare(out, budget=TINY, methods=["norton-auto", "norton", "l1"], data_dir=data, progress=False)
     return data, out, summary
 
 
@@ -55,8 +56,8 @@ def test_compare_writes_the_measured_table_and_plot(compared):
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     table = open(os.path.join(out, "results.md")).read()
-    assert len(saved["runs"]) == 4  # 2 methods × 1 target × 2 seeds
-    for method in ("norton", "l1"):
+    assert len(saved["runs"]) == 6  # 3 methods × 1 target × 2 seeds
+    for method in ("norton-auto", "norton", "l1"):
         runs = [r for r in saved["runs"] if r["method"] == method]
         assert sorted(r["seed"] for r in runs) == [0, 1]
         mean = statistics.fmean(r["top1"] for r in runs)
@@ -65,7 +66,10 @@ def test_compare_writes_the_measured_table_and_plot(compared):
         assert abs(1 - runs[0]["macs"] / saved["baseline"]["macs"] - 0.85) <= TOLERANCE
         assert runs[0]["latency_ms"] > 0
     assert f"Baseline ResNet-20: {saved['baseline']['top1']:.2f} %" in table
-    assert ("NORTON (pabs) has the best accuracy" in table) != ("NORTON (pabs) does **not** win" in table)
+    for label in ("NORTON (pabs)", "NORTON-auto (planner, MACs target)"):  # each NORTON row against the best peer
+        assert (f"{label} beats the best other method, L1-norm pruning" in table) != (
+            f"{label} does **not** win: L1-norm pruning" in table)
+    assert "planned:" in table
     with Image.open(os.path.join(out, "accuracy_vs_macs.png")) as png:
         assert png.size[0] > 400 and png.size[1] > 300
 
@@ -73,8 +77,9 @@ def test_compare_writes_the_measured_table_and_plot(compared):
 def test_compare_resumes_and_refuses_to_overwrite(compared):
     data, out, summary = compared
     with pytest.raises(NortonError, match="already holds a comparison"):
-        run_compare(out, budget=TINY, methods=["norton", "l1"], data_dir=data, progress=False)
-    again = run_compare(out, budget=TINY, methods=["norton", "l1"], data_dir=data, progress=False, resume=True)
+        run_compare(out, budget=TINY, methods=["norton-auto", "norton", "l1"], data_dir=data, progress=False)
+    again = run_compare(out, budget=TINY, methods=["norton-auto", "norton", "l1"], data_dir=data, progress=False,
+                        resume=True)
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in summary["runs"]]
 
 

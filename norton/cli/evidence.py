@@ -55,11 +55,13 @@ def register(sub) -> None:
                     "NORTON vs pruning and decomposition baselines on Fashion-MNIST, side by side",
                     "norton compare                   # --budget small: about 30 min on 2 CPU cores\n"
                     "  norton compare --resume          # continue an interrupted comparison\n"
+                    "  norton compare --budget medium --out runs/compare_medium --resume   # about an hour\n"
                     "  norton compare --budget full --device cuda --out runs/compare_full\n"
                     "  norton compare --methods norton,l1,fpgm")
-    p.add_argument("--budget", choices=("small", "full"), default="small")
-    p.add_argument("--methods", default=None, help="comma-separated subset of: norton, norton-random, norton-l2, "
-                                                   "cp-only, l1, fpgm, tltorch-cp, tltorch-tucker2")
+    p.add_argument("--budget", choices=("small", "medium", "full"), default="small",
+                   help="small: 1 fine-tuning epoch, every method; medium: 3 epochs, the main methods; full: the paper's")
+    p.add_argument("--methods", default=None, help="comma-separated subset of: norton-auto, norton, norton-random, "
+                                                   "norton-l2, cp-only, l1, fpgm, tltorch-cp, tltorch-tucker2")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_checkpoint
-from norton.compression import decompose, prune
+from norton.compression import decompose, plan, prune
 from norton.core import (
     CPDBlock,
     complexity,
@@ -38,6 +38,7 @@ from norton.evidence.plotting import pyplot, save
 from norton.models import create_model
 from norton.training import (
     TrainConfig,
+    calibration_batches,
     evaluate,
     fit,
     limit,
@@ -64,6 +65,9 @@ class CompareBudget:
     # NORTON's rank at each target: one step above the rank at which CP alone
     # would reach it, so that pruning removes the rest
     norton_ranks: dict[float, int] = field(default_factory=lambda: {0.60: 4, 0.85: 2})
+    methods: tuple[str, ...] | None = None  # None: every method
+    calibration_images: int = 512  # NORTON-auto's planner measures damage on these training images
+    plan_options: dict = field(default_factory=dict)  # other norton.plan arguments (ranks, keep_steps, ...)
 
 
 SMALL = CompareBudget(
@@ -77,7 +81,14 @@ FULL = CompareBudget(
     finetune=TrainConfig(epochs=60, batch_size=128, lr=0.02, warmup_epochs=0),
     seeds=(0, 1, 2),
 )
-BUDGETS = {"small": SMALL, "full": FULL}
+# several fine-tuning epochs, the methods that matter; about an hour on 2 CPU cores
+MEDIUM = CompareBudget(
+    train_images=12_000, val_images=2_000, test_images=5_000,
+    baseline=TrainConfig(epochs=6, batch_size=128, lr=0.1, warmup_epochs=1),
+    finetune=TrainConfig(epochs=3, batch_size=128, lr=0.02, warmup_epochs=0),
+    methods=("norton-auto", "norton", "norton-l2", "cp-only", "l1", "fpgm", "tltorch-tucker2"),
+)
+BUDGETS = {"small": SMALL, "medium": MEDIUM, "full": FULL}
 
 
 # -- the methods ------------------------------------------------------------------------------
@@ -86,6 +97,7 @@ class Context:
     base_macs: int
     example: torch.Tensor
     budget: CompareBudget
+    calibration: list[torch.Tensor] = field(default_factory=list)  # training images, for the planner
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,19 @@ def _norton(criterion: str) -> Callable:
         return model, f"rank {rank}, {criterion} prunes {1 - kept / total:.0%} of filters"
 
     return build
+
+
+def _norton_auto(base: nn.Module, target: float, seed: int, ctx: Context):
+    """The budget planner: per-layer rank or dense, per-group filter counts (l2
+    selection), damages measured on training images only."""
+    model = copy.deepcopy(base)
+    chosen = plan(model, ctx.calibration, target_macs=target, seed=seed, **ctx.budget.plan_options)
+    chosen.apply(model, ctx.example)
+    ranks = [r for r in chosen.ranks.values() if r > 0]
+    pruned = sum(chosen.totals.values()) - sum(chosen.keep.values())
+    text = (f"planned: {len(ranks)}/{len(chosen.ranks)} layers CP (ranks {min(ranks)}–{max(ranks)}), "
+            if ranks else f"planned: all {len(chosen.ranks)} layers dense, ")
+    return model, text + f"l2 prunes {pruned / sum(chosen.totals.values()):.0%} of filters"
 
 
 def _norton_rank(base: nn.Module, target: float, ctx: Context) -> int:
@@ -203,6 +228,7 @@ def _layerwise(factorization: str) -> Callable:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("norton-auto", "NORTON-auto (planner, MACs target)", "NORTON", _norton_auto),
     Method("norton", "NORTON (pabs)", "NORTON", _norton("pabs")),
     Method("norton-random", "NORTON, random selection", "ablation", _norton("random"), seeded=True),
     Method("norton-l2", "NORTON, L2 selection", "ablation", _norton("l2")),
@@ -241,7 +267,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         budget_name, budget = budget, BUDGETS[budget]
     else:
         budget_name = "custom"
-    methods = list(methods or METHODS)
+    methods = list(methods or budget.methods or METHODS)
     _check(methods, budget.seeds, budget.targets)
     device = device or torch.device("cpu")
     if os.path.exists(os.path.join(out_dir, "baseline")) and not resume:
@@ -272,7 +298,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     base_cx = complexity(baseline, list(INPUT))
     base_test = evaluate(baseline, test, device=device)
     teacher = copy.deepcopy(baseline) if budget.finetune.distill > 0 else None  # the same teacher for every method
-    ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *INPUT), budget=budget)
+    ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *INPUT), budget=budget,
+                  calibration=calibration_batches(train, budget.calibration_images, seed=0))
 
     results = []
     finals: dict[tuple[str, float], nn.Module] = {}
@@ -407,17 +434,25 @@ def render_table(summary: dict) -> str:
                 f"| {statistics.fmean(final) - base['top1']:+.2f} | {r0['latency_ms']:.1f} ms "
                 f"({base['latency_ms'] / r0['latency_ms']:.2f}×) |")
         ranked = sorted(rows, key=lambda mr: -statistics.fmean(r["top1"] for r in mr[1]))
-        best_method, best_runs = ranked[0]
-        best = statistics.fmean(r["top1"] for r in best_runs)
-        if "norton" in dict(rows):
-            ours = statistics.fmean(r["top1"] for r in dict(rows)["norton"])
-            if best_method == "norton":
-                second = ranked[1] if len(ranked) > 1 else None
-                margin = f", {ours - statistics.fmean(r['top1'] for r in second[1]):.2f} points above {second[1][0]['label']}" if second else ""
-                verdicts.append(f"- at {target:.0%} fewer MACs NORTON (pabs) has the best accuracy{margin}.")
+        for ours_name in ("norton-auto", "norton"):
+            if ours_name not in dict(rows):
+                continue
+            ours_runs = dict(rows)[ours_name]
+            label = ours_runs[0]["label"]
+            ours = statistics.fmean(r["top1"] for r in ours_runs)
+            peers = [(m, runs) for m, runs in ranked if m not in METHODS or METHODS[m].family not in ("NORTON", "ablation")]
+            if not peers:
+                continue
+            peer_name, peer_runs = peers[0]
+            peer = statistics.fmean(r["top1"] for r in peer_runs)
+            spread = max(_mean_std([r["top1"] for r in ours_runs])[1], _mean_std([r["top1"] for r in peer_runs])[1])
+            if ours >= peer:
+                verdicts.append(f"- at {target:.0%} fewer MACs {label} beats the best other method, "
+                                f"{peer_runs[0]['label']}, by {ours - peer:.2f} points ({ours:.2f} % vs {peer:.2f} %).")
             else:
-                verdicts.append(f"- at {target:.0%} fewer MACs NORTON (pabs) does **not** win: {best_runs[0]['label']} is "
-                                f"{best - ours:.2f} points better ({best:.2f} % vs {ours:.2f} %).")
+                tie = " — within the larger std over seeds" if peer - ours <= spread else ""
+                verdicts.append(f"- at {target:.0%} fewer MACs {label} does **not** win: {peer_runs[0]['label']} is "
+                                f"{peer - ours:.2f} points better ({peer:.2f} % vs {ours:.2f} %){tie}.")
     return "\n".join(lines + [""] + verdicts) + "\n"
 
 
