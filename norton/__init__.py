@@ -9,9 +9,11 @@ Everything a user calls is re-exported here.
 from norton.checkpoints import load_checkpoint, load_model, save_checkpoint
 from norton.compression import (
     DecompositionReport,
+    Plan,
     PruneReport,
     decompose,
     list_criteria,
+    plan,
     prune,
 )
 from norton.core import (
@@ -49,6 +51,7 @@ __all__ = [
     "DecompositionReport",
     "DeployReport",
     "NortonError",
+    "Plan",
     "PruneReport",
     "TrainConfig",
     "__version__",
@@ -72,6 +75,7 @@ __all__ = [
     "load_model",
     "nmse",
     "parse_compress_rate",
+    "plan",
     "prune",
     "recalibrate_bn",
     "register_model",
