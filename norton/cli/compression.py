@@ -99,10 +99,11 @@ def read_plan(path: str) -> dict:
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         check_out(args)
-    model = model_from_args(args).model.to(resolve_device(args.device))
+    device = resolve_device(args.device)
+    model = model_from_args(args).model.to(device)
     train = load_dataset(args.data, args.data_dir, "train")
     batches = calibration_batches(train, args.calibration_images, seed=args.seed)
-    result = plan(model, [b.to(resolve_device(args.device)) for b in batches], target_macs=args.target_macs,
+    result = plan(model, [b.to(device) for b in batches], target_macs=args.target_macs,
                   target_speedup=args.target_speedup, criterion=args.criterion, allocation=args.allocation,
                   latency_batch=args.latency_batch, seed=args.seed, progress=True)
     print(result.table())

@@ -39,7 +39,7 @@ from norton.core import (
     reestimate_bn,
     replace_module,
 )
-from norton.core.plans import time_call, time_plans
+from norton.core.plans import block_inputs, time_call, time_plans
 from norton.core.surgery import flatten_tensors
 from norton.errors import NortonError
 
@@ -215,24 +215,6 @@ def layer_macs(module: nn.Module, rank: int, n: int, c: int, in_size: Sequence[i
         return n * (c // module.groups) * kh * kw * out_h * out_w
     # the three factored convs: 1×1 (c -> R·n), kh×1 depthwise (stride sh), 1×kw depthwise (stride sw)
     return height * width * c * rank * n + rank * n * kh * out_h * width + rank * n * kw * out_h * out_w
-
-
-def _layer_inputs(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:
-    sizes: dict[str, tuple[int, ...]] = {}
-    names = {m: n for n, m in model.named_modules()}
-
-    def record(module: nn.Module, args: tuple) -> None:
-        sizes.setdefault(names[module], tuple(args[0].shape[1:]))
-
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, CPDBlock))]
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
 
 
 class _CostModel:
@@ -478,7 +460,7 @@ def plan(
     groups, _ = collect_groups(dense, graph, example, [dict(zip(model.modules(), dense.modules()))[m] for m in ignored_layers])
     totals = {g.info.root: g.info.total for g in groups}
     names = {m: n for n, m in dense.named_modules()}
-    sizes = _layer_inputs(dense, example)
+    sizes = {n: tuple(x.shape[1:]) for n, x in block_inputs(dense, example, (nn.Conv2d, nn.Linear)).items()}
     layers = {n: _Layer(n, m, sizes[n]) for n, m in dense.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and n in sizes}
     for g in groups:
@@ -490,13 +472,13 @@ def plan(
                     side.append((g.info.root, len(set(idxs)) / g.info.total))
     measure = "macs" if target_macs is not None else "seconds"
     costs = _CostModel(layers, measure, latency_batch, device, dtype)
+    counter = costs if measure == "macs" else _CostModel(layers, "macs", 1, device, dtype)  # MACs, whatever the target
 
     units: list[_Unit] = []
     for name, layer in layers.items():
         if not is_decomposable(layer.module):
             continue
         n, c = layer.full
-        counter = _macs_model(costs)
         cheaper = [r for r in rank_options if counter.layer_cost(layer, r, n, c) < counter.layer_cost(layer, 0, n, c)]
         units.append(_Unit("rank", name, [0, *cheaper], layers=[name]))
     for g in groups:
@@ -506,13 +488,14 @@ def plan(
 
     # the budget
     search = _Search(units, costs, totals)
+    dense_macs = float(count_macs(dense, example))
+    macs_search = _Search(units, counter, totals)
+    counter.constant = dense_macs - sum(macs_search.layer_costs([0] * len(units)).values())
     if measure == "seconds":
         with torch.no_grad():
             x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=dtype)
             whole = time_call(lambda: dense(x), x, 5)
         costs.constant = max(whole - sum(search.layer_costs([0] * len(units)).values()), 0.0)
-    else:
-        costs.constant = float(count_macs(dense, example)) - sum(search.layer_costs([0] * len(units)).values())
     full = search.cost([0] * len(units))
     budget = full * (1.0 - target_macs) if target_macs is not None else full / target_speedup
     cheapest = search.cost([len(u.options) - 1 for u in units])
@@ -541,7 +524,6 @@ def plan(
         if u.kind == "keep":
             _refine_counts(u, FINE_KEEP_OPTIONS)
 
-    search = _Search(units, costs, totals)
     candidates = {}
     if allocation in ("best", "greedy"):
         candidates["greedy"] = search.greedy(budget)
@@ -552,17 +534,14 @@ def plan(
 
     ranks_chosen, keep = search.config(state)
     rank_units = {u.name: (u, i) for u, i in zip(units, state) if u.kind == "rank"}
-    macs_model = _macs_model(costs)
-    macs_search = _Search(units, macs_model, totals)
-    macs_model.constant = float(count_macs(dense, example)) - sum(macs_search.layer_costs([0] * len(units)).values())
-    layer_macs = macs_search.layer_costs(state)
+    macs_per_layer = macs_search.layer_costs(state)
     layer_seconds = search.layer_costs(state) if measure == "seconds" else {}
     rows = []
     for name, layer in layers.items():
         n, c = costs.channels(layer, keep, totals)
         unit = rank_units.get(name)
         rows.append(LayerRow(name=name, rank=ranks_chosen.get(name, 0), filters=n, total=layer.full[0],
-                             macs=int(layer_macs[name]),
+                             macs=int(macs_per_layer[name]),
                              latency_ms=1000 * layer_seconds[name] if layer_seconds else None,
                              damage=unit[0].damage[unit[1]] if unit else 0.0))
     return Plan(
@@ -596,15 +575,6 @@ def _refine_counts(unit: _Unit, most: int) -> None:
         else:
             damage.append(measured[0][1] if count == high else measured[-1][1])
     unit.options, unit.damage = counts, damage
-
-
-def _macs_model(costs: _CostModel) -> _CostModel:
-    """The MACs counterpart of a cost model (itself when it counts MACs)."""
-    if costs.measure == "macs":
-        return costs
-    if not hasattr(costs, "_macs"):
-        costs._macs = _CostModel(costs.layers, "macs", 1, costs.device, costs.dtype)
-    return costs._macs
 
 
 def _decompositions(model: nn.Module, units: list[_Unit], seed: int, progress: bool) -> dict[tuple[str, int], CPDBlock]:

@@ -18,12 +18,15 @@ FACTORED_PLANS = ("separable", "depthwise", "dense")
 _TIMING_CACHE: dict[tuple, dict[str, float]] = {}
 
 
-def block_inputs(model: nn.Module, example_inputs) -> dict[str, Tensor]:
-    """The input each CPDBlock receives on ``example_inputs``."""
+def block_inputs(model: nn.Module, example_inputs, types: tuple[type, ...] = (CPDBlock,)) -> dict[str, Tensor]:
+    """The input each CPDBlock (or each module of ``types``) receives on ``example_inputs``."""
     seen: dict[str, Tensor] = {}
     names = {m: n for n, m in model.named_modules()}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(names[mod], args[0].detach()))
-             for m in model.modules() if isinstance(m, CPDBlock)]
+
+    def record(module: nn.Module, args: tuple) -> None:
+        seen.setdefault(names[module], args[0].detach())
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, types)]
     was_training = model.training
     model.eval()
     try:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from norton.checkpoints import load_checkpoint, save_checkpoint
 from norton.core import reestimate_bn
 from norton.errors import NortonError
-from norton.training.data import ArrayDataset, epoch_batches, num_batches
+from norton.training.data import ArrayDataset, epoch_batches, first_images, num_batches
 from norton.training.distributed import Distributed
 from norton.training.engine import TrainingRun
 
@@ -117,18 +117,8 @@ def recalibrate_bn(model: nn.Module, data: ArrayDataset, *, device: torch.device
     if num_images <= 0:
         return 0
 
-    def batches():
-        used = 0
-        for images, _ in epoch_batches(data, batch_size, seed=seed, epoch=10_000, shuffle=True):
-            if used >= num_images:
-                return
-            images = images[: num_images - used]
-            if images.shape[0] < 2 and used:
-                return
-            used += images.shape[0]
-            yield images.to(device)
-
-    return reestimate_bn(model, batches())
+    batches = first_images(data, num_images, batch_size, seed=seed, epoch=10_000, smallest_last=2)  # BN needs 2
+    return reestimate_bn(model, (images.to(device) for images in batches))
 
 
 # -- the loop ---------------------------------------------------------------------------------

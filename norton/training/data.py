@@ -298,6 +298,20 @@ def augment(images: Tensor, padding: int, flip: bool, generator: torch.Generator
     return images.contiguous()
 
 
+def first_images(data, num_images: int, batch_size: int, *, seed: int, epoch: int, smallest_last: int = 1):
+    """Yield the first ``num_images`` images of a shuffled epoch (normalised, in
+    batches); a last batch smaller than ``smallest_last`` is left out."""
+    used = 0
+    for images, _ in epoch_batches(data, batch_size, seed=seed, epoch=epoch, shuffle=True):
+        images = images[: num_images - used]
+        if images.shape[0] == 0 or (images.shape[0] < smallest_last and used):
+            return
+        used += images.shape[0]
+        yield images
+        if used >= num_images:
+            return
+
+
 def epoch_batches(data, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
                   rank: int = 0, world_size: int = 1, drop_last: bool = False, workers: int = 2):
     """Yield normalised ``(images, labels)`` float batches for one epoch.

@@ -29,7 +29,7 @@ from norton.training.classification import (
     load_best,
     recalibrate_bn,
 )
-from norton.training.data import ArrayDataset, epoch_batches, input_size_of
+from norton.training.data import ArrayDataset, first_images, input_size_of
 from norton.training.distributed import Distributed
 
 
@@ -198,13 +198,7 @@ def calibration_batches(data: ArrayDataset, num_images: int, *, batch_size: int 
     """``num_images`` training images (no augmentation), in batches, for the planner."""
     if num_images < 1:
         raise NortonError(f"calibration images must be at least 1, got {num_images}")
-    out, used = [], 0
-    for images, _ in epoch_batches(data.without_augmentation(), batch_size, seed=seed, epoch=20_000, shuffle=True):
-        out.append(images[: num_images - used])
-        used += out[-1].shape[0]
-        if used >= num_images:
-            break
-    return out
+    return list(first_images(data.without_augmentation(), num_images, batch_size, seed=seed, epoch=20_000))
 
 
 def _make_plan(model, train, config: CompressConfig, device, progress: bool) -> Plan:
