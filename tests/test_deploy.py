@@ -137,3 +137,15 @@ def test_export_and_benchmark_cli(tmp_path, capsys):
                                       "compressed (deployed)", "compressed (ONNX Runtime)", "baseline (ONNX Runtime)"}
     assert record["results"]["baseline (eager)"]["speedup_vs_baseline"] == 1.0
     assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in record["results"].values())
+
+
+@pytest.mark.parametrize("plan", ["separable", "depthwise", "dense"])
+def test_every_plan_exports_to_onnx(plan, tmp_path):
+    """deploy picks a plan by timing, so export must work whichever it picked."""
+    from norton.deployment import export_onnx
+
+    block = CPDBlock.from_conv(nn.Conv2d(8, 16, 3, padding=1), 2).eval().set_plan(plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's note on the TorchScript exporter norton uses
+        result = export_onnx(nn.Sequential(block), torch.randn(1, 8, 8, 8), str(tmp_path / "m.onnx"))
+    assert result.max_abs_diff < 1e-4

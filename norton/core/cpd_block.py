@@ -231,7 +231,7 @@ class CPDBlock(nn.Module):
         a, b, c = self.factors()
         n, kh, kw = self.out_channels, *self.kernel_size
         khatri_rao = (b.unsqueeze(2) * c.unsqueeze(1)).reshape(n, kh * kw, self.rank)  # (N, K, R)
-        return torch.bmm(a, khatri_rao.mT).reshape(n, self.in_channels, kh, kw)  # one batched matmul, fwd and bwd
+        return torch.bmm(a, khatri_rao.transpose(1, 2)).reshape(n, self.in_channels, kh, kw)  # one batched matmul, fwd and bwd
 
     @classmethod
     def like_conv(cls, conv: nn.Conv2d, rank: int) -> "CPDBlock":
