@@ -109,3 +109,23 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(NortonError, match=match):
         decompose(model, progress=False, **kwargs)
     assert isinstance(model[0], nn.Conv2d)  # nothing was changed
+
+
+def test_an_interrupted_decomposition_leaves_the_model_as_it_was(monkeypatch):
+    from norton.compression import decomposition
+
+    calls = []
+    real = decomposition.cp_als
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # two shapes are already fitted
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    model = torchvision.models.resnet18(weights=None)
+    before = eligible_convs(model)
+    monkeypatch.setattr(decomposition, "cp_als", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decompose(model, 2, **FAST)
+    assert len(calls) == 3 and count(model, CPDBlock) == 0 and eligible_convs(model) == before

@@ -253,8 +253,92 @@ def test_compress_rate_list_needs_a_zoo_model():
 
 def test_untraceable_example_input():
     model = create_model("resnet_20", rank=1)
-    with pytest.raises(NortonError, match="cannot be traced with the given example input"):
+    with pytest.raises(NortonError, match="the model's forward fails on the given example input"):
         prune(model, amount=0.5, example_inputs=torch.randn(2, 5, 32, 32))
+
+
+def test_a_tracing_failure_inside_the_model_is_not_blamed_on_the_input(monkeypatch):
+    import torch_pruning as tp
+
+    def broken(self, *args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", broken)
+    model = create_model("resnet_20", rank=1)
+    with pytest.raises(NortonError, match="could not trace the channel dependencies.*ZeroDivisionError.*not changed"):
+        prune(model, amount=0.5, example_inputs=X32)
+
+
+# -- the model's interface, and all-or-nothing surgery -------------------------------------------
+def test_a_conv_classifier_before_pooling_keeps_its_classes():
+    """SqueezeNet's classifier is conv → ReLU → pooling → flatten: its output
+    channels are the classes, so its group must not be pruned."""
+    model = torchvision.models.squeezenet1_1(num_classes=1000).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = prune(model, amount=0.5, example_inputs=x, criterion="l2")
+    assert model(x).shape == (1, 1000)
+    assert report.skipped["classifier.1"] == "its channels are model outputs"
+    assert model.features[3].squeeze.out_channels == 8  # the rest is pruned
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, saved):
+    now = model.state_dict()
+    assert now.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(now[key], value), key
+
+
+def test_a_failure_half_way_leaves_the_model_as_it_was(monkeypatch):
+    from norton.compression import pruning
+
+    real = pruning.apply_selection
+
+    def fail_half_way(graph, groups):
+        real(graph, groups[: len(groups) // 2])  # some layers are already cut
+        raise KeyboardInterrupt
+
+    model = create_model("resnet_20", rank=2).eval()
+    held = model.layer2[0].conv1  # a reference a user may hold
+    saved, out = state(model), model(X32)
+    monkeypatch.setattr(pruning, "apply_selection", fail_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, amount=0.5, example_inputs=X32)
+    assert_same_state(model, saved)
+    assert model.layer2[0].conv1 is held and held.out_channels == 32
+    torch.testing.assert_close(model(X32), out, rtol=0, atol=0)
+
+
+class ConvHead(nn.Module):
+    """A model whose output is a conv's output tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_output_shapes_are_checked_after_pruning(monkeypatch):
+    """Should a model's output channels escape the group analysis, the check
+    after pruning refuses the change and puts the model back."""
+    from norton.compression import graph
+
+    monkeypatch.setattr(graph, "modules_feeding_output", lambda model, x: set())
+    model = ConvHead().eval()
+    saved = state(model)
+    with pytest.raises(NortonError, match=r"change the model's output shapes from \[\(6, 32, 32\)\] to \[\(3, 32, 32\)\]"):
+        prune(model, amount=0.5, example_inputs=X32, criterion="l2")
+    assert_same_state(model, saved)
+    assert model.head.out_channels == 6
+    monkeypatch.undo()
+    report = prune(model, amount=0.5, example_inputs=X32, criterion="l2")  # found by the analysis
+    assert model(X32).shape == (2, 6, 32, 32) and report.skipped["head"] == "its channels are model outputs"
 
 
 @pytest.mark.parametrize("kwargs,match", [

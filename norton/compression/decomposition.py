@@ -114,6 +114,7 @@ def decompose(
         weight = item[1].weight
         groups.setdefault((tuple(weight.shape), item[2], weight.dtype, weight.device), []).append(item)
     rows: dict[str, LayerDecomposition] = {}
+    blocks: dict[str, CPDBlock] = {}  # put in place only when every layer is done: all or nothing
     bar = tqdm(total=len(todo), desc="decompose", unit="layer", disable=not progress)
     for (shape, layer_rank, _, _), members in groups.items():
         start = time.perf_counter()
@@ -126,10 +127,12 @@ def decompose(
             block = CPDBlock.like_conv(conv, layer_rank)
             block.set_factors(tuple(f[part] for f in result.factors))
             block.copy_bias_from(conv)
-            replace_module(model, name, block)
+            blocks[name] = block
             rows[name] = LayerDecomposition(name=name, shape=shape, rank=layer_rank, nmse=float(errors[part].mean()),
                                             max_nmse=float(errors[part].max()), iterations=result.n_iter,
                                             seconds=seconds)
         bar.update(len(members))
     bar.close()
+    for name, block in blocks.items():
+        replace_module(model, name, block)
     return DecompositionReport(layers=[rows[name] for name, _, _ in todo])

@@ -76,14 +76,28 @@ def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     except NortonError:
         raise
     except Exception as err:  # tracing failures come from arbitrary user models
-        raise NortonError(
-            f"the model cannot be traced with the given example input ({type(err).__name__}: {err}); "
-            "pass example_inputs the model's forward accepts"
-        ) from None
+        _raise_trace_error(model, example_inputs, err)
     finally:
         for p in frozen:
             p.requires_grad_(False)
         model.train(was_training)
+
+
+def _raise_trace_error(model: nn.Module, example_inputs, err: Exception) -> None:
+    """Say whether the model rejects the example input or only the tracing failed."""
+    try:
+        with torch.no_grad():
+            model(*as_args(example_inputs))
+    except Exception as plain:  # noqa: BLE001 - any failure of a user model's forward is reported
+        raise NortonError(
+            f"the model's forward fails on the given example input ({type(plain).__name__}: {plain}); "
+            "pass example_inputs the model's forward accepts"
+        ) from None
+    raise NortonError(
+        f"torch-pruning could not trace the channel dependencies of this model ({type(err).__name__}: {err}); "
+        "its forward runs on the example input, so an operation inside the model is not supported by the tracer — "
+        "the model was not changed; decomposition without pruning still works"
+    ) from None
 
 
 @dataclass
@@ -123,8 +137,9 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
         reason = None
         if any(m in ignored for m, is_out, *_ in members if is_out):  # an ignored layer keeps its outputs;
             reason = "ignored layer"  # its inputs follow the layers that produce them (torch-pruning's rule)
-        elif any(m in output_modules for m, is_out, *_ in members if is_out):
-            reason = "its channels are model outputs"
+        elif any(isinstance(m, tp.ops._OutputOp) for m, *_ in members) or any(
+                m in output_modules for m, is_out, *_ in members if is_out):
+            reason = "its channels are model outputs"  # e.g. a conv classifier followed by pooling
         elif any(isinstance(m, nn.Conv2d) and 1 < m.groups for m, *_ in members):
             reason = "grouped convolution"
         if reason:

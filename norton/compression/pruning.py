@@ -12,6 +12,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from norton.compression.criteria import get_criterion
@@ -30,6 +31,7 @@ from norton.compression.selection import (
     set_zoo_targets,
 )
 from norton.core import count_macs, parse_compress_rate
+from norton.core.surgery import as_args, output_shapes, unchanged_on_error
 from norton.errors import NortonError
 
 __all__ = ["GroupPruning", "PruneReport", "build_graph", "collect_groups", "prune", "prune_in_place", "restructure"]
@@ -102,9 +104,16 @@ def prune(
     graph = build_graph(model, example_inputs)  # first: it names an input the model rejects
     macs_before = count_macs(model, example_inputs)
     params_before = sum(p.numel() for p in model.parameters())
-    groups, skipped = prune_in_place(model, example_inputs, compress_rate=compress_rate, amount=amount, keep=keep,
-                                     criterion=criterion, ignored_layers=ignored_layers, seed=seed,
-                                     progress=progress, graph=graph)
+    shapes_before = _output_shapes(model, example_inputs)
+    with unchanged_on_error(model):  # a failure part-way leaves the model as it was
+        groups, skipped = prune_in_place(model, example_inputs, compress_rate=compress_rate, amount=amount, keep=keep,
+                                         criterion=criterion, ignored_layers=ignored_layers, seed=seed,
+                                         progress=progress, graph=graph)
+        shapes_after = _output_shapes(model, example_inputs)
+        if shapes_after != shapes_before:
+            raise NortonError(
+                f"pruning would change the model's output shapes from {shapes_before} to {shapes_after}; "
+                "the model was left unchanged — pass the layers that produce the outputs as ignored_layers")
     return PruneReport(
         groups=groups,
         macs_before=macs_before,
@@ -133,6 +142,16 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
     plan_selection(groups, criterion, seed, progress)
     apply_selection(graph, groups)
     return [g.info for g in groups], skipped
+
+
+def _output_shapes(model: nn.Module, example_inputs) -> list[tuple[int, ...]]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return output_shapes(model(*as_args(example_inputs)))
+    finally:
+        model.train(was_training)
 
 
 def _search_amount(model: nn.Module, example_inputs, target: float, ignored_layers) -> float:

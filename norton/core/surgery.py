@@ -1,7 +1,9 @@
 """Small helpers for working on a model's modules and forward calls."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 
@@ -48,3 +50,32 @@ def flatten_tensors(obj) -> list[Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in flatten_tensors(v)]
     return []
+
+
+@contextmanager
+def unchanged_on_error(model: nn.Module) -> Iterator[None]:
+    """Run a block of in-place surgery on ``model`` all or nothing: if it
+    raises (or is interrupted), every module of ``model`` gets back the state it
+    had when the block began, so the caller's model is never left half-changed.
+    The modules keep their identity (a reference a user holds stays valid);
+    their parameters and buffers are the saved copies."""
+    originals = list(model.modules())
+    saved = copy.deepcopy(model)
+    restored = {id(s): o for s, o in zip(saved.modules(), originals)}
+    try:
+        yield
+    except BaseException:
+        for original, state in zip(originals, saved.modules()):
+            contents = dict(state.__dict__)
+            contents["_modules"] = {k: None if v is None else restored.get(id(v), v) for k, v in state._modules.items()}
+            original.__dict__.clear()
+            original.__dict__.update(contents)
+        raise
+
+
+def output_shapes(outputs) -> list[tuple[int, ...]]:
+    """The shape of every tensor a forward call returned, in order, without the
+    first dimension: the part of the interface that channel surgery must keep
+    (the first is the batch, or the number of a detector's detections, which
+    depends on the weights)."""
+    return [tuple(t.shape[1:]) for t in flatten_tensors(outputs)]
