@@ -2,7 +2,7 @@
 
 The package is layered; each layer imports only those below it:
 
-    core < models < compression < checkpoints < training | deployment < detection < evidence < cli
+    core < models | deployment < compression < checkpoints < training < detection < evidence < cli
 
 Everything a user calls is re-exported here.
 """

@@ -15,8 +15,10 @@ from norton.evidence.compare import (
     TOLERANCE,
     CompareBudget,
     Context,
+    dominated_by,
     macs_reduction,
     run_compare,
+    write_report,
 )
 from norton.models import create_model
 from norton.training import TrainConfig
@@ -35,7 +37,7 @@ def test_every_method_lands_within_two_points_of_the_target(target):
     ctx = Context(base_macs=30_821_248, example=torch.zeros(1, 1, 28, 28), budget=TINY.__class__(
         **{**TINY.__dict__, "targets": (target,)}), calibration=[torch.randn(8, 1, 28, 28)])
     assert macs_reduction(base, ctx) == 0.0
-    for name, method in METHODS.items():
+    for name, method in ((n, m) for n, m in METHODS.items() if m.target_kind == "macs"):
         model, text = method.build(base, target, 0, ctx)
         assert abs(macs_reduction(model, ctx) - target) <= TOLERANCE, (name, text, macs_reduction(model, ctx))
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
@@ -70,8 +72,39 @@ def test_compare_writes_the_measured_table_and_plot(compared):
         assert (f"{label} beats the best other method, L1-norm pruning" in table) != (
             f"{label} does **not** win: L1-norm pruning" in table)
     assert "planned:" in table
-    with Image.open(os.path.join(out, "accuracy_vs_macs.png")) as png:
-        assert png.size[0] > 400 and png.size[1] > 300
+    for figure in ("accuracy_vs_macs.png", "accuracy_vs_latency.png"):
+        with Image.open(os.path.join(out, figure)) as png:
+            assert png.size[0] > 400 and png.size[1] > 300
+    assert os.path.exists(os.path.join(out, "norton-auto_85", "plan.json"))  # a resumed run rebuilds this plan
+
+
+def run(method, family, kind, target, latency, top1s):
+    return [{"method": method, "label": method.upper(), "family": family, "target": target, "target_kind": kind,
+             "seed": seed, "configuration": "c", "macs": 50, "params": 5, "top1_before_finetune": 10.0,
+             "top1_recalibrated": 20.0, "top1": top1, "latency_ms": latency} for seed, top1 in enumerate(top1s)]
+
+
+def test_speedup_rows_and_the_latency_verdicts(tmp_path):
+    summary = {"budget": "custom", "setup": "s", "minutes": 1.0,
+               "baseline": {"top1": 90.0, "macs": 100, "params": 10, "latency_ms": 100.0},
+               "runs": run("norton-auto", "NORTON", "macs", 0.6, 60.0, [88.0, 88.2])
+               + run("norton-auto-speed", "NORTON", "speedup", 1.8, 50.0, [87.0, 87.4])
+               + run("l1", "pruning", "macs", 0.6, 55.0, [87.5, 87.7])  # faster and more accurate than speed's point
+               + run("cp-only", "decomposition", "macs", 0.6, 80.0, [88.5, 88.5])}
+    table = write_report(summary, str(tmp_path))
+    assert "| 1.8× faster | NORTON-AUTO-SPEED |" in table and table.index("| 60% |") < table.index("| 1.8× faster |")
+    assert "no other method is both faster and more accurate than any NORTON-AUTO model" in table
+    assert ("L1 at 60% (55.0 ms, 87.60 %) is both faster and more accurate than "
+            "NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, 87.20 %)") not in table  # l1 is slower: no claim
+    summary["runs"] = [dict(r, latency_ms=45.0) if r["method"] == "l1" else r for r in summary["runs"]]
+    table = write_report(summary, str(tmp_path))
+    assert ("- accuracy vs deployed latency: L1 at 60% (45.0 ms, 87.60 %) is both faster and more accurate than "
+            "NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, 87.20 %).") in table
+    assert dominated_by(summary, "norton-auto") == []  # l1 is faster, not more accurate
+    assert [(ours[0]["method"], other[0]["method"]) for ours, other in dominated_by(summary, "norton-auto-speed")] == [
+        ("norton-auto-speed", "l1")]
+    with Image.open(tmp_path / "accuracy_vs_latency.png") as png:
+        assert png.size[0] > 400
 
 
 def test_compare_resumes_and_refuses_to_overwrite(compared):
@@ -88,6 +121,8 @@ def test_compare_rejects_bad_settings(tmp_path):
         run_compare(str(tmp_path), budget=TINY, methods=["hrank"])
     with pytest.raises(NortonError, match="unknown budget 'huge'"):
         run_compare(str(tmp_path), budget="huge")
+    with pytest.raises(NortonError, match="method 'norton-auto-speed' takes speedup targets and budget 'custom' has none"):
+        run_compare(str(tmp_path), budget=TINY, methods=["norton-auto-speed"])
     bad = CompareBudget(**{**TINY.__dict__, "targets": (1.5,)})
     with pytest.raises(NortonError, match="MACs target 1.5"):
         run_compare(str(tmp_path), budget=bad)

@@ -10,7 +10,7 @@ from torch import nn
 from norton import NortonError, create_model
 from norton.cli import main
 from norton.compression import Plan, plan
-from norton.compression.planning import layer_macs
+from norton.compression.planning import _nonnegative_fit, layer_macs
 from norton.core import CPDBlock, count_macs
 
 SMALL = {"ranks": (1, 2, 4), "keep_steps": 4}  # a small search space keeps the tests fast
@@ -100,11 +100,63 @@ def test_calibration_images_of_the_wrong_shape_are_named():
         plan(create_model("resnet_20").eval(), [], target_macs=0.5, **SMALL)
 
 
-def test_speedup_target_predicts_a_faster_model():
+def test_speedup_target_is_met_by_the_deployed_model_as_measured():
     model = create_model("resnet_20").eval()
     p = plan(model, images(4), target_speedup=1.3, latency_batch=16, ranks=(1, 4), keep_steps=4)
-    assert p.target == "speedup" and p.latency_before_ms / p.latency_after_ms >= 1.3
-    assert "speed-up" in p.table()
+    assert p.target == "speedup" and p.measured_speedup >= 1.3
+    assert "speed-up" in p.table() and "measured deployed" in p.table()
+
+
+def test_the_latency_fit_is_nonnegative_and_exact_on_affine_timings():
+    features = [[1.0, m, e] for m, e in ((100, 40), (50, 30), (50, 20), (25, 10))]
+    assert _nonnegative_fit(features, [2 + 0.5 * m + 0.1 * e for _, m, e in features]) == pytest.approx([2, 0.5, 0.1])
+    coef = _nonnegative_fit(features, [5 - 0.01 * m for _, m, _ in features])  # slower when smaller: noise
+    assert min(coef) >= 0
+
+
+class ScriptedTimings:
+    """compare_latency that reports the next scripted speed-up of the candidate."""
+
+    def __init__(self, speedups):
+        self.speedups = list(speedups)
+
+    def __call__(self, models, example):
+        from norton.deployment import Latency
+        ratio = self.speedups.pop(0)
+        return {"dense": Latency(10.0, 10.0, 10.0, 1), "plan": Latency(10.0 / ratio, 0, 0, 1)}
+
+
+@pytest.mark.parametrize("speedups,budgets,chosen", [
+    ([1.5, 2.05], [50.0, 50.0 * 1.5 / 2], 2.05),  # short, then met within the slack: stop
+    ([2.6, 1.9, 2.02], [50.0, 65.0, 65.0 * 1.9 / 2], 2.02),  # over, under, met
+    ([2.6, 2.5, 2.4, 2.3, 2.2, 2.15], None, 2.15),  # never within the slack: the least damaging that met it
+])
+def test_the_budget_follows_the_measured_speedup(monkeypatch, speedups, budgets, chosen):
+    from norton.compression import planning
+
+    monkeypatch.setattr(planning, "compare_latency", ScriptedTimings(speedups))
+    monkeypatch.setattr(planning, "deploy", lambda model, x: (model, None))
+    asked = []
+
+    def allocate(budget):
+        asked.append(budget)
+        return "greedy", [budget]
+
+    name, state, got = planning._meet_measured_speedup(2.0, 50.0, 1.0, allocate, lambda state: nn.Identity(),
+                                                       nn.Identity(), torch.zeros(1), lambda st: -st[0], False)
+    assert got == chosen and state == [asked[speedups.index(chosen)]]
+    if budgets:
+        assert asked == pytest.approx(budgets)
+
+
+def test_a_speedup_never_measured_is_refused(monkeypatch):
+    from norton.compression import planning
+
+    monkeypatch.setattr(planning, "compare_latency", ScriptedTimings([1.2, 1.3, 1.3]))
+    monkeypatch.setattr(planning, "deploy", lambda model, x: (model, None))
+    with pytest.raises(NortonError, match=r"target_speedup 2 is out of reach as measured here: .* ran 1.20×, 1.30× faster"):
+        planning._meet_measured_speedup(2.0, 50.0, 40.0, lambda b: ("greedy", [b]), lambda s: nn.Identity(),
+                                        nn.Identity(), torch.zeros(1), lambda st: 0.0, False)
 
 
 # -- the command line --------------------------------------------------------------------------

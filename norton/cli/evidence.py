@@ -5,6 +5,7 @@ import argparse
 
 from norton.cli.common import add_command
 from norton.evidence import ReportPlan, run_compare, run_demo, run_report, run_showcase
+from norton.evidence.compare import METHODS as COMPARE_METHODS
 from norton.training import resolve_device
 
 
@@ -59,9 +60,8 @@ def register(sub) -> None:
                     "  norton compare --budget full --device cuda --out runs/compare_full\n"
                     "  norton compare --methods norton,l1,fpgm")
     p.add_argument("--budget", choices=("small", "medium", "full"), default="small",
-                   help="small: 1 fine-tuning epoch, every method; medium: 3 epochs, the main methods; full: the paper's")
-    p.add_argument("--methods", default=None, help="comma-separated subset of: norton-auto, norton, norton-random, "
-                                                   "norton-l2, cp-only, l1, fpgm, tltorch-cp, tltorch-tucker2")
+                   help="small: 1 fine-tuning epoch, every MACs-target method; medium: 3 epochs, the main methods and NORTON-auto at speed-up targets; full: the paper's")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(COMPARE_METHODS)}")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")

@@ -7,7 +7,9 @@ calibration images from the uncompressed model's, after BatchNorm
 re-estimation — and a global allocation picks the options of least total damage
 whose cost meets the target.  Cost is MACs (exact, counted per layer), or for a
 speed-up target the latency of each layer's fastest execution plan timed on
-this machine.  The search space holds CP-only (every filter kept) and
+this machine (a fitted per-shape model); a speed-up plan is then deployed and
+timed against the deployed uncompressed model, and the budget moved until the
+measured speed-up meets the target.  The search space holds CP-only (every filter kept) and
 pruning-only (every layer dense), so the plan is never forced into a worse
 corner than either.
 
@@ -41,6 +43,7 @@ from norton.core import (
 )
 from norton.core.plans import block_inputs, time_call, time_plans
 from norton.core.surgery import flatten_tensors
+from norton.deployment import compare_latency, deploy
 from norton.errors import NortonError
 
 RANK_OPTIONS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -81,6 +84,7 @@ class Plan:
     damage: float = 0.0  # sum of the chosen options' measured damages
     rows: list[LayerRow] = field(default_factory=list)
     group_damage: dict[str, float] = field(default_factory=dict)
+    measured_speedup: float | None = None  # speed-up targets: of the deployed plan, timed when planned
 
     @property
     def macs_reduction(self) -> float:
@@ -103,6 +107,7 @@ class Plan:
                      f"({100 * self.macs_reduction:.2f}% ↓)"
                      + (f", predicted latency {self.latency_before_ms:.2f} -> {self.latency_after_ms:.2f} ms "
                         f"({self.latency_before_ms / self.latency_after_ms:.2f}×)" if timed else "")
+                     + (f", measured deployed {self.measured_speedup:.2f}×" if self.measured_speedup else "")
                      + f"; predicted damage {self.damage:.4f} ({self.allocation}, {self.criterion} selection)")
         return "\n".join(lines)
 
@@ -207,25 +212,63 @@ def layer_macs(module: nn.Module, rank: int, n: int, c: int, in_size: Sequence[i
     one input of ``in_size`` — what ``count_macs`` counts, without running it."""
     if isinstance(module, nn.Linear):
         return math.prod(in_size[:-1]) * c * n
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
+    kh, kw = module.kernel_size
     height, width = in_size[-2:]
-    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out_h, out_w = _output_size(module, in_size)
     if rank == 0:
         return n * (c // module.groups) * kh * kw * out_h * out_w
     # the three factored convs: 1×1 (c -> R·n), kh×1 depthwise (stride sh), 1×kw depthwise (stride sw)
     return height * width * c * rank * n + rank * n * kh * out_h * width + rank * n * kw * out_h * out_w
 
 
+def layer_elements(module: nn.Module, n: int, c: int, in_size: Sequence[int]) -> int:
+    """Values read and written by the layer for one input: its input (``c``
+    channels) and its output (``n`` channels) — the memory traffic that bounds
+    a small layer's speed as much as its MACs do."""
+    if isinstance(module, nn.Linear):
+        return math.prod(in_size[:-1]) * (c + n)
+    out_h, out_w = _output_size(module, in_size)
+    return c * in_size[-2] * in_size[-1] + n * out_h * out_w
+
+
+def _output_size(conv: nn.Conv2d, in_size: Sequence[int]) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    height, width = in_size[-2:]
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _nonnegative_fit(features: list[list[float]], seconds: list[float]) -> list[float]:
+    """Least-squares coefficients ≥ 0: the best fit over the subsets of features
+    whose unconstrained fit has no negative coefficient (a few features only)."""
+    a, y = torch.tensor(features, dtype=torch.float64), torch.tensor(seconds, dtype=torch.float64)
+    best, best_error = [0.0] * a.shape[1], float("inf")
+    for subset in range(1, 2 ** a.shape[1]):
+        cols = [j for j in range(a.shape[1]) if subset >> j & 1]
+        coef = torch.linalg.lstsq(a[:, cols], y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        if (coef < 0).any():
+            continue
+        error = float(((a[:, cols] @ coef - y) ** 2).sum())
+        if error < best_error:
+            best_error, best = error, [0.0] * a.shape[1]
+            for j, value in zip(cols, coef.tolist()):
+                best[j] = value
+    return best
+
+
 class _CostModel:
     """Cost of the model for any choice of ranks and kept filters, as a constant
-    plus the sum of its convs' and linears' costs, each measured once per shape:
-    MACs (counted) or seconds (the fastest plan, timed on ``batch`` images)."""
+    plus the sum of its convs' and linears' costs: MACs (counted), or seconds.
+    Seconds come from a model per layer shape and rank — a + b·MACs + d·values
+    moved, coefficients ≥ 0 fitted to the fastest execution plan timed on
+    ``batch`` images at four widths (full, half the outputs, half the inputs, a
+    quarter of both) — so that filter counts never timed get a smooth estimate
+    instead of one noisy timing each."""
 
     def __init__(self, layers: dict[str, _Layer], measure: str, batch: int, device, dtype):
         self.layers, self.measure, self.batch = layers, measure, batch
         self.device, self.dtype = device, dtype
         self._memo: dict[tuple, float] = {}
+        self._fits: dict[tuple, list[float]] = {}
         self.constant = 0.0
 
     def channels(self, layer: _Layer, keep: Mapping[str, int], totals: Mapping[str, int]) -> tuple[int, int]:
@@ -242,13 +285,27 @@ class _CostModel:
             key = ("conv", n, c, m.kernel_size, m.stride, m.padding, m.dilation, m.bias is not None, m.padding_mode,
                    layer.in_size[1:], rank, type(m).__name__)
         if key not in self._memo:
-            self._memo[key] = self._measure(layer, rank, n, c)
+            self._memo[key] = self._estimate(key, layer, rank, n, c)
         return self._memo[key]
 
-    def _measure(self, layer: _Layer, rank: int, n: int, c: int) -> float:
+    def _estimate(self, key: tuple, layer: _Layer, rank: int, n: int, c: int) -> float:
         m = layer.module
+        macs = float(layer_macs(m, rank, n, c, layer.in_size))
         if self.measure == "macs":
-            return float(layer_macs(m, rank, n, c, layer.in_size))
+            return macs
+        shape_key = key[:1] + key[3:]  # the layer's shape class without its widths
+        if shape_key not in self._fits:
+            full_n, full_c = layer.full
+            widths = dict.fromkeys([(full_n, full_c), (max(1, full_n // 2), full_c), (full_n, max(1, full_c // 2)),
+                                    (max(1, full_n // 4), max(1, full_c // 4))])
+            features = [[1.0, float(layer_macs(m, rank, w_n, w_c, layer.in_size)),
+                         float(layer_elements(m, w_n, w_c, layer.in_size))] for w_n, w_c in widths]
+            self._fits[shape_key] = _nonnegative_fit(features, [self._time(layer, rank, w_n, w_c) for w_n, w_c in widths])
+        a, b, d = self._fits[shape_key]
+        return a + b * macs + d * float(layer_elements(m, n, c, layer.in_size))
+
+    def _time(self, layer: _Layer, rank: int, n: int, c: int) -> float:
+        m = layer.module
         if isinstance(m, nn.Linear):
             module: nn.Module = nn.Linear(c, n, bias=m.bias is not None)
             shape = (*layer.in_size[:-1], c)
@@ -524,13 +581,31 @@ def plan(
         if u.kind == "keep":
             _refine_counts(u, FINE_KEEP_OPTIONS)
 
-    candidates = {}
-    if allocation in ("best", "greedy"):
-        candidates["greedy"] = search.greedy(budget)
-    if allocation in ("best", "lagrangian"):
-        candidates["lagrangian"] = search.lagrangian(budget)
-    chosen = min(candidates, key=lambda k: search.damage(candidates[k]))
-    state = candidates[chosen]
+    def allocate(limit: float) -> tuple[str, list[int]]:
+        candidates = {}
+        if allocation in ("best", "greedy"):
+            candidates["greedy"] = search.greedy(limit)
+        if allocation in ("best", "lagrangian"):
+            candidates["lagrangian"] = search.lagrangian(limit)
+        best = min(candidates, key=lambda k: search.damage(candidates[k]))
+        return best, candidates[best]
+
+    chosen, state = allocate(budget)
+    measured = None
+    if measure == "seconds":  # the predicted latency steers; the deployed model's timing decides
+        def build(state: Sequence[int]) -> nn.Module:
+            ranks_of, keep_of = search.config(state)
+            trial = copy.deepcopy(dense)
+            for name, rank in ranks_of.items():
+                if rank:
+                    replace_module(trial, name, copy.deepcopy(blocks[(name, rank)]))
+            prune_in_place(trial, example, keep={g: k for g, k in keep_of.items() if k < totals[g]},
+                           criterion=criterion, seed=seed)
+            return trial
+
+        x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=dtype)
+        chosen, state, measured = _meet_measured_speedup(target_speedup, budget, cheapest, allocate, build, dense, x,
+                                                         search.damage, progress)
 
     ranks_chosen, keep = search.config(state)
     rank_units = {u.name: (u, i) for u, i in zip(units, state) if u.kind == "rank"}
@@ -556,7 +631,42 @@ def plan(
         latency_after_ms=1000 * search.cost(state) if measure == "seconds" else None,
         damage=search.damage(state), rows=rows,
         group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
+        measured_speedup=measured,
     )
+
+
+SPEEDUP_ROUNDS = 6  # deployed candidates timed per speed-up target
+SPEEDUP_SLACK = 0.04  # a measured speed-up up to 4 % above the target is close enough
+
+
+def _meet_measured_speedup(target: float, budget: float, cheapest: float, allocate, build, dense: nn.Module,
+                           x: Tensor, damage, progress: bool) -> tuple[str, list[int], float]:
+    """Allocate at a latency budget, deploy the candidate, time it against the
+    deployed dense model (round-robin, median) and move the budget by the
+    ratio measured/target until the measured speed-up meets the target (within
+    ``SPEEDUP_SLACK`` above it).  Returns the least damaging candidate that met
+    it; none → a clear error with the best speed-up measured."""
+    reference = deploy(dense, x)[0]
+    met, tried = [], []
+    for _ in tqdm(range(SPEEDUP_ROUNDS), desc="plan: time deployed candidates", unit="plan", disable=not progress):
+        name, state = allocate(budget)
+        timing = compare_latency({"dense": reference, "plan": deploy(build(state), x)[0]}, x)
+        got = timing["dense"].median_ms / timing["plan"].median_ms
+        tried.append(got)
+        if got >= target:
+            met.append((damage(state), name, state, got))
+            if got <= target * (1 + SPEEDUP_SLACK):
+                break
+        moved = max(budget * got / target, cheapest)
+        if moved == budget:  # already at the cheapest options
+            break
+        budget = moved
+    if not met:
+        raise NortonError(f"target_speedup {target:g} is out of reach as measured here: the deployed candidates "
+                          f"ran {', '.join(f'{t:.2f}×' for t in tried)} faster than the deployed model; "
+                          "ask for less, or give more rank and filter options (ranks=, keep_steps=)")
+    _, name, state, got = min(met, key=lambda m: m[0])
+    return name, state, got
 
 
 def _refine_counts(unit: _Unit, most: int) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_checkpoint
-from norton.compression import decompose, plan, prune
+from norton.compression import Plan, decompose, plan, prune
 from norton.core import (
     CPDBlock,
     complexity,
@@ -50,6 +50,7 @@ from norton.training import (
 
 TOLERANCE = 0.02  # each method lands within 2 points of the MACs target
 INPUT = (1, 28, 28)
+LATENCY_BATCH = 128  # deployed latency is measured on batches of this size
 
 
 @dataclass
@@ -61,6 +62,8 @@ class CompareBudget:
     finetune: TrainConfig
     seeds: tuple[int, ...] = (0, 1)
     targets: tuple[float, ...] = (0.60, 0.85)
+    # deployed-latency targets for the methods that take one (NORTON-auto, speed-up target)
+    speedup_targets: tuple[float, ...] = ()
     recalibration_images: int = 1024
     # NORTON's rank at each target: one step above the rank at which CP alone
     # would reach it, so that pruning removes the rest
@@ -81,12 +84,15 @@ FULL = CompareBudget(
     finetune=TrainConfig(epochs=60, batch_size=128, lr=0.02, warmup_epochs=0),
     seeds=(0, 1, 2),
 )
-# several fine-tuning epochs, the methods that matter; about an hour on 2 CPU cores
+# several fine-tuning epochs, the methods that matter; about an hour on 2 CPU cores.  The
+# speed-up targets are what pruning alone reached at 60 % and 85 % fewer MACs in a
+# small comparison (docs/compare_small.md), fixed before this budget's runs.
 MEDIUM = CompareBudget(
     train_images=12_000, val_images=2_000, test_images=5_000,
     baseline=TrainConfig(epochs=6, batch_size=128, lr=0.1, warmup_epochs=1),
     finetune=TrainConfig(epochs=3, batch_size=128, lr=0.02, warmup_epochs=0),
-    methods=("norton-auto", "norton", "norton-l2", "cp-only", "l1", "fpgm", "tltorch-tucker2"),
+    methods=("norton-auto", "norton-auto-speed", "norton", "norton-l2", "cp-only", "l1", "fpgm", "tltorch-tucker2"),
+    speedup_targets=(1.8, 3.0),
 )
 BUDGETS = {"small": SMALL, "medium": MEDIUM, "full": FULL}
 
@@ -98,6 +104,7 @@ class Context:
     example: torch.Tensor
     budget: CompareBudget
     calibration: list[torch.Tensor] = field(default_factory=list)  # training images, for the planner
+    cell_dir: str = ""  # where the current (method, target) keeps what its seeds share (a plan)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class Method:
     family: str
     build: Callable  # (baseline, target, seed, ctx) -> (model, configuration text)
     seeded: bool = False  # the compressed model (before fine-tuning) depends on the seed
+    target_kind: str = "macs"  # "macs": a fraction of MACs removed; "speedup": deployed latency ratio
 
 
 def macs_reduction(model: nn.Module, ctx: Context) -> float:
@@ -133,17 +141,37 @@ def _norton(criterion: str) -> Callable:
     return build
 
 
-def _norton_auto(base: nn.Module, target: float, seed: int, ctx: Context):
+def _auto(kind: str) -> Callable:
     """The budget planner: per-layer rank or dense, per-group filter counts (l2
-    selection), damages measured on training images only."""
-    model = copy.deepcopy(base)
-    chosen = plan(model, ctx.calibration, target_macs=target, seed=seed, **ctx.budget.plan_options)
-    chosen.apply(model, ctx.example)
-    ranks = [r for r in chosen.ranks.values() if r > 0]
-    pruned = sum(chosen.totals.values()) - sum(chosen.keep.values())
-    text = (f"planned: {len(ranks)}/{len(chosen.ranks)} layers CP (ranks {min(ranks)}–{max(ranks)}), "
-            if ranks else f"planned: all {len(chosen.ranks)} layers dense, ")
-    return model, text + f"l2 prunes {pruned / sum(chosen.totals.values()):.0%} of filters"
+    selection), damages measured on training images only.  A speed-up target
+    uses per-layer timings on this machine at the batch the latency is measured
+    with.  The plan is kept in the cell's directory, so a resumed comparison
+    rebuilds the same model even when timings would now choose another."""
+
+    def build(base: nn.Module, target: float, seed: int, ctx: Context):
+        saved = os.path.join(ctx.cell_dir, "plan.json") if ctx.cell_dir else None
+        if saved and os.path.exists(saved):
+            with open(saved) as f:
+                chosen = Plan.from_dict(json.load(f))
+        else:
+            options = dict(ctx.budget.plan_options)
+            if kind == "macs":
+                options["target_macs"] = target
+            else:
+                options.update(target_speedup=target, latency_batch=LATENCY_BATCH)
+            chosen = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **options)
+            if saved:
+                os.makedirs(ctx.cell_dir, exist_ok=True)
+                atomic_write_text(saved, json.dumps(chosen.to_dict(), indent=1))
+        model = copy.deepcopy(base)
+        chosen.apply(model, ctx.example)
+        ranks = [r for r in chosen.ranks.values() if r > 0]
+        pruned = sum(chosen.totals.values()) - sum(chosen.keep.values())
+        text = (f"planned: {len(ranks)}/{len(chosen.ranks)} layers CP (ranks {min(ranks)}–{max(ranks)}), "
+                if ranks else f"planned: all {len(chosen.ranks)} layers dense, ")
+        return model, text + f"l2 prunes {pruned / sum(chosen.totals.values()):.0%} of filters"
+
+    return build
 
 
 def _norton_rank(base: nn.Module, target: float, ctx: Context) -> int:
@@ -228,7 +256,9 @@ def _layerwise(factorization: str) -> Callable:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("norton-auto", "NORTON-auto (planner, MACs target)", "NORTON", _norton_auto),
+    Method("norton-auto", "NORTON-auto (planner, MACs target)", "NORTON", _auto("macs")),
+    Method("norton-auto-speed", "NORTON-auto (planner, speed-up target)", "NORTON", _auto("speedup"),
+           target_kind="speedup"),
     Method("norton", "NORTON (pabs)", "NORTON", _norton("pabs")),
     Method("norton-random", "NORTON, random selection", "ablation", _norton("random"), seeded=True),
     Method("norton-l2", "NORTON, L2 selection", "ablation", _norton("l2")),
@@ -241,7 +271,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 
 
 # -- the run ----------------------------------------------------------------------------------
-def _check(methods, seeds, targets) -> None:
+def _check(methods, seeds, targets, speedups=()) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise NortonError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid: {', '.join(METHODS)}")
@@ -252,6 +282,9 @@ def _check(methods, seeds, targets) -> None:
     for t in targets:
         if not 0.05 <= t <= 0.98:
             raise NortonError(f"MACs target {t!r} must be a fraction between 0.05 and 0.98 (e.g. 0.6 for 60 % fewer MACs)")
+    for s in speedups:
+        if not s > 1.0:
+            raise NortonError(f"speed-up target {s!r} must be a number > 1 (e.g. 2 for twice as fast)")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -267,8 +300,13 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         budget_name, budget = budget, BUDGETS[budget]
     else:
         budget_name = "custom"
+    chosen = methods
     methods = list(methods or budget.methods or METHODS)
-    _check(methods, budget.seeds, budget.targets)
+    _check(methods, budget.seeds, budget.targets, budget.speedup_targets)
+    idle = [m for m in chosen or () if not (budget.targets if METHODS[m].target_kind == "macs" else budget.speedup_targets)]
+    if idle:
+        raise NortonError(f"method {idle[0]!r} takes {METHODS[idle[0]].target_kind} targets and budget "
+                          f"{budget_name!r} has none; use --budget medium or a custom budget with speedup_targets")
     device = device or torch.device("cpu")
     if os.path.exists(os.path.join(out_dir, "baseline")) and not resume:
         raise NortonError(f"{out_dir!r} already holds a comparison; pass --resume to continue it or choose another --out")
@@ -303,19 +341,21 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
 
     results = []
     finals: dict[tuple[str, float], nn.Module] = {}
-    for target in budget.targets:
-        for name in methods:
+    cells = [("macs", t) for t in budget.targets] + [("speedup", s) for s in budget.speedup_targets]
+    for kind, target in cells:
+        for name in (m for m in methods if METHODS[m].target_kind == kind):
             method = METHODS[name]
             built = None
+            ctx.cell_dir = os.path.join(out_dir, f"{name}_{round(100 * target)}" if kind == "macs" else f"{name}_x{target:g}")
             for seed in budget.seeds:
-                run_dir = os.path.join(out_dir, f"{name}_{round(100 * target)}", f"seed{seed}")
+                run_dir = os.path.join(ctx.cell_dir, f"seed{seed}")
                 result_path = os.path.join(run_dir, "result.json")
                 if built is None or method.seeded:
                     t0 = time.perf_counter()
                     built = method.build(baseline.cpu(), target, seed, ctx)
                     build_seconds = time.perf_counter() - t0
                     reached = macs_reduction(built[0], ctx)
-                    if abs(reached - target) > TOLERANCE:
+                    if kind == "macs" and abs(reached - target) > TOLERANCE:
                         raise NortonError(f"{name} reached {reached:.1%} fewer MACs, more than {TOLERANCE:.0%} from the target {target:.0%}")
                 model = copy.deepcopy(built[0]).to(device)
                 if resume and os.path.exists(result_path):
@@ -341,13 +381,20 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         "runs": results, "budget_settings": _budget_dict(budget),
         "minutes": (time.perf_counter() - started) / 60,
     }
-    table = render_table(summary)
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=1))
+    table = write_report(summary, out_dir)
+    print("\n" + table)
+    print(f"written: {out_dir}/results.md, results.json, accuracy_vs_macs.png, accuracy_vs_latency.png")
+    return summary
+
+
+def write_report(summary: dict, out_dir: str) -> str:
+    """results.md and both figures from a comparison's summary (results.json)."""
+    table = render_table(summary)
     atomic_write_text(os.path.join(out_dir, "results.md"), table)
     plot_compare(summary, os.path.join(out_dir, "accuracy_vs_macs.png"))
-    print("\n" + table)
-    print(f"written: {out_dir}/results.md, results.json, accuracy_vs_macs.png")
-    return summary
+    plot_latency(summary, os.path.join(out_dir, "accuracy_vs_latency.png"))
+    return table
 
 
 def _finished(last: str) -> bool:
@@ -373,7 +420,8 @@ def _run_one(model, configuration, method, target, seed, train, val, test, budge
         overwrite=not resume, extra={"stage": f"compare {method.name} {target}"}, teacher=teacher)
     load_best(model, finetune_dir)
     final = evaluate(model, test, device=device)
-    return {"method": method.name, "label": method.label, "family": method.family, "target": target, "seed": seed,
+    return {"method": method.name, "label": method.label, "family": method.family, "target": target,
+            "target_kind": method.target_kind, "seed": seed,
             "configuration": configuration, "macs": cx.macs, "params": cx.params,
             "top1_before_finetune": raw["top1"], "top1_recalibrated": recalibrated["top1"], "top1": final["top1"],
             "build_seconds": build_seconds}
@@ -382,7 +430,7 @@ def _run_one(model, configuration, method, target, seed, train, val, test, budge
 def _latencies(baseline: nn.Module, finals: dict, device: torch.device) -> dict:
     """Deployed latency of every compressed model (seed 0) and of the baseline,
     timed round-robin in one run on a batch of 128."""
-    example = torch.randn(128, *INPUT, device=device)
+    example = torch.randn(LATENCY_BATCH, *INPUT, device=device)
     deployed = {"baseline": deploy(baseline, example)[0]}
     for (name, target), model in finals.items():
         deployed[f"{name}@{target}"] = deploy(model, example)[0]
@@ -394,11 +442,35 @@ def _latencies(baseline: nn.Module, finals: dict, device: torch.device) -> dict:
 
 
 # -- the report -------------------------------------------------------------------------------
-def _groups(summary: dict) -> dict[tuple[float, str], list[dict]]:
-    groups: dict[tuple[float, str], list[dict]] = {}
+def _groups(summary: dict) -> dict[tuple[str, float, str], list[dict]]:
+    """Runs by (target kind, target, method); MACs targets first."""
+    groups: dict[tuple[str, float, str], list[dict]] = {}
     for r in summary["runs"]:
-        groups.setdefault((r["target"], r["method"]), []).append(r)
-    return groups
+        groups.setdefault((r.get("target_kind", "macs"), r["target"], r["method"]), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0] != "macs", kv[0][1])))
+
+
+def _target_text(kind: str, target: float) -> str:
+    return f"{target:.0%}" if kind == "macs" else f"{target:g}× faster"
+
+
+def _mean_top1(runs: list[dict]) -> float:
+    return statistics.fmean(r["top1"] for r in runs)
+
+
+def dominated_by(summary: dict, method: str) -> list[tuple[list[dict], list[dict]]]:
+    """Pairs (runs of one ``method`` point, runs of another method's point that
+    is both faster and more accurate): what the accuracy-vs-latency figure shows."""
+    points = list(_groups(summary).values())
+    return [(ours, other) for ours in points if ours[0]["method"] == method for other in points
+            if other[0]["method"] != method and other[0]["latency_ms"] < ours[0]["latency_ms"]
+            and _mean_top1(other) > _mean_top1(ours)]
+
+
+def _point_text(runs: list[dict]) -> str:
+    r0 = runs[0]
+    return (f"{r0['label']} at {_target_text(r0.get('target_kind', 'macs'), r0['target'])} "
+            f"({r0['latency_ms']:.1f} ms, {_mean_top1(runs):.2f} %)")
 
 
 def _fmt(values: list[float]) -> str:
@@ -422,17 +494,19 @@ def render_table(summary: dict) -> str:
     ]
     verdicts = []
     groups = _groups(summary)
-    for target in sorted({t for t, _ in groups}):
-        rows = [(m, runs) for (t, m), runs in groups.items() if t == target]
+    for kind, target in dict.fromkeys((k, t) for k, t, _ in groups):
+        rows = [(m, runs) for (k, t, m), runs in groups.items() if (k, t) == (kind, target)]
         for method, runs in rows:
             r0 = runs[0]
             final = [r["top1"] for r in runs]
             lines.append(
-                f"| {target:.0%} | {r0['label']} | {r0['configuration']} | {100 * (1 - r0['macs'] / base['macs']):.1f} % "
+                f"| {_target_text(kind, target)} | {r0['label']} | {r0['configuration']} | {100 * (1 - r0['macs'] / base['macs']):.1f} % "
                 f"| {100 * (1 - r0['params'] / base['params']):.1f} % | {_fmt([r['top1_before_finetune'] for r in runs])} "
                 f"| {_fmt([r['top1_recalibrated'] for r in runs])} | **{_fmt(final)}** "
                 f"| {statistics.fmean(final) - base['top1']:+.2f} | {r0['latency_ms']:.1f} ms "
                 f"({base['latency_ms'] / r0['latency_ms']:.2f}×) |")
+        if kind != "macs":
+            continue
         ranked = sorted(rows, key=lambda mr: -statistics.fmean(r["top1"] for r in mr[1]))
         for ours_name in ("norton-auto", "norton"):
             if ours_name not in dict(rows):
@@ -453,6 +527,16 @@ def render_table(summary: dict) -> str:
                 tie = " — within the larger std over seeds" if peer - ours <= spread else ""
                 verdicts.append(f"- at {target:.0%} fewer MACs {label} does **not** win: {peer_runs[0]['label']} is "
                                 f"{peer - ours:.2f} points better ({peer:.2f} % vs {ours:.2f} %){tie}.")
+    for name in ("norton-auto", "norton-auto-speed"):
+        runs = [r for r in summary["runs"] if r["method"] == name]
+        if not runs:
+            continue
+        beaten = dominated_by(summary, name)
+        if not beaten:
+            verdicts.append(f"- accuracy vs deployed latency: no other method is both faster and more accurate than "
+                            f"any {runs[0]['label']} model.")
+        verdicts += [f"- accuracy vs deployed latency: {_point_text(other)} is both faster and more accurate than "
+                     f"{_point_text(ours)}." for ours, other in beaten]
     return "\n".join(lines + [""] + verdicts) + "\n"
 
 
@@ -466,7 +550,7 @@ def plot_compare(summary: dict, path: str) -> None:
     ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1, label=f"baseline ({base['top1']:.2f} %)")
     markers = "o^sDvP*Xh<>"
     by_method: dict[str, list] = {}
-    for (target, method), runs in _groups(summary).items():
+    for (_, _, method), runs in _groups(summary).items():
         by_method.setdefault(method, []).append(runs)
     means = [statistics.fmean(r["top1"] for r in runs) for groups in by_method.values() for runs in groups]
     floor = max(min(means) - 1.5, base["top1"] - 12)
@@ -491,5 +575,42 @@ def plot_compare(summary: dict, path: str) -> None:
     ax.set_ylabel("test top-1 accuracy after fine-tuning (%)")
     ax.set_title(f"ResNet-20 on Fashion-MNIST, budget '{summary['budget']}' (mean ± std over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    save(fig, path)
+
+
+def plot_latency(summary: dict, path: str) -> None:
+    """Accuracy after fine-tuning vs measured speed-up of the deployed model
+    (baseline latency / latency, seed 0's model), error bars = std over seeds;
+    the grey line joins the points no other point beats in both."""
+    plt = pyplot()
+    base = summary["baseline"]
+    fig, ax = plt.subplots(figsize=(9.6, 4.8), dpi=120)
+    ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1, label=f"baseline ({base['top1']:.2f} %)")
+    groups = list(_groups(summary).values())
+    means = [_mean_top1(runs) for runs in groups]
+    floor = max(min(means) - 1.5, base["top1"] - 12)
+    points = [(base["latency_ms"] / runs[0]["latency_ms"], m) for runs, m in zip(groups, means)]
+    front = sorted(p for p in points if not any(q[0] > p[0] and q[1] > p[1] for q in points))
+    ax.plot([x for x, _ in front], [max(y, floor + 0.4) for _, y in front], color="0.6", linewidth=3, alpha=0.5,
+            zorder=1, label="no other point both faster and more accurate")
+    by_method: dict[str, list] = {}
+    for runs in groups:
+        by_method.setdefault(runs[0]["method"], []).append(runs)
+    for marker, (method, series) in zip("o^sDvP*Xh<>", by_method.items()):
+        series.sort(key=lambda runs: runs[0]["latency_ms"], reverse=True)
+        xs = [base["latency_ms"] / runs[0]["latency_ms"] for runs in series]
+        stats = [_mean_std([r["top1"] for r in runs]) for runs in series]
+        ours = series[0][0]["family"] == "NORTON"
+        ax.errorbar(xs, [max(m, floor + 0.4) for m, _ in stats], yerr=[s if m > floor else 0 for m, s in stats],
+                    marker=marker, markersize=8 if ours else 7, capsize=4, linestyle="-" if ours else ":",
+                    linewidth=2.2 if ours else 1, label=series[0][0]["label"], zorder=3 if ours else 2)
+    ax.set_ylim(floor, base["top1"] + 1.0)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"measured speed-up of the deployed model (baseline {base['latency_ms']:.1f} ms / latency, "
+                  f"batch {LATENCY_BATCH}, log scale)")
+    ax.set_ylabel("test top-1 accuracy after fine-tuning (%)")
+    ax.set_title(f"ResNet-20 on Fashion-MNIST, budget '{summary['budget']}': accuracy vs deployed latency", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save(fig, path)
