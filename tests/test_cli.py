@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from norton import create_model
+from norton import CPDBlock, create_model, load_model
 from norton.cli import main
 
 
@@ -142,6 +142,8 @@ def test_decompose_then_prune_files(tmp_path, capsys):
     (["--layer-rate", "nope"], "--layer-rate takes NAME=VALUE"),
     (["--amount", "1.2"], "must be a number in [0, 1)"),
     (["-cpr", "[0.1]*3+[0.2]"], "has 4 of 12 entries"),
+    (["--amount", "0.5", "--global"], "a global ranking needs one score per filter, but criterion 'pabs'"),
+    (["-cpr", "[0.]+[0.2]*11", "--global", "--criterion", "l2"], "global_ranking decides the widths itself"),
 ])
 def test_prune_bad_input(tmp_path, extra, match, capsys):
     try:
@@ -153,6 +155,14 @@ def test_prune_bad_input(tmp_path, extra, match, capsys):
         assert code == 0 and match in err
     else:
         assert code == 2 and match in err
+
+
+def test_prune_with_one_ranking_across_layers(tmp_path, capsys):
+    out = tmp_path / "g.pt"
+    assert main(["prune", "--arch", "resnet_20", "-r", "1", "--amount", "0.4", "--criterion", "l2", "--global",
+                 "--out", str(out)]) == 0
+    widths = {m.out_channels for m in load_model(str(out))[0].modules() if isinstance(m, CPDBlock)}
+    assert len(widths) > 3  # not one rate for every layer (that gives one width per stage: 9, 19, 38)
 
 
 def test_prune_refuses_to_overwrite(tmp_path, capsys):

@@ -375,3 +375,39 @@ def test_an_ignored_conv_keeps_its_output_channels():
     report = prune(model, amount=0.5, example_inputs=x, criterion="l2", ignored_layers=[kept])
     assert kept.out_channels == 64 and report.skipped["features.conv0"] == "ignored layer"
     assert model.features.conv1.in_channels == 64 and model.features.conv1.out_channels == 32
+
+
+# -- global ranking ------------------------------------------------------------------------------
+def test_global_ranking_removes_a_share_of_all_filters_outliers_first():
+    """Scores are divided by their layer's mean: a layer's scale does not decide,
+    filters far below their layer's mean go first, and widths differ per layer."""
+    model = create_model("vgg_16_bn")
+    with torch.no_grad():
+        model.features.conv1.weight.mul_(1e-3)  # a small-scale layer is not wiped out for its scale
+        model.features.conv0.weight[:4].mul_(1e-6)  # outliers within their layer
+    x = torch.zeros(1, 3, 32, 32)
+    report = prune(model, amount=0.3, example_inputs=x, criterion="l2", global_ranking=True)
+    kept = {g.root: g for g in report.groups}
+    total = sum(g.total for g in report.groups)
+    assert total - sum(g.width for g in report.groups) == round(0.3 * total)
+    assert not set(range(4)) & set(kept["features.conv0"].kept)
+    assert kept["features.conv1"].width > kept["features.conv1"].total // 4
+    assert len({g.width / g.total for g in report.groups}) > 2  # not one rate everywhere
+
+
+def test_global_ranking_meets_a_macs_target_and_keeps_a_filter_everywhere():
+    model = create_model("resnet_20")
+    x = torch.randn(1, 3, 32, 32)
+    report = prune(model, target_macs=0.6, example_inputs=x, criterion="l2", global_ranking=True)
+    assert abs(1 - report.macs_after / report.macs_before - 0.6) <= 0.01
+    assert min(g.width for g in report.groups) >= 1 and model(x).shape == (1, 10)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(amount=0.5, criterion="pabs"), "a global ranking needs one score per filter, but criterion 'pabs'"),
+    (dict(compress_rate={"layer1.0.conv1": 0.5}, criterion="l2"), "global_ranking decides the widths itself"),
+])
+def test_global_ranking_refusals(kwargs, match):
+    model = create_model("resnet_20", rank=1)
+    with pytest.raises(NortonError, match=match):
+        prune(model, example_inputs=X32, global_ranking=True, **kwargs)

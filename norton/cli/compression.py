@@ -66,7 +66,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     before = evaluate(model, test, device=torch.device("cpu")) if test is not None else None
     report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
                    example_inputs=torch.zeros(1, *model.default_input_size), criterion=args.criterion,
-                   seed=args.seed, progress=True)
+                   global_ranking=args.global_ranking, seed=args.seed, progress=True)
     print(report.table())
     if test is not None:
         after = evaluate(model, test, device=torch.device("cpu"))
@@ -113,6 +113,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_global_ranking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="with --amount/--target-macs: one ranking of all filters across layers (l2, l1, fpgm, random) "
+                        "instead of the same rate in every layer")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     device, ddp = device_and_processes(args)
     planned = args.rank is None
@@ -121,8 +127,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                           "--target-speedup S or --plan FILE")
     if not planned and (args.target_speedup is not None or args.plan is not None):
         raise NortonError("--target-speedup and --plan let the planner choose ranks: drop -r")
-    if planned and (args.compress_rate or args.layer_rate or args.amount is not None):
-        raise NortonError("-cpr, --layer-rate and --amount prune a model decomposed at one rank: give -r RANK")
+    if planned and (args.compress_rate or args.layer_rate or args.amount is not None or args.global_ranking):
+        raise NortonError("-cpr, --layer-rate, --amount and --global prune a model decomposed at one rank: give -r RANK")
     saved_plan = read_plan(args.plan) if args.plan else None
     model = model_from_args(args).model
     rates = layer_rates(args)
@@ -131,7 +137,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             target_macs=args.target_macs, criterion=args.criterion, recalibrate=not args.no_recalibrate,
                             recalibration_images=args.recalibration_images, finetune=train_config(args), seed=args.seed,
                             target_speedup=args.target_speedup, plan=saved_plan,
-                            calibration_images=args.calibration_images)
+                            calibration_images=args.calibration_images, global_ranking=args.global_ranking)
     summary = compress(model, train, val, test, config, args.run_dir, device=device, resume=args.resume,
                        overwrite=args.overwrite, ddp=ddp)
     if ddp.main:
@@ -188,6 +194,7 @@ def register(sub) -> None:
     p.add_argument("--amount", type=fraction, default=None, help="one rate for every prunable layer")
     p.add_argument("--target-macs", type=fraction, default=None, help="fraction of MACs to remove")
     p.add_argument("--criterion", default="pabs", help="pabs (default), vbd, csa, l2, random; l1, fpgm (torch-pruning importances, plain convs)")
+    add_global_ranking(p)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--ckpt", default=None, help="the model to prune: norton checkpoint or state dict")
     p.add_argument("--data", default=None, help="print test accuracy before and right after pruning on this dataset")
@@ -230,6 +237,7 @@ def register(sub) -> None:
     p.add_argument("--plan", default=None, help="apply a saved plan (norton plan --out, or a planned checkpoint)")
     p.add_argument("--calibration-images", type=int, default=512, help="planner: training images that measure damage")
     p.add_argument("--criterion", default=None, help="filter selection: pabs (with -r) or l2 (planner) by default")
+    add_global_ranking(p)
     p.add_argument("--no-recalibrate", action="store_true", help="skip BatchNorm recalibration after decompose and prune")
     p.add_argument("--recalibration-images", type=int, default=512)
     add_data_args(p)

@@ -28,6 +28,7 @@ from norton.compression.selection import (
     set_amount_targets,
     set_count_targets,
     set_dict_targets,
+    set_global_targets,
     set_zoo_targets,
 )
 from norton.core import count_macs, parse_compress_rate
@@ -75,6 +76,7 @@ def prune(
     ignored_layers: Sequence[nn.Module] = (),
     target_macs: float | None = None,
     keep: Mapping[str, int] | None = None,
+    global_ranking: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> PruneReport:
@@ -86,6 +88,9 @@ def prune(
     (a uniform amount is searched to within 1 percentage point); ``keep`` —
     ``{module name: filters to keep}`` (what a ``norton.plan`` gives).
     ``criterion``: pabs (default), vbd, csa (need CPDBlocks), l2, random, l1, fpgm.
+    ``global_ranking`` (with ``amount`` or ``target_macs``): one ranking of all
+    filters across layers (scores normalised per group) instead of the same
+    rate in every layer; needs a per-filter score (l2, l1, fpgm, random).
     ``ignored_layers`` keep their output channels; their input channels still
     follow the layers that produce them (as in torch-pruning), so ignoring the
     classifier keeps the model's outputs and still prunes the block feeding it.
@@ -94,12 +99,15 @@ def prune(
     if sum(given) != 1:
         raise NortonError("give exactly one of compress_rate, amount, target_macs or keep")
     get_criterion(criterion)  # unknown names fail before any work
+    if global_ranking and amount is None and target_macs is None:
+        raise NortonError("global_ranking decides the widths itself: give amount or target_macs, not a rate or counts")
     if amount is not None and not (isinstance(amount, (int, float)) and 0.0 <= amount < 1.0):
         raise NortonError(f"amount must be in [0, 1), got {amount!r}")
     if target_macs is not None:
         if not isinstance(target_macs, (int, float)) or not 0.0 < target_macs < 1.0:
             raise NortonError(f"target_macs must be a fraction in (0, 1), got {target_macs!r}")
-        amount = _search_amount(model, example_inputs, target_macs, ignored_layers)
+        amount = _search_amount(model, example_inputs, target_macs, ignored_layers,
+                                criterion if global_ranking else None, seed)
 
     graph = build_graph(model, example_inputs)  # first: it names an input the model rejects
     macs_before = count_macs(model, example_inputs)
@@ -108,7 +116,7 @@ def prune(
     with unchanged_on_error(model):  # a failure part-way leaves the model as it was
         groups, skipped = prune_in_place(model, example_inputs, compress_rate=compress_rate, amount=amount, keep=keep,
                                          criterion=criterion, ignored_layers=ignored_layers, seed=seed,
-                                         progress=progress, graph=graph)
+                                         progress=progress, graph=graph, global_ranking=global_ranking)
         shapes_after = _output_shapes(model, example_inputs)
         if shapes_after != shapes_before:
             raise NortonError(
@@ -126,7 +134,8 @@ def prune(
 
 def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amount: float | None = None,
                    keep: Mapping[str, int] | None = None, criterion: str = "pabs", ignored_layers=(), seed: int = 0,
-                   progress: bool = False, graph=None) -> tuple[list[GroupPruning], dict[str, str]]:
+                   progress: bool = False, graph=None, global_ranking: bool = False
+                   ) -> tuple[list[GroupPruning], dict[str, str]]:
     """The work of ``prune`` without its MACs and params report: (groups, skipped)."""
     graph = build_graph(model, example_inputs) if graph is None else graph
     groups, skipped = collect_groups(model, graph, example_inputs, ignored_layers)
@@ -137,6 +146,8 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
     elif compress_rate is not None:
         parse_compress_rate(compress_rate)  # a malformed string is named before anything else
         set_zoo_targets(model, groups, compress_rate)
+    elif global_ranking:
+        set_global_targets(groups, float(amount), criterion, seed)
     else:
         set_amount_targets(groups, float(amount))
     plan_selection(groups, criterion, seed, progress)
@@ -154,21 +165,27 @@ def _output_shapes(model: nn.Module, example_inputs) -> list[tuple[int, ...]]:
         model.train(was_training)
 
 
-def _search_amount(model: nn.Module, example_inputs, target: float, ignored_layers) -> float:
-    """Uniform amount whose pruning removes ``target`` of the MACs (±1 point)."""
+def _search_amount(model: nn.Module, example_inputs, target: float, ignored_layers, global_criterion: str | None = None,
+                   seed: int = 0) -> float:
+    """Amount whose pruning removes ``target`` of the MACs (±1 point): the same
+    rate in every layer, or, with ``global_criterion``, that share of all
+    filters by one ranking across layers."""
     base = count_macs(model, example_inputs)
 
     def removed(amount: float) -> float:
         trial = copy.deepcopy(model)
         mapping = dict(zip(model.modules(), trial.modules()))
-        prune(trial, amount=amount, example_inputs=example_inputs, criterion="random",
-              ignored_layers=[mapping[m] for m in ignored_layers])
+        prune(trial, amount=amount, example_inputs=example_inputs, criterion=global_criterion or "random", seed=seed,
+              ignored_layers=[mapping[m] for m in ignored_layers], global_ranking=global_criterion is not None)
         return 1.0 - count_macs(trial, example_inputs) / base
 
     groups, _ = collect_groups(model, build_graph(model, example_inputs), example_inputs, ignored_layers)
     if not groups:
         raise NortonError("target_macs: the model has no prunable layer")
-    low, high = 0.0, 1.0 - 1.0 / min(g.info.total for g in groups)  # the most that keeps 1 filter everywhere
+    if global_criterion is None:  # the most that keeps 1 filter everywhere
+        low, high = 0.0, 1.0 - 1.0 / min(g.info.total for g in groups)
+    else:
+        low, high = 0.0, 1.0 - len(groups) / sum(g.info.total for g in groups)
     most = removed(high)
     if most < target - 0.01:
         raise NortonError(f"target_macs {target} is out of reach: keeping one filter per prunable layer removes {most:.1%} of the MACs")

@@ -98,6 +98,32 @@ def set_amount_targets(groups: list[CoupledGroup], amount: float) -> None:
         g.target = _keep_count(g.info.total, amount, f"layer {g.info.root!r}")
 
 
+def set_global_targets(groups: list[CoupledGroup], amount: float, criterion: str, seed: int) -> None:
+    """One ranking across every group (torch-pruning's global pruning): each
+    group's filter scores divided by their mean, so that layers of different
+    scale compare, then the lowest ``amount`` of all filters go — every group
+    keeps at least one."""
+    pooled: list[tuple[float, int]] = []
+    for index, g in enumerate(groups):
+        kind, values, _ = _group_scores(g, criterion, seed)
+        if kind != "score":
+            raise NortonError(f"a global ranking needs one score per filter, but criterion {criterion!r} compares "
+                              f"filters within a layer ({kind}s of pairs); use l2, l1, fpgm or random, or rank per layer")
+        scores = values.detach().to(device="cpu", dtype=torch.float64)
+        scale = scores.abs().mean()
+        pooled += [(float(v), index) for v in (scores / scale if scale > 0 else scores)]
+    left = [g.info.total for g in groups]
+    to_remove = round(amount * len(pooled))
+    for _, index in sorted(pooled):
+        if to_remove == 0:
+            break
+        if left[index] > 1:
+            left[index] -= 1
+            to_remove -= 1
+    for g, width in zip(groups, left):
+        g.target = width
+
+
 # -- selection ----------------------------------------------------------------------------
 def _dense_weight(module: nn.Module) -> Tensor:
     return module.dense_weight() if isinstance(module, CPDBlock) else module.weight

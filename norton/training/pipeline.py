@@ -49,6 +49,7 @@ class CompressConfig:
     target_speedup: float | None = None
     plan: dict | None = None
     calibration_images: int = 512
+    global_ranking: bool = False  # with a rank: one filter ranking across layers (amount / target_macs)
     recalibrate: bool = True
     recalibration_images: int = 512
     finetune: TrainConfig = field(default_factory=TrainConfig)
@@ -150,7 +151,8 @@ def compress(
             report = plan.prune(model, example)
         else:
             report = prune(model, config.compress_rate, amount=config.amount, target_macs=config.target_macs,
-                           example_inputs=example, criterion=config.criterion or "pabs", seed=config.seed)
+                           example_inputs=example, criterion=config.criterion or "pabs", seed=config.seed,
+                           global_ranking=config.global_ranking)
         after = _measure(model, test, device, ddp)
         after["recalibrated"] = _recalibrated(model, train, config, test, device, ddp)
         after["kept"] = {g.root: [g.width, g.total] for g in report.groups}
@@ -187,11 +189,13 @@ def _check_config(config: CompressConfig) -> None:
         if config.target_speedup is not None or config.plan is not None:
             raise NortonError("a rank and a planner target (target_speedup or plan) exclude each other: "
                               "drop the rank to let the planner choose ranks")
+        if config.global_ranking and config.amount is None and config.target_macs is None:
+            raise NortonError("global_ranking needs amount or target_macs (it decides the per-layer rates itself)")
         return
     targets = [x is not None for x in (config.target_macs, config.target_speedup, config.plan)]
-    if sum(targets) != 1 or config.compress_rate is not None or config.amount is not None:
+    if sum(targets) != 1 or config.compress_rate is not None or config.amount is not None or config.global_ranking:
         raise NortonError("without a rank give exactly one of target_macs, target_speedup or plan "
-                          "(compress_rate and amount need a rank)")
+                          "(compress_rate, amount and global_ranking need a rank)")
 
 
 def calibration_batches(data: ArrayDataset, num_images: int, *, batch_size: int = 256, seed: int = 0) -> list[torch.Tensor]:
