@@ -37,6 +37,12 @@ class GroupPruning:
         return len(self.kept)
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv with one filter per input channel (groups = in = out channels): its
+    channels are pruned together with the channels that feed it."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
+
+
 def modules_feeding_output(model: nn.Module, example_inputs) -> set[nn.Module]:
     """Modules whose output tensor *is* (shares storage with) a model output:
     their channels are the model's output channels and must not change."""
@@ -140,8 +146,8 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
         elif any(isinstance(m, tp.ops._OutputOp) for m, *_ in members) or any(
                 m in output_modules for m, is_out, *_ in members if is_out):
             reason = "its channels are model outputs"  # e.g. a conv classifier followed by pooling
-        elif any(isinstance(m, nn.Conv2d) and 1 < m.groups for m, *_ in members):
-            reason = "grouped convolution"
+        elif any(isinstance(m, nn.Conv2d) and 1 < m.groups and not is_depthwise(m) for m, *_ in members):
+            reason = "grouped convolution (groups > 1, not depthwise)"
         if reason:
             skipped[root_name] = reason
             continue

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from norton.compression.criteria import get_criterion
 from norton.compression.decomposition import DecompositionReport, decompose
-from norton.compression.graph import build_graph, collect_groups
+from norton.compression.graph import build_graph, collect_groups, is_depthwise
 from norton.compression.pruning import PruneReport, prune, prune_in_place
 from norton.core import (
     CPDBlock,
@@ -216,7 +216,8 @@ def layer_macs(module: nn.Module, rank: int, n: int, c: int, in_size: Sequence[i
     height, width = in_size[-2:]
     out_h, out_w = _output_size(module, in_size)
     if rank == 0:
-        return n * (c // module.groups) * kh * kw * out_h * out_w
+        per_filter = 1 if is_depthwise(module) else c // module.groups  # a depthwise conv's width follows n
+        return n * per_filter * kh * kw * out_h * out_w
     # the three factored convs: 1×1 (c -> R·n), kh×1 depthwise (stride sh), 1×kw depthwise (stride sw)
     return height * width * c * rank * n + rank * n * kh * out_h * width + rank * n * kw * out_h * out_w
 
@@ -310,8 +311,9 @@ class _CostModel:
             module: nn.Module = nn.Linear(c, n, bias=m.bias is not None)
             shape = (*layer.in_size[:-1], c)
         else:
-            conv = nn.Conv2d(c, n, m.kernel_size, m.stride, m.padding, m.dilation, bias=m.bias is not None,
-                             padding_mode=m.padding_mode)
+            c, groups = (n, n) if is_depthwise(m) else (c, m.groups)
+            conv = nn.Conv2d(c, n, m.kernel_size, m.stride, m.padding, m.dilation, groups=groups,
+                             bias=m.bias is not None, padding_mode=m.padding_mode)
             module = CPDBlock.like_conv(conv, rank) if rank > 0 else conv
             shape = (c, *layer.in_size[1:])
         module = module.to(self.device, self.dtype).eval()
@@ -523,7 +525,7 @@ def plan(
     for g in groups:
         for module, is_out, idxs, _ in g.members:
             name = names.get(module)
-            if name in layers and (isinstance(module, nn.Linear) or module.groups == 1):
+            if name in layers and (isinstance(module, nn.Linear) or module.groups == 1 or (is_depthwise(module) and is_out)):
                 side = layers[name].out_groups if is_out else layers[name].in_groups
                 if all(root != g.info.root for root, _ in side):
                     side.append((g.info.root, len(set(idxs)) / g.info.total))

@@ -20,7 +20,7 @@ from norton.compression.criteria import (
     top_scores,
 )
 from norton.compression.graph import CoupledGroup
-from norton.core import ChannelPadShortcut, CPDBlock
+from norton.core import ChannelPadShortcut, CPDBlock, is_decomposable
 from norton.errors import NortonError
 from norton.models import create_model
 
@@ -144,14 +144,14 @@ def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
             with torch.no_grad():
                 matrix = normalized_sum([criterion.compute(b.factors()) for b in blocks])
             return criterion.kind, matrix, criterion.name
-        plain = [(n, m) for n, m in g.convs if m.kernel_size[0] * m.kernel_size[1] > 1]
+        plain = [(n, m) for n, m in g.convs if is_decomposable(m)]
         if plain:
             raise NortonError(
                 f"criterion {criterion.name!r} needs CP factors but layer {plain[0][0]!r} is a plain "
                 f"{plain[0][1].kernel_size[0]}×{plain[0][1].kernel_size[1]} conv; decompose the model "
                 "first (norton.decompose) or use criterion 'l2' or 'random'"
             )
-        criterion = get_criterion("l2")  # 1×1 convs have no CP factors: L2 norm, as in the paper
+        criterion = get_criterion("l2")  # 1×1 and depthwise convs have no CP factors: L2 norm, as in the paper
         label = "l2 (no CP factors)"
     else:
         label = criterion.name
