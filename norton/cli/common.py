@@ -67,6 +67,21 @@ def positive_rank(text: str) -> int:
     return value
 
 
+def rank_list(text: str) -> tuple[int, ...]:
+    """``1-8`` or ``3,4,6,8``."""
+    try:
+        if "-" in text:
+            low, high = (int(v) for v in text.split("-"))
+            values = tuple(range(low, high + 1))
+        else:
+            values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ranks like 1-8 or 3,4,6,8, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be >= 1, got {text!r}")
+    return values
+
+
 def _number(accept, message: str):
     """An argparse type: a float that ``accept`` admits, else ``message``."""
     def parse(text: str) -> float:

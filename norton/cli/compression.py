@@ -17,6 +17,7 @@ from norton.cli.common import (
     fraction,
     human,
     key_value,
+    rank_list,
     layer_rates,
     load_splits,
     macs_target,
@@ -28,6 +29,7 @@ from norton.cli.common import (
     train_config,
 )
 from norton.compression import Plan, decompose, plan, prune
+from norton.compression.planning import KEEP_STEPS, RANK_OPTIONS  # for the help texts
 from norton.core import complexity
 from norton.errors import NortonError
 from norton.training import (
@@ -105,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     batches = calibration_batches(train, args.calibration_images, seed=args.seed)
     result = plan(model, [b.to(device) for b in batches], target_macs=args.target_macs,
                   target_speedup=args.target_speedup, criterion=args.criterion, allocation=args.allocation,
-                  latency_batch=args.latency_batch, seed=args.seed, progress=True)
+                  seed=args.seed, progress=True, **search_options(args))
     print(result.table())
     if args.out:
         atomic_write_text(args.out, json.dumps(result.to_dict(), indent=1))
@@ -127,6 +129,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                           "--target-speedup S or --plan FILE")
     if not planned and (args.target_speedup is not None or args.plan is not None):
         raise NortonError("--target-speedup and --plan let the planner choose ranks: drop -r")
+    if not planned and search_options(args):
+        raise NortonError("--ranks, --keep-steps and --latency-batch steer the planner: drop -r, or drop them")
     if planned and (args.compress_rate or args.layer_rate or args.amount is not None or args.global_ranking):
         raise NortonError("-cpr, --layer-rate, --amount and --global prune a model decomposed at one rank: give -r RANK")
     saved_plan = read_plan(args.plan) if args.plan else None
@@ -137,7 +141,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             target_macs=args.target_macs, criterion=args.criterion, recalibrate=not args.no_recalibrate,
                             recalibration_images=args.recalibration_images, finetune=train_config(args), seed=args.seed,
                             target_speedup=args.target_speedup, plan=saved_plan,
-                            calibration_images=args.calibration_images, global_ranking=args.global_ranking)
+                            calibration_images=args.calibration_images, global_ranking=args.global_ranking,
+                            plan_options=search_options(args))
     summary = compress(model, train, val, test, config, args.run_dir, device=device, resume=args.resume,
                        overwrite=args.overwrite, ddp=ddp)
     if ddp.main:
@@ -163,7 +168,22 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     target.add_argument("--target-speedup", type=speedup, help="latency target, e.g. 2 (timed on this machine)")
     p.add_argument("--criterion", default="l2", help="filter selection on dense weights: l2 (default), l1, fpgm, random")
     p.add_argument("--calibration-images", type=int, default=512, help="training images that measure each option's damage")
-    p.add_argument("--latency-batch", type=int, default=32, help="batch size the layers are timed on (--target-speedup)")
+    _add_search_args(p)
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    """The planner's search space and timing batch (norton plan, norton compress)."""
+    p.add_argument("--latency-batch", type=int, default=None, help="planner: batch the layers are timed on (--target-speedup; default 32)")
+    p.add_argument("--ranks", type=rank_list, default=None,
+                   help=f"planner: CP ranks a layer may take, e.g. 1-4 or 1,2,4 (default {','.join(map(str, RANK_OPTIONS))})")
+    p.add_argument("--keep-steps", type=int, default=None,
+                   help=f"planner: a group's filter counts measured at 1/K … K/K (default K={KEEP_STEPS})")
+
+
+def search_options(args: argparse.Namespace) -> dict:
+    """The planner arguments given on the command line."""
+    given = {"ranks": args.ranks, "keep_steps": args.keep_steps, "latency_batch": args.latency_batch}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def register(sub) -> None:
@@ -236,6 +256,7 @@ def register(sub) -> None:
     p.add_argument("--target-speedup", type=speedup, default=None, help="planner: latency target (measured here)")
     p.add_argument("--plan", default=None, help="apply a saved plan (norton plan --out, or a planned checkpoint)")
     p.add_argument("--calibration-images", type=int, default=512, help="planner: training images that measure damage")
+    _add_search_args(p)
     p.add_argument("--criterion", default=None, help="filter selection: pabs (with -r) or l2 (planner) by default")
     add_global_ranking(p)
     p.add_argument("--no-recalibrate", action="store_true", help="skip BatchNorm recalibration after decompose and prune")

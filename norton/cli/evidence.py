@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from norton.cli.common import add_command
+from norton.cli.common import add_command, rank_list
 from norton.evidence import ReportPlan, run_compare, run_demo, run_report, run_showcase
 from norton.evidence.compare import METHODS as COMPARE_METHODS
 from norton.training import resolve_device
@@ -15,21 +15,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     run_compare(args.out, budget=args.budget, methods=methods, resume=args.resume, data_dir=args.data_dir,
                 device=resolve_device(args.device))
     return 0
-
-
-def _ranks(text: str) -> tuple[int, ...]:
-    """``1-8`` or ``3,4,6,8``."""
-    try:
-        if "-" in text:
-            low, high = (int(v) for v in text.split("-"))
-            values = tuple(range(low, high + 1))
-        else:
-            values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ranks like 1-8 or 3,4,6,8, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"ranks must be >= 1, got {text!r}")
-    return values
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -75,8 +60,8 @@ def register(sub) -> None:
     p.add_argument("--compare", default=None, help="a norton compare run: its baseline and models join the report")
     p.add_argument("--baseline", default=None, help="norton checkpoint of the trained ResNet-20 (default: the comparison's)")
     p.add_argument("--budget", choices=("small", "full"), default="small", help="data subset and fine-tuning schedule")
-    p.add_argument("--ranks", type=_ranks, default=tuple(range(1, 9)), help="rank sweep (default 1-8)")
-    p.add_argument("--grid", type=_ranks, default=(3, 4, 6, 8), help="first unpruned, the rest pruned to its MACs")
+    p.add_argument("--ranks", type=rank_list, default=tuple(range(1, 9)), help="rank sweep (default 1-8)")
+    p.add_argument("--grid", type=rank_list, default=(3, 4, 6, 8), help="first unpruned, the rest pruned to its MACs")
     p.add_argument("--gradcam-images", type=int, default=6)
     p.add_argument("--out", default="runs/report")
     p.add_argument("--resume", action="store_true")

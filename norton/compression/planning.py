@@ -238,7 +238,7 @@ def _output_size(conv: nn.Conv2d, in_size: Sequence[int]) -> tuple[int, int]:
     return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
-def _nonnegative_fit(features: list[list[float]], seconds: list[float]) -> list[float]:
+def fit_nonnegative(features: list[list[float]], seconds: list[float]) -> list[float]:
     """Least-squares coefficients ≥ 0: the best fit over the subsets of features
     whose unconstrained fit has no negative coefficient (a few features only)."""
     a, y = torch.tensor(features, dtype=torch.float64), torch.tensor(seconds, dtype=torch.float64)
@@ -301,7 +301,7 @@ class _CostModel:
                                     (max(1, full_n // 4), max(1, full_c // 4))])
             features = [[1.0, float(layer_macs(m, rank, w_n, w_c, layer.in_size)),
                          float(layer_elements(m, w_n, w_c, layer.in_size))] for w_n, w_c in widths]
-            self._fits[shape_key] = _nonnegative_fit(features, [self._time(layer, rank, w_n, w_c) for w_n, w_c in widths])
+            self._fits[shape_key] = fit_nonnegative(features, [self._time(layer, rank, w_n, w_c) for w_n, w_c in widths])
         a, b, d = self._fits[shape_key]
         return a + b * macs + d * float(layer_elements(m, n, c, layer.in_size))
 
@@ -606,7 +606,7 @@ def plan(
             return trial
 
         x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=dtype)
-        chosen, state, measured = _meet_measured_speedup(target_speedup, budget, cheapest, allocate, build, dense, x,
+        chosen, state, measured = meet_measured_speedup(target_speedup, budget, cheapest, allocate, build, dense, x,
                                                          search.damage, progress)
 
     ranks_chosen, keep = search.config(state)
@@ -641,7 +641,7 @@ SPEEDUP_ROUNDS = 6  # deployed candidates timed per speed-up target
 SPEEDUP_SLACK = 0.04  # a measured speed-up up to 4 % above the target is close enough
 
 
-def _meet_measured_speedup(target: float, budget: float, cheapest: float, allocate, build, dense: nn.Module,
+def meet_measured_speedup(target: float, budget: float, cheapest: float, allocate, build, dense: nn.Module,
                            x: Tensor, damage, progress: bool) -> tuple[str, list[int], float]:
     """Allocate at a latency budget, deploy the candidate, time it against the
     deployed dense model (round-robin, median) and move the budget by the

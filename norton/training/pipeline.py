@@ -49,6 +49,7 @@ class CompressConfig:
     target_speedup: float | None = None
     plan: dict | None = None
     calibration_images: int = 512
+    plan_options: dict = field(default_factory=dict)  # other norton.plan arguments: ranks, keep_steps, latency_batch
     global_ranking: bool = False  # with a rank: one filter ranking across layers (amount / target_macs)
     recalibrate: bool = True
     recalibration_images: int = 512
@@ -210,7 +211,8 @@ def _make_plan(model, train, config: CompressConfig, device, progress: bool) -> 
         return Plan.from_dict(config.plan)
     batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
     return plan_compression(model, batches, target_macs=config.target_macs, target_speedup=config.target_speedup,
-                            criterion=config.criterion or "l2", seed=config.seed, progress=progress)
+                            criterion=config.criterion or "l2", seed=config.seed, progress=progress,
+                            **config.plan_options)
 
 
 def _jsonable(obj: Any) -> Any:
