@@ -129,3 +129,30 @@ def test_an_interrupted_decomposition_leaves_the_model_as_it_was(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         decompose(model, 2, **FAST)
     assert len(calls) == 3 and count(model, CPDBlock) == 0 and eligible_convs(model) == before
+
+
+@pytest.mark.parametrize("c,n,kernel,stride,rank", [(3, 16, 3, 1, 4), (16, 32, 3, 2, 2), (8, 8, (3, 5), (2, 1), 3)])
+def test_cost_ratio_is_the_counted_macs_ratio(c, n, kernel, stride, rank):
+    from norton.compression.decomposition import cost_ratio
+    from norton.core import count_macs
+
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    conv = nn.Conv2d(c, n, kernel, stride=stride, padding=(kh // 2, kw // 2))
+    block = CPDBlock.like_conv(conv, rank)
+    x = torch.zeros(1, c, 24, 24)
+    assert cost_ratio(conv, rank) == pytest.approx(count_macs(block, x) / count_macs(conv, x), rel=0.05)
+
+
+def test_only_cheaper_keeps_costlier_layers_dense_and_says_so():
+    from norton import create_model
+
+    model = create_model("resnet_20")  # a 3-channel stem: rank 4 costs 1.33× its MACs
+    report = decompose(model, 4, only_cheaper=True, **FAST)
+    assert type(model.conv1) is nn.Conv2d and "conv1" in report.skipped and "1.33×" in report.skipped["conv1"]
+    # the strided convs too: their 1×1 conv (C -> R·N) runs at the unstrided resolution
+    assert set(report.skipped) == {"conv1", "layer2.0.conv1", "layer3.0.conv1"}
+    assert all(layer.cost_ratio < 1 for layer in report.layers) and len(report.layers) == 16
+    assert "kept dense" in report.table()
+    plain = create_model("resnet_20")
+    table = decompose(plain, 4, **FAST).table()  # the paper's way: every conv, the costlier one flagged
+    assert isinstance(plain.conv1, CPDBlock) and "costlier than the conv" in table

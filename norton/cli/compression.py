@@ -48,7 +48,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     model = model_from_args(args, rank=0, compress_rate=args.compress_rate).model
     before = complexity(model)
     layer_ranks = dict(key_value(item, int, "--layer-rank") for item in args.layer_rank)
-    report = decompose(model, args.rank, layer_ranks=layer_ranks, skip=args.skip,
+    report = decompose(model, args.rank, layer_ranks=layer_ranks, skip=args.skip, only_cheaper=args.only_cheaper,
                        init=args.init, n_iter_max=args.n_iter_max, seed=args.seed)
     after = complexity(model)
     print(report.table())
@@ -197,6 +197,7 @@ def register(sub) -> None:
     p.add_argument("--ckpt", default=None, help="the dense model: norton checkpoint or state dict (default: random weights)")
     p.add_argument("--layer-rank", action="append", default=[], metavar="NAME=R", help="per-layer rank (0 keeps it dense)")
     p.add_argument("--skip", action="append", default=[], metavar="NAME", help="leave this conv dense")
+    p.add_argument("--only-cheaper", action="store_true", help="leave dense every conv the rank would make costlier")
     p.add_argument("--init", choices=("svd", "random"), default="svd")
     p.add_argument("--n-iter-max", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)

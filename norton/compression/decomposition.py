@@ -24,11 +24,13 @@ class LayerDecomposition:
     max_nmse: float
     iterations: int
     seconds: float  # a batch of equal-shape layers shares its time equally
+    cost_ratio: float = 0.0  # MACs of the CPDBlock / MACs of the conv it replaces
 
 
 @dataclass
 class DecompositionReport:
     layers: list[LayerDecomposition] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # conv -> why it stayed dense (only_cheaper)
 
     @property
     def mean_nmse(self) -> float:
@@ -44,16 +46,25 @@ class DecompositionReport:
 
     def table(self) -> str:
         """A fixed-width table, one row per layer, and a total line."""
-        rows = [f"{'layer':<32} {'shape (N,C,kh,kw)':<22} {'rank':>4} {'NMSE':>10} {'max NMSE':>10} {'iters':>5} {'sec':>7}"]
+        rows = [f"{'layer':<32} {'shape (N,C,kh,kw)':<22} {'rank':>4} {'NMSE':>10} {'max NMSE':>10} {'iters':>5} "
+                f"{'sec':>7} {'MACs×':>6}"]
         for layer in self.layers:
             shape = "×".join(str(s) for s in layer.shape)
             rows.append(
                 f"{layer.name:<32} {shape:<22} {layer.rank:>4} {layer.nmse:>10.4g} "
-                f"{layer.max_nmse:>10.4g} {layer.iterations:>5} {layer.seconds:>7.3f}"
+                f"{layer.max_nmse:>10.4g} {layer.iterations:>5} {layer.seconds:>7.3f} {layer.cost_ratio:>6.2f}"
+                + ("  costlier than the conv" if layer.cost_ratio >= 1 else "")
             )
+        for name, why in self.skipped.items():
+            rows.append(f"{name:<32} kept dense: {why}")
         rows.append(
             f"{len(self.layers)} layers, mean NMSE {self.mean_nmse:.4g}, {self.seconds:.2f} s"
+            + (f"; {len(self.skipped)} left dense (not cheaper factored)" if self.skipped else "")
         )
+        costlier = sum(layer.cost_ratio >= 1 for layer in self.layers)
+        if costlier:
+            rows.append(f"{costlier} layer(s) cost more MACs factored than dense at their rank; "
+                        "only_cheaper=True (--only-cheaper) keeps them dense")
         return "\n".join(rows)
 
 
@@ -67,6 +78,15 @@ def _check_names(model: nn.Module, names: Iterable[str], what: str, eligible: se
                 f"{what}: module {name!r} is not a decomposable convolution "
                 "(needs nn.Conv2d with groups=1 and a kernel larger than 1×1)"
             )
+
+
+def cost_ratio(conv: nn.Conv2d, rank: int) -> float:
+    """MACs of the rank-``rank`` CPDBlock over the conv's, for any input size:
+    the 1×1 conv (C -> R·N) runs at the input resolution, the kh×1 and 1×kw
+    depthwise convs at the strided ones."""
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    c = conv.in_channels
+    return rank * (sh * sw * c + sw * kh + kw) / (c * kh * kw)
 
 
 def _check_rank(name: str, rank: object, allow_zero: bool) -> int:
@@ -83,6 +103,7 @@ def decompose(
     *,
     layer_ranks: Mapping[str, int] | None = None,
     skip: Iterable[str] = (),
+    only_cheaper: bool = False,
     progress: bool = True,
     **cp_options,
 ) -> DecompositionReport:
@@ -90,7 +111,9 @@ def decompose(
 
     ``layer_ranks`` overrides the rank per module name (0 keeps that conv dense);
     ``skip`` names convs to leave alone.  Depthwise, grouped and 1×1 convs are
-    never touched.  ``cp_options`` go to ``cp_decompose`` (``n_iter_max``,
+    never touched.  ``only_cheaper`` keeps dense (and reports) every conv whose
+    factored form would cost as many MACs or more (a 3-channel stem at rank ≥ 3,
+    wide ranks on thin layers); the report gives every layer's MACs ratio.  ``cp_options`` go to ``cp_decompose`` (``n_iter_max``,
     ``tol``, ``init``, ``seed``).  Returns the per-layer report.
     """
     rank = _check_rank("rank", rank, allow_zero=False)
@@ -107,6 +130,12 @@ def decompose(
         for name, module in model.named_modules()
         if name in eligible and name not in skip and layer_ranks.get(name, rank) > 0
     ]
+    skipped = {}
+    if only_cheaper:
+        for name, module, r in todo:
+            if cost_ratio(module, r) >= 1:
+                skipped[name] = f"rank {r} would cost {cost_ratio(module, r):.2f}× its MACs"
+        todo = [item for item in todo if item[0] not in skipped]
     # Layers of equal shape and rank are fitted in one batched CP-ALS call (every
     # filter has its own CPD, so this only saves per-call overhead).
     groups: dict[tuple, list[tuple[str, nn.Conv2d, int]]] = {}
@@ -130,9 +159,9 @@ def decompose(
             blocks[name] = block
             rows[name] = LayerDecomposition(name=name, shape=shape, rank=layer_rank, nmse=float(errors[part].mean()),
                                             max_nmse=float(errors[part].max()), iterations=result.n_iter,
-                                            seconds=seconds)
+                                            seconds=seconds, cost_ratio=cost_ratio(conv, layer_rank))
         bar.update(len(members))
     bar.close()
     for name, block in blocks.items():
         replace_module(model, name, block)
-    return DecompositionReport(layers=[rows[name] for name, _, _ in todo])
+    return DecompositionReport(layers=[rows[name] for name, _, _ in todo], skipped=skipped)
