@@ -435,3 +435,21 @@ def test_depthwise_convs_are_pruned_with_the_channels_that_feed_them(builder):
     depthwise = [m for m in pruned.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
     assert report.macs_after < 0.6 * report.macs_before  # #15: at least 40 % fewer MACs at 50 % pruning
+
+
+def test_a_removal_that_would_empty_a_coupled_layer_names_it(monkeypatch):
+    """torch-pruning refuses a group when a coupled layer (attention heads, a
+    bias table) has fewer channels than the removal takes; the message names it."""
+    import torch_pruning as tp
+
+    model = create_model("resnet_20", rank=1).eval()
+    small = model.layer1[0].bn1
+    real = tp.DependencyGraph.get_out_channels
+    monkeypatch.setattr(tp.DependencyGraph, "get_out_channels",
+                        lambda self, module: 3 if module is small else real(self, module))
+    monkeypatch.setattr(tp.DependencyGraph, "check_pruning_group", lambda self, group: False)
+    saved = state(model)
+    with pytest.raises(NortonError, match=r"would remove all 3 output channels of the coupled layer layer1\.0\.bn1 .*"
+                                          r"pass layer1\.0\.conv1 in ignored_layers"):
+        prune(model, {"layer1.0.conv1": 0.5}, example_inputs=X32)
+    assert_same_state(model, saved)

@@ -642,14 +642,17 @@ SPEEDUP_SLACK = 0.04  # a measured speed-up up to 4 % above the target is close 
 
 
 def meet_measured_speedup(target: float, budget: float, cheapest: float, allocate, build, dense: nn.Module,
-                           x: Tensor, damage, progress: bool) -> tuple[str, list[int], float]:
+                          x: Tensor, damage, progress: bool) -> tuple[str, list[int], float]:
     """Allocate at a latency budget, deploy the candidate, time it against the
-    deployed dense model (round-robin, median) and move the budget by the
-    ratio measured/target until the measured speed-up meets the target (within
-    ``SPEEDUP_SLACK`` above it).  Returns the least damaging candidate that met
-    it; none → a clear error with the best speed-up measured."""
+    deployed dense model (round-robin, median) and move the budget until the
+    measured speed-up meets the target (within ``SPEEDUP_SLACK`` above it):
+    by the ratio measured/target until one budget met the target and one did
+    not, then by bisection between them (in log scale) — predicted and measured
+    latency need not be proportional.  Returns the least damaging candidate that
+    met it; none → a clear error with the speed-ups measured."""
     reference = deploy(dense, x)[0]
     met, tried = [], []
+    fast = slow = None  # the largest budget that met the target, the smallest that did not
     for _ in tqdm(range(SPEEDUP_ROUNDS), desc="plan: time deployed candidates", unit="plan", disable=not progress):
         name, state = allocate(budget)
         timing = compare_latency({"dense": reference, "plan": deploy(build(state), x)[0]}, x)
@@ -659,7 +662,11 @@ def meet_measured_speedup(target: float, budget: float, cheapest: float, allocat
             met.append((damage(state), name, state, got))
             if got <= target * (1 + SPEEDUP_SLACK):
                 break
-        moved = max(budget * got / target, cheapest)
+            fast = budget if fast is None else max(fast, budget)
+        else:
+            slow = budget if slow is None else min(slow, budget)
+        moved = math.sqrt(fast * slow) if fast is not None and slow is not None else budget * got / target
+        moved = max(moved, cheapest)
         if moved == budget:  # already at the cheapest options
             break
         budget = moved

@@ -60,7 +60,7 @@ def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> N
             pruner = graph.get_pruner_of_module(g.root_module)
             group = graph.get_pruning_group(g.root_module, pruner.prune_out_channels, removed)
             if not graph.check_pruning_group(group):
-                raise NortonError(f"pruning {len(removed)} of {g.info.total} filters of {g.info.root} would leave a layer empty")
+                raise NortonError(_empty_layer_message(graph, group, g, len(removed)))
             group.prune()
         ordered = sorted(keep)
         if keep != ordered:
@@ -75,3 +75,20 @@ def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> N
                 if idxs != root_idxs:
                     raise NortonError(f"cannot reorder the channels of group {g.info.root}: they pass through a concatenation")
                 _permute(module, is_out, perm)
+
+
+def _empty_layer_message(graph: tp.DependencyGraph, group, g: CoupledGroup, removed: int) -> str:
+    """Name the coupled layer that the removal would empty, and what to do."""
+    for dep, idxs in group:
+        module = dep.target.module
+        side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+        channels = (graph.get_out_channels if side == "out" else graph.get_in_channels)(module)
+        if channels is not None and channels <= len(idxs):
+            name = getattr(dep.target, "_name", None) or "(unnamed)"
+            what = f"parameter of shape {tuple(module.shape)}" if hasattr(module, "shape") else type(module).__name__
+            return (f"pruning {removed} of {g.info.total} filters of {g.info.root} would remove all {channels} "
+                    f"{side}put channels of the coupled layer {name} ({what}): its channels map to "
+                    f"{g.info.root}'s through a reshape or split (e.g. attention heads or a channel shuffle), "
+                    f"which torch-pruning's tracer does not follow exactly; pass {g.info.root} in ignored_layers "
+                    "(or lower its rate)")
+    return f"pruning {removed} of {g.info.total} filters of {g.info.root} would leave a coupled layer empty"

@@ -363,7 +363,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                         result = json.load(f)
                     load_best(model, os.path.join(run_dir, "finetune"))
                 else:
-                    print(f"\n{method.label} at {target:.0%} fewer MACs, seed {seed}: {built[1]}")
+                    goal = f"{target:.0%} fewer MACs" if kind == "macs" else f"{target:g}× faster"
+                    print(f"\n{method.label} at {goal}, seed {seed}: {built[1]}")
                     result = _run_one(model, built[1], method, target, seed, train, val, test, budget, run_dir,
                                       device, progress, resume, build_seconds, teacher)
                     atomic_write_text(result_path, json.dumps(result, indent=1))
