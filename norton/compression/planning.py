@@ -558,10 +558,11 @@ def plan(
     full = search.cost([0] * len(units))
     budget = full * (1.0 - target_macs) if target_macs is not None else full / target_speedup
     cheapest = search.cost([len(u.options) - 1 for u in units])
-    if cheapest > budget:
-        reach = (f"{1 - cheapest / full:.1%} fewer MACs" if measure == "macs" else f"a {full / cheapest:.2f}× speed-up")
+    if cheapest > budget and measure == "macs":
         raise NortonError(f"the target is out of reach: the planner's cheapest options (rank {min(rank_options)}, "
-                          f"{1}/{keep_steps} of the filters) give {reach}")
+                          f"1/{keep_steps} of the filters) give {1 - cheapest / full:.1%} fewer MACs")
+    # a speed-up the prediction calls out of reach may still be measured: the deployed timing decides below
+    budget = max(budget, cheapest)
 
     # the damage of every option alone
     blocks = _decompositions(dense, [u for u in units if u.kind == "rank"], seed, progress)
