@@ -541,6 +541,12 @@ def render_table(summary: dict) -> str:
     return "\n".join(lines + [""] + verdicts) + "\n"
 
 
+def _ceiling(summary: dict) -> float:
+    """Top of the accuracy axis: above the baseline and every mean + std."""
+    tops = [sum(_mean_std([r["top1"] for r in runs])) for runs in _groups(summary).values()]
+    return max([summary["baseline"]["top1"], *tops]) + 0.5
+
+
 def plot_compare(summary: dict, path: str) -> None:
     """Accuracy after fine-tuning vs MACs removed, one marker per method, error
     bars = std over seeds.  The axis spans the results within 12 points of the
@@ -571,7 +577,7 @@ def plot_compare(summary: dict, path: str) -> None:
         ax.annotate(f"{label}: {m:.1f} ± {s:.1f} % (off scale)", (x, floor + 0.4), xytext=(12 if left else -12, 14),
                     textcoords="offset points", ha="left" if left else "right", fontsize=7.5, color=color,
                     arrowprops={"arrowstyle": "->", "color": color})
-    ax.set_ylim(floor, base["top1"] + 1.0)
+    ax.set_ylim(floor, _ceiling(summary))
     ax.set_xlabel("MACs removed from the baseline (%, factored convention)")
     ax.set_ylabel("test top-1 accuracy after fine-tuning (%)")
     ax.set_title(f"ResNet-20 on Fashion-MNIST, budget '{summary['budget']}' (mean ± std over seeds)", fontsize=9)
@@ -606,8 +612,10 @@ def plot_latency(summary: dict, path: str) -> None:
         ax.errorbar(xs, [max(m, floor + 0.4) for m, _ in stats], yerr=[s if m > floor else 0 for m, s in stats],
                     marker=marker, markersize=8 if ours else 7, capsize=4, linestyle="-" if ours else ":",
                     linewidth=2.2 if ours else 1, label=series[0][0]["label"], zorder=3 if ours else 2)
-    ax.set_ylim(floor, base["top1"] + 1.0)
+    ax.set_ylim(floor, _ceiling(summary))
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(lambda value, _: f"{value:g}×")
+    ax.xaxis.set_minor_formatter(lambda value, _: f"{value:g}×" if value in (0.75, 1.5, 3) else "")
     ax.set_xlabel(f"measured speed-up of the deployed model (baseline {base['latency_ms']:.1f} ms / latency, "
                   f"batch {LATENCY_BATCH}, log scale)")
     ax.set_ylabel("test top-1 accuracy after fine-tuning (%)")
