@@ -175,8 +175,9 @@ def _search_amount(model: nn.Module, example_inputs, target: float, ignored_laye
     def removed(amount: float) -> float:
         trial = copy.deepcopy(model)
         mapping = dict(zip(model.modules(), trial.modules()))
-        prune(trial, amount=amount, example_inputs=example_inputs, criterion=global_criterion or "random", seed=seed,
-              ignored_layers=[mapping[m] for m in ignored_layers], global_ranking=global_criterion is not None)
+        # a throwaway copy: the worker alone, without prune's rollback copy and output checks
+        prune_in_place(trial, example_inputs, amount=amount, criterion=global_criterion or "random", seed=seed,
+                       ignored_layers=[mapping[m] for m in ignored_layers], global_ranking=global_criterion is not None)
         return 1.0 - count_macs(trial, example_inputs) / base
 
     groups, _ = collect_groups(model, build_graph(model, example_inputs), example_inputs, ignored_layers)
