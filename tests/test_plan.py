@@ -24,17 +24,19 @@ def reduction(model, planned, x):
     return 1 - count_macs(planned, x[:1]) / count_macs(model, x[:1])
 
 
-@pytest.mark.parametrize("make, target", [
-    (lambda: create_model("resnet_20"), 0.6),
-    pytest.param(lambda: create_model("vgg_16_bn"), 0.85, marks=pytest.mark.benchmark),
-    (lambda: create_model("resnet_20"), 0.85),
-    (lambda: torchvision.models.resnet18(num_classes=10), 0.6),
-    (lambda: torchvision.models.mobilenet_v2(num_classes=10), 0.5),  # depthwise convs follow their groups
+@pytest.mark.parametrize("make, target, forms", [
+    (lambda: create_model("resnet_20"), 0.6, ("cp", "tucker2")),
+    pytest.param(lambda: create_model("vgg_16_bn"), 0.85, ("cp", "tucker2"), marks=pytest.mark.benchmark),
+    (lambda: create_model("resnet_20"), 0.85, ("tucker2",)),
+    (lambda: torchvision.models.resnet18(num_classes=10), 0.6, ("cp",)),
+    (lambda: torchvision.models.mobilenet_v2(num_classes=10), 0.5, ("cp",)),  # depthwise convs follow their groups
 ])
-def test_plan_meets_the_macs_target_within_one_point(make, target):
+def test_plan_meets_the_macs_target_within_one_point(make, target, forms):
     model = make().eval()
     x = images(4)
-    p = plan(model, x, target_macs=target, ranks=(1, 3), keep_steps=4)
+    p = plan(model, x, target_macs=target, ranks=(1, 3), keep_steps=4, forms=forms)
+    if forms == ("tucker2",):
+        assert set(p.ranks.values()) == {0} and p.tucker  # Tucker-2 and dense only
     planned = copy.deepcopy(model)
     p.apply(planned, x[:1])
     got = reduction(model, planned, x)
@@ -89,6 +91,8 @@ def test_plan_does_not_change_the_model():
     ({"target_macs": 0.999}, "out of reach"),
     ({"target_macs": 0.5, "criterion": "pabs"}, "needs CP factors"),
     ({"target_macs": 0.5, "allocation": "annealing"}, "allocation must be"),
+    ({"target_macs": 0.5, "forms": ("svd",)}, "forms must be a non-empty subset of cp, tucker2"),
+    ({"target_macs": 0.5, "forms": "cp"}, "forms must be"),
 ])
 def test_bad_targets_are_named(kwargs, message):
     with pytest.raises(NortonError, match=message):
@@ -236,3 +240,34 @@ def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, cap
     assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--amount", "0.5", "--ranks", "1,2", "--data", "digits",
                  "--run-dir", str(tmp_path / "r")]) == 2
     assert "--ranks, --keep-steps and --latency-batch steer the planner" in capsys.readouterr().err
+
+
+def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
+    """Scripted timings: each deployed sample takes 2 ms plus 0.5×, 3× and 0.25×
+    its dense, CP and Tucker-2 layers' predicted time; the fit finds those."""
+    from norton.compression import planning
+    from norton.deployment import Latency
+
+    a, b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+    layers = {"a": planning._Layer("a", a, (8, 10, 10), out_groups=[("a", 1.0)]),
+              "b": planning._Layer("b", b, (8, 10, 10), in_groups=[("a", 1.0)])}
+    costs = planning._CostModel(layers, "macs", 1, None, torch.float32)  # layer "time": its MACs
+    units = [planning._Unit("rank", "a", [0, 4, 2, (6, 6), (4, 4)], [0.0] * 5, ["a"]),
+             planning._Unit("rank", "b", [0, 4, 2, (6, 6), (4, 4)], [0.0] * 5, ["b"]),
+             planning._Unit("keep", "a", [8, 6, 4, 2], [0.0] * 4, ["a", "b"])]
+    search = planning._Search(units, costs, {"a": 8})
+    truth = {"dense": 0.5, "cp": 3.0, "tucker2": 0.25}
+
+    def scripted(models, example):
+        out = {}
+        for name, state in models.items():
+            ranks, _ = search.config(state)
+            seconds = 0.002 + sum(truth[planning.form_of(ranks.get(n, 0))] * v for n, v in search.layer_costs(state).items())
+            out[name] = Latency(1000 * seconds, 0, 0, 1)
+        return out
+
+    monkeypatch.setattr(planning, "deploy", lambda model, x: (model, None))
+    monkeypatch.setattr(planning, "compare_latency", scripted)
+    planning.calibrate_latency(costs, search, lambda state: tuple(state), torch.zeros(1), progress=False)
+    assert costs.constant == pytest.approx(0.002, rel=1e-6)
+    assert costs.scales == pytest.approx(truth, rel=1e-6)

@@ -29,7 +29,7 @@ from norton.cli.common import (
     train_config,
 )
 from norton.compression import Plan, decompose, plan, prune
-from norton.compression.planning import KEEP_STEPS, RANK_OPTIONS  # for the help texts
+from norton.compression.planning import FORMS, KEEP_STEPS, RANK_OPTIONS  # for the help texts and checks
 from norton.core import complexity
 from norton.errors import NortonError
 from norton.training import (
@@ -130,7 +130,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not planned and (args.target_speedup is not None or args.plan is not None):
         raise NortonError("--target-speedup and --plan let the planner choose ranks: drop -r")
     if not planned and search_options(args):
-        raise NortonError("--ranks, --keep-steps and --latency-batch steer the planner: drop -r, or drop them")
+        raise NortonError("--ranks, --keep-steps, --forms and --latency-batch steer the planner: drop -r, or drop them")
     if planned and (args.compress_rate or args.layer_rate or args.amount is not None or args.global_ranking):
         raise NortonError("-cpr, --layer-rate, --amount and --global prune a model decomposed at one rank: give -r RANK")
     saved_plan = read_plan(args.plan) if args.plan else None
@@ -178,11 +178,23 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help=f"planner: CP ranks a layer may take, e.g. 1-4 or 1,2,4 (default {','.join(map(str, RANK_OPTIONS))})")
     p.add_argument("--keep-steps", type=int, default=None,
                    help=f"planner: a group's filter counts measured at 1/K … K/K (default K={KEEP_STEPS})")
+    p.add_argument("--forms", type=form_list, default=None,
+                   help="planner: factored forms a layer may take besides dense, comma-separated: cp (the published "
+                        "method), tucker2 (default: cp,tucker2)")
+
+
+def form_list(text: str) -> tuple[str, ...]:
+    """``cp``, ``tucker2`` or ``cp,tucker2``."""
+    forms = tuple(f.strip() for f in text.split(","))
+    if not forms or any(f not in FORMS for f in forms):
+        raise argparse.ArgumentTypeError(f"forms must be a comma-separated subset of {','.join(FORMS)}, got {text!r}")
+    return forms
 
 
 def search_options(args: argparse.Namespace) -> dict:
     """The planner arguments given on the command line."""
-    given = {"ranks": args.ranks, "keep_steps": args.keep_steps, "latency_batch": args.latency_batch}
+    given = {"ranks": args.ranks, "keep_steps": args.keep_steps, "latency_batch": args.latency_batch,
+             "forms": args.forms}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -2,7 +2,7 @@
 
 A description holds the base architecture (a zoo name with its keyword
 arguments, or a torchvision classifier), which convolutions are CPDBlocks at
-which rank, and the output width of every convolution after pruning.  That is
+which rank (and TuckerBlocks at which ranks), and the output width of every convolution after pruning.  That is
 enough to recreate the exact module structure before loading weights, without
 the original model object.
 """
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from norton.compression.pruning import restructure
-from norton.core import CPDBlock, replace_module
+from norton.core import CPDBlock, TuckerBlock, replace_module
 from norton.errors import NortonError
 from norton.models import create_model
 
@@ -26,6 +26,7 @@ def describe(model: nn.Module, input_size: list[int] | None = None) -> dict[str,
     return {
         "base": dict(spec) if spec else None,
         "decomposed": {n: m.rank for n, m in model.named_modules() if isinstance(m, CPDBlock)},
+        "tucker": {n: list(m.ranks) for n, m in model.named_modules() if isinstance(m, TuckerBlock)},
         "widths": {n: m.out_channels for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPDBlock))},
         "input_size": [int(s) for s in size],
     }
@@ -56,6 +57,13 @@ def rebuild(description: dict[str, Any], base_model: nn.Module | None = None) ->
             raise NortonError(f"the checkpoint decomposes layer {name!r}, which this model does not have as a convolution")
         if isinstance(conv, nn.Conv2d):
             block = CPDBlock.like_conv(conv, rank).requires_grad_(conv.weight.requires_grad)  # frozen stays frozen
+            replace_module(model, name, block)
+    for name, ranks in description.get("tucker", {}).items():
+        conv = modules.get(name)
+        if not isinstance(conv, (nn.Conv2d, TuckerBlock)):
+            raise NortonError(f"the checkpoint factors layer {name!r} by Tucker-2, which this model does not have as a convolution")
+        if isinstance(conv, nn.Conv2d):
+            block = TuckerBlock.like_conv(conv, tuple(ranks)).requires_grad_(conv.weight.requires_grad)
             replace_module(model, name, block)
     widths = description.get("widths", {})
     current = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPDBlock))}

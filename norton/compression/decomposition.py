@@ -1,4 +1,5 @@
-"""Stage ① of NORTON: replace every eligible convolution by a CPDBlock."""
+"""Stage ① of NORTON: replace every eligible convolution by a CPDBlock (or,
+for the planner's Tucker-2 option, by a TuckerBlock)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from norton.core import CPDBlock, cp_als, is_decomposable, nmse, replace_module
+from norton.core import (
+    CPDBlock,
+    TuckerBlock,
+    cp_als,
+    is_decomposable,
+    nmse,
+    replace_module,
+)
+from norton.core.tucker import HOOI_ITERATIONS
 from norton.errors import NortonError
 
 
@@ -25,6 +34,7 @@ class LayerDecomposition:
     iterations: int
     seconds: float  # a batch of equal-shape layers shares its time equally
     cost_ratio: float = 0.0  # MACs of the CPDBlock / MACs of the conv it replaces
+    tucker: tuple[int, int] | None = None  # a TuckerBlock's (output, input) ranks; rank is then 0
 
 
 @dataclass
@@ -50,8 +60,9 @@ class DecompositionReport:
                 f"{'sec':>7} {'MACs×':>6}"]
         for layer in self.layers:
             shape = "×".join(str(s) for s in layer.shape)
+            rank = f"T{layer.tucker[0]}x{layer.tucker[1]}" if layer.tucker else layer.rank
             rows.append(
-                f"{layer.name:<32} {shape:<22} {layer.rank:>4} {layer.nmse:>10.4g} "
+                f"{layer.name:<32} {shape:<22} {rank:>4} {layer.nmse:>10.4g} "
                 f"{layer.max_nmse:>10.4g} {layer.iterations:>5} {layer.seconds:>7.3f} {layer.cost_ratio:>6.2f}"
                 + ("  costlier than the conv" if layer.cost_ratio >= 1 else "")
             )
@@ -78,6 +89,14 @@ def _check_names(model: nn.Module, names: Iterable[str], what: str, eligible: se
                 f"{what}: module {name!r} is not a decomposable convolution "
                 "(needs nn.Conv2d with groups=1 and a kernel larger than 1×1)"
             )
+
+
+def tucker_cost_ratio(conv: nn.Conv2d, ranks: tuple[int, int]) -> float:
+    """MACs of the TuckerBlock over the conv's: the first 1×1 conv runs at the
+    input resolution, the core and the last 1×1 conv at the strided one."""
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    (r_out, r_in), c, n = ranks, conv.in_channels, conv.out_channels
+    return (sh * sw * c * r_in + r_out * r_in * kh * kw + r_out * n) / (n * c * kh * kw)
 
 
 def cost_ratio(conv: nn.Conv2d, rank: int) -> float:
@@ -165,3 +184,27 @@ def decompose(
     for name, block in blocks.items():
         replace_module(model, name, block)
     return DecompositionReport(layers=[rows[name] for name, _, _ in todo], skipped=skipped)
+
+
+@torch.no_grad()
+def decompose_tucker(model: nn.Module, layer_ranks: Mapping[str, tuple[int, int]], *, progress: bool = False,
+                     n_iter: int = HOOI_ITERATIONS) -> DecompositionReport:
+    """Replace, in place, the named convs of ``model`` by TuckerBlocks at their
+    (output, input) ranks — clamped to the conv's channels.  All or nothing:
+    the blocks are put in place only when every layer is fitted."""
+    eligible = {name for name, m in model.named_modules() if is_decomposable(m)}
+    _check_names(model, layer_ranks, "tucker ranks", eligible)
+    rows, blocks = [], {}
+    for name, ranks in tqdm(layer_ranks.items(), desc="decompose (Tucker-2)", unit="layer", disable=not progress):
+        conv = model.get_submodule(name)
+        start = time.perf_counter()
+        block = TuckerBlock.from_conv(conv, tuple(ranks), n_iter)
+        weight = conv.weight.detach()
+        error = ((block.dense_weight() - weight) ** 2).flatten(1).sum(1) / (weight ** 2).flatten(1).sum(1).clamp_min(1e-30)
+        blocks[name] = block
+        rows.append(LayerDecomposition(name=name, shape=tuple(weight.shape), rank=0, nmse=float(error.mean()),
+                                       max_nmse=float(error.max()), iterations=n_iter, seconds=time.perf_counter() - start,
+                                       cost_ratio=tucker_cost_ratio(conv, block.ranks), tucker=block.ranks))
+    for name, block in blocks.items():
+        replace_module(model, name, block)
+    return DecompositionReport(layers=rows)

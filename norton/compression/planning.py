@@ -1,6 +1,7 @@
 """The budget planner: NORTON configured for a MACs or speed-up target.
 
-For every decomposable conv the planner chooses a CP rank or "dense"; for every
+For every decomposable conv the planner chooses a CP rank, a Tucker-2 pair of
+ranks (an option beyond the published method, ``forms``) or "dense"; for every
 coupled group of filters (see ``graph``) how many filters stay.  Each option is
 scored by the damage it does alone — the divergence of the model's outputs on
 calibration images from the uncompressed model's, after BatchNorm
@@ -30,15 +31,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from norton.compression.criteria import get_criterion
-from norton.compression.decomposition import DecompositionReport, decompose
+from norton.compression.decomposition import (
+    DecompositionReport,
+    decompose,
+    decompose_tucker,
+)
 from norton.compression.graph import build_graph, collect_groups, is_depthwise
 from norton.compression.pruning import PruneReport, prune, prune_in_place
 from norton.core import (
     CPDBlock,
-    batchnorms,
+    TuckerBlock,
+    batch_statistics,
     count_macs,
     is_decomposable,
-    reestimate_bn,
     replace_module,
 )
 from norton.core.plans import block_inputs, time_call, time_plans
@@ -47,6 +52,9 @@ from norton.deployment import compare_latency, deploy
 from norton.errors import NortonError
 
 RANK_OPTIONS = (1, 2, 3, 4, 6, 8, 12, 16)
+FORMS = ("cp", "tucker2")  # factored forms a layer may take besides dense
+# Tucker-2 options: both ranks this fraction of the layer's (output, input) channels
+TUCKER_FRACTIONS = (3 / 4, 1 / 2, 3 / 8, 1 / 4, 3 / 16, 1 / 8)
 KEEP_STEPS = 8  # a group may keep 1/8, 2/8, …, 8/8 of its filters
 ALLOCATIONS = ("best", "greedy", "lagrangian")
 FINE_KEEP_OPTIONS = 64  # per group, for the allocation (damages interpolated between the measured ones)
@@ -57,12 +65,13 @@ FILL_TOLERANCE = 0.005  # a plan's cost ends within half a point of the full cos
 @dataclass
 class LayerRow:
     name: str
-    rank: int  # 0 = kept dense
+    rank: int  # CP rank; 0 = kept dense (or Tucker-2)
     filters: int  # filters the layer keeps
     total: int
     macs: int  # of this layer in the planned model
     latency_ms: float | None  # predicted, on the latency batch
     damage: float  # measured damage of its chosen rank alone
+    tucker: list[int] | None = None  # Tucker-2 (output, input) ranks, if the layer takes that form
 
 
 @dataclass
@@ -71,7 +80,7 @@ class Plan:
 
     target: str  # "macs" (fraction of MACs removed) or "speedup"
     value: float
-    ranks: dict[str, int]  # every decomposable conv: its rank, 0 = dense
+    ranks: dict[str, int]  # every decomposable conv: its CP rank, 0 = dense or Tucker-2
     keep: dict[str, int]  # every prunable group, by its root layer: filters kept
     totals: dict[str, int]  # every prunable group: filters before
     criterion: str
@@ -85,6 +94,7 @@ class Plan:
     rows: list[LayerRow] = field(default_factory=list)
     group_damage: dict[str, float] = field(default_factory=dict)
     measured_speedup: float | None = None  # speed-up targets: of the deployed plan, timed when planned
+    tucker: dict[str, list[int]] = field(default_factory=dict)  # layers factored by Tucker-2: (output, input) ranks
 
     @property
     def macs_reduction(self) -> float:
@@ -95,7 +105,8 @@ class Plan:
         head = f"{'layer':<30} {'rank':>5} {'filters':>11} {'MACs':>12} {'damage':>9}"
         lines = [head + (f" {'ms':>8}" if timed else "")]
         for r in self.rows:
-            line = (f"{r.name:<30} {'dense' if r.rank == 0 else r.rank:>5} {r.filters:>5}/{r.total:<5} "
+            form = f"T{r.tucker[0]}x{r.tucker[1]}" if r.tucker else ("dense" if r.rank == 0 else r.rank)
+            line = (f"{r.name:<30} {form:>5} {r.filters:>5}/{r.total:<5} "
                     f"{r.macs:>12,} {r.damage:>9.4f}")
             lines.append(line + (f" {r.latency_ms:>8.3f}" if timed else ""))
         pruned = {root: f"{self.keep[root]}/{self.totals[root]}" for root in self.totals if self.keep[root] < self.totals[root]}
@@ -124,14 +135,19 @@ class Plan:
             raise NortonError(f"not a norton plan: {err}") from None
 
     def decompose(self, model: nn.Module, *, progress: bool = False, **cp_options) -> DecompositionReport:
-        """Stage ①: replace the planned convs of ``model`` by CPDBlocks at their ranks, in place."""
+        """Stage ①: replace the planned convs of ``model`` by CPDBlocks (or
+        TuckerBlocks) at their ranks, in place."""
         layers = {n for n, m in model.named_modules() if is_decomposable(m)}
         if layers != set(self.ranks):
             different = sorted(set(self.ranks) ^ layers)
             raise NortonError(f"this plan was made for another model: layer {different[0]!r} "
                               f"{'is not a decomposable conv of this model' if different[0] in self.ranks else 'is not in the plan'}")
         cp_options.setdefault("seed", self.seed)
-        return decompose(model, max([1, *self.ranks.values()]), layer_ranks=self.ranks, progress=progress, **cp_options)
+        report = decompose(model, max([1, *self.ranks.values()]), layer_ranks=self.ranks, progress=progress, **cp_options)
+        if self.tucker:
+            report.layers += decompose_tucker(model, {n: tuple(r) for n, r in self.tucker.items()},
+                                              progress=progress).layers
+        return report
 
     def prune(self, model: nn.Module, example_inputs, *, progress: bool = False) -> PruneReport:
         """Stage ②: prune every planned group of ``model`` to its filter count, in place."""
@@ -163,23 +179,22 @@ def _batches(data, device: torch.device | None) -> list[Tensor]:
 
 class _Probe:
     """Damage of a changed model: divergence of its outputs from the reference
-    model's on the calibration batches, after re-estimating its BatchNorms."""
+    model's on the calibration batches, every BatchNorm normalising with the
+    batch's own statistics (BN re-estimation and evaluation in one pass; the
+    reference is computed the same way, so an unchanged model has damage 0)."""
 
     def __init__(self, model: nn.Module, batches: list[Tensor]):
         self.batches = batches
-        with torch.no_grad():
-            model.eval()
-            self.reference = [self._outputs(model, x) for x in batches]
+        self.reference = [self._outputs(model, x) for x in batches]
 
     @staticmethod
+    @torch.no_grad()
     def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
-        return [t.detach().to(torch.float64) for t in flatten_tensors(model(x))]
+        with batch_statistics(model):
+            return [t.detach().to(torch.float64) for t in flatten_tensors(model(x))]
 
     @torch.no_grad()
     def damage(self, model: nn.Module) -> float:
-        if batchnorms(model):
-            reestimate_bn(model, self.batches)
-        model.eval()
         total = 0.0
         for x, ref in zip(self.batches, self.reference):
             for got, want in zip(self._outputs(model, x), ref):
@@ -206,20 +221,29 @@ class _Layer:
         return (m.out_features, m.in_features) if isinstance(m, nn.Linear) else (m.out_channels, m.in_channels)
 
 
-def layer_macs(module: nn.Module, rank: int, n: int, c: int, in_size: Sequence[int]) -> int:
+def layer_macs(module: nn.Module, rank: int | tuple[int, int], n: int, c: int, in_size: Sequence[int]) -> int:
     """MACs of ``module`` (a Conv2d or Linear, groups=1) with ``n`` outputs and
-    ``c`` inputs, as a dense layer (``rank`` 0) or a CPDBlock of that rank, on
-    one input of ``in_size`` — what ``count_macs`` counts, without running it."""
+    ``c`` inputs, as a dense layer (``rank`` 0), a CPDBlock of that rank or a
+    TuckerBlock of ``rank`` = (output, input) ranks, on one input of
+    ``in_size`` — what ``count_macs`` counts, without running it."""
     if isinstance(module, nn.Linear):
         return math.prod(in_size[:-1]) * c * n
     kh, kw = module.kernel_size
     height, width = in_size[-2:]
     out_h, out_w = _output_size(module, in_size)
+    if isinstance(rank, tuple):  # 1×1 (c -> r_in) at the input resolution, core and 1×1 (r_out -> n) at the output's
+        r_out, r_in = rank
+        return height * width * c * r_in + out_h * out_w * (r_out * r_in * kh * kw + r_out * n)
     if rank == 0:
         per_filter = 1 if is_depthwise(module) else c // module.groups  # a depthwise conv's width follows n
         return n * per_filter * kh * kw * out_h * out_w
     # the three factored convs: 1×1 (c -> R·n), kh×1 depthwise (stride sh), 1×kw depthwise (stride sw)
     return height * width * c * rank * n + rank * n * kh * out_h * width + rank * n * kw * out_h * out_w
+
+
+def form_of(option: int | tuple[int, int]) -> str:
+    """A layer option's form: "dense" (0), "cp" (a rank) or "tucker2" (a pair of ranks)."""
+    return "tucker2" if isinstance(option, tuple) else ("cp" if option else "dense")
 
 
 def layer_elements(module: nn.Module, n: int, c: int, in_size: Sequence[int]) -> int:
@@ -271,6 +295,8 @@ class _CostModel:
         self._memo: dict[tuple, float] = {}
         self._fits: dict[tuple, list[float]] = {}
         self.constant = 0.0
+        # seconds: per-form factors calibrating the isolated layer timings against whole deployed models
+        self.scales = dict.fromkeys(("dense", *FORMS), 1.0)
 
     def channels(self, layer: _Layer, keep: Mapping[str, int], totals: Mapping[str, int]) -> tuple[int, int]:
         n, c = layer.full
@@ -287,7 +313,7 @@ class _CostModel:
                    layer.in_size[1:], rank, type(m).__name__)
         if key not in self._memo:
             self._memo[key] = self._estimate(key, layer, rank, n, c)
-        return self._memo[key]
+        return self._memo[key] * self.scales[form_of(rank)]
 
     def _estimate(self, key: tuple, layer: _Layer, rank: int, n: int, c: int) -> float:
         m = layer.module
@@ -314,7 +340,10 @@ class _CostModel:
             c, groups = (n, n) if is_depthwise(m) else (c, m.groups)
             conv = nn.Conv2d(c, n, m.kernel_size, m.stride, m.padding, m.dilation, groups=groups,
                              bias=m.bias is not None, padding_mode=m.padding_mode)
-            module = CPDBlock.like_conv(conv, rank) if rank > 0 else conv
+            if isinstance(rank, tuple):
+                module = TuckerBlock.like_conv(conv, rank)
+            else:
+                module = CPDBlock.like_conv(conv, rank) if rank > 0 else conv
             shape = (c, *layer.in_size[1:])
         module = module.to(self.device, self.dtype).eval()
         x = torch.randn(self.batch, *shape, device=self.device, dtype=self.dtype)
@@ -361,14 +390,26 @@ class _Search:
     def cost(self, state: Sequence[int]) -> float:
         return self.costs.constant + sum(self.layer_costs(state).values())
 
+    def cheapest(self) -> list[int]:
+        """Every group at its fewest filters, every layer at its least costly
+        option at those widths (by MACs, options are ordered; by predicted
+        seconds, not necessarily)."""
+        state = [len(u.options) - 1 for u in self.units]
+        for k, u in enumerate(self.units):
+            if u.kind == "rank":
+                state[k] = min(range(len(u.options)),
+                               key=lambda j: sum(self.layer_costs([*state[:k], j, *state[k + 1:]], u.layers).values()))
+        return state
+
     def damage(self, state: Sequence[int]) -> float:
         return sum(u.damage[i] for u, i in zip(self.units, state))
 
-    def _moves(self, state: list[int], current: dict[str, float], cheaper: bool):
-        """(unit index, option, Δdamage, Δcost) of every single-unit change."""
+    def _moves(self, state: list[int], current: dict[str, float]):
+        """(unit index, option, Δdamage, Δcost) of every single-unit change
+        (options are ordered by MACs, which need not be the order of the cost)."""
         ranks, keep = self.config(state)
         for k, u in enumerate(self.units):
-            options = range(state[k] + 1, len(u.options)) if cheaper else range(state[k])
+            options = (j for j in range(len(u.options)) if j != state[k])
             table = ranks if u.kind == "rank" else keep
             saved = table[u.name]
             before = sum(current[n] for n in u.layers)
@@ -384,7 +425,7 @@ class _Search:
         current = self.layer_costs(state)
         while self.costs.constant + sum(current.values()) > budget:
             best = None
-            for k, j, d_damage, d_cost in self._moves(state, current, cheaper=True):
+            for k, j, d_damage, d_cost in self._moves(state, current):
                 if d_cost >= 0:
                     continue
                 score = d_damage / -d_cost
@@ -405,14 +446,12 @@ class _Search:
             state = [0] * len(self.units)
             for _ in range(8):
                 changed = False
-                for k, u in enumerate(self.units):
-                    others = [n for n in self.costs.layers if n not in u.layers]
-                    rest = sum(self.layer_costs(state, others).values())
+                for k, u in enumerate(self.units):  # the other layers' cost does not depend on this unit's option
                     scores = []
                     for j in range(len(u.options)):
                         trial = state.copy()
                         trial[k] = j
-                        scores.append(u.damage[j] + lam * (rest + sum(self.layer_costs(trial, u.layers).values())) / base)
+                        scores.append(u.damage[j] + lam * sum(self.layer_costs(trial, u.layers).values()) / base)
                     j = min(range(len(scores)), key=scores.__getitem__)
                     changed |= j != state[k]
                     state[k] = j
@@ -445,10 +484,10 @@ class _Search:
             current = self.layer_costs(state)
             spare = budget - self.costs.constant - sum(current.values())
             best = None
-            for k, j, d_damage, d_cost in self._moves(state, current, cheaper=False):
-                if d_cost > spare or (d_cost <= 0 and d_damage >= 0):
+            for k, j, d_damage, d_cost in self._moves(state, current):
+                if not 0 < d_cost <= spare:  # every step spends: the loop ends
                     continue
-                score = d_damage / max(d_cost, 1e-12)
+                score = d_damage / d_cost
                 if best is None or score < best[0]:
                     best = (score, k, j)
             if best is None or (best[0] >= 0 and spare <= slack):
@@ -465,6 +504,7 @@ def plan(
     target_speedup: float | None = None,
     criterion: str = "l2",
     ranks: Sequence[int] = RANK_OPTIONS,
+    forms: Sequence[str] = FORMS,
     keep_steps: int = KEEP_STEPS,
     allocation: str = "best",
     latency_batch: int = 32,
@@ -480,6 +520,9 @@ def plan(
     ``target_speedup`` (> 1, latency of the layers' fastest execution plans
     timed here on ``latency_batch`` images).  ``criterion`` selects the filters
     of a pruned group (one that works on dense weights: l2, l1, fpgm, random).
+    ``forms``: the factored forms a layer may take besides dense — "cp" (the
+    published method, at ``ranks``) and "tucker2" (both channel modes at
+    ``TUCKER_FRACTIONS`` of the layer's width; not in the published method).
     ``allocation``: greedy (least damage per cost saved), lagrangian, or best
     (both, the one of smaller predicted damage).  The model is not changed.
     """
@@ -499,6 +542,8 @@ def plan(
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise NortonError(f"ranks must be positive integers, got {list(ranks)!r}")
     rank_options = sorted(set(ranks), reverse=True)
+    if isinstance(forms, str) or not forms or any(f not in FORMS for f in forms):
+        raise NortonError(f"forms must be a non-empty subset of {', '.join(FORMS)}, got {forms!r}")
     if isinstance(keep_steps, bool) or not isinstance(keep_steps, int) or keep_steps < 1:
         raise NortonError(f"keep_steps must be a positive integer, got {keep_steps!r}")
 
@@ -538,31 +583,31 @@ def plan(
         if not is_decomposable(layer.module):
             continue
         n, c = layer.full
-        cheaper = [r for r in rank_options if counter.layer_cost(layer, r, n, c) < counter.layer_cost(layer, 0, n, c)]
+        factored = [*(rank_options if "cp" in forms else []),
+                    *(dict.fromkeys((max(1, round(f * n)), max(1, round(f * c))) for f in TUCKER_FRACTIONS)
+                      if "tucker2" in forms else [])]
+        dense_cost = counter.layer_cost(layer, 0, n, c)
+        cheaper = sorted((o for o in factored if counter.layer_cost(layer, o, n, c) < dense_cost),
+                         key=lambda o: -counter.layer_cost(layer, o, n, c))  # most expensive first
         units.append(_Unit("rank", name, [0, *cheaper], layers=[name]))
     for g in groups:
         counts = sorted({max(1, round(g.info.total * s / keep_steps)) for s in range(keep_steps, 0, -1)}, reverse=True)
         affected = [n for n, layer in layers.items() if any(root == g.info.root for root, _ in layer.out_groups + layer.in_groups)]
         units.append(_Unit("keep", g.info.root, counts, layers=affected))
 
-    # the budget
+    # the budget (for a speed-up: after the latency model is calibrated, below)
     search = _Search(units, costs, totals)
     dense_macs = float(count_macs(dense, example))
     macs_search = _Search(units, counter, totals)
     counter.constant = dense_macs - sum(macs_search.layer_costs([0] * len(units)).values())
-    if measure == "seconds":
-        with torch.no_grad():
-            x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=dtype)
-            whole = time_call(lambda: dense(x), x, 5)
-        costs.constant = max(whole - sum(search.layer_costs([0] * len(units)).values()), 0.0)
-    full = search.cost([0] * len(units))
-    budget = full * (1.0 - target_macs) if target_macs is not None else full / target_speedup
-    cheapest = search.cost([len(u.options) - 1 for u in units])
-    if cheapest > budget and measure == "macs":
-        raise NortonError(f"the target is out of reach: the planner's cheapest options (rank {min(rank_options)}, "
-                          f"1/{keep_steps} of the filters) give {1 - cheapest / full:.1%} fewer MACs")
-    # a speed-up the prediction calls out of reach may still be measured: the deployed timing decides below
-    budget = max(budget, cheapest)
+    if measure == "macs":
+        full = search.cost([0] * len(units))
+        budget = full * (1.0 - target_macs)
+        cheapest = search.cost([len(u.options) - 1 for u in units])
+        if cheapest > budget:
+            raise NortonError(f"the target is out of reach: the planner's cheapest options (forms {', '.join(forms)}, "
+                              f"rank {min(rank_options)}, 1/{keep_steps} of the filters) give {1 - cheapest / full:.1%} "
+                              "fewer MACs")
 
     # the damage of every option alone
     blocks = _decompositions(dense, [u for u in units if u.kind == "rank"], seed, progress)
@@ -573,7 +618,7 @@ def plan(
         for option in u.options[1:]:
             trial = copy.deepcopy(dense)
             if u.kind == "rank":  # the recomposed kernel: the same function, the fastest to evaluate here
-                replace_module(trial, u.name, copy.deepcopy(blocks[(u.name, option)]).set_plan("dense"))
+                replace_module(trial, u.name, blocks[(u.name, option)].to_conv())
             else:
                 prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed)
             u.damage.append(probe.damage(trial))
@@ -584,31 +629,44 @@ def plan(
         if u.kind == "keep":
             _refine_counts(u, FINE_KEEP_OPTIONS)
 
+    # the corners, searched on their own as well: every layer dense (pruning only), every filter kept
+    corners = {"pruning only": _Search([_only(u, 0) if u.kind == "rank" else u for u in units], costs, totals),
+               "no pruning": _Search([_only(u, 0) if u.kind == "keep" else u for u in units], costs, totals)}
+
     def allocate(limit: float) -> tuple[str, list[int]]:
         candidates = {}
         if allocation in ("best", "greedy"):
             candidates["greedy"] = search.greedy(limit)
         if allocation in ("best", "lagrangian"):
             candidates["lagrangian"] = search.lagrangian(limit)
+        if allocation == "best":
+            for name, corner in corners.items():  # a corner's option indices are those of the full search
+                if corner.cost([len(u.options) - 1 for u in corner.units]) <= limit:
+                    candidates[f"greedy, {name}"] = corner.greedy(limit)
         best = min(candidates, key=lambda k: search.damage(candidates[k]))
         return best, candidates[best]
 
-    chosen, state = allocate(budget)
+    def build(state: Sequence[int]) -> nn.Module:
+        ranks_of, keep_of = search.config(state)
+        trial = copy.deepcopy(dense)
+        for name, rank in ranks_of.items():
+            if rank:
+                replace_module(trial, name, copy.deepcopy(blocks[(name, rank)]))
+        prune_in_place(trial, example, keep={g: k for g, k in keep_of.items() if k < totals[g]},
+                       criterion=criterion, seed=seed)
+        return trial
+
     measured = None
     if measure == "seconds":  # the predicted latency steers; the deployed model's timing decides
-        def build(state: Sequence[int]) -> nn.Module:
-            ranks_of, keep_of = search.config(state)
-            trial = copy.deepcopy(dense)
-            for name, rank in ranks_of.items():
-                if rank:
-                    replace_module(trial, name, copy.deepcopy(blocks[(name, rank)]))
-            prune_in_place(trial, example, keep={g: k for g, k in keep_of.items() if k < totals[g]},
-                           criterion=criterion, seed=seed)
-            return trial
-
         x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=dtype)
+        calibrate_latency(costs, search, build, x, progress)
+        full = search.cost([0] * len(units))
+        cheapest = search.cost(search.cheapest())
+        budget = max(full / target_speedup, cheapest)  # the prediction may call it out of reach; the timing decides
         chosen, state, measured = meet_measured_speedup(target_speedup, budget, cheapest, allocate, build, dense, x,
                                                          search.damage, progress)
+    else:
+        chosen, state = allocate(budget)
 
     ranks_chosen, keep = search.config(state)
     rank_units = {u.name: (u, i) for u, i in zip(units, state) if u.kind == "rank"}
@@ -618,14 +676,17 @@ def plan(
     for name, layer in layers.items():
         n, c = costs.channels(layer, keep, totals)
         unit = rank_units.get(name)
-        rows.append(LayerRow(name=name, rank=ranks_chosen.get(name, 0), filters=n, total=layer.full[0],
+        option = ranks_chosen.get(name, 0)
+        rows.append(LayerRow(name=name, rank=option if isinstance(option, int) else 0, filters=n, total=layer.full[0],
                              macs=int(macs_per_layer[name]),
                              latency_ms=1000 * layer_seconds[name] if layer_seconds else None,
-                             damage=unit[0].damage[unit[1]] if unit else 0.0))
+                             damage=unit[0].damage[unit[1]] if unit else 0.0,
+                             tucker=list(option) if isinstance(option, tuple) else None))
     return Plan(
         target="macs" if target_macs is not None else "speedup",
         value=float(target_macs if target_macs is not None else target_speedup),
-        ranks={u.name: u.options[i] for u, i in zip(units, state) if u.kind == "rank"},
+        ranks={n: (o if isinstance(o, int) else 0) for n, o in ranks_chosen.items()},
+        tucker={n: list(o) for n, o in ranks_chosen.items() if isinstance(o, tuple)},
         keep=keep, totals=totals, criterion=criterion,
         allocation=chosen if allocation == "best" else allocation, seed=seed,
         macs_before=round(macs_search.cost([0] * len(units))),
@@ -636,6 +697,48 @@ def plan(
         group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
         measured_speedup=measured,
     )
+
+
+def _only(unit: _Unit, index: int) -> _Unit:
+    """``unit`` restricted to one option (its index stays valid: the first)."""
+    return _Unit(unit.kind, unit.name, unit.options[index:index + 1], unit.damage[index:index + 1], unit.layers)
+
+
+def calibrate_latency(costs: _CostModel, search: _Search, build, x: Tensor, progress: bool) -> None:
+    """Fit the latency model to whole deployed models: isolated layer timings
+    do not add up to a deployed network (fused BatchNorm, memory format,
+    caches, per-call overhead differ by form), so seven sample models — dense
+    and uniformly pruned to 1/2 and 1/4, every layer at a middle CP or Tucker-2
+    option at full and half width — are deployed and timed round-robin, and
+    ``costs``' constant and per-form factors are the non-negative least-squares
+    fit of those timings to the models' summed layer predictions by form."""
+    def pick(u: _Unit, form: str, fraction: float) -> int:
+        if u.kind == "rank":
+            of_form = [i for i, o in enumerate(u.options) if form_of(o) == form]
+            return of_form[len(of_form) // 2] if of_form else 0
+        return min(range(len(u.options)), key=lambda i: abs(u.options[i] - fraction * u.options[0]))
+
+    forms = [f for f in FORMS if any(form_of(o) == f for u in search.units if u.kind == "rank" for o in u.options)]
+    samples = [("dense", 1.0), ("dense", 0.5), ("dense", 0.25), *((f, w) for f in forms for w in (1.0, 0.5))]
+    states = {f"{form} {width}": [pick(u, form, width) for u in search.units] for form, width in samples}
+    deployed = {name: deploy(build(state), x)[0]
+                for name, state in tqdm(states.items(), desc="plan: calibrate latency", unit="model", disable=not progress)}
+    with torch.no_grad():
+        timing = compare_latency(deployed, x)
+    costs.scales = dict.fromkeys(costs.scales, 1.0)
+    costs.constant = 0.0
+    features = []
+    for state in states.values():
+        ranks, _ = search.config(state)
+        by_form = dict.fromkeys(costs.scales, 0.0)
+        for name, seconds in search.layer_costs(state).items():
+            by_form[form_of(ranks.get(name, 0))] += seconds
+        features.append([1.0, *by_form.values()])
+    fit = fit_nonnegative(features, [timing[name].median_ms / 1000 for name in states])
+    costs.constant = fit[0]
+    for form, scale in zip(list(costs.scales), fit[1:]):
+        # a form the samples cannot separate (no sample, or a zero fit) keeps the dense layers' factor
+        costs.scales[form] = scale if scale > 0 else (fit[1] or 1.0)
 
 
 SPEEDUP_ROUNDS = 6  # deployed candidates timed per speed-up target
@@ -697,10 +800,16 @@ def _refine_counts(unit: _Unit, most: int) -> None:
     unit.options, unit.damage = counts, damage
 
 
-def _decompositions(model: nn.Module, units: list[_Unit], seed: int, progress: bool) -> dict[tuple[str, int], CPDBlock]:
-    """Every decomposable conv as a CPDBlock at every rank it may take."""
-    blocks = {}
-    ranks = sorted({r for u in units for r in u.options[1:]})
+def _decompositions(model: nn.Module, units: list[_Unit], seed: int, progress: bool
+                    ) -> dict[tuple[str, int | tuple[int, int]], CPDBlock | TuckerBlock]:
+    """Every decomposable conv as a CPDBlock at every rank it may take, and as a
+    TuckerBlock at every pair of ranks."""
+    blocks: dict = {}
+    for u in units:
+        for option in u.options[1:]:
+            if isinstance(option, tuple):
+                blocks[(u.name, option)] = TuckerBlock.from_conv(model.get_submodule(u.name), option)
+    ranks = sorted({r for u in units for r in u.options[1:] if isinstance(r, int)})
     for rank in tqdm(ranks, desc="plan: decompose at each rank", unit="rank", disable=not progress):
         names = [u.name for u in units if rank in u.options]
         trial = copy.deepcopy(model)

@@ -20,7 +20,7 @@ from norton.compression.criteria import (
     top_scores,
 )
 from norton.compression.graph import CoupledGroup
-from norton.core import ChannelPadShortcut, CPDBlock, is_decomposable
+from norton.core import ChannelPadShortcut, CPDBlock, TuckerBlock, is_decomposable
 from norton.errors import NortonError
 from norton.models import create_model
 
@@ -71,7 +71,11 @@ def set_count_targets(model: nn.Module, groups: list[CoupledGroup], keep: Mappin
 
 def _set_named_targets(model, groups, values: Mapping, skipped, what: str, to_count) -> None:
     by_layer = {name: g for g in groups for name in g.info.layers}
-    known = {n for n, _ in model.named_modules()}
+    modules = dict(model.named_modules())
+    known = set(modules)
+    for name, module in modules.items():  # a TuckerBlock's filters are those of its last conv
+        if isinstance(module, TuckerBlock) and f"{name}.2" in by_layer:
+            by_layer[name] = by_layer[f"{name}.2"]
     for g in groups:
         g.target = g.info.total
     chosen: dict[int, tuple[str, object]] = {}
@@ -81,7 +85,7 @@ def _set_named_targets(model, groups, values: Mapping, skipped, what: str, to_co
         if name in skipped:
             raise NortonError(f"layer {name!r} cannot be pruned: {skipped[name]}")
         if name not in by_layer:
-            raise NortonError(f"{name!r} is not a prunable convolution (Conv2d with groups=1 or CPDBlock)")
+            raise NortonError(f"{name!r} is not a prunable convolution (Conv2d with groups=1, CPDBlock or TuckerBlock)")
         g = by_layer[name]
         if id(g) in chosen and chosen[id(g)][1] != value:
             other = chosen[id(g)][0]

@@ -1,7 +1,8 @@
-"""The bottom layer: CP decomposition, the CPDBlock and its execution plans,
+"""The bottom layer: CP decomposition, the CPDBlock and its execution plans, the
+Tucker-2 block,
 layers shared by models and pruning, MAC/param counting, module surgery and
 the compress-rate grammar.  Imports nothing else of norton but its errors."""
-from norton.core.batchnorm import batchnorms, reestimate_bn
+from norton.core.batchnorm import batch_statistics, batchnorms, reestimate_bn
 from norton.core.compress_rate import (
     fit_compress_rate,
     format_compress_rate,
@@ -13,6 +14,7 @@ from norton.core.cpd_block import PLANS, CPDBlock, plan_override
 from norton.core.layers import ChannelPadShortcut
 from norton.core.plans import time_plans, tune_plans
 from norton.core.surgery import as_args, is_decomposable, replace_module
+from norton.core.tucker import TuckerBlock, tucker2
 
 __all__ = [
     "PLANS",
@@ -21,7 +23,9 @@ __all__ = [
     "ChannelPadShortcut",
     "Complexity",
     "Factors",
+    "TuckerBlock",
     "as_args",
+    "batch_statistics",
     "batchnorms",
     "complexity",
     "count_macs",
@@ -38,5 +42,6 @@ __all__ = [
     "reestimate_bn",
     "replace_module",
     "time_plans",
+    "tucker2",
     "tune_plans",
 ]

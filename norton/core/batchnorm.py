@@ -1,7 +1,8 @@
 """BatchNorm statistics re-estimated on calibration images."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -36,3 +37,23 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Tensor]) -> int:
             m.momentum = momentum
         model.train(was_training)
     return seen
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode except that every BatchNorm normalises with
+    the statistics of the batch it sees (its running statistics are neither
+    used nor updated).  On a large calibration batch this is what re-estimating
+    the statistics on that batch and then evaluating gives, in one pass."""
+    norms = batchnorms(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for m in norms:
+            m.train()
+            m.track_running_stats = False
+        yield model
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        model.train(was_training)

@@ -69,7 +69,7 @@ class CompareBudget:
     # would reach it, so that pruning removes the rest
     norton_ranks: dict[float, int] = field(default_factory=lambda: {0.60: 4, 0.85: 2})
     methods: tuple[str, ...] | None = None  # None: every method
-    calibration_images: int = 512  # NORTON-auto's planner measures damage on these training images
+    calibration_images: int = 256  # NORTON-auto's planner measures damage on these training images
     plan_options: dict = field(default_factory=dict)  # other norton.plan arguments (ranks, keep_steps, ...)
 
 
@@ -91,7 +91,8 @@ MEDIUM = CompareBudget(
     train_images=12_000, val_images=2_000, test_images=5_000,
     baseline=TrainConfig(epochs=6, batch_size=128, lr=0.1, warmup_epochs=1),
     finetune=TrainConfig(epochs=3, batch_size=128, lr=0.02, warmup_epochs=0),
-    methods=("norton-auto", "norton-auto-speed", "norton", "norton-l2", "cp-only", "l1", "fpgm", "tltorch-tucker2"),
+    methods=("norton-auto", "norton-auto-speed", "norton-auto-cp", "norton", "norton-l2", "cp-only", "l1", "fpgm",
+             "tltorch-tucker2"),
     speedup_targets=(1.8, 3.0),
 )
 BUDGETS = {"small": SMALL, "medium": MEDIUM, "full": FULL}
@@ -141,9 +142,10 @@ def _norton(criterion: str) -> Callable:
     return build
 
 
-def _auto(kind: str) -> Callable:
-    """The budget planner: per-layer rank or dense, per-group filter counts (l2
-    selection), damages measured on training images only.  A speed-up target
+def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2")) -> Callable:
+    """The budget planner: per-layer CP rank, Tucker-2 ranks (``forms``) or
+    dense, per-group filter counts (l2 selection), damages measured on training
+    images only.  A speed-up target
     uses per-layer timings on this machine at the batch the latency is measured
     with.  The plan is kept in the cell's directory, so a resumed comparison
     rebuilds the same model even when timings would now choose another."""
@@ -154,7 +156,7 @@ def _auto(kind: str) -> Callable:
             with open(saved) as f:
                 chosen = Plan.from_dict(json.load(f))
         else:
-            options = dict(ctx.budget.plan_options)
+            options = {"forms": forms, **ctx.budget.plan_options}
             if kind == "macs":
                 options["target_macs"] = target
             else:
@@ -165,13 +167,20 @@ def _auto(kind: str) -> Callable:
                 atomic_write_text(saved, json.dumps(chosen.to_dict(), indent=1))
         model = copy.deepcopy(base)
         chosen.apply(model, ctx.example)
-        ranks = [r for r in chosen.ranks.values() if r > 0]
-        pruned = sum(chosen.totals.values()) - sum(chosen.keep.values())
-        text = (f"planned: {len(ranks)}/{len(chosen.ranks)} layers CP (ranks {min(ranks)}–{max(ranks)}), "
-                if ranks else f"planned: all {len(chosen.ranks)} layers dense, ")
-        return model, text + f"l2 prunes {pruned / sum(chosen.totals.values()):.0%} of filters"
+        return model, plan_summary(chosen)
 
     return build
+
+
+def plan_summary(chosen: Plan) -> str:
+    """One line: how many layers took each form, and how much was pruned."""
+    ranks = [r for r in chosen.ranks.values() if r > 0]
+    dense = len(chosen.ranks) - len(ranks) - len(chosen.tucker)
+    parts = [f"{len(ranks)} CP (ranks {min(ranks)}–{max(ranks)})" if ranks else "",
+             f"{len(chosen.tucker)} Tucker-2" if chosen.tucker else "", f"{dense} dense" if dense else ""]
+    pruned = sum(chosen.totals.values()) - sum(chosen.keep.values())
+    return (f"planned {len(chosen.ranks)} layers: {', '.join(p for p in parts if p)}; "
+            f"l2 prunes {pruned / max(1, sum(chosen.totals.values())):.0%} of filters")
 
 
 def _norton_rank(base: nn.Module, target: float, ctx: Context) -> int:
@@ -259,6 +268,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("norton-auto", "NORTON-auto (planner, MACs target)", "NORTON", _auto("macs")),
     Method("norton-auto-speed", "NORTON-auto (planner, speed-up target)", "NORTON", _auto("speedup"),
            target_kind="speedup"),
+    Method("norton-auto-cp", "NORTON-auto, CP ranks only (the paper's forms)", "ablation", _auto("macs", ("cp",))),
     Method("norton", "NORTON (pabs)", "NORTON", _norton("pabs")),
     Method("norton-random", "NORTON, random selection", "ablation", _norton("random"), seeded=True),
     Method("norton-l2", "NORTON, L2 selection", "ablation", _norton("l2")),
