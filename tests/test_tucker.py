@@ -117,6 +117,9 @@ def test_a_model_with_tucker_blocks_prunes_by_block_name_and_rebuilds_from_its_d
 def test_a_model_with_tucker_blocks_deploys_exactly():
     model = resnet_with_tucker()
     x = torch.randn(4, 3, 32, 32)
-    deployed, _ = deploy(copy.deepcopy(model), x)
+    deployed, report = deploy(copy.deepcopy(model), x)
+    for name in ("conv1", "layer1.0.conv1", "layer2.0.conv2"):  # each timed: factored or recomposed, the faster
+        assert report.layers[name] in ("factored", "conv") and set(report.timings_ms[name]) == {"factored", "conv"}
+    assert report.folded_batchnorms == 19  # those after Tucker blocks too
     with torch.no_grad():
         assert torch.allclose(deployed(x), model(x), atol=1e-4, rtol=1e-4)

@@ -49,6 +49,7 @@ from norton.core import (
 from norton.core.plans import block_inputs, time_call, time_plans
 from norton.core.surgery import flatten_tensors
 from norton.deployment import compare_latency, deploy
+from norton.deployment.optimize import time_tucker
 from norton.errors import NortonError
 
 RANK_OPTIONS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -349,6 +350,8 @@ class _CostModel:
         x = torch.randn(self.batch, *shape, device=self.device, dtype=self.dtype)
         if isinstance(module, CPDBlock):  # deploy runs the fastest plan (or the recomposed conv)
             return min(time_plans(module, x, repeats=5, with_conv=True).values())
+        if isinstance(module, TuckerBlock):  # deploy keeps it factored or recomposes it, the faster
+            return min(time_tucker(module, x, 5).values())
         with torch.no_grad():
             return time_call(lambda: module(x), x, 5)
 

@@ -2,7 +2,8 @@
 
 ``deploy`` returns an inference copy in which BatchNorm is folded into the
 preceding convolution, each CPDBlock becomes whichever is fastest on this
-machine — its best factored plan or a plain dense conv — and the memory format
+machine — its best factored plan or a plain dense conv —, each TuckerBlock
+stays factored or becomes its dense conv, whichever is faster, and the memory format
 (channels-last or not) is the faster one for the whole network.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from norton.core import CPDBlock, as_args, replace_module
+from norton.core import CPDBlock, TuckerBlock, as_args, replace_module
 from norton.core.plans import block_inputs, time_call, time_plans
 from norton.errors import NortonError
 
@@ -23,7 +24,7 @@ from norton.errors import NortonError
 # -- BatchNorm folding ------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, CPDBlock) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (CPDBlock, TuckerBlock)) or super().is_leaf_module(m, qualname)
 
 
 @torch.no_grad()
@@ -54,6 +55,8 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
             continue
         if isinstance(producer, CPDBlock):
             fold_bn_into_block(producer, bn)
+        elif isinstance(producer, TuckerBlock):
+            producer[2] = fuse_conv_bn_eval(producer[2], bn)
         elif type(producer) is nn.Conv2d:
             replace_module(gm, source.target, fuse_conv_bn_eval(producer, bn))
         else:
@@ -82,7 +85,7 @@ class ChannelsLast(nn.Module):
 
 @dataclass
 class DeployReport:
-    layers: dict[str, str] = field(default_factory=dict)  # CPDBlock -> "conv" or its factored plan
+    layers: dict[str, str] = field(default_factory=dict)  # CPDBlock -> "conv" or its plan; TuckerBlock -> "conv" or "factored"
     timings_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     folded_batchnorms: int = 0
     fold_error: str | None = None
@@ -103,6 +106,13 @@ class DeployReport:
 @torch.no_grad()
 def _whole(model: nn.Module, x: Tensor, repeats: int) -> float:
     return time_call(lambda: model(x), x, repeats)
+
+
+@torch.no_grad()
+def time_tucker(block: TuckerBlock, x: Tensor, repeats: int) -> dict[str, float]:
+    """Seconds per call of a TuckerBlock's three convs and of its dense conv."""
+    conv = block.to_conv().eval()
+    return {"factored": time_call(lambda: block(x), x, repeats), "conv": time_call(lambda: conv(x), x, repeats)}
 
 
 def deploy(model: nn.Module, example_inputs, *, fold_bn: bool = True, repeats: int = 3,
@@ -131,17 +141,20 @@ def deploy(model: nn.Module, example_inputs, *, fold_bn: bool = True, repeats: i
             report.fold_error = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
     # each CPDBlock: its fastest factored plan, or a dense conv
-    inputs = block_inputs(deployed, x)
+    inputs = block_inputs(deployed, x, (CPDBlock, TuckerBlock))
     for name, module in list(deployed.named_modules()):
-        if not isinstance(module, CPDBlock) or name not in inputs:
+        if not isinstance(module, (CPDBlock, TuckerBlock)) or name not in inputs:
             continue
-        times = time_plans(module, inputs[name], repeats=repeats, with_conv=True)
+        if isinstance(module, TuckerBlock):
+            times = time_tucker(module, inputs[name], repeats)
+        else:
+            times = time_plans(module, inputs[name], repeats=repeats, with_conv=True)
         choice = min(times, key=times.get)
         report.timings_ms[name] = {k: 1000 * v for k, v in times.items()}
         report.layers[name] = choice
         if choice == "conv":
             replace_module(deployed, name, module.to_conv().eval())
-        else:
+        elif choice != "factored":
             module.set_plan(choice)
 
     if memory_format == "channels_last" or (memory_format == "auto" and x.dim() == 4):
