@@ -206,6 +206,7 @@ def test_compress_with_a_macs_target_plans_and_the_checkpoint_keeps_the_plan(bas
     (["--target-macs", "1"], "MACs target must be"),
     (["--target-speedup", "0.5"], "speed-up must be"),
     (["--target-macs", "0.999"], "out of reach"),
+    (["--target-macs", "0.5", "--forms", "cp,svd"], "forms must be a comma-separated subset of cp,tucker2"),
 ])
 def test_plan_refusals_are_one_line_exit_2_and_write_nothing(baseline, tmp_path, capsys, extra, message):
     def run(args):
@@ -230,8 +231,10 @@ def test_plan_refusals_are_one_line_exit_2_and_write_nothing(baseline, tmp_path,
 def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "--ckpt", str(baseline), "--data", "digits", "--target-macs", "0.5",
-                 "--calibration-images", "8", "--ranks", "1-2", "--keep-steps", "4", "--out", str(out)]) == 0
+                 "--calibration-images", "8", "--ranks", "1-2", "--keep-steps", "4", "--forms", "cp",
+                 "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["ranks"].values()) <= {0, 1, 2}
+    assert json.loads(out.read_text())["tucker"] == {}  # --forms cp: the paper's search space
     assert "target 50% fewer MACs" in capsys.readouterr().out
     assert Plan.from_dict(json.loads(out.read_text())).macs_reduction >= 0.5
     assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--plan", str(out), "--data", "digits",
@@ -239,7 +242,7 @@ def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, cap
     assert "drop -r" in capsys.readouterr().err
     assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--amount", "0.5", "--ranks", "1,2", "--data", "digits",
                  "--run-dir", str(tmp_path / "r")]) == 2
-    assert "--ranks, --keep-steps and --latency-batch steer the planner" in capsys.readouterr().err
+    assert "--ranks, --keep-steps, --forms and --latency-batch steer the planner" in capsys.readouterr().err
 
 
 def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
