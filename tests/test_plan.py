@@ -51,7 +51,8 @@ def test_plan_meets_the_macs_target_within_one_point(make, target, forms):
 
 def test_layer_macs_counts_what_count_macs_counts():
     for conv, size in [(nn.Conv2d(16, 32, 3, 1, 1), 15), (nn.Conv2d(8, 12, (3, 5), (2, 1), (1, 2)), 17),
-                       (nn.Conv2d(4, 6, 7, 2, 3, dilation=1), 32), (nn.Conv2d(5, 9, 3, 2, 0, dilation=2), 21)]:
+                       (nn.Conv2d(4, 6, 7, 2, 3, dilation=1), 32), (nn.Conv2d(5, 9, 3, 2, 0, dilation=2), 21),
+                       (nn.Conv2d(6, 8, (3, 5), padding="same", dilation=2), 13), (nn.Conv2d(6, 8, 3, padding="valid"), 9)]:
         x = torch.zeros(1, conv.in_channels, size, size)
         assert layer_macs(conv, 0, conv.out_channels, conv.in_channels, x.shape[1:]) == count_macs(conv, x)
         for rank in (1, 3):

@@ -258,8 +258,11 @@ def layer_elements(module: nn.Module, n: int, c: int, in_size: Sequence[int]) ->
 
 
 def _output_size(conv: nn.Conv2d, in_size: Sequence[int]) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     height, width = in_size[-2:]
+    if conv.padding == "same":  # nn.Conv2d allows it with stride 1 only: the output keeps the input's size
+        return height, width
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, padding, conv.dilation
     return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
