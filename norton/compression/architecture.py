@@ -51,20 +51,16 @@ def rebuild(description: dict[str, Any], base_model: nn.Module | None = None) ->
     else:
         model = base_model
     modules = dict(model.named_modules())
-    for name, rank in description.get("decomposed", {}).items():
-        conv = modules.get(name)
-        if not isinstance(conv, (nn.Conv2d, CPDBlock)):
-            raise NortonError(f"the checkpoint decomposes layer {name!r}, which this model does not have as a convolution")
-        if isinstance(conv, nn.Conv2d):
-            block = CPDBlock.like_conv(conv, rank).requires_grad_(conv.weight.requires_grad)  # frozen stays frozen
-            replace_module(model, name, block)
-    for name, ranks in description.get("tucker", {}).items():
-        conv = modules.get(name)
-        if not isinstance(conv, (nn.Conv2d, TuckerBlock)):
-            raise NortonError(f"the checkpoint factors layer {name!r} by Tucker-2, which this model does not have as a convolution")
-        if isinstance(conv, nn.Conv2d):
-            block = TuckerBlock.like_conv(conv, tuple(ranks)).requires_grad_(conv.weight.requires_grad)
-            replace_module(model, name, block)
+    factored = [("decomposed", CPDBlock, "decomposes layer {!r}"), ("tucker", TuckerBlock, "factors layer {!r} by Tucker-2")]
+    for key, block_type, what in factored:
+        for name, ranks in description.get(key, {}).items():
+            conv = modules.get(name)
+            if not isinstance(conv, (nn.Conv2d, block_type)):
+                raise NortonError(f"the checkpoint {what.format(name)}, which this model does not have as a convolution")
+            if isinstance(conv, nn.Conv2d):
+                ranks = ranks if isinstance(ranks, int) else tuple(ranks)  # a CP rank, or Tucker-2's pair
+                block = block_type.like_conv(conv, ranks).requires_grad_(conv.weight.requires_grad)  # frozen stays frozen
+                replace_module(model, name, block)
     widths = description.get("widths", {})
     current = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPDBlock))}
     if widths and widths != current:

@@ -48,8 +48,7 @@ from norton.core import (
 )
 from norton.core.plans import block_inputs, time_call, time_plans
 from norton.core.surgery import flatten_tensors
-from norton.deployment import compare_latency, deploy
-from norton.deployment.optimize import time_tucker
+from norton.deployment import compare_latency, deploy, time_tucker
 from norton.errors import NortonError
 
 RANK_OPTIONS = (1, 2, 3, 4, 6, 8, 12, 16)
