@@ -100,3 +100,19 @@ def test_prune_prints_accuracy_when_given_data(baseline, tmp_path, capsys):
     assert main(["prune", "--ckpt", str(decomposed), "--amount", "0.3", "--data", "digits", "--out", str(tmp_path / "p.pt")]) == 0
     out = capsys.readouterr().out
     assert "test top-1 before pruning" in out and "right after pruning (no fine-tuning)" in out
+
+
+def test_compress_recovers_the_pruned_layers_from_calibration_images(baseline, tmp_path):
+    common = ["compress", "--ckpt", str(baseline), "-r", "3", "--amount", "0.6", "--criterion", "l2", "--data", "digits",
+              "--epochs", "1", "--batch-size", "64", "--lr", "0.02", "--warmup-epochs", "0", "--device", "cpu",
+              "--calibration-images", "256"]
+    summaries = {}
+    for flag in ("--recover", "--no-recover"):
+        run = tmp_path / flag
+        assert main(common + [flag, "--run-dir", str(run)]) == 0
+        summaries[flag] = json.loads((run / "summary.json").read_text())
+    recovery = summaries["--recover"]["pruned"]["recovery"]
+    assert recovery["layers"] == 19 and "recovery" not in summaries["--no-recover"]["pruned"]
+    assert all(recovery["error_after"][k] < before for k, before in recovery["error_before"].items())
+    top1 = {flag: s["pruned"]["recalibrated"]["top1"] for flag, s in summaries.items()}
+    assert top1["--recover"] > top1["--no-recover"] + 5, top1

@@ -17,19 +17,23 @@ from norton.cli.common import (
     fraction,
     human,
     key_value,
-    rank_list,
     layer_rates,
     load_splits,
     macs_target,
     model_from_args,
     positive_rank,
     rank,
+    rank_list,
     reduction,
     speedup,
     train_config,
 )
 from norton.compression import Plan, decompose, plan, prune
-from norton.compression.planning import FORMS, KEEP_STEPS, RANK_OPTIONS  # for the help texts and checks
+from norton.compression.planning import (  # for the help texts and checks
+    FORMS,
+    KEEP_STEPS,
+    RANK_OPTIONS,
+)
 from norton.core import complexity
 from norton.errors import NortonError
 from norton.training import (
@@ -142,7 +146,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             recalibration_images=args.recalibration_images, finetune=train_config(args), seed=args.seed,
                             target_speedup=args.target_speedup, plan=saved_plan,
                             calibration_images=args.calibration_images, global_ranking=args.global_ranking,
-                            plan_options=search_options(args))
+                            plan_options=search_options(args),
+                            **({} if args.recover is None else {"recover": args.recover}))
     summary = compress(model, train, val, test, config, args.run_dir, device=device, resume=args.resume,
                        overwrite=args.overwrite, ddp=ddp)
     if ddp.main:
@@ -268,7 +273,11 @@ def register(sub) -> None:
                    help="fraction of MACs to remove: of the dense model (planner), or of the rank-r model (with -r)")
     p.add_argument("--target-speedup", type=speedup, default=None, help="planner: latency target (measured here)")
     p.add_argument("--plan", default=None, help="apply a saved plan (norton plan --out, or a planned checkpoint)")
-    p.add_argument("--calibration-images", type=int, default=512, help="planner: training images that measure damage")
+    p.add_argument("--calibration-images", type=int, default=512,
+                   help="training images the planner measures damage on and --recover refits on")
+    p.add_argument("--recover", action=argparse.BooleanOptionalAction, default=None,
+                   help="after pruning, refit the layers that lost input channels to the unpruned model's outputs "
+                        "(least squares on the calibration images; norton.recover)")
     _add_search_args(p)
     p.add_argument("--criterion", default=None, help="filter selection: pabs (with -r) or l2 (planner) by default")
     add_global_ranking(p)

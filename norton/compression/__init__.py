@@ -1,5 +1,6 @@
 """NORTON's stages ① and ②: decomposition into CPDBlocks, redundancy criteria,
-pruning of any model through its dependency graph, and the architecture of a
+pruning of any model through its dependency graph, least-squares recovery of
+the layers pruning cut, and the architecture of a
 compressed model as data."""
 from norton.compression.architecture import build_base, describe, rebuild
 from norton.compression.criteria import (
@@ -15,8 +16,9 @@ from norton.compression.decomposition import (
 )
 from norton.compression.planning import Plan, plan
 from norton.compression.pruning import GroupPruning, PruneReport, prune
+from norton.compression.recovery import RecoveryReport, recover
 
 __all__ = [
-    "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "Plan", "PruneReport", "build_base",
-    "decompose", "describe", "get_criterion", "list_criteria", "plan", "prune", "rebuild", "register_criterion",
+    "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "Plan", "PruneReport", "RecoveryReport", "build_base",
+    "decompose", "describe", "get_criterion", "list_criteria", "plan", "prune", "rebuild", "recover", "register_criterion",
 ]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_checkpoint
-from norton.compression import Plan, decompose, plan, prune
+from norton.compression import Plan, PruneReport, decompose, plan, prune, recover
 from norton.core import (
     CPDBlock,
     complexity,
@@ -71,6 +71,8 @@ class CompareBudget:
     methods: tuple[str, ...] | None = None  # None: every method
     calibration_images: int = 256  # NORTON-auto's planner measures damage on these training images
     plan_options: dict = field(default_factory=dict)  # other norton.plan arguments (ranks, keep_steps, ...)
+    # every method that prunes refits the layers pruning cut on the calibration images (norton.recover)
+    recover: bool = False
 
 
 SMALL = CompareBudget(
@@ -134,10 +136,12 @@ def _norton(criterion: str) -> Callable:
         keep = (1.0 - target) * ctx.base_macs / count_macs(model, input_size=INPUT)
         if keep >= 1.0:
             raise NortonError(f"rank {rank} alone already removes more than {target:.0%} of the MACs; use a higher rank")
+        reference = copy.deepcopy(model)
         report = prune(model, target_macs=1.0 - keep, example_inputs=ctx.example, criterion=criterion, seed=seed)
         total = sum(g.total for g in report.groups)
         kept = sum(len(g.kept) for g in report.groups)
-        return model, f"rank {rank}, {criterion} prunes {1 - kept / total:.0%} of filters"
+        return model, f"rank {rank}, {criterion} prunes {1 - kept / total:.0%} of filters" + _recovered(
+            model, reference, report, seed, ctx)
 
     return build
 
@@ -166,10 +170,21 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2")) -> Callable:
                 os.makedirs(ctx.cell_dir, exist_ok=True)
                 atomic_write_text(saved, json.dumps(chosen.to_dict(), indent=1))
         model = copy.deepcopy(base)
-        chosen.apply(model, ctx.example)
-        return model, plan_summary(chosen)
+        chosen.decompose(model)
+        reference = copy.deepcopy(model)
+        report = chosen.prune(model, ctx.example)
+        return model, plan_summary(chosen) + _recovered(model, reference, report, seed, ctx)
 
     return build
+
+
+def _recovered(model: nn.Module, reference: nn.Module, report: PruneReport, seed: int, ctx: Context) -> str:
+    """With the budget's ``recover``: refit the layers pruning cut to ``reference``
+    on the calibration images (the same images for every method)."""
+    if not ctx.budget.recover or not report.groups:
+        return ""
+    done = recover(model, reference, ctx.calibration, report, seed=seed)
+    return f"; least-squares recovery of {len(done.layers)} layers"
 
 
 def plan_summary(chosen: Plan) -> str:
@@ -226,7 +241,8 @@ def _pruning_only(criterion: str) -> Callable:
         report = prune(model, target_macs=target, example_inputs=ctx.example, criterion=criterion, seed=seed)
         total = sum(g.total for g in report.groups)
         kept = sum(len(g.kept) for g in report.groups)
-        return model, f"{criterion} prunes {1 - kept / total:.0%} of filters (torch-pruning importance)"
+        return model, f"{criterion} prunes {1 - kept / total:.0%} of filters (torch-pruning importance)" + _recovered(
+            model, base, report, seed, ctx)
 
     return build
 
@@ -330,7 +346,9 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
              f"ResNet-20 (1×28×28); baseline {budget.baseline.epochs} epochs; every compressed model: BN recalibration on "
              f"{budget.recalibration_images} training images, then {budget.finetune.epochs} fine-tuning epoch(s) "
              f"(SGD lr {budget.finetune.lr}, cosine, batch {budget.finetune.batch_size}, best validation epoch); "
-             f"seeds {list(budget.seeds)}; {torch.get_num_threads()} CPU threads")
+             f"seeds {list(budget.seeds)}; {torch.get_num_threads()} CPU threads"
+             + ("; every pruned model's cut layers refitted by least squares on the planner's calibration images"
+                if budget.recover else ""))
     print(setup)
 
     # the shared baseline

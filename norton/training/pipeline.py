@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_model, save_checkpoint
-from norton.compression import Plan, decompose, prune
+from norton.compression import Plan, decompose, prune, recover
 from norton.compression import plan as plan_compression
 from norton.core import complexity
 from norton.errors import NortonError
@@ -51,6 +51,9 @@ class CompressConfig:
     calibration_images: int = 512
     plan_options: dict = field(default_factory=dict)  # other norton.plan arguments: ranks, keep_steps, latency_batch
     global_ranking: bool = False  # with a rank: one filter ranking across layers (amount / target_macs)
+    # after pruning, refit the layers that lost input channels to the unpruned model's outputs on
+    # ``calibration_images`` training images (least squares, ``norton.recover``)
+    recover: bool = False
     recalibrate: bool = True
     recalibration_images: int = 512
     finetune: TrainConfig = field(default_factory=TrainConfig)
@@ -148,13 +151,23 @@ def compress(
         model, _ = load_model(stage_files["pruned"])
         model.to(device)
     else:
+        reference = copy.deepcopy(model) if config.recover else None
         if planned:
             report = plan.prune(model, example)
         else:
             report = prune(model, config.compress_rate, amount=config.amount, target_macs=config.target_macs,
                            example_inputs=example, criterion=config.criterion or "pabs", seed=config.seed,
                            global_ranking=config.global_ranking)
+        recovery = None
+        if reference is not None:  # every process refits the same way (same images, same seed)
+            batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
+            recovery = recover(model, reference, batches, report, seed=config.seed, progress=progress and ddp.main)
+            del reference
         after = _measure(model, test, device, ddp)
+        if recovery is not None:
+            after["recovery"] = {"layers": len(recovery.layers), "seconds": recovery.seconds,
+                                 "error_before": {r.name: r.error_before for r in recovery.layers},
+                                 "error_after": {r.name: r.error_after for r in recovery.layers}}
         after["recalibrated"] = _recalibrated(model, train, config, test, device, ddp)
         after["kept"] = {g.root: [g.width, g.total] for g in report.groups}
         summary["pruned"] = after

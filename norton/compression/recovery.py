@@ -1,0 +1,273 @@
+"""Data-aware recovery after pruning: least-squares reconstruction of the layers
+that lost input channels.
+
+Pruning a group of filters removes input channels of every layer that reads
+them.  ``recover`` refits each such layer, in the order the network runs them,
+so that its linear stage reproduces the unpruned model's on calibration images
+(the reconstruction step of ThiNet and of He et al.'s channel pruning):
+
+    min_W' ‖Y − W'·X'‖² + λ‖W' − W₀‖²
+
+X' are the layer's inputs in the pruned model — with the layers before it
+already refitted, so errors do not pile up — and Y the reference model's outputs
+of the same layer at the same sampled positions, restricted to the filters that
+stayed.  The linear stage is the whole kernel of a conv (im2col rows), the
+channel factor (pointwise conv) of a CPDBlock, or a Linear layer; the ridge term
+pulls toward the pruned weights W₀ where the calibration data say little.
+Only sums XᵀX, XᵀY and ‖Y‖² are kept per layer, so memory does not grow with
+the calibration set.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from norton.compression.pruning import PruneReport
+from norton.core import CPDBlock, batch_statistics
+from norton.core.surgery import unchanged_on_error
+from norton.errors import NortonError
+
+ROWS = 16384  # sampled positions per layer (spread evenly over the calibration images)
+RIDGE = 1e-3  # λ relative to the mean diagonal of XᵀX
+CHUNK = 32  # images unfolded at once (im2col of a conv)
+
+
+@dataclass
+class LayerRecovery:
+    name: str
+    stage: str  # "conv 3×3", "CP channel factor", "linear"
+    inputs: tuple[int, int]  # input channels (reference, pruned)
+    rows: int  # sampled positions the fit used
+    error_before: float  # ‖Y − W₀X'‖² / ‖Y‖² on the calibration positions
+    error_after: float
+
+
+@dataclass
+class RecoveryReport:
+    layers: list[LayerRecovery] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        rows = [f"{'layer':<34} {'stage':<18} {'inputs':>9} {'rows':>6} {'error before':>12} {'after':>8}"]
+        for r in self.layers:
+            rows.append(f"{r.name:<34} {r.stage:<18} {r.inputs[1]:>4}/{r.inputs[0]:<4} {r.rows:>6} "
+                        f"{r.error_before:>12.4f} {r.error_after:>8.4f}")
+        rows.append(f"{len(self.layers)} layers refitted in {self.seconds:.1f} s")
+        return "\n".join(rows)
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer's input is captured: the rest of the forward is not needed."""
+
+
+@dataclass
+class _Stage:
+    """The linear stage of one layer: which rows of its reference weight the
+    pruned layer's weight corresponds to, and how to turn an input into rows."""
+
+    name: str
+    kind: str
+    weight: Tensor  # reference weight as a matrix (outputs, inputs·k²), restricted to the kept outputs
+    pruned: nn.Parameter  # the pruned layer's parameter to refit
+    module: nn.Module  # the pruned layer
+
+    def rows(self, module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
+        """Input rows at the sampled positions ``index`` (flat over images × positions)."""
+        if isinstance(module, nn.Linear):
+            return x.reshape(-1, x.shape[-1])[index]
+        if isinstance(module, CPDBlock):
+            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[index]
+        padded = F.pad(x, module._reversed_padding_repeated_twice,
+                       mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+        per_image = _positions(module, x)
+        out = []
+        for start in range(0, x.shape[0], CHUNK):  # im2col of a few images at a time
+            lo, hi = start * per_image, (start + CHUNK) * per_image
+            mine = index[(index >= lo) & (index < hi)] - lo
+            if mine.numel():
+                cols = F.unfold(padded[start:start + CHUNK], module.kernel_size, dilation=module.dilation,
+                                stride=module.stride)  # (b, C·kh·kw, L)
+                out.append(cols.transpose(1, 2).reshape(-1, cols.shape[1])[mine])
+        return torch.cat(out)
+
+
+def _positions(module: nn.Module, x: Tensor) -> int:
+    """Output positions per image of the layer's linear stage."""
+    if isinstance(module, nn.Linear):
+        return int(x[0].numel() // x.shape[-1]) if x.dim() > 2 else 1
+    if isinstance(module, CPDBlock):
+        return x.shape[2] * x.shape[3]
+    padded = [x.shape[2] + sum(module._reversed_padding_repeated_twice[2:]),
+              x.shape[3] + sum(module._reversed_padding_repeated_twice[:2])]
+    return math.prod((size - d * (k - 1) - 1) // s + 1 for size, k, s, d in
+                     zip(padded, module.kernel_size, module.stride, module.dilation))
+
+
+def _kept_outputs(report: PruneReport) -> dict[str, list[int]]:
+    return {name: list(g.kept) for g in report.groups for name in g.layers}
+
+
+def _stages(model: nn.Module, reference: nn.Module, kept: Mapping[str, list[int]]) -> list[_Stage]:
+    """Every layer of ``model`` with fewer input channels than its namesake in ``reference``."""
+    ref_modules = dict(reference.named_modules())
+    stages = []
+    for name, module in model.named_modules():
+        ref = ref_modules.get(name)
+        if ref is None or type(ref) is not type(module):
+            continue
+        if isinstance(module, CPDBlock):
+            if module.in_channels == ref.in_channels or module.rank != ref.rank:
+                continue
+            keep = kept.get(name, list(range(ref.out_channels)))
+            rows = [r * ref.out_channels + k for r in range(ref.rank) for k in keep]
+            weight, param, kind = ref.pointwise.detach()[rows].flatten(1), module.pointwise, "CP channel factor"
+        elif isinstance(module, nn.Conv2d):
+            if module.groups != 1 or ref.groups != 1 or module.in_channels == ref.in_channels:
+                continue
+            keep = kept.get(name, list(range(ref.out_channels)))
+            kh, kw = module.kernel_size
+            weight, param, kind = ref.weight.detach()[keep].flatten(1), module.weight, f"conv {kh}×{kw}"
+        elif isinstance(module, nn.Linear):
+            if module.in_features == ref.in_features:
+                continue
+            keep = kept.get(name, list(range(ref.out_features)))
+            weight, param, kind = ref.weight.detach()[keep], module.weight, "linear"
+        else:
+            continue
+        if weight.shape[0] != param.shape[0]:
+            raise NortonError(f"cannot refit {name!r}: the pruning report does not say which of its "
+                              f"{weight.shape[0]} outputs are the {param.shape[0]} that stayed")
+        stages.append(_Stage(name, kind, weight, param, module))
+    return stages
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, module: nn.Module, x: Tensor) -> Tensor:
+    """The input ``module`` sees when ``model`` runs on ``x`` (the forward stops there)."""
+    seen: list[Tensor] = []
+
+    def hook(_module, inputs):
+        seen.append(inputs[0].detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise NortonError("recover: a layer whose inputs were pruned does not run in the model's forward")
+    return seen[0]
+
+
+def _run_order(model: nn.Module, stages: list[_Stage], x: Tensor) -> list[_Stage]:
+    order: dict[nn.Module, int] = {}
+
+    def seen(module, _inputs) -> None:
+        order.setdefault(module, len(order))
+
+    handles = [s.module.register_forward_pre_hook(seen) for s in stages]
+    try:
+        with torch.no_grad(), batch_statistics(model):
+            model(x)
+    except Exception as err:  # noqa: BLE001 - any failure of a user model's forward is reported
+        raise NortonError(f"recover: the pruned model's forward fails on a calibration batch of shape "
+                          f"{tuple(x.shape)} ({type(err).__name__}: {err}); give batches the model accepts") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted((s for s in stages if s.module in order), key=lambda s: order[s.module])
+
+
+def recover(
+    model: nn.Module,
+    reference: nn.Module,
+    data: Sequence[Tensor],
+    report: PruneReport,
+    *,
+    rows: int = ROWS,
+    ridge: float = RIDGE,
+    seed: int = 0,
+    progress: bool = False,
+) -> RecoveryReport:
+    """Refit, in place, every layer of the pruned ``model`` whose input channels
+    pruning removed, to reproduce ``reference`` (the same model before pruning)
+    on the calibration batches ``data``.  ``report`` is what ``prune`` returned:
+    it says which filters of each layer stayed.  The pruned model's BatchNorms
+    normalise with batch statistics while it is measured (what recalibration
+    gives); the reference runs in eval mode."""
+    if not isinstance(rows, int) or rows < 1:
+        raise NortonError(f"rows must be a positive integer, got {rows!r}")
+    if not ridge > 0:
+        raise NortonError(f"ridge must be > 0, got {ridge!r}")
+    batches = list(data)
+    if not batches or not all(isinstance(b, Tensor) and b.dim() >= 2 and b.shape[0] > 0 for b in batches):
+        raise NortonError("recover needs calibration data: a non-empty list of image batches (N, C, H, W)")
+    started = time.perf_counter()
+    stages = _run_order(model, _stages(model, reference, _kept_outputs(report)), batches[0])
+    ref_modules = dict(reference.named_modules())
+    images = sum(b.shape[0] for b in batches)
+    out = RecoveryReport()
+    was_training = reference.training
+    reference.eval()
+    try:
+        with unchanged_on_error(model):  # a failure part-way leaves the pruned model as it was
+            for i, stage in enumerate(tqdm(stages, desc="recover", disable=not progress, leave=False)):
+                out.layers.append(_refit(model, reference, ref_modules[stage.name], stage, batches, images, rows,
+                                         ridge, seed + 7919 * i))
+    finally:
+        reference.train(was_training)
+    out.seconds = time.perf_counter() - started
+    return out
+
+
+@torch.no_grad()
+def _refit(model: nn.Module, reference: nn.Module, ref_module: nn.Module, stage: _Stage, batches, images: int,
+           rows: int, ridge: float, seed: int) -> LayerRecovery:
+    weight = stage.weight.to(torch.float64)
+    w0 = stage.pruned.detach().flatten(1).to(torch.float64)
+    gram = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64, device=w0.device)
+    cross = torch.zeros(w0.shape[1], weight.shape[0], dtype=torch.float64, device=w0.device)
+    energy, used = 0.0, 0
+    generator = torch.Generator().manual_seed(seed)
+    for x in batches:
+        ref_x = _capture(reference, ref_module, x)
+        with batch_statistics(model):
+            got_x = _capture(model, stage.module, x)
+        total = _positions(stage.module, got_x) * x.shape[0]
+        share = max(1, -(-rows * x.shape[0] // images))  # this batch's share of the rows
+        index = torch.randperm(total, generator=generator)[:share].sort().values.to(got_x.device)
+        xs = stage.rows(stage.module, got_x, index).to(torch.float64)
+        ys = stage.rows(ref_module, ref_x, index).to(torch.float64) @ weight.T
+        gram += xs.T @ xs
+        cross += xs.T @ ys
+        energy += float((ys ** 2).sum())
+        used += xs.shape[0]
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    fitted = torch.linalg.solve(gram + lam * eye, cross + lam * w0.T).T
+
+    def error(w: Tensor) -> float:
+        residual = energy - 2 * float((w * cross.T).sum()) + float(((w @ gram) * w).sum())
+        return max(residual, 0.0) / max(energy, 1e-30)
+
+    before, after = error(w0), error(fitted)
+    if after < before:
+        stage.pruned.data.copy_(fitted.reshape(stage.pruned.shape).to(stage.pruned.dtype))
+    else:  # nothing to gain on these images: the pruned weights stay
+        after = before
+    return LayerRecovery(stage.name, stage.kind, (_in_channels(ref_module), _in_channels(stage.module)), used,
+                         before, after)
+
+
+def _in_channels(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels

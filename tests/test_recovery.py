@@ -1,0 +1,119 @@
+"""norton.recover: least-squares refit of the layers pruning cut."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from norton import CPDBlock, NortonError, create_model, decompose, prune
+from norton.compression import recover
+from norton.core import reestimate_bn
+
+
+class Linear2(nn.Module):
+    """conv1 → conv2 with nothing non-linear between them: when a pruned filter of
+    conv1 is a combination of kept ones, conv2 can be refitted exactly."""
+
+    def __init__(self, conv2: nn.Conv2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv2 = conv2
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
+def redundant_model(conv2: nn.Conv2d) -> Linear2:
+    model = Linear2(conv2)
+    with torch.no_grad():  # filter 3 is a small combination of filters 0 and 1: l2 prunes it
+        model.conv1.weight[3] = 0.4 * model.conv1.weight[0] + 0.3 * model.conv1.weight[1]
+    return model.eval()
+
+
+@pytest.mark.parametrize("conv2", [
+    lambda: nn.Conv2d(4, 5, 3, padding=1),
+    lambda: nn.Conv2d(4, 5, 3, stride=2, dilation=2, padding=2, padding_mode="reflect"),
+    lambda: nn.Conv2d(4, 5, (3, 1), padding="same", bias=False),
+    lambda: nn.Conv2d(4, 5, 2, stride=(2, 1), padding=0),
+], ids=["3x3", "stride-dilation-reflect", "same", "2x2-valid"])
+def test_a_redundant_filter_is_recovered_exactly(conv2):
+    model = redundant_model(conv2())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 12, 12)
+    report = prune(model, keep={"conv1": 3}, example_inputs=x, criterion="l2")
+    assert model.conv2.in_channels == 3 and report.groups[0].kept == [0, 1, 2]
+    data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    before = (model(data[0]) - reference(data[0])).norm() / reference(data[0]).norm()
+    result = recover(model, reference, data, report, ridge=1e-9)
+    (layer,) = result.layers
+    assert layer.name == "conv2" and layer.inputs == (4, 3)
+    assert layer.error_before > 1e-2 and layer.error_after < 1e-8
+    after = (model(data[0]) - reference(data[0])).norm() / reference(data[0]).norm()
+    assert before > 0.1 and after < 1e-4
+
+
+def test_recovery_brings_a_pruned_resnet_closer_to_its_reference():
+    torch.manual_seed(0)
+    model = create_model("resnet_20", in_channels=1, num_classes=10).eval()
+    data = [torch.randn(64, 1, 16, 16) for _ in range(2)]
+    with torch.no_grad():  # give the BNs real statistics
+        model.train()
+        for x in data:
+            model(x)
+        model.eval()
+    reference = copy.deepcopy(model)
+    report = prune(model, amount=0.5, example_inputs=data[0][:2], criterion="l2")
+    unrecovered = copy.deepcopy(model)
+    result = recover(model, reference, data, report)
+    names = [r.name for r in result.layers]
+    assert names[0] == "layer1.0.conv1" and names[-1] == "fc" and len(names) == 19  # every cut layer, in run order
+    assert all(r.error_after < r.error_before for r in result.layers)
+    x = torch.randn(64, 1, 16, 16)
+    with torch.no_grad():
+        want = reference(x)
+        for m in (model, unrecovered):  # BN recalibration follows pruning in norton's pipeline
+            reestimate_bn(m, data)
+        gap = lambda m: float((m(x) - want).norm() / want.norm())  # noqa: E731
+        assert gap(model) < 0.2 * gap(unrecovered)
+    assert "19 layers refitted" in result.table()
+
+
+def test_cpd_blocks_refit_their_channel_factor():
+    model = create_model("resnet_20", in_channels=1, num_classes=10).eval()
+    decompose(model, 2, progress=False)
+    reference = copy.deepcopy(model)
+    data = [torch.randn(32, 1, 12, 12)]
+    report = prune(model, amount=0.5, example_inputs=data[0][:2], criterion="l2")
+    vertical = model.get_submodule("layer2.1.conv1").vertical.clone()
+    result = recover(model, reference, data, report)
+    stages = {r.name: r.stage for r in result.layers}
+    assert stages["layer2.1.conv1"] == "CP channel factor" and stages["fc"] == "linear"
+    block = model.get_submodule("layer2.1.conv1")
+    assert isinstance(block, CPDBlock) and torch.equal(block.vertical, vertical)  # only the channel factor moves
+    assert all(r.error_after < r.error_before for r in result.layers)
+    assert model(data[0]).shape == (32, 10)
+
+
+def test_bad_arguments_are_named_and_a_failure_leaves_the_model_alone():
+    model = redundant_model(nn.Conv2d(4, 5, 3, padding=1))
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    report = prune(model, keep={"conv1": 3}, example_inputs=x, criterion="l2")
+    with pytest.raises(NortonError, match="rows must be a positive integer, got 0"):
+        recover(model, reference, [x], report, rows=0)
+    with pytest.raises(NortonError, match="ridge must be > 0"):
+        recover(model, reference, [x], report, ridge=0.0)
+    with pytest.raises(NortonError, match="non-empty list of image batches"):
+        recover(model, reference, [], report)
+    with pytest.raises(NortonError, match=r"forward fails on a calibration batch of shape \(2, 1, 8, 8\)"):
+        recover(model, reference, [torch.randn(2, 1, 8, 8)], report)
+    state = copy.deepcopy(model.state_dict())
+
+    def broken(*_):
+        raise RuntimeError("boom")
+
+    handle = reference.conv2.register_forward_pre_hook(broken)  # fails inside the refit
+    with pytest.raises(RuntimeError, match="boom"):
+        recover(model, reference, [x], report)
+    handle.remove()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
