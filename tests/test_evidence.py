@@ -160,3 +160,26 @@ def test_report_from_tiny_runs(compared):
         run_report(out, compare_dir=compare_dir, budget=TINY, plan=plan, data_dir=data, progress=False)
     with pytest.raises(NortonError, match="give --baseline"):
         run_report(out, budget=TINY)
+
+
+def test_compare_takes_another_model_and_dataset(tmp_path):
+    out = str(tmp_path / "digits")
+    budget = CompareBudget(**{**TINY.__dict__, "recover": True, "seeds": (0,)})
+    summary = run_compare(out, budget=budget, methods=["norton"], progress=False, arch="resnet_20", data="digits")
+    assert summary["arch"] == "resnet_20" and summary["data"] == "digits"
+    assert summary["setup"].startswith("digits: ") and "resnet_20 (1×16×16)" in summary["setup"]
+    assert "cut layers refitted by least squares" in summary["setup"]
+    expected = create_model("resnet_20", in_channels=1, num_classes=10)
+    from norton import complexity
+    assert summary["baseline"]["macs"] == complexity(expected, [1, 16, 16]).macs
+    for run in summary["runs"]:
+        assert run["configuration"].endswith("least-squares recovery of 19 layers")
+        assert abs(1 - run["macs"] / summary["baseline"]["macs"] - 0.85) <= TOLERANCE
+    assert "ResNet-20 on digits" not in summary["setup"] and "Baseline ResNet-20:" in open(os.path.join(out, "results.md")).read()
+    # one comparison per directory: another model or dataset is refused, even with --resume
+    with pytest.raises(NortonError, match="holds a comparison of resnet_20 on digits, not resnet_56 on digits"):
+        run_compare(out, budget=budget, methods=["norton"], resume=True, progress=False, arch="resnet_56", data="digits")
+    with pytest.raises(NortonError, match=r"torchvision/resnet18 does not run on the data's 1×16×16 images"):
+        run_compare(str(tmp_path / "tv"), budget=budget, arch="torchvision/resnet18", data="digits")
+    with pytest.raises(NortonError, match="unknown dataset 'mnist'"):
+        run_compare(str(tmp_path / "x"), budget=budget, data="mnist")

@@ -116,3 +116,32 @@ def test_compress_recovers_the_pruned_layers_from_calibration_images(baseline, t
     assert all(recovery["error_after"][k] < before for k, before in recovery["error_before"].items())
     top1 = {flag: s["pruned"]["recalibrated"]["top1"] for flag, s in summaries.items()}
     assert top1["--recover"] > top1["--no-recover"] + 5, top1
+
+
+def test_compress_prunes_in_steps_toward_the_one_shot_widths(baseline, tmp_path, capsys):
+    run = tmp_path / "iter"
+    args = ["compress", "--ckpt", str(baseline), "-r", "3", "--amount", "0.6", "--criterion", "l2", "--data", "digits",
+            "--epochs", "3", "--batch-size", "64", "--lr", "0.02", "--warmup-epochs", "0", "--device", "cpu",
+            "--iterative-steps", "2", "--run-dir", str(run)]
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    plan, step = summary["steps"]
+    final, totals = plan["final_keep"], plan["totals"]
+    assert any(final[r] < totals[r] for r in final)
+    for root in final:  # halfway, then exactly the widths one-shot pruning gives
+        assert step["keep"][root] == totals[root] - round((totals[root] - final[root]) / 2)
+        assert summary["pruned"]["kept"][root] == [final[root], step["keep"][root]]
+    assert step["epochs"] == 1 and step["top1"] > 30 and summary["final"]["top1"] > 60
+    assert len(json.loads((run / "finetune" / "metrics.jsonl").read_text().splitlines()[-1])) and \
+        len((run / "finetune" / "metrics.jsonl").read_text().splitlines()) == 2  # the last step's 2 epochs
+    # interrupted after step 1: a resumed run starts from step1.pt, not from scratch
+    for name in ("pruned.pt", "final.pt"):
+        (run / name).unlink()
+    step_ckpt = (run / "finetune_step1" / "last.pt").stat().st_mtime_ns
+    assert main(args + ["--resume"]) == 0
+    assert (run / "finetune_step1" / "last.pt").stat().st_mtime_ns == step_ckpt
+    assert json.loads((run / "summary.json").read_text())["pruned"]["kept"] == summary["pruned"]["kept"]
+    capsys.readouterr()
+    assert main(args[:-4] + ["--iterative-steps", "4", "--run-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "iterative_steps 4 needs at least 4 fine-tuning epochs" in err and len(err.strip().splitlines()) == 1

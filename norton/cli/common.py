@@ -22,7 +22,6 @@ from norton.errors import NortonError
 from norton.models import create_model
 from norton.training import (
     DATASETS,
-    ArrayDataset,
     Distributed,
     TrainConfig,
     init_distributed,
@@ -253,14 +252,6 @@ def load_splits(args: argparse.Namespace):
     val_size = args.val_size if args.val_size is not None else min(5000, max(1, len(train) // 10))
     train, val = split_validation(train, val_size, args.seed)
     return train, val, test
-
-
-def dataset_shape(train) -> tuple[int, int]:
-    """(classes, input channels) of a dataset."""
-    if isinstance(train, ArrayDataset):
-        return train.num_classes, train.images.shape[1]
-    base = getattr(train, "dataset", train)
-    return len(base.classes), 3
 
 
 def device_and_processes(args: argparse.Namespace) -> tuple[torch.device, Distributed]:

@@ -147,6 +147,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             target_speedup=args.target_speedup, plan=saved_plan,
                             calibration_images=args.calibration_images, global_ranking=args.global_ranking,
                             plan_options=search_options(args),
+                            iterative_steps=args.iterative_steps,
                             **({} if args.recover is None else {"recover": args.recover}))
     summary = compress(model, train, val, test, config, args.run_dir, device=device, resume=args.resume,
                        overwrite=args.overwrite, ddp=ddp)
@@ -278,6 +279,8 @@ def register(sub) -> None:
     p.add_argument("--recover", action=argparse.BooleanOptionalAction, default=None,
                    help="after pruning, refit the layers that lost input channels to the unpruned model's outputs "
                         "(least squares on the calibration images; norton.recover)")
+    p.add_argument("--iterative-steps", type=int, default=1, metavar="K",
+                   help="prune in K steps toward the final widths, fine-tuning --epochs/K epochs after each")
     _add_search_args(p)
     p.add_argument("--criterion", default=None, help="filter selection: pabs (with -r) or l2 (planner) by default")
     add_global_ranking(p)

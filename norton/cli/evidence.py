@@ -5,15 +5,16 @@ import argparse
 
 from norton.cli.common import add_command, rank_list
 from norton.evidence import ReportPlan, run_compare, run_demo, run_report, run_showcase
+from norton.evidence.compare import DEFAULT_ARCH, DEFAULT_DATA
 from norton.evidence.compare import METHODS as COMPARE_METHODS
-from norton.training import resolve_device
+from norton.training import DATASETS, resolve_device
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     run_compare(args.out, budget=args.budget, methods=methods, resume=args.resume, data_dir=args.data_dir,
-                device=resolve_device(args.device))
+                device=resolve_device(args.device), arch=args.arch, data=args.data)
     return 0
 
 
@@ -43,13 +44,17 @@ def register(sub) -> None:
                     "  norton compare --resume          # continue an interrupted comparison\n"
                     "  norton compare --budget medium --out runs/compare_medium --resume   # about an hour\n"
                     "  norton compare --budget full --device cuda --out runs/compare_full\n"
-                    "  norton compare --methods norton,l1,fpgm")
+                    "  norton compare --methods norton,l1,fpgm\n"
+                    "  norton compare --arch resnet_56 --data cifar10 --data-dir ~/data/cifar-10-batches-py --out runs/c32")
     p.add_argument("--budget", choices=("small", "medium", "full"), default="small",
                    help="small: 1 fine-tuning epoch, every MACs-target method; medium: 3 epochs, the main methods and NORTON-auto at speed-up targets; full: the paper's")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(COMPARE_METHODS)}")
+    p.add_argument("--arch", default=DEFAULT_ARCH,
+                   help="the baseline every method compresses: a zoo model or torchvision/<name> that runs on the data")
+    p.add_argument("--data", default=DEFAULT_DATA, choices=DATASETS, help="trains the baseline and fine-tunes every method")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--device", default="cpu")
 
     p = add_command(sub, "report", cmd_report,

@@ -12,7 +12,6 @@ from norton.cli.common import (
     add_command,
     add_data_args,
     add_train_args,
-    dataset_shape,
     device_and_processes,
     load_splits,
     model_from_args,
@@ -22,6 +21,7 @@ from norton.cli.common import (
 from norton.core import complexity
 from norton.models import create_model
 from norton.training import (
+    dataset_shape,
     evaluate,
     fit,
     input_size_of,

@@ -1,6 +1,7 @@
 """`norton compare`: NORTON against other compression methods, side by side.
 
-One trained ResNet-20 baseline on Fashion-MNIST is shared by every method.  At
+One trained baseline (ResNet-20 on Fashion-MNIST unless ``--arch`` / ``--data``
+say otherwise) is shared by every method.  At
 each MACs target (fraction of the baseline's MACs removed, factored
 convention) every method's configuration is searched so that it lands within
 ``TOLERANCE`` of the target; then every compressed model gets the same BN
@@ -37,10 +38,13 @@ from norton.errors import NortonError
 from norton.evidence.plotting import pyplot, save
 from norton.models import create_model
 from norton.training import (
+    DATASETS,
     TrainConfig,
     calibration_batches,
+    dataset_shape,
     evaluate,
     fit,
+    input_size_of,
     limit,
     load_best,
     load_dataset,
@@ -49,7 +53,8 @@ from norton.training import (
 )
 
 TOLERANCE = 0.02  # each method lands within 2 points of the MACs target
-INPUT = (1, 28, 28)
+DEFAULT_ARCH, DEFAULT_DATA = "resnet_20", "fashion-mnist"
+DATA_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "digits": "digits", "imagenet": "ImageNet"}
 LATENCY_BATCH = 128  # deployed latency is measured on batches of this size
 
 
@@ -108,6 +113,7 @@ class Context:
     budget: CompareBudget
     calibration: list[torch.Tensor] = field(default_factory=list)  # training images, for the planner
     cell_dir: str = ""  # where the current (method, target) keeps what its seeds share (a plan)
+    input_size: tuple[int, int, int] = (1, 28, 28)  # one image of the data
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ class Method:
 
 
 def macs_reduction(model: nn.Module, ctx: Context) -> float:
-    return 1.0 - count_macs(model, input_size=INPUT) / ctx.base_macs
+    return 1.0 - count_macs(model, input_size=ctx.input_size) / ctx.base_macs
 
 
 def decomposable_layers(model: nn.Module) -> list[str]:
@@ -133,7 +139,7 @@ def _norton(criterion: str) -> Callable:
         rank = ctx.budget.norton_ranks.get(target) or _norton_rank(base, target, ctx)
         model = copy.deepcopy(base)
         decompose(model, rank, progress=False)
-        keep = (1.0 - target) * ctx.base_macs / count_macs(model, input_size=INPUT)
+        keep = (1.0 - target) * ctx.base_macs / count_macs(model, input_size=ctx.input_size)
         if keep >= 1.0:
             raise NortonError(f"rank {rank} alone already removes more than {target:.0%} of the MACs; use a higher rank")
         reference = copy.deepcopy(model)
@@ -319,7 +325,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = "small",
                 methods: list[str] | None = None, resume: bool = False, data_dir: str | None = None,
-                device: torch.device | None = None, progress: bool = True) -> dict:
+                device: torch.device | None = None, progress: bool = True, arch: str = DEFAULT_ARCH,
+                data: str = DEFAULT_DATA) -> dict:
+    """Compare the methods on ``arch`` (a zoo name or ``torchvision/<name>``)
+    trained on ``data`` (any dataset ``norton train`` reads, from ``data_dir``)."""
     if isinstance(budget, str):
         if budget not in BUDGETS:
             raise NortonError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
@@ -334,16 +343,20 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         raise NortonError(f"method {idle[0]!r} takes {METHODS[idle[0]].target_kind} targets and budget "
                           f"{budget_name!r} has none; use --budget medium or a custom budget with speedup_targets")
     device = device or torch.device("cpu")
-    if os.path.exists(os.path.join(out_dir, "baseline")) and not resume:
-        raise NortonError(f"{out_dir!r} already holds a comparison; pass --resume to continue it or choose another --out")
+    if data not in DATASETS:
+        raise NortonError(f"unknown dataset {data!r}; valid: {', '.join(DATASETS)}")
     started = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-
-    train = limit(load_dataset("fashion-mnist", data_dir, "train"), budget.train_images)
-    test = limit(load_dataset("fashion-mnist", data_dir, "test"), budget.test_images)
+    train = limit(load_dataset(data, data_dir, "train"), budget.train_images)
+    test = limit(load_dataset(data, data_dir, "test"), budget.test_images)
     train, val = split_validation(train, budget.val_images)
-    setup = (f"Fashion-MNIST: {len(train)} training + {len(val)} validation images (held out), {len(test)} test images; "
-             f"ResNet-20 (1×28×28); baseline {budget.baseline.epochs} epochs; every compressed model: BN recalibration on "
+    classes, channels = dataset_shape(train)
+    input_size = tuple(input_size_of(test))
+    torch.manual_seed(budget.baseline.seed)
+    baseline = _baseline_model(arch, classes, channels, input_size)
+    _check_setup(out_dir, arch, data, resume)
+    model_text = f"{arch} ({'×'.join(map(str, input_size))})"
+    setup = (f"{DATA_NAMES.get(data, data)}: {len(train)} training + {len(val)} validation images (held out), "
+             f"{len(test)} test images; {model_text}; baseline {budget.baseline.epochs} epochs; every compressed model: BN recalibration on "
              f"{budget.recalibration_images} training images, then {budget.finetune.epochs} fine-tuning epoch(s) "
              f"(SGD lr {budget.finetune.lr}, cosine, batch {budget.finetune.batch_size}, best validation epoch); "
              f"seeds {list(budget.seeds)}; {torch.get_num_threads()} CPU threads"
@@ -353,18 +366,16 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
 
     # the shared baseline
     base_dir = os.path.join(out_dir, "baseline")
-    torch.manual_seed(budget.baseline.seed)
-    baseline = create_model("resnet_20", in_channels=1, num_classes=10)
     last = os.path.join(base_dir, "last.pt")
     if not _finished(last):
         fit(baseline, train, val, budget.baseline, base_dir, device=device, resume=os.path.exists(last),
             progress=progress, extra={"stage": "compare baseline"})
     load_best(baseline, base_dir)
     baseline.to(device).eval()
-    base_cx = complexity(baseline, list(INPUT))
+    base_cx = complexity(baseline, list(input_size))
     base_test = evaluate(baseline, test, device=device)
     teacher = copy.deepcopy(baseline) if budget.finetune.distill > 0 else None  # the same teacher for every method
-    ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *INPUT), budget=budget,
+    ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *input_size), budget=budget, input_size=input_size,
                   calibration=calibration_batches(train, budget.calibration_images, seed=0))
 
     results = []
@@ -393,18 +404,18 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                 else:
                     goal = f"{target:.0%} fewer MACs" if kind == "macs" else f"{target:g}× faster"
                     print(f"\n{method.label} at {goal}, seed {seed}: {built[1]}")
-                    result = _run_one(model, built[1], method, target, seed, train, val, test, budget, run_dir,
+                    result = _run_one(model, built[1], method, target, seed, train, val, test, ctx, run_dir,
                                       device, progress, resume, build_seconds, teacher)
                     atomic_write_text(result_path, json.dumps(result, indent=1))
                 results.append(result)
                 finals.setdefault((name, target), model)
         baseline.to(device)
 
-    latency = _latencies(baseline, finals, device)
+    latency = _latencies(baseline, finals, device, input_size)
     for r in results:
         r["latency_ms"] = latency[(r["method"], r["target"])]
     summary = {
-        "budget": budget_name, "setup": setup,
+        "budget": budget_name, "setup": setup, "arch": arch, "data": data,
         "baseline": {"top1": base_test["top1"], "macs": base_cx.macs, "params": base_cx.params,
                      "latency_ms": latency["baseline"]},
         "runs": results, "budget_settings": _budget_dict(budget),
@@ -415,6 +426,50 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     print("\n" + table)
     print(f"written: {out_dir}/results.md, results.json, accuracy_vs_macs.png, accuracy_vs_latency.png")
     return summary
+
+
+def _baseline_model(arch: str, classes: int, channels: int, input_size) -> nn.Module:
+    """The untrained baseline, checked to run on the data's images."""
+    model = create_model(arch, in_channels=channels, num_classes=classes) if not arch.startswith("torchvision/") else \
+        create_model(arch, num_classes=classes)
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *input_size))
+    except Exception as err:  # noqa: BLE001 - any failure of a model's forward is reported
+        raise NortonError(f"--arch {arch} does not run on the data's {'×'.join(map(str, input_size))} images "
+                          f"({type(err).__name__}: {err}); choose a model that fits them") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
+        raise NortonError(f"--arch {arch} must return (batch, {classes}) logits on the data's images, "
+                          f"got {getattr(out, 'shape', type(out).__name__)}")
+    return model
+
+
+def _check_setup(out_dir: str, arch: str, data: str, resume: bool) -> None:
+    """A run directory holds one (arch, data) comparison: a resumed run must not mix in another."""
+    path = os.path.join(out_dir, "compare.json")
+    if os.path.exists(os.path.join(out_dir, "baseline")) and not resume:
+        raise NortonError(f"{out_dir!r} already holds a comparison; pass --resume to continue it or choose another --out")
+    recorded = {"arch": DEFAULT_ARCH, "data": DEFAULT_DATA}  # what a run from before --arch/--data compared
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+    elif not os.path.exists(os.path.join(out_dir, "baseline")):
+        recorded = {"arch": arch, "data": data}
+    if recorded != {"arch": arch, "data": data}:
+        raise NortonError(f"{out_dir!r} holds a comparison of {recorded['arch']} on {recorded['data']}, not {arch} on "
+                          f"{data}; choose another --out")
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(path, json.dumps(recorded))
+
+
+def _model_name(summary: dict) -> str:
+    arch = summary.get("arch", DEFAULT_ARCH)
+    return "ResNet-20" if arch == DEFAULT_ARCH else arch
+
+
+def _data_name(summary: dict) -> str:
+    data = summary.get("data", DEFAULT_DATA)
+    return DATA_NAMES.get(data, data)
 
 
 def write_report(summary: dict, out_dir: str) -> str:
@@ -436,9 +491,10 @@ def _budget_dict(budget: CompareBudget) -> dict:
     return out
 
 
-def _run_one(model, configuration, method, target, seed, train, val, test, budget, run_dir, device, progress,
+def _run_one(model, configuration, method, target, seed, train, val, test, ctx: Context, run_dir, device, progress,
              resume, build_seconds, teacher=None) -> dict:
-    cx = complexity(model, list(INPUT))
+    budget = ctx.budget
+    cx = complexity(model, list(ctx.input_size))
     raw = evaluate(model, test, device=device)
     recalibrate_bn(model, train, device=device, num_images=budget.recalibration_images, seed=seed)
     recalibrated = evaluate(model, test, device=device)
@@ -456,10 +512,10 @@ def _run_one(model, configuration, method, target, seed, train, val, test, budge
             "build_seconds": build_seconds}
 
 
-def _latencies(baseline: nn.Module, finals: dict, device: torch.device) -> dict:
+def _latencies(baseline: nn.Module, finals: dict, device: torch.device, input_size) -> dict:
     """Deployed latency of every compressed model (seed 0) and of the baseline,
     timed round-robin in one run on a batch of 128."""
-    example = torch.randn(LATENCY_BATCH, *INPUT, device=device)
+    example = torch.randn(LATENCY_BATCH, *input_size, device=device)
     deployed = {"baseline": deploy(baseline, example)[0]}
     for (name, target), model in finals.items():
         deployed[f"{name}@{target}"] = deploy(model, example)[0]
@@ -514,7 +570,7 @@ def render_table(summary: dict) -> str:
         "Accuracy: test top-1 (%), mean ± std over seeds. Latency: deployed model, median of 15 round-robin passes "
         "of a batch of 128 (ratios are what to quote).",
         "",
-        f"Baseline ResNet-20: {base['top1']:.2f} %, {base['macs'] / 1e6:.2f}M MACs, {base['params'] / 1e3:.1f}K params, "
+        f"Baseline {_model_name(summary)}: {base['top1']:.2f} %, {base['macs'] / 1e6:.2f}M MACs, {base['params'] / 1e3:.1f}K params, "
         f"{base['latency_ms']:.1f} ms.",
         "",
         "| MACs target | method | configuration | MACs ↓ | params ↓ | before fine-tuning | + BN recalibration "
@@ -608,7 +664,8 @@ def plot_compare(summary: dict, path: str) -> None:
     ax.set_ylim(floor, _ceiling(summary))
     ax.set_xlabel("MACs removed from the baseline (%, factored convention)")
     ax.set_ylabel("test top-1 accuracy after fine-tuning (%)")
-    ax.set_title(f"ResNet-20 on Fashion-MNIST, budget '{summary['budget']}' (mean ± std over seeds)", fontsize=9)
+    ax.set_title(f"{_model_name(summary)} on {_data_name(summary)}, budget '{summary['budget']}' (mean ± std over seeds)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save(fig, path)
@@ -647,7 +704,8 @@ def plot_latency(summary: dict, path: str) -> None:
     ax.set_xlabel(f"measured speed-up of the deployed model (baseline {base['latency_ms']:.1f} ms / latency, "
                   f"batch {LATENCY_BATCH}, log scale)")
     ax.set_ylabel("test top-1 accuracy after fine-tuning (%)")
-    ax.set_title(f"ResNet-20 on Fashion-MNIST, budget '{summary['budget']}': accuracy vs deployed latency", fontsize=9)
+    ax.set_title(f"{_model_name(summary)} on {_data_name(summary)}, budget '{summary['budget']}': accuracy vs deployed "
+                 "latency", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save(fig, path)

@@ -33,7 +33,6 @@ from norton.core import complexity
 from norton.errors import NortonError
 from norton.evidence.compare import (
     BUDGETS,
-    INPUT,
     CompareBudget,
     Context,
     cp_reduction,
@@ -49,6 +48,8 @@ from norton.training import (
     split_validation,
 )
 from norton.training.data import normalize
+
+INPUT = (1, 28, 28)  # the report studies ResNet-20 on Fashion-MNIST
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 

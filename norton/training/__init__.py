@@ -13,6 +13,7 @@ from norton.training.classification import (
 from norton.training.data import (
     DATASETS,
     ArrayDataset,
+    dataset_shape,
     epoch_batches,
     input_size_of,
     limit,
@@ -35,6 +36,7 @@ __all__ = [
     "calibration_batches",
     "classification_loss",
     "compress",
+    "dataset_shape",
     "epoch_batches",
     "evaluate",
     "fit",

@@ -270,6 +270,14 @@ def limit(train, count: int | None, seed: int = 0):
     return Subset(train, order.tolist())
 
 
+def dataset_shape(train) -> tuple[int, int]:
+    """(classes, input channels) of a dataset."""
+    if isinstance(train, ArrayDataset):
+        return train.num_classes, train.images.shape[1]
+    base = getattr(train, "dataset", train)
+    return len(base.classes), 3
+
+
 def input_size_of(data) -> tuple[int, int, int]:
     return data.input_size if isinstance(data, ArrayDataset) else (3, 224, 224)
 

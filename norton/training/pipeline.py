@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,6 +54,8 @@ class CompressConfig:
     # after pruning, refit the layers that lost input channels to the unpruned model's outputs on
     # ``calibration_images`` training images (least squares, ``norton.recover``)
     recover: bool = False
+    # prune in this many steps toward the final widths, fine-tuning epochs / steps after each
+    iterative_steps: int = 1
     recalibrate: bool = True
     recalibration_images: int = 512
     finetune: TrainConfig = field(default_factory=TrainConfig)
@@ -146,23 +148,24 @@ def compress(
             save_checkpoint(stage_files["decomposed"], model, metrics=after, input_size=input_size, extra={"stage": "decomposed", **stage_extra})
             _write(summary_path, summary)
 
-    # ② prune
+    # ② prune (with iterative_steps > 1: steps toward the final widths, each fine-tuned, then the last)
+    finetune = config.finetune
+    if config.iterative_steps > 1 and not (resume and os.path.exists(stage_files["pruned"])):
+        model, finetune = _iterative_steps(model, plan if planned else None, train, val, test, config, run_dir,
+                                           example, summary, summary_path, input_size, stage_extra, device=device,
+                                           resume=resume, progress=progress, ddp=ddp, teacher=teacher)
+    elif config.iterative_steps > 1:
+        finetune = replace(config.finetune, epochs=_step_epochs(config)[-1])
     if resume and os.path.exists(stage_files["pruned"]):
         model, _ = load_model(stage_files["pruned"])
         model.to(device)
     else:
-        reference = copy.deepcopy(model) if config.recover else None
-        if planned:
-            report = plan.prune(model, example)
+        if config.iterative_steps > 1:  # the last step: exactly the one-shot widths
+            report, recovery = _prune_once(model, config, None, train, example, device, progress and ddp.main,
+                                           keep=summary["steps"][0]["final_keep"])
         else:
-            report = prune(model, config.compress_rate, amount=config.amount, target_macs=config.target_macs,
-                           example_inputs=example, criterion=config.criterion or "pabs", seed=config.seed,
-                           global_ranking=config.global_ranking)
-        recovery = None
-        if reference is not None:  # every process refits the same way (same images, same seed)
-            batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
-            recovery = recover(model, reference, batches, report, seed=config.seed, progress=progress and ddp.main)
-            del reference
+            report, recovery = _prune_once(model, config, plan if planned else None, train, example, device,
+                                           progress and ddp.main)
         after = _measure(model, test, device, ddp)
         if recovery is not None:
             after["recovery"] = {"layers": len(recovery.layers), "seconds": recovery.seconds,
@@ -184,7 +187,7 @@ def compress(
     else:
         finetune_dir = os.path.join(run_dir, "finetune")
         resuming = resume and os.path.exists(os.path.join(finetune_dir, "last.pt"))
-        result = fit(model, train, val, config.finetune, finetune_dir, device=device, resume=resuming,
+        result = fit(model, train, val, finetune, finetune_dir, device=device, resume=resuming,
                      overwrite=not resuming, progress=progress, extra={"stage": "finetune"}, ddp=ddp, teacher=teacher)
         load_best(model, finetune_dir)
         final = _measure(model, test, device, ddp)
@@ -198,7 +201,89 @@ def compress(
     return summary
 
 
+def _criterion(config: CompressConfig, plan: Plan | None) -> str:
+    return plan.criterion if plan is not None else (config.criterion or ("l2" if config.rank is None else "pabs"))
+
+
+def _prune_once(model, config: CompressConfig, plan: Plan | None, train, example, device, progress: bool,
+                keep: dict[str, int] | None = None):
+    """One pruning: by the plan, by explicit ``keep`` counts, or by the config's
+    rate / amount / MACs target; then, with ``config.recover``, the least-squares
+    refit of the layers it cut.  Returns (prune report, recovery report or None)."""
+    reference = copy.deepcopy(model) if config.recover else None
+    if keep is not None:
+        report = prune(model, keep=keep, example_inputs=example, criterion=_criterion(config, plan), seed=config.seed)
+    elif plan is not None:
+        report = plan.prune(model, example)
+    else:
+        report = prune(model, config.compress_rate, amount=config.amount, target_macs=config.target_macs,
+                       example_inputs=example, criterion=config.criterion or "pabs", seed=config.seed,
+                       global_ranking=config.global_ranking)
+    if reference is None or not report.groups:
+        return report, None
+    batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
+    return report, recover(model, reference, batches, report, seed=config.seed, progress=progress)
+
+
+def _step_epochs(config: CompressConfig) -> list[int]:
+    """Fine-tuning epochs after each pruning step: the same share for every step,
+    the last one takes what the division leaves."""
+    k, total = config.iterative_steps, config.finetune.epochs
+    return [total // k] * (k - 1) + [total - (k - 1) * (total // k)]
+
+
+def _iterative_steps(model, plan, train, val, test, config: CompressConfig, run_dir: str, example, summary: dict,
+                     summary_path: str, input_size, stage_extra: dict, *, device, resume: bool, progress: bool,
+                     ddp: Distributed, teacher):
+    """Steps 1 … k−1 of an iterative pruning (Torch-Pruning's ``iterative_steps``):
+    the final widths are found by pruning a copy once, then every group moves
+    toward them in equal steps — prune (the criterion chooses again on the
+    fine-tuned weights), recover, recalibrate, fine-tune a share of the epochs.
+    Each step's fine-tuned model is kept (``step<i>.pt``) so a resumed run goes on
+    from the last finished step.  Returns the model and the last step's training config."""
+    epochs = _step_epochs(config)
+    if "steps" not in summary:
+        trial = copy.deepcopy(model)
+        report, _ = _prune_once(trial, replace(config, recover=False), plan, train, example, device, False)
+        del trial
+        summary["steps"] = [{"final_keep": {g.root: g.width for g in report.groups},
+                             "totals": {g.root: g.total for g in report.groups}}]
+    final, totals = summary["steps"][0]["final_keep"], summary["steps"][0]["totals"]
+    step_config = replace(config.finetune, warmup_epochs=0)
+    for step in range(1, config.iterative_steps):
+        path = os.path.join(run_dir, f"step{step}.pt")
+        if resume and os.path.exists(path):
+            model, _ = load_model(path)
+            model.to(device)
+            continue
+        keep = {root: totals[root] - round((totals[root] - final[root]) * step / config.iterative_steps)
+                for root in final}
+        _, recovery = _prune_once(model, config, plan, train, example, device, progress and ddp.main,
+                                  keep={r: k for r, k in keep.items() if k < totals[r]})
+        recalibrated = _recalibrated(model, train, config, test, device, ddp)
+        step_dir = os.path.join(run_dir, f"finetune_step{step}")
+        fit(model, train, val, replace(step_config, epochs=epochs[step - 1]), step_dir, device=device,
+            resume=resume and os.path.exists(os.path.join(step_dir, "last.pt")), overwrite=not resume,
+            progress=progress, extra={"stage": f"finetune step {step}"}, ddp=ddp, teacher=teacher)
+        load_best(model, step_dir)
+        record = {"step": step, "keep": keep, "epochs": epochs[step - 1],
+                  "recalibrated_top1": recalibrated["top1"] if recalibrated else None,
+                  "recovered_layers": len(recovery.layers) if recovery else 0, **_measure(model, test, device, ddp)}
+        summary["steps"] = [s for s in summary["steps"] if s.get("step") != step] + [record]
+        if ddp.main:
+            save_checkpoint(path, model, metrics=record, input_size=input_size, extra={"stage": f"step{step}", **stage_extra})
+            _write(summary_path, summary)
+        ddp.barrier()
+    return model, replace(config.finetune, epochs=epochs[-1])
+
+
 def _check_config(config: CompressConfig) -> None:
+    k = config.iterative_steps
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise NortonError(f"iterative_steps must be an integer >= 1, got {k!r}")
+    if k > config.finetune.epochs:
+        raise NortonError(f"iterative_steps {k} needs at least {k} fine-tuning epochs (one after each step), "
+                          f"got {config.finetune.epochs}")
     if config.rank is not None:
         if config.target_speedup is not None or config.plan is not None:
             raise NortonError("a rank and a planner target (target_speedup or plan) exclude each other: "
