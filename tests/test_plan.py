@@ -275,3 +275,23 @@ def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
     planning.calibrate_latency(costs, search, lambda state: tuple(state), torch.zeros(1), progress=False)
     assert costs.constant == pytest.approx(0.002, rel=1e-6)
     assert costs.scales == pytest.approx(truth, rel=1e-6)
+
+
+def test_with_recover_every_pruning_option_is_measured_after_the_refit(monkeypatch):
+    from norton.compression import planning
+    calls = []
+    real = planning.refit
+
+    def spy(trial, reference, batches, kept, **kwargs):
+        calls.append(sorted(g.root for g in kept if g.width < g.total))
+        return real(trial, reference, batches, kept, **kwargs)
+
+    monkeypatch.setattr(planning, "refit", spy)
+    model = create_model("resnet_20").eval()
+    x = images(8, size=16)
+    p = plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), recover=True)
+    assert len(calls) == len(p.totals) and all(len(c) == 1 for c in calls)  # one option (1/2) per group
+    assert p.recover and "measured after least-squares recovery" in p.table()
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))).recover
+    calls.clear()
+    assert not plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",)).recover and not calls

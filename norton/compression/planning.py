@@ -38,6 +38,7 @@ from norton.compression.decomposition import (
 )
 from norton.compression.graph import build_graph, collect_groups, is_depthwise
 from norton.compression.pruning import PruneReport, prune, prune_in_place
+from norton.compression.recovery import recover as refit
 from norton.core import (
     CPDBlock,
     TuckerBlock,
@@ -95,6 +96,7 @@ class Plan:
     group_damage: dict[str, float] = field(default_factory=dict)
     measured_speedup: float | None = None  # speed-up targets: of the deployed plan, timed when planned
     tucker: dict[str, list[int]] = field(default_factory=dict)  # layers factored by Tucker-2: (output, input) ranks
+    recover: bool = False  # pruning damage measured after norton.recover: apply the plan with it
 
     @property
     def macs_reduction(self) -> float:
@@ -113,6 +115,8 @@ class Plan:
         if pruned:
             lines.append("groups pruned (root: kept/total, damage): " + ", ".join(
                 f"{root} {text} ({self.group_damage.get(root, 0.0):.4f})" for root, text in pruned.items()))
+        if self.recover:
+            lines.append("pruning damage measured after least-squares recovery (norton.recover): apply with it")
         goal = f"{self.value:.0%} fewer MACs" if self.target == "macs" else f"{self.value:g}× speed-up"
         lines.append(f"target {goal}: MACs {self.macs_before:,} -> {self.macs_after:,} "
                      f"({100 * self.macs_reduction:.2f}% ↓)"
@@ -514,6 +518,7 @@ def plan(
     allocation: str = "best",
     latency_batch: int = 32,
     ignored_layers: Sequence[nn.Module] = (),
+    recover: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> Plan:
@@ -529,7 +534,10 @@ def plan(
     published method, at ``ranks``) and "tucker2" (both channel modes at
     ``TUCKER_FRACTIONS`` of the layer's width; not in the published method).
     ``allocation``: greedy (least damage per cost saved), lagrangian, or best
-    (both, the one of smaller predicted damage).  The model is not changed.
+    (both, the one of smaller predicted damage).  ``recover``: every pruning
+    option is measured after the least-squares refit of the layers it cuts
+    (``norton.recover`` on ``data``), as the plan is then meant to be applied.
+    The model is not changed.
     """
     if (target_macs is None) == (target_speedup is None):
         raise NortonError("give exactly one of target_macs or target_speedup")
@@ -625,7 +633,9 @@ def plan(
             if u.kind == "rank":  # the recomposed kernel: the same function, the fastest to evaluate here
                 replace_module(trial, u.name, blocks[(u.name, option)].to_conv())
             else:
-                prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed)
+                kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed)
+                if recover:
+                    refit(trial, dense, batches, kept, seed=seed)
             u.damage.append(probe.damage(trial))
             bar.update(1)
     bar.close()
@@ -700,7 +710,7 @@ def plan(
         latency_after_ms=1000 * search.cost(state) if measure == "seconds" else None,
         damage=search.damage(state), rows=rows,
         group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
-        measured_speedup=measured,
+        measured_speedup=measured, recover=bool(recover),
     )
 
 

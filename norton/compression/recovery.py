@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from norton.compression.pruning import PruneReport
+from norton.compression.pruning import GroupPruning, PruneReport
 from norton.core import CPDBlock, batch_statistics
 from norton.core.surgery import unchanged_on_error
 from norton.errors import NortonError
@@ -110,8 +110,9 @@ def _positions(module: nn.Module, x: Tensor) -> int:
                      zip(padded, module.kernel_size, module.stride, module.dilation))
 
 
-def _kept_outputs(report: PruneReport) -> dict[str, list[int]]:
-    return {name: list(g.kept) for g in report.groups for name in g.layers}
+def _kept_outputs(report: PruneReport | Sequence[GroupPruning]) -> dict[str, list[int]]:
+    groups = report.groups if isinstance(report, PruneReport) else report
+    return {name: list(g.kept) for g in groups for name in g.layers}
 
 
 def _stages(model: nn.Module, reference: nn.Module, kept: Mapping[str, list[int]]) -> list[_Stage]:
@@ -192,7 +193,7 @@ def recover(
     model: nn.Module,
     reference: nn.Module,
     data: Sequence[Tensor],
-    report: PruneReport,
+    report: PruneReport | Sequence[GroupPruning],
     *,
     rows: int = ROWS,
     ridge: float = RIDGE,
@@ -201,8 +202,8 @@ def recover(
 ) -> RecoveryReport:
     """Refit, in place, every layer of the pruned ``model`` whose input channels
     pruning removed, to reproduce ``reference`` (the same model before pruning)
-    on the calibration batches ``data``.  ``report`` is what ``prune`` returned:
-    it says which filters of each layer stayed.  The pruned model's BatchNorms
+    on the calibration batches ``data``.  ``report`` is what ``prune`` returned
+    (or its ``groups``): it says which filters of each layer stayed.  The pruned model's BatchNorms
     normalise with batch statistics while it is measured (what recalibration
     gives); the reference runs in eval mode."""
     if not isinstance(rows, int) or rows < 1:

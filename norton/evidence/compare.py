@@ -166,7 +166,7 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2")) -> Callable:
             with open(saved) as f:
                 chosen = Plan.from_dict(json.load(f))
         else:
-            options = {"forms": forms, **ctx.budget.plan_options}
+            options = {"forms": forms, "recover": ctx.budget.recover, **ctx.budget.plan_options}
             if kind == "macs":
                 options["target_macs"] = target
             else:
@@ -179,15 +179,17 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2")) -> Callable:
         chosen.decompose(model)
         reference = copy.deepcopy(model)
         report = chosen.prune(model, ctx.example)
-        return model, plan_summary(chosen) + _recovered(model, reference, report, seed, ctx)
+        return model, plan_summary(chosen) + _recovered(model, reference, report, seed, ctx, chosen.recover)
 
     return build
 
 
-def _recovered(model: nn.Module, reference: nn.Module, report: PruneReport, seed: int, ctx: Context) -> str:
-    """With the budget's ``recover``: refit the layers pruning cut to ``reference``
-    on the calibration images (the same images for every method)."""
-    if not ctx.budget.recover or not report.groups:
+def _recovered(model: nn.Module, reference: nn.Module, report: PruneReport, seed: int, ctx: Context,
+               planned: bool = False) -> str:
+    """With the budget's ``recover`` (or a plan made with it): refit the layers
+    pruning cut to ``reference`` on the calibration images (the same images for
+    every method)."""
+    if not (ctx.budget.recover or planned) or not report.groups:
         return ""
     done = recover(model, reference, ctx.calibration, report, seed=seed)
     return f"; least-squares recovery of {len(done.layers)} layers"

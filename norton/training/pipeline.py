@@ -52,7 +52,8 @@ class CompressConfig:
     plan_options: dict = field(default_factory=dict)  # other norton.plan arguments: ranks, keep_steps, latency_batch
     global_ranking: bool = False  # with a rank: one filter ranking across layers (amount / target_macs)
     # after pruning, refit the layers that lost input channels to the unpruned model's outputs on
-    # ``calibration_images`` training images (least squares, ``norton.recover``)
+    # ``calibration_images`` training images (least squares, ``norton.recover``); the planner then
+    # measures its pruning options with the refit too (a plan made so is always applied with it)
     recover: bool = False
     # prune in this many steps toward the final widths, fine-tuning epochs / steps after each
     iterative_steps: int = 1
@@ -210,7 +211,7 @@ def _prune_once(model, config: CompressConfig, plan: Plan | None, train, example
     """One pruning: by the plan, by explicit ``keep`` counts, or by the config's
     rate / amount / MACs target; then, with ``config.recover``, the least-squares
     refit of the layers it cut.  Returns (prune report, recovery report or None)."""
-    reference = copy.deepcopy(model) if config.recover else None
+    reference = copy.deepcopy(model) if config.recover or (plan is not None and plan.recover) else None
     if keep is not None:
         report = prune(model, keep=keep, example_inputs=example, criterion=_criterion(config, plan), seed=config.seed)
     elif plan is not None:
@@ -310,6 +311,7 @@ def _make_plan(model, train, config: CompressConfig, device, progress: bool) -> 
     batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
     return plan_compression(model, batches, target_macs=config.target_macs, target_speedup=config.target_speedup,
                             criterion=config.criterion or "l2", seed=config.seed, progress=progress,
+                            recover=config.recover,
                             **config.plan_options)
 
 
