@@ -15,6 +15,7 @@ from norton.compression import (
     list_criteria,
     plan,
     prune,
+    recover,
 )
 from norton.core import (
     Complexity,
@@ -78,6 +79,7 @@ __all__ = [
     "plan",
     "prune",
     "recalibrate_bn",
+    "recover",
     "register_model",
     "save_checkpoint",
     "tune_plans",
