@@ -7,14 +7,16 @@ data, BN recalibration, fine-tuning and seeds).
     .venv/bin/python benchmarks/ablation.py iterative                 # -> runs/compare_iterative
 
 distill: NORTON-auto and FPGM at 85 % fewer MACs, fine-tuned with knowledge
-distillation from the uncompressed model (loss (1-W)·CE + W·T²·KL, T = 4).
+distillation from the uncompressed model (loss (1-W)·CE + W·T²·KL, T = 4),
+without least-squares recovery (as the medium table it is compared with).
 recover: NORTON-auto, NORTON (pabs), FPGM and L1 at 60 % and 85 %, every pruned
 model's cut layers refitted by least squares on the 256 calibration images
 (norton.recover) before BN recalibration and fine-tuning; NORTON-auto plans
 afresh, measuring each pruning option after the refit.
 iterative: NORTON at 85 % fewer MACs (rank 2, then pruning with pabs or l2, as
-in the comparison) through `norton.compress`, pruned at once or in 3 steps of
-one fine-tuning epoch each (the same 3 epochs in all), seeds 0 and 1.
+in the comparison) through `norton.compress` with its defaults (least-squares
+recovery after every pruning), pruned at once or in 3 steps of one fine-tuning
+epoch each (the same 3 epochs in all), seeds 0 and 1.
 
 The medium run's baseline (and for distill its NORTON-auto plan) is copied into
 --out, so the rows differ from the medium table only by the change named.
@@ -117,7 +119,7 @@ def main() -> None:
             shutil.copy(plan, os.path.join(cell, "plan.json"))
     budget = replace(MEDIUM, methods=methods, targets=targets, speedup_targets=())
     if args.variant == "distill":
-        budget = replace(budget, finetune=replace(MEDIUM.finetune, distill=args.weight))
+        budget = replace(budget, finetune=replace(MEDIUM.finetune, distill=args.weight), recover=False)  # as measured
     else:
         budget = replace(budget, recover=True)
     run_compare(out, budget=budget, resume=True, progress=False)

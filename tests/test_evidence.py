@@ -164,10 +164,10 @@ def test_report_from_tiny_runs(compared):
 
 def test_compare_takes_another_model_and_dataset(tmp_path):
     out = str(tmp_path / "digits")
-    budget = CompareBudget(**{**TINY.__dict__, "recover": True, "seeds": (0,)})
+    budget = CompareBudget(**{**TINY.__dict__, "seeds": (0,)})  # recover: on by default
     summary = run_compare(out, budget=budget, methods=["norton"], progress=False, arch="resnet_20", data="digits")
     assert summary["arch"] == "resnet_20" and summary["data"] == "digits"
-    assert summary["setup"].startswith("digits: ") and "resnet_20 (1×16×16)" in summary["setup"]
+    assert summary["setup"].startswith("digits: ") and "ResNet-20 (1×16×16)" in summary["setup"]
     assert "cut layers refitted by least squares" in summary["setup"]
     expected = create_model("resnet_20", in_channels=1, num_classes=10)
     from norton import complexity

@@ -1,6 +1,7 @@
 """The budget planner: targets met, plans as values, clear refusals."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -289,9 +290,34 @@ def test_with_recover_every_pruning_option_is_measured_after_the_refit(monkeypat
     monkeypatch.setattr(planning, "refit", spy)
     model = create_model("resnet_20").eval()
     x = images(8, size=16)
-    p = plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), recover=True)
+    p = plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), recover=True, allocation="greedy")
     assert len(calls) == len(p.totals) and all(len(c) == 1 for c in calls)  # one option (1/2) per group
+    calls.clear()  # "best" also measures whole candidate plans after the refit
+    plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), recover=True)
+    assert len(calls) > len(p.totals) and any(len(c) > 1 for c in calls)
     assert p.recover and "measured after least-squares recovery" in p.table()
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))).recover
     calls.clear()
     assert not plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",)).recover and not calls
+
+
+def test_best_allocation_measures_whole_candidate_plans():
+    model = create_model("resnet_20").eval()
+    x = images(8, size=16)
+    p = plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=4, forms=("cp",))
+    assert re.fullmatch(r"(greedy|lagrangian|greedy, pruning only|greedy, no pruning|uniform pruning) "
+                        r"\(measured best of [2-5]\)", p.allocation), p.allocation
+    assert plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=4, forms=("cp",), allocation="greedy").allocation == "greedy"
+
+
+def test_uniform_pruning_keeps_the_same_share_everywhere_within_the_budget():
+    from norton.compression.planning import _uniform_pruning, _Unit
+
+    class Costs:  # a layer: 10 dense, 5 factored; a group: its filter count
+        def cost(self, state):
+            return sum((10 if i == 0 else 5) if u.kind == "rank" else u.options[i] for u, i in zip(units, state))
+
+    units = [_Unit("rank", "a", [0, 2, 1]), _Unit("keep", "g1", [16, 12, 8, 4]), _Unit("keep", "g2", [32, 24, 16, 8])]
+    assert _uniform_pruning(units, Costs(), 10 + 8 + 16) == [0, 2, 2]  # half of each group, the layer dense
+    assert _uniform_pruning(units, Costs(), 10 + 12 + 24) == [0, 1, 1]
+    assert _uniform_pruning(units, Costs(), 10 + 3) is None  # not even one quarter fits

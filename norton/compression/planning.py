@@ -533,8 +533,10 @@ def plan(
     ``forms``: the factored forms a layer may take besides dense — "cp" (the
     published method, at ``ranks``) and "tucker2" (both channel modes at
     ``TUCKER_FRACTIONS`` of the layer's width; not in the published method).
-    ``allocation``: greedy (least damage per cost saved), lagrangian, or best
-    (both, the one of smaller predicted damage).  ``recover``: every pruning
+    ``allocation``: greedy (least damage per cost saved), lagrangian, or best:
+    both, greedy on the pruning-only and no-pruning corners and uniform pruning
+    (the same share of filters in every group) are built whole and the one whose
+    measured damage is least wins.  ``recover``: every pruning
     option is measured after the least-squares refit of the layers it cuts
     (``norton.recover`` on ``data``), as the plan is then meant to be applied.
     The model is not changed.
@@ -648,6 +650,8 @@ def plan(
     corners = {"pruning only": _Search([_only(u, 0) if u.kind == "rank" else u for u in units], costs, totals),
                "no pruning": _Search([_only(u, 0) if u.kind == "keep" else u for u in units], costs, totals)}
 
+    whole_damage: dict[tuple[int, ...], float] = {}  # of whole candidate plans, kept across budgets
+
     def allocate(limit: float) -> tuple[str, list[int]]:
         candidates = {}
         if allocation in ("best", "greedy"):
@@ -658,17 +662,32 @@ def plan(
             for name, corner in corners.items():  # a corner's option indices are those of the full search
                 if corner.cost([len(u.options) - 1 for u in corner.units]) <= limit:
                     candidates[f"greedy, {name}"] = corner.greedy(limit)
-        best = min(candidates, key=lambda k: search.damage(candidates[k]))
-        return best, candidates[best]
+            uniform = _uniform_pruning(units, search, limit)
+            if uniform is not None:
+                candidates["uniform pruning"] = uniform
+        if allocation != "best" or len(candidates) == 1:
+            best = min(candidates, key=lambda k: search.damage(candidates[k]))
+            return best, candidates[best]
+        # the summed damages of single options miss how they interact: each candidate
+        # plan is built whole (with the refit, if any) and its damage measured
+        for name, state in candidates.items():
+            key = tuple(state)
+            if key not in whole_damage:
+                whole_damage[key] = probe.damage(build(state, refit_pruned=recover))
+        best = min(candidates, key=lambda k: (whole_damage[tuple(candidates[k])], search.damage(candidates[k])))
+        return f"{best} (measured best of {len(candidates)})", candidates[best]
 
-    def build(state: Sequence[int]) -> nn.Module:
+    def build(state: Sequence[int], refit_pruned: bool = False) -> nn.Module:
         ranks_of, keep_of = search.config(state)
         trial = copy.deepcopy(dense)
         for name, rank in ranks_of.items():
             if rank:
                 replace_module(trial, name, copy.deepcopy(blocks[(name, rank)]))
-        prune_in_place(trial, example, keep={g: k for g, k in keep_of.items() if k < totals[g]},
-                       criterion=criterion, seed=seed)
+        reference = copy.deepcopy(trial) if refit_pruned else None
+        kept, _ = prune_in_place(trial, example, keep={g: k for g, k in keep_of.items() if k < totals[g]},
+                                 criterion=criterion, seed=seed)
+        if reference is not None and any(g.width < g.total for g in kept):
+            refit(trial, reference, batches, kept, seed=seed)
         return trial
 
     measured = None
@@ -712,6 +731,28 @@ def plan(
         group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
         measured_speedup=measured, recover=bool(recover),
     )
+
+
+def _uniform_pruning(units: list[_Unit], search: _Search, limit: float) -> list[int] | None:
+    """Every layer dense, every group keeping the same share of its filters (the
+    largest share within ``limit``): what uniform filter pruning would choose."""
+    def state(share: float) -> list[int]:
+        out = []
+        for u in units:
+            if u.kind == "rank":
+                out.append(0)
+            else:  # the smallest count not below the share (counts descend)
+                want = u.options[0] * share
+                out.append(max([i for i, c in enumerate(u.options) if c >= want - 1e-9], default=0))
+        return out
+
+    low, high = 0.0, 1.0
+    if search.cost(state(low)) > limit:
+        return None
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (mid, high) if search.cost(state(mid)) <= limit else (low, mid)
+    return state(low)
 
 
 def _only(unit: _Unit, index: int) -> _Unit:

@@ -76,8 +76,9 @@ class CompareBudget:
     methods: tuple[str, ...] | None = None  # None: every method
     calibration_images: int = 256  # NORTON-auto's planner measures damage on these training images
     plan_options: dict = field(default_factory=dict)  # other norton.plan arguments (ranks, keep_steps, ...)
-    # every method that prunes refits the layers pruning cut on the calibration images (norton.recover)
-    recover: bool = False
+    # every method that prunes refits the layers pruning cut on the calibration images (norton.recover);
+    # on by default since the recovery ablation (docs/compare_medium.md)
+    recover: bool = True
 
 
 SMALL = CompareBudget(
@@ -356,7 +357,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     torch.manual_seed(budget.baseline.seed)
     baseline = _baseline_model(arch, classes, channels, input_size)
     _check_setup(out_dir, arch, data, resume)
-    model_text = f"{arch} ({'×'.join(map(str, input_size))})"
+    model_text = f"{_model_name({'arch': arch})} ({'×'.join(map(str, input_size))})"
     setup = (f"{DATA_NAMES.get(data, data)}: {len(train)} training + {len(val)} validation images (held out), "
              f"{len(test)} test images; {model_text}; baseline {budget.baseline.epochs} epochs; every compressed model: BN recalibration on "
              f"{budget.recalibration_images} training images, then {budget.finetune.epochs} fine-tuning epoch(s) "

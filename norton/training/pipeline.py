@@ -54,7 +54,7 @@ class CompressConfig:
     # after pruning, refit the layers that lost input channels to the unpruned model's outputs on
     # ``calibration_images`` training images (least squares, ``norton.recover``); the planner then
     # measures its pruning options with the refit too (a plan made so is always applied with it)
-    recover: bool = False
+    recover: bool = True  # on by default: the medium comparison's ablation (docs/compare_medium.md)
     # prune in this many steps toward the final widths, fine-tuning epochs / steps after each
     iterative_steps: int = 1
     recalibrate: bool = True
