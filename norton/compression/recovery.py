@@ -69,8 +69,8 @@ class _Stop(Exception):
 
 @dataclass
 class _Stage:
-    """The linear stage of one layer: which rows of its reference weight the
-    pruned layer's weight corresponds to, and how to turn an input into rows."""
+    """The linear stage of one layer: the reference weight restricted to the
+    outputs that stayed, and the pruned parameter to refit."""
 
     name: str
     kind: str
@@ -78,24 +78,26 @@ class _Stage:
     pruned: nn.Parameter  # the pruned layer's parameter to refit
     module: nn.Module  # the pruned layer
 
-    def rows(self, module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
-        """Input rows at the sampled positions ``index`` (flat over images × positions)."""
-        if isinstance(module, nn.Linear):
-            return x.reshape(-1, x.shape[-1])[index]
-        if isinstance(module, CPDBlock):
-            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[index]
-        padded = F.pad(x, module._reversed_padding_repeated_twice,
-                       mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-        per_image = _positions(module, x)
-        out = []
-        for start in range(0, x.shape[0], CHUNK):  # im2col of a few images at a time
-            lo, hi = start * per_image, (start + CHUNK) * per_image
-            mine = index[(index >= lo) & (index < hi)] - lo
-            if mine.numel():
-                cols = F.unfold(padded[start:start + CHUNK], module.kernel_size, dilation=module.dilation,
-                                stride=module.stride)  # (b, C·kh·kw, L)
-                out.append(cols.transpose(1, 2).reshape(-1, cols.shape[1])[mine])
-        return torch.cat(out)
+
+def _rows(module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
+    """The inputs of ``module``'s linear stage at the sampled positions ``index``
+    (flat over images × output positions), one row each."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])[index]
+    if isinstance(module, CPDBlock):
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[index]
+    padded = F.pad(x, module._reversed_padding_repeated_twice,
+                   mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    per_image = _positions(module, x)
+    out = []
+    for start in range(0, x.shape[0], CHUNK):  # im2col of a few images at a time
+        lo, hi = start * per_image, (start + CHUNK) * per_image
+        mine = index[(index >= lo) & (index < hi)] - lo
+        if mine.numel():
+            cols = F.unfold(padded[start:start + CHUNK], module.kernel_size, dilation=module.dilation,
+                            stride=module.stride)  # (b, C·kh·kw, L)
+            out.append(cols.transpose(1, 2).reshape(-1, cols.shape[1])[mine])
+    return torch.cat(out)
 
 
 def _positions(module: nn.Module, x: Tensor) -> int:
@@ -247,8 +249,8 @@ def _refit(model: nn.Module, reference: nn.Module, ref_module: nn.Module, stage:
         total = _positions(stage.module, got_x) * x.shape[0]
         share = max(1, -(-rows * x.shape[0] // images))  # this batch's share of the rows
         index = torch.randperm(total, generator=generator)[:share].sort().values.to(got_x.device)
-        xs = stage.rows(stage.module, got_x, index).to(torch.float64)
-        ys = stage.rows(ref_module, ref_x, index).to(torch.float64) @ weight.T
+        xs = _rows(stage.module, got_x, index).to(torch.float64)
+        ys = _rows(ref_module, ref_x, index).to(torch.float64) @ weight.T
         gram += xs.T @ xs
         cross += xs.T @ ys
         energy += float((ys ** 2).sum())
