@@ -311,13 +311,16 @@ def test_best_allocation_measures_whole_candidate_plans():
 
 
 def test_uniform_pruning_keeps_the_same_share_everywhere_within_the_budget():
-    from norton.compression.planning import _uniform_pruning, _Unit
+    from types import SimpleNamespace as Unit
+
+    from norton.compression.planning import uniform_pruning
 
     class Costs:  # a layer: 10 dense, 5 factored; a group: its filter count
         def cost(self, state):
             return sum((10 if i == 0 else 5) if u.kind == "rank" else u.options[i] for u, i in zip(units, state))
 
-    units = [_Unit("rank", "a", [0, 2, 1]), _Unit("keep", "g1", [16, 12, 8, 4]), _Unit("keep", "g2", [32, 24, 16, 8])]
-    assert _uniform_pruning(units, Costs(), 10 + 8 + 16) == [0, 2, 2]  # half of each group, the layer dense
-    assert _uniform_pruning(units, Costs(), 10 + 12 + 24) == [0, 1, 1]
-    assert _uniform_pruning(units, Costs(), 10 + 3) is None  # not even one quarter fits
+    units = [Unit(kind="rank", options=[0, 2, 1]), Unit(kind="keep", options=[16, 12, 8, 4]),
+             Unit(kind="keep", options=[32, 24, 16, 8])]
+    assert uniform_pruning(units, Costs(), 10 + 8 + 16) == [0, 2, 2]  # half of each group, the layer dense
+    assert uniform_pruning(units, Costs(), 10 + 12 + 24) == [0, 1, 1]
+    assert uniform_pruning(units, Costs(), 10 + 3) is None  # not even one quarter fits

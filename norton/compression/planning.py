@@ -662,7 +662,7 @@ def plan(
             for name, corner in corners.items():  # a corner's option indices are those of the full search
                 if corner.cost([len(u.options) - 1 for u in corner.units]) <= limit:
                     candidates[f"greedy, {name}"] = corner.greedy(limit)
-            uniform = _uniform_pruning(units, search, limit)
+            uniform = uniform_pruning(units, search, limit)
             if uniform is not None:
                 candidates["uniform pruning"] = uniform
         if allocation != "best" or len(candidates) == 1:
@@ -733,7 +733,7 @@ def plan(
     )
 
 
-def _uniform_pruning(units: list[_Unit], search: _Search, limit: float) -> list[int] | None:
+def uniform_pruning(units: list[_Unit], search: _Search, limit: float) -> list[int] | None:
     """Every layer dense, every group keeping the same share of its filters (the
     largest share within ``limit``): what uniform filter pruning would choose."""
     def state(share: float) -> list[int]:
