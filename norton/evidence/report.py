@@ -110,7 +110,9 @@ def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: s
         return compress(copy.deepcopy(baseline), train, val, test, config, run_dir, device=device,
                         resume=os.path.exists(run_dir), progress=progress)
 
-    common = dict(criterion="pabs", recalibration_images=budget.recalibration_images, finetune=budget.finetune)
+    # the paper's analyses: its pipeline, without the least-squares recovery norton adds by default
+    common = dict(criterion="pabs", recalibration_images=budget.recalibration_images, finetune=budget.finetune,
+                  recover=False)
     sweep = {r: run(f"rank{r}", CompressConfig(rank=r, amount=0.0, **common)) for r in plan.ranks}
 
     names = _grid_names(plan.grid)
