@@ -43,6 +43,7 @@ from norton.core import (
     CPDBlock,
     TuckerBlock,
     batch_statistics,
+    conv_output_size,
     count_macs,
     is_decomposable,
     replace_module,
@@ -234,7 +235,7 @@ def layer_macs(module: nn.Module, rank: int | tuple[int, int], n: int, c: int, i
         return math.prod(in_size[:-1]) * c * n
     kh, kw = module.kernel_size
     height, width = in_size[-2:]
-    out_h, out_w = _output_size(module, in_size)
+    out_h, out_w = conv_output_size(module, in_size)
     if isinstance(rank, tuple):  # 1×1 (c -> r_in) at the input resolution, core and 1×1 (r_out -> n) at the output's
         r_out, r_in = rank
         return height * width * c * r_in + out_h * out_w * (r_out * r_in * kh * kw + r_out * n)
@@ -256,17 +257,8 @@ def layer_elements(module: nn.Module, n: int, c: int, in_size: Sequence[int]) ->
     a small layer's speed as much as its MACs do."""
     if isinstance(module, nn.Linear):
         return math.prod(in_size[:-1]) * (c + n)
-    out_h, out_w = _output_size(module, in_size)
+    out_h, out_w = conv_output_size(module, in_size)
     return c * in_size[-2] * in_size[-1] + n * out_h * out_w
-
-
-def _output_size(conv: nn.Conv2d, in_size: Sequence[int]) -> tuple[int, int]:
-    height, width = in_size[-2:]
-    if conv.padding == "same":  # nn.Conv2d allows it with stride 1 only: the output keeps the input's size
-        return height, width
-    padding = (0, 0) if conv.padding == "valid" else conv.padding
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, padding, conv.dilation
-    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
 def fit_nonnegative(features: list[list[float]], seconds: list[float]) -> list[float]:
@@ -670,7 +662,7 @@ def plan(
             return best, candidates[best]
         # the summed damages of single options miss how they interact: each candidate
         # plan is built whole (with the refit, if any) and its damage measured
-        for name, state in candidates.items():
+        for state in candidates.values():
             key = tuple(state)
             if key not in whole_damage:
                 whole_damage[key] = probe.damage(build(state, refit_pruned=recover))
@@ -743,7 +735,7 @@ def uniform_pruning(units: list[_Unit], search: _Search, limit: float) -> list[i
                 out.append(0)
             else:  # the smallest count not below the share (counts descend)
                 want = u.options[0] * share
-                out.append(max([i for i, c in enumerate(u.options) if c >= want - 1e-9], default=0))
+                out.append(sum(c >= want - 1e-9 for c in u.options) - 1)
         return out
 
     low, high = 0.0, 1.0

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from norton.compression.pruning import GroupPruning, PruneReport
-from norton.core import CPDBlock, batch_statistics
+from norton.core import CPDBlock, batch_statistics, conv_output_size
 from norton.core.surgery import unchanged_on_error
 from norton.errors import NortonError
 
@@ -106,10 +106,7 @@ def _positions(module: nn.Module, x: Tensor) -> int:
         return int(x[0].numel() // x.shape[-1]) if x.dim() > 2 else 1
     if isinstance(module, CPDBlock):
         return x.shape[2] * x.shape[3]
-    padded = [x.shape[2] + sum(module._reversed_padding_repeated_twice[2:]),
-              x.shape[3] + sum(module._reversed_padding_repeated_twice[:2])]
-    return math.prod((size - d * (k - 1) - 1) // s + 1 for size, k, s, d in
-                     zip(padded, module.kernel_size, module.stride, module.dilation))
+    return math.prod(conv_output_size(module, x.shape))
 
 
 def _kept_outputs(report: PruneReport | Sequence[GroupPruning]) -> dict[str, list[int]]:

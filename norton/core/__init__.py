@@ -8,7 +8,13 @@ from norton.core.compress_rate import (
     format_compress_rate,
     parse_compress_rate,
 )
-from norton.core.counting import Complexity, complexity, count_macs, count_params
+from norton.core.counting import (
+    Complexity,
+    complexity,
+    conv_output_size,
+    count_macs,
+    count_params,
+)
 from norton.core.cp import CPResult, Factors, cp_als, cp_decompose, nmse, reconstruct
 from norton.core.cpd_block import PLANS, CPDBlock, plan_override
 from norton.core.layers import ChannelPadShortcut
@@ -28,6 +34,7 @@ __all__ = [
     "batch_statistics",
     "batchnorms",
     "complexity",
+    "conv_output_size",
     "count_macs",
     "count_params",
     "cp_als",

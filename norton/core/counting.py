@@ -42,6 +42,16 @@ def input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None) -> t
     return size
 
 
+def conv_output_size(conv: nn.Conv2d, in_size) -> tuple[int, int]:
+    """(height, width) of ``conv``'s output for an input of spatial size ``in_size[-2:]``."""
+    height, width = in_size[-2:]
+    if conv.padding == "same":  # nn.Conv2d allows it with stride 1 only: the output keeps the input's size
+        return height, width
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, padding, conv.dilation
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

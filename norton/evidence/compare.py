@@ -38,7 +38,6 @@ from norton.errors import NortonError
 from norton.evidence.plotting import pyplot, save
 from norton.models import create_model
 from norton.training import (
-    DATASETS,
     TrainConfig,
     calibration_batches,
     dataset_shape,
@@ -346,8 +345,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         raise NortonError(f"method {idle[0]!r} takes {METHODS[idle[0]].target_kind} targets and budget "
                           f"{budget_name!r} has none; use --budget medium or a custom budget with speedup_targets")
     device = device or torch.device("cpu")
-    if data not in DATASETS:
-        raise NortonError(f"unknown dataset {data!r}; valid: {', '.join(DATASETS)}")
+    _check_setup(out_dir, arch, data, resume)  # before any work: the run directory must fit
     started = time.perf_counter()
     train = limit(load_dataset(data, data_dir, "train"), budget.train_images)
     test = limit(load_dataset(data, data_dir, "test"), budget.test_images)
@@ -356,7 +354,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     input_size = tuple(input_size_of(test))
     torch.manual_seed(budget.baseline.seed)
     baseline = _baseline_model(arch, classes, channels, input_size)
-    _check_setup(out_dir, arch, data, resume)
+    os.makedirs(out_dir, exist_ok=True)  # recorded once the model is known to run on the data
+    atomic_write_text(os.path.join(out_dir, "compare.json"), json.dumps({"arch": arch, "data": data}))
     model_text = f"{_model_name({'arch': arch})} ({'×'.join(map(str, input_size))})"
     setup = (f"{DATA_NAMES.get(data, data)}: {len(train)} training + {len(val)} validation images (held out), "
              f"{len(test)} test images; {model_text}; baseline {budget.baseline.epochs} epochs; every compressed model: BN recalibration on "
@@ -433,8 +432,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
 
 def _baseline_model(arch: str, classes: int, channels: int, input_size) -> nn.Module:
     """The untrained baseline, checked to run on the data's images."""
-    model = create_model(arch, in_channels=channels, num_classes=classes) if not arch.startswith("torchvision/") else \
-        create_model(arch, num_classes=classes)
+    channels_of = {} if arch.startswith("torchvision/") else {"in_channels": channels}  # torchvision's take 3
+    model = create_model(arch, num_classes=classes, **channels_of)
     try:
         with torch.no_grad():
             out = model.eval()(torch.zeros(2, *input_size))
@@ -448,21 +447,21 @@ def _baseline_model(arch: str, classes: int, channels: int, input_size) -> nn.Mo
 
 
 def _check_setup(out_dir: str, arch: str, data: str, resume: bool) -> None:
-    """A run directory holds one (arch, data) comparison: a resumed run must not mix in another."""
+    """A run directory holds one (arch, data) comparison (``compare.json``): a
+    resumed run must not mix in another, and a finished one is not overwritten."""
     path = os.path.join(out_dir, "compare.json")
     if os.path.exists(os.path.join(out_dir, "baseline")) and not resume:
         raise NortonError(f"{out_dir!r} already holds a comparison; pass --resume to continue it or choose another --out")
-    recorded = {"arch": DEFAULT_ARCH, "data": DEFAULT_DATA}  # what a run from before --arch/--data compared
     if os.path.exists(path):
         with open(path) as f:
             recorded = json.load(f)
-    elif not os.path.exists(os.path.join(out_dir, "baseline")):
-        recorded = {"arch": arch, "data": data}
+    elif os.path.exists(os.path.join(out_dir, "baseline")):
+        recorded = {"arch": DEFAULT_ARCH, "data": DEFAULT_DATA}  # what a run from before --arch/--data compared
+    else:
+        return
     if recorded != {"arch": arch, "data": data}:
         raise NortonError(f"{out_dir!r} holds a comparison of {recorded['arch']} on {recorded['data']}, not {arch} on "
                           f"{data}; choose another --out")
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(path, json.dumps(recorded))
 
 
 def _model_name(summary: dict) -> str:

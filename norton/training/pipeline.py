@@ -151,8 +151,9 @@ def compress(
 
     # ② prune (with iterative_steps > 1: steps toward the final widths, each fine-tuned, then the last)
     finetune = config.finetune
+    chosen = plan if planned else None
     if config.iterative_steps > 1 and not (resume and os.path.exists(stage_files["pruned"])):
-        model, finetune = _iterative_steps(model, plan if planned else None, train, val, test, config, run_dir,
+        model, finetune = _iterative_steps(model, chosen, train, val, test, config, run_dir,
                                            example, summary, summary_path, input_size, stage_extra, device=device,
                                            resume=resume, progress=progress, ddp=ddp, teacher=teacher)
     elif config.iterative_steps > 1:
@@ -161,12 +162,9 @@ def compress(
         model, _ = load_model(stage_files["pruned"])
         model.to(device)
     else:
-        if config.iterative_steps > 1:  # the last step: exactly the one-shot widths
-            report, recovery = _prune_once(model, config, None, train, example, device, progress and ddp.main,
-                                           keep=summary["steps"][0]["final_keep"])
-        else:
-            report, recovery = _prune_once(model, config, plan if planned else None, train, example, device,
-                                           progress and ddp.main)
+        last_step = summary["steps"][0]["final_keep"] if config.iterative_steps > 1 else None  # the one-shot widths
+        report, recovery = _prune_once(model, config, chosen, train, example, device, progress and ddp.main,
+                                       keep=last_step, refit=_refits(config, chosen))
         after = _measure(model, test, device, ddp)
         if recovery is not None:
             after["recovery"] = {"layers": len(recovery.layers), "seconds": recovery.seconds,
@@ -206,12 +204,17 @@ def _criterion(config: CompressConfig, plan: Plan | None) -> str:
     return plan.criterion if plan is not None else (config.criterion or ("l2" if config.rank is None else "pabs"))
 
 
+def _refits(config: CompressConfig, plan: Plan | None) -> bool:
+    """Whether pruning is followed by the least-squares refit: asked for, or the plan was measured with it."""
+    return config.recover or (plan is not None and plan.recover)
+
+
 def _prune_once(model, config: CompressConfig, plan: Plan | None, train, example, device, progress: bool,
-                keep: dict[str, int] | None = None):
+                keep: dict[str, int] | None = None, *, refit: bool):
     """One pruning: by the plan, by explicit ``keep`` counts, or by the config's
-    rate / amount / MACs target; then, with ``config.recover``, the least-squares
-    refit of the layers it cut.  Returns (prune report, recovery report or None)."""
-    reference = copy.deepcopy(model) if config.recover or (plan is not None and plan.recover) else None
+    rate / amount / MACs target; then, with ``refit``, the least-squares refit of
+    the layers it cut.  Returns (prune report, recovery report or None)."""
+    reference = copy.deepcopy(model) if refit else None
     if keep is not None:
         report = prune(model, keep=keep, example_inputs=example, criterion=_criterion(config, plan), seed=config.seed)
     elif plan is not None:
@@ -245,7 +248,7 @@ def _iterative_steps(model, plan, train, val, test, config: CompressConfig, run_
     epochs = _step_epochs(config)
     if "steps" not in summary:
         trial = copy.deepcopy(model)
-        report, _ = _prune_once(trial, replace(config, recover=False), plan, train, example, device, False)
+        report, _ = _prune_once(trial, config, plan, train, example, device, False, refit=False)  # widths only
         del trial
         summary["steps"] = [{"final_keep": {g.root: g.width for g in report.groups},
                              "totals": {g.root: g.total for g in report.groups}}]
@@ -260,7 +263,7 @@ def _iterative_steps(model, plan, train, val, test, config: CompressConfig, run_
         keep = {root: totals[root] - round((totals[root] - final[root]) * step / config.iterative_steps)
                 for root in final}
         _, recovery = _prune_once(model, config, plan, train, example, device, progress and ddp.main,
-                                  keep={r: k for r, k in keep.items() if k < totals[r]})
+                                  keep={r: k for r, k in keep.items() if k < totals[r]}, refit=_refits(config, plan))
         recalibrated = _recalibrated(model, train, config, test, device, ddp)
         step_dir = os.path.join(run_dir, f"finetune_step{step}")
         fit(model, train, val, replace(step_config, epochs=epochs[step - 1]), step_dir, device=device,
