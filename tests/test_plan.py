@@ -324,3 +324,50 @@ def test_uniform_pruning_keeps_the_same_share_everywhere_within_the_budget():
     assert uniform_pruning(units, Costs(), 10 + 8 + 16) == [0, 2, 2]  # half of each group, the layer dense
     assert uniform_pruning(units, Costs(), 10 + 12 + 24) == [0, 1, 1]
     assert uniform_pruning(units, Costs(), 10 + 3) is None  # not even one quarter fits
+
+
+def test_the_distillation_trial_moves_a_pruned_model_toward_the_teacher_deterministically():
+    from norton.compression import prune
+    from norton.compression.trial import distill_trial, split_calibration
+
+    teacher = create_model("resnet_20").eval()
+    x = images(32, size=16)
+    student = copy.deepcopy(teacher)
+    prune(student, amount=0.5, example_inputs=x[:1], criterion="l2")
+    train, held_out = split_calibration([x[:20], x[20:]], seed=0)
+    assert train.shape[0] == 16 and sum(b.shape[0] for b in held_out) == 16
+    assert not (set(map(tuple, train.flatten(1).tolist())) & set(map(tuple, torch.cat(held_out).flatten(1).tolist())))
+    twin = copy.deepcopy(student)
+    losses = distill_trial(student, teacher, train, 12, seed=3, batch_size=8, lr=0.05)
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert distill_trial(twin, teacher, train, 12, seed=3, batch_size=8, lr=0.05) == losses
+    for a, b in zip(student.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not student.training and not teacher.training  # modes restored
+
+
+def test_trial_steps_compare_candidates_after_distillation_on_held_out_images(monkeypatch):
+    from norton.compression import planning
+    trained = []
+    real = planning.distill_trial
+
+    def spy(model, teacher, images_, steps, **kwargs):
+        trained.append((images_.shape[0], steps))
+        return real(model, teacher, images_, steps, **kwargs)
+
+    monkeypatch.setattr(planning, "distill_trial", spy)
+    model = create_model("resnet_20").eval()
+    x = images(16, size=16)
+    p = plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), trial_steps=3)
+    assert trained and all(t == (8, 3) for t in trained)  # half the images, every distinct candidate
+    assert len(trained) == len(set(p.candidates.values())) >= 2
+    assert p.trial_steps == 3 and "after 3 distillation steps" in p.table()
+    assert p.candidates[re.sub(r" \(measured best.*", "", p.allocation)] == min(p.candidates.values())
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    trained.clear()
+    assert plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), trial_steps=0).trial_steps == 0
+    assert not trained
+    with pytest.raises(NortonError, match="trial_steps must be an integer >= 0, got -1"):
+        plan(model, x, target_macs=0.6, trial_steps=-1)
+    with pytest.raises(NortonError, match="at least 2 calibration images"):
+        plan(model, x[:1], target_macs=0.6, ranks=(2,), keep_steps=2, trial_steps=2)

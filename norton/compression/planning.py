@@ -39,6 +39,7 @@ from norton.compression.decomposition import (
 from norton.compression.graph import build_graph, collect_groups, is_depthwise
 from norton.compression.pruning import PruneReport, prune, prune_in_place
 from norton.compression.recovery import recover as refit
+from norton.compression.trial import distill_trial, split_calibration
 from norton.core import (
     CPDBlock,
     TuckerBlock,
@@ -60,6 +61,7 @@ TUCKER_FRACTIONS = (3 / 4, 1 / 2, 3 / 8, 1 / 4, 3 / 16, 1 / 8)
 KEEP_STEPS = 8  # a group may keep 1/8, 2/8, …, 8/8 of its filters
 ALLOCATIONS = ("best", "greedy", "lagrangian")
 FINE_KEEP_OPTIONS = 64  # per group, for the allocation (damages interpolated between the measured ones)
+TRIAL_STEPS = 0  # distillation steps before a whole candidate's damage is measured (allocation best)
 FILL_TOLERANCE = 0.005  # a plan's cost ends within half a point of the full cost below its budget
 
 
@@ -98,6 +100,10 @@ class Plan:
     measured_speedup: float | None = None  # speed-up targets: of the deployed plan, timed when planned
     tucker: dict[str, list[int]] = field(default_factory=dict)  # layers factored by Tucker-2: (output, input) ranks
     recover: bool = False  # pruning damage measured after norton.recover: apply the plan with it
+    # allocation "best": every candidate plan built whole, and its measured damage
+    # (after trial_steps steps of distillation, if any, on held-out calibration images)
+    candidates: dict[str, float] = field(default_factory=dict)
+    trial_steps: int = 0
 
     @property
     def macs_reduction(self) -> float:
@@ -118,6 +124,10 @@ class Plan:
                 f"{root} {text} ({self.group_damage.get(root, 0.0):.4f})" for root, text in pruned.items()))
         if self.recover:
             lines.append("pruning damage measured after least-squares recovery (norton.recover): apply with it")
+        if self.candidates:
+            after = f" after {self.trial_steps} distillation steps" if self.trial_steps else ""
+            lines.append(f"candidate plans, measured damage{after}: " + ", ".join(
+                f"{name} {damage:.4f}" for name, damage in sorted(self.candidates.items(), key=lambda kv: kv[1])))
         goal = f"{self.value:.0%} fewer MACs" if self.target == "macs" else f"{self.value:g}× speed-up"
         lines.append(f"target {goal}: MACs {self.macs_before:,} -> {self.macs_after:,} "
                      f"({100 * self.macs_reduction:.2f}% ↓)"
@@ -511,6 +521,7 @@ def plan(
     latency_batch: int = 32,
     ignored_layers: Sequence[nn.Module] = (),
     recover: bool = False,
+    trial_steps: int = TRIAL_STEPS,
     seed: int = 0,
     progress: bool = False,
 ) -> Plan:
@@ -531,6 +542,11 @@ def plan(
     measured damage is least wins.  ``recover``: every pruning
     option is measured after the least-squares refit of the layers it cuts
     (``norton.recover`` on ``data``), as the plan is then meant to be applied.
+    ``trial_steps`` (allocation best): each whole candidate is first distilled
+    from the uncompressed model for that many SGD steps on half of the
+    calibration images and its damage measured on the other half — candidates
+    are compared by where a little training takes them, not where they start;
+    0 compares them as built, on all the images.
     The model is not changed.
     """
     if (target_macs is None) == (target_speedup is None):
@@ -553,6 +569,8 @@ def plan(
         raise NortonError(f"forms must be a non-empty subset of {', '.join(FORMS)}, got {forms!r}")
     if isinstance(keep_steps, bool) or not isinstance(keep_steps, int) or keep_steps < 1:
         raise NortonError(f"keep_steps must be a positive integer, got {keep_steps!r}")
+    if isinstance(trial_steps, bool) or not isinstance(trial_steps, int) or trial_steps < 0:
+        raise NortonError(f"trial_steps must be an integer >= 0, got {trial_steps!r}")
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
@@ -565,6 +583,12 @@ def plan(
         raise NortonError(f"calibration images of shape {tuple(batches[0].shape)} do not fit the model "
                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
     example = batches[0][:1]
+    trial_images, held_out = None, None
+    if trial_steps and allocation == "best":
+        if sum(b.shape[0] for b in batches) < 2:
+            raise NortonError("trial_steps needs at least 2 calibration images (half to train on, half to measure on)")
+        trial_images, held_batches = split_calibration(batches, seed)
+        held_out = _Probe(dense, held_batches)
 
     # what can change: decomposable convs, coupled groups
     graph = build_graph(dense, example)
@@ -665,9 +689,19 @@ def plan(
         for state in candidates.values():
             key = tuple(state)
             if key not in whole_damage:
-                whole_damage[key] = probe.damage(build(state, refit_pruned=recover))
+                whole_damage[key] = measure_whole(build(state, refit_pruned=recover))
         best = min(candidates, key=lambda k: (whole_damage[tuple(candidates[k])], search.damage(candidates[k])))
+        measured_candidates.clear()
+        measured_candidates.update({k: whole_damage[tuple(v)] for k, v in candidates.items()})
         return f"{best} (measured best of {len(candidates)})", candidates[best]
+
+    measured_candidates: dict[str, float] = {}
+
+    def measure_whole(trial: nn.Module) -> float:
+        if trial_images is None:
+            return probe.damage(trial)
+        distill_trial(trial, dense, trial_images, trial_steps, seed=seed)
+        return held_out.damage(trial)
 
     def build(state: Sequence[int], refit_pruned: bool = False) -> nn.Module:
         ranks_of, keep_of = search.config(state)
@@ -722,6 +756,7 @@ def plan(
         damage=search.damage(state), rows=rows,
         group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
         measured_speedup=measured, recover=bool(recover),
+        candidates=dict(measured_candidates), trial_steps=trial_steps if trial_images is not None else 0,
     )
 
 
