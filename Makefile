@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench compare fashion-mnist clean
+.PHONY: test demo bench compare zoo fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(STAMP) fashion-mnist
 compare: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton compare --budget small --resume
 	$(VENV)/bin/norton report --compare runs/compare --resume
+
+# every torchvision classifier through decompose+prune, prune, deploy and ONNX (resumable: runs/zoo.json)
+zoo: $(STAMP)
+	$(VENV)/bin/python benchmarks/zoo.py --resume
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/cp_speed.py

@@ -73,6 +73,7 @@ def main() -> None:
     calibration = calibration_batches(train, budget.calibration_images, seed=0)
     out_path = os.path.join(args.run, "candidates.json")
     rows = json.load(open(out_path)) if os.path.exists(out_path) else []
+    cpu = torch.device("cpu")
     dense = copy.deepcopy(baseline).eval()
     probe = planning._Probe(dense, calibration)  # the planner's measurement as built (all calibration images)
     for target in args.targets:
@@ -88,8 +89,8 @@ def main() -> None:
             names = [n for n, d in chosen.candidates.items() if d == damage]
             built_damage = probe.damage(model)
             run_dir = os.path.join(args.run, "candidates", f"{round(100 * target)}_{i}")
-            recalibrate_bn(model, train, num_images=budget.recalibration_images, seed=0)
-            fit(model, train, val, replace(budget.finetune, seed=0), run_dir, overwrite=True, progress=False)
+            recalibrate_bn(model, train, device=cpu, num_images=budget.recalibration_images, seed=0)
+            fit(model, train, val, replace(budget.finetune, seed=0), run_dir, device=cpu, overwrite=True, progress=False)
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                 val_top1 = max(json.loads(line)["val_top1"] for line in f)
             rows.append({"target": target, "candidates": names, "damage_as_built": built_damage,

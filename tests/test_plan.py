@@ -244,7 +244,7 @@ def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, cap
     assert "drop -r" in capsys.readouterr().err
     assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--amount", "0.5", "--ranks", "1,2", "--data", "digits",
                  "--run-dir", str(tmp_path / "r")]) == 2
-    assert "--ranks, --keep-steps, --forms and --latency-batch steer the planner" in capsys.readouterr().err
+    assert "--ranks, --keep-steps, --forms, --trial-steps and --latency-batch steer the planner" in capsys.readouterr().err
 
 
 def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):

@@ -33,6 +33,7 @@ from norton.compression.planning import (  # for the help texts and checks
     FORMS,
     KEEP_STEPS,
     RANK_OPTIONS,
+    TRIAL_STEPS,
 )
 from norton.core import complexity
 from norton.errors import NortonError
@@ -134,7 +135,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not planned and (args.target_speedup is not None or args.plan is not None):
         raise NortonError("--target-speedup and --plan let the planner choose ranks: drop -r")
     if not planned and search_options(args):
-        raise NortonError("--ranks, --keep-steps, --forms and --latency-batch steer the planner: drop -r, or drop them")
+        raise NortonError("--ranks, --keep-steps, --forms, --trial-steps and --latency-batch steer the planner: drop -r, or drop them")
     if planned and (args.compress_rate or args.layer_rate or args.amount is not None or args.global_ranking):
         raise NortonError("-cpr, --layer-rate, --amount and --global prune a model decomposed at one rank: give -r RANK")
     saved_plan = read_plan(args.plan) if args.plan else None
@@ -187,6 +188,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forms", type=form_list, default=None,
                    help="planner: factored forms a layer may take besides dense, comma-separated: cp (the published "
                         "method), tucker2 (default: cp,tucker2)")
+    p.add_argument("--trial-steps", type=int, default=None,
+                   help=f"planner: distillation steps each whole candidate plan gets before it is measured "
+                        f"(0 = measured as built; default {TRIAL_STEPS})")
 
 
 def form_list(text: str) -> tuple[str, ...]:
@@ -200,7 +204,7 @@ def form_list(text: str) -> tuple[str, ...]:
 def search_options(args: argparse.Namespace) -> dict:
     """The planner arguments given on the command line."""
     given = {"ranks": args.ranks, "keep_steps": args.keep_steps, "latency_batch": args.latency_batch,
-             "forms": args.forms}
+             "forms": args.forms, "trial_steps": args.trial_steps}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -1,0 +1,146 @@
+"""Every torchvision classification model through norton, as a new user would try it.
+
+Two modes per model (random weights, one 1×3×S×S input, the classifier left
+whole, 50 % of the filters of every prunable group, l2 selection):
+
+- ``decompose+prune``: CP rank 8 on the layers where the factored form is
+  cheaper (``only_cheaper``), then pruning;
+- ``prune``: pruning only;
+
+then ``norton.deploy`` (outputs checked against the compressed model) and ONNX
+export (checker + ONNX Runtime against PyTorch).  Each (model, mode) runs in its
+own subprocess with a time limit; its row is kept in ``--cache`` as soon as it
+ends, so an interrupted run continues where it stopped (``--resume``).  The
+table goes to ``--out``.
+
+    .venv/bin/python benchmarks/zoo.py [--models resnet18 mobilenet_v2 ...] [--size 224] [--timeout 900]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODES = ("decompose+prune", "prune")
+
+
+def run_one(name: str, mode: str, size: int) -> dict:
+    """One (model, mode), in this process; returns its row."""
+    import tempfile
+
+    import torch
+    import torchvision
+
+    from norton import count_macs, decompose, deploy, prune
+    from norton.core import count_params
+    from norton.deployment import export_onnx
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        before_shape = tuple(model(x).shape)
+    row = {"model": name, "mode": mode, "macs_before": count_macs(model, x), "params_before": count_params(model)}
+    head = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    if mode == "decompose+prune":
+        report = decompose(model, 8, only_cheaper=True, progress=False)
+        row["decomposed"] = len(report.layers)
+    pruning = prune(model, amount=0.5, example_inputs=x, criterion="l2", ignored_layers=[head])
+    row["groups_left_whole"] = len(pruning.skipped)
+    with torch.no_grad():
+        after_shape = tuple(model(x).shape)
+    row.update(macs_after=count_macs(model, x), params_after=count_params(model),
+               shape_kept=after_shape == before_shape)
+    _, deployment = deploy(model, x, repeats=1)
+    row["deploy_max_abs_error"] = deployment.max_abs_error
+    with tempfile.TemporaryDirectory() as folder:
+        row["onnx_max_abs_diff"] = export_onnx(model, x, os.path.join(folder, "model.onnx")).max_abs_diff
+    row["seconds"] = time.perf_counter() - started
+    row["ok"] = row["shape_kept"]
+    return row
+
+
+def run_isolated(name: str, mode: str, size: int, timeout: float) -> dict:
+    """``run_one`` in a subprocess with a time limit; a failure becomes a row with its error."""
+    started = time.perf_counter()
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--mode", mode, "--size", str(size)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "mode": mode, "ok": False, "seconds": timeout, "error": f"no result within {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    error = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    return {"model": name, "mode": mode, "ok": False, "seconds": time.perf_counter() - started,
+            "error": (error[-1] if error else f"exit status {done.returncode}")[:300]}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | mode | ok | MACs before → after | MACs ↓ | params ↓ | groups left whole | deploy error | ONNX diff | s | error |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "macs_after" in r:
+            cut = 1 - r["macs_after"] / r["macs_before"]
+            params = 1 - r["params_after"] / r["params_before"]
+            out.append(f"| {r['model']} | {r['mode']} | {'✓' if r['ok'] else '✗'} | {r['macs_before'] / 1e6:.1f}M → "
+                       f"{r['macs_after'] / 1e6:.1f}M | {cut:.1%} | {params:.1%} | {r['groups_left_whole']} | "
+                       f"{r['deploy_max_abs_error']:.1e} | {r['onnx_max_abs_diff']:.1e} | {r['seconds']:.0f} | |")
+        else:
+            error = r.get("error", "").replace("|", "\\|")
+            out.append(f"| {r['model']} | {r['mode']} | ✗ | | | | | | | {r['seconds']:.0f} | {error} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=None, help="torchvision model names (default: every classifier)")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--cache", default="runs/zoo.json", help="rows kept here as they finish")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --cache")
+    parser.add_argument("--out", default="docs/zoo.md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.mode, args.size)))
+        return
+
+    import torchvision
+
+    from norton.checkpoints import atomic_write_text
+
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    rows = {}
+    if args.resume and os.path.exists(args.cache):
+        with open(args.cache) as f:
+            rows = {(r["model"], r["mode"]): r for r in json.load(f)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
+    for name in names:
+        for mode in args.modes:
+            if (name, mode) in rows:
+                continue
+            rows[(name, mode)] = row = run_isolated(name, mode, args.size, args.timeout)
+            print(f"{name:<24} {mode:<16} {'ok' if row['ok'] else 'FAILED':<7} {row['seconds']:6.0f} s "
+                  f"{row.get('error', '')}", flush=True)
+            atomic_write_text(args.cache, json.dumps(list(rows.values()), indent=1))
+    ordered = [rows[(n, m)] for n in names for m in args.modes if (n, m) in rows]
+    passed = sum(r["ok"] for r in ordered)
+    deep = sum(r["ok"] and r["macs_after"] <= 0.6 * r["macs_before"] for r in ordered)
+    text = (f"# torchvision classifiers through norton\n\n`.venv/bin/python benchmarks/zoo.py --size {args.size}` "
+            f"(random weights, 1×3×{args.size}×{args.size}, classifier left whole, 50 % of every prunable group, "
+            f"l2 selection; decompose+prune = CP rank 8 where cheaper, then pruning): {passed} of {len(ordered)} "
+            f"(model, mode) pairs keep the output's shape and deploy and export exactly; {deep} of them lose at least "
+            f"40 % of their MACs.\n\n{table(ordered)}\n")
+    atomic_write_text(args.out, text)
+    print(f"written: {args.out} ({passed}/{len(ordered)} ok)")
+
+
+if __name__ == "__main__":
+    main()
