@@ -42,6 +42,7 @@ from norton.training import (
     fit,
     load_dataset,
     recalibrate_bn,
+    select_plan,
 )
 from norton.version import __version__
 
@@ -82,5 +83,6 @@ __all__ = [
     "recover",
     "register_model",
     "save_checkpoint",
+    "select_plan",
     "tune_plans",
 ]

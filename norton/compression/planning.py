@@ -104,6 +104,18 @@ class Plan:
     # (after trial_steps steps of distillation, if any, on held-out calibration images)
     candidates: dict[str, float] = field(default_factory=dict)
     trial_steps: int = 0
+    # MACs targets, allocation best: every distinct candidate as a plan of its own (Plan.to_dict form),
+    # by candidate name — what norton.select_plan fine-tunes briefly and compares on validation data
+    alternatives: dict[str, dict] = field(default_factory=dict)
+    selection: dict[str, float] = field(default_factory=dict)  # norton.select_plan: validation top-1 per candidate
+
+    def alternative(self, name: str) -> Plan:
+        """The candidate plan ``name`` of ``alternatives``, as a Plan (its own alternatives: the same)."""
+        if name not in self.alternatives:
+            raise NortonError(f"no candidate plan {name!r}; this plan has: {', '.join(self.alternatives) or 'none'}")
+        other = Plan.from_dict(self.alternatives[name])
+        other.alternatives = dict(self.alternatives)
+        return other
 
     @property
     def macs_reduction(self) -> float:
@@ -124,6 +136,9 @@ class Plan:
                 f"{root} {text} ({self.group_damage.get(root, 0.0):.4f})" for root, text in pruned.items()))
         if self.recover:
             lines.append("pruning damage measured after least-squares recovery (norton.recover): apply with it")
+        if self.selection:
+            lines.append("candidate plans, validation top-1 after a brief fine-tuning: " + ", ".join(
+                f"{name} {top1:.2f}" for name, top1 in sorted(self.selection.items(), key=lambda kv: -kv[1])))
         if self.candidates:
             after = f" after {self.trial_steps} distillation steps" if self.trial_steps else ""
             lines.append(f"candidate plans, measured damage{after}: " + ", ".join(
@@ -693,9 +708,12 @@ def plan(
         best = min(candidates, key=lambda k: (whole_damage[tuple(candidates[k])], search.damage(candidates[k])))
         measured_candidates.clear()
         measured_candidates.update({k: whole_damage[tuple(v)] for k, v in candidates.items()})
+        last_candidates.clear()
+        last_candidates.update(candidates)
         return f"{best} (measured best of {len(candidates)})", candidates[best]
 
     measured_candidates: dict[str, float] = {}
+    last_candidates: dict[str, list[int]] = {}
 
     def measure_whole(trial: nn.Module) -> float:
         if trial_images is None:
@@ -728,36 +746,46 @@ def plan(
     else:
         chosen, state = allocate(budget)
 
-    ranks_chosen, keep = search.config(state)
-    rank_units = {u.name: (u, i) for u, i in zip(units, state) if u.kind == "rank"}
-    macs_per_layer = macs_search.layer_costs(state)
-    layer_seconds = search.layer_costs(state) if measure == "seconds" else {}
-    rows = []
-    for name, layer in layers.items():
-        n, c = costs.channels(layer, keep, totals)
-        unit = rank_units.get(name)
-        option = ranks_chosen.get(name, 0)
-        rows.append(LayerRow(name=name, rank=option if isinstance(option, int) else 0, filters=n, total=layer.full[0],
-                             macs=int(macs_per_layer[name]),
-                             latency_ms=1000 * layer_seconds[name] if layer_seconds else None,
-                             damage=unit[0].damage[unit[1]] if unit else 0.0,
-                             tucker=list(option) if isinstance(option, tuple) else None))
-    return Plan(
-        target="macs" if target_macs is not None else "speedup",
-        value=float(target_macs if target_macs is not None else target_speedup),
-        ranks={n: (o if isinstance(o, int) else 0) for n, o in ranks_chosen.items()},
-        tucker={n: list(o) for n, o in ranks_chosen.items() if isinstance(o, tuple)},
-        keep=keep, totals=totals, criterion=criterion,
-        allocation=chosen if allocation == "best" else allocation, seed=seed,
-        macs_before=round(macs_search.cost([0] * len(units))),
-        macs_after=round(macs_search.cost(state)),
-        latency_before_ms=1000 * full if measure == "seconds" else None,
-        latency_after_ms=1000 * search.cost(state) if measure == "seconds" else None,
-        damage=search.damage(state), rows=rows,
-        group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
-        measured_speedup=measured, recover=bool(recover),
-        candidates=dict(measured_candidates), trial_steps=trial_steps if trial_images is not None else 0,
-    )
+    def as_plan(state: Sequence[int], allocated: str) -> Plan:
+        ranks_chosen, keep = search.config(state)
+        rank_units = {u.name: (u, i) for u, i in zip(units, state) if u.kind == "rank"}
+        macs_per_layer = macs_search.layer_costs(state)
+        layer_seconds = search.layer_costs(state) if measure == "seconds" else {}
+        rows = []
+        for name, layer in layers.items():
+            n, c = costs.channels(layer, keep, totals)
+            unit = rank_units.get(name)
+            option = ranks_chosen.get(name, 0)
+            rows.append(LayerRow(name=name, rank=option if isinstance(option, int) else 0, filters=n,
+                                 total=layer.full[0], macs=int(macs_per_layer[name]),
+                                 latency_ms=1000 * layer_seconds[name] if layer_seconds else None,
+                                 damage=unit[0].damage[unit[1]] if unit else 0.0,
+                                 tucker=list(option) if isinstance(option, tuple) else None))
+        return Plan(
+            target="macs" if target_macs is not None else "speedup",
+            value=float(target_macs if target_macs is not None else target_speedup),
+            ranks={n: (o if isinstance(o, int) else 0) for n, o in ranks_chosen.items()},
+            tucker={n: list(o) for n, o in ranks_chosen.items() if isinstance(o, tuple)},
+            keep=keep, totals=totals, criterion=criterion, allocation=allocated, seed=seed,
+            macs_before=round(macs_search.cost([0] * len(units))),
+            macs_after=round(macs_search.cost(state)),
+            latency_before_ms=1000 * full if measure == "seconds" else None,
+            latency_after_ms=1000 * search.cost(state) if measure == "seconds" else None,
+            damage=search.damage(state), rows=rows,
+            group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
+            measured_speedup=measured if state is chosen_state else None, recover=bool(recover),
+            candidates=dict(measured_candidates), trial_steps=trial_steps if trial_images is not None else 0,
+        )
+
+    chosen_state = state
+    result = as_plan(state, chosen if allocation == "best" else allocation)
+    if measure == "macs":  # every distinct whole candidate, as a plan of its own (for a selection after fine-tuning)
+        seen_states: set[tuple[int, ...]] = set()
+        for name, candidate in last_candidates.items():
+            if tuple(candidate) not in seen_states:
+                seen_states.add(tuple(candidate))
+                result.alternatives[name] = as_plan(candidate, name).to_dict()
+    return result
 
 
 def uniform_pruning(units: list[_Unit], search: _Search, limit: float) -> list[int] | None:

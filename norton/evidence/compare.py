@@ -48,6 +48,7 @@ from norton.training import (
     load_best,
     load_dataset,
     recalibrate_bn,
+    select_plan,
     split_validation,
 )
 
@@ -78,6 +79,9 @@ class CompareBudget:
     # every method that prunes refits the layers pruning cut on the calibration images (norton.recover);
     # on by default since the recovery ablation (docs/compare_medium.md)
     recover: bool = True
+    # NORTON-auto (MACs targets): every whole candidate plan fine-tuned this many epochs and the one of best
+    # validation top-1 kept (norton.select_plan); 0 keeps the planner's pick by damage
+    selection_epochs: int = 0
 
 
 SMALL = CompareBudget(
@@ -114,6 +118,9 @@ class Context:
     calibration: list[torch.Tensor] = field(default_factory=list)  # training images, for the planner
     cell_dir: str = ""  # where the current (method, target) keeps what its seeds share (a plan)
     input_size: tuple[int, int, int] = (1, 28, 28)  # one image of the data
+    train: object = None  # the training and validation splits, for NORTON-auto's plan selection
+    val: object = None
+    device: torch.device = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,11 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2")) -> Callable:
             else:
                 options.update(target_speedup=target, latency_batch=LATENCY_BATCH)
             chosen = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **options)
+            if kind == "macs" and ctx.budget.selection_epochs and chosen.alternatives:
+                chosen = select_plan(base, chosen, ctx.train, ctx.val, epochs=ctx.budget.selection_epochs,
+                                     finetune=ctx.budget.finetune, run_dir=os.path.join(ctx.cell_dir, "selection"),
+                                     calibration=ctx.calibration, example=ctx.example, device=ctx.device,
+                                     recalibration_images=ctx.budget.recalibration_images, seed=seed)
             if saved:
                 os.makedirs(ctx.cell_dir, exist_ok=True)
                 atomic_write_text(saved, json.dumps(chosen.to_dict(), indent=1))
@@ -203,7 +215,8 @@ def plan_summary(chosen: Plan) -> str:
              f"{len(chosen.tucker)} Tucker-2" if chosen.tucker else "", f"{dense} dense" if dense else ""]
     pruned = sum(chosen.totals.values()) - sum(chosen.keep.values())
     return (f"planned {len(chosen.ranks)} layers: {', '.join(p for p in parts if p)}; "
-            f"l2 prunes {pruned / max(1, sum(chosen.totals.values())):.0%} of filters")
+            f"l2 prunes {pruned / max(1, sum(chosen.totals.values())):.0%} of filters"
+            + (f"; candidate {chosen.allocation}" if chosen.selection else ""))
 
 
 def _norton_rank(base: nn.Module, target: float, ctx: Context) -> int:
@@ -378,7 +391,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     base_test = evaluate(baseline, test, device=device)
     teacher = copy.deepcopy(baseline) if budget.finetune.distill > 0 else None  # the same teacher for every method
     ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *input_size), budget=budget, input_size=input_size,
-                  calibration=calibration_batches(train, budget.calibration_images, seed=0))
+                  calibration=calibration_batches(train, budget.calibration_images, seed=0), train=train, val=val,
+                  device=device)
 
     results = []
     finals: dict[tuple[str, float], nn.Module] = {}

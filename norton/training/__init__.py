@@ -24,6 +24,7 @@ from norton.training.data import (
 from norton.training.distributed import Distributed, init_distributed, resolve_device
 from norton.training.engine import TrainingRun
 from norton.training.pipeline import CompressConfig, calibration_batches, compress
+from norton.training.selection import apply_plan, select_plan
 
 __all__ = [
     "DATASETS",
@@ -33,6 +34,7 @@ __all__ = [
     "FitResult",
     "TrainConfig",
     "TrainingRun",
+    "apply_plan",
     "calibration_batches",
     "classification_loss",
     "compress",
@@ -49,5 +51,6 @@ __all__ = [
     "num_batches",
     "recalibrate_bn",
     "resolve_device",
+    "select_plan",
     "split_validation",
 ]
