@@ -5,6 +5,7 @@ data, BN recalibration, fine-tuning and seeds).
     .venv/bin/python benchmarks/ablation.py distill   [--weight 0.5]  # -> runs/compare_distill
     .venv/bin/python benchmarks/ablation.py recover                   # -> runs/compare_recover
     .venv/bin/python benchmarks/ablation.py iterative                 # -> runs/compare_iterative
+    .venv/bin/python benchmarks/ablation.py select                    # -> runs/compare_select
 
 distill: NORTON-auto and FPGM at 85 % fewer MACs, fine-tuned with knowledge
 distillation from the uncompressed model (loss (1-W)·CE + W·T²·KL, T = 4),
@@ -17,6 +18,11 @@ iterative: NORTON at 85 % fewer MACs (rank 2, then pruning with pabs or l2, as
 in the comparison) through `norton.compress` with its defaults (least-squares
 recovery after every pruning), pruned at once or in 3 steps of one fine-tuning
 epoch each (the same 3 epochs in all), seeds 0 and 1.
+select: a comparison of its own (it trains its baseline with the current code when
+--out has none): NORTON-auto with its candidate plans chosen on the validation
+split after one fine-tuning epoch each (norton.select_plan), the same planner
+keeping its candidate of least damage, L1, FPGM and Tucker-2, at 60 % and 85 %,
+with least-squares recovery for every method that prunes.
 
 The medium run's baseline (and for distill its NORTON-auto plan) is copied into
 --out, so the rows differ from the medium table only by the change named.
@@ -44,6 +50,7 @@ VARIANTS = {
     "distill": (("norton-auto", "fpgm"), (0.85,)),
     "recover": (("norton-auto", "norton", "fpgm", "l1"), (0.60, 0.85)),
     "iterative": ((), ()),
+    "select": (("norton-auto", "norton-auto-damage", "l1", "fpgm", "tltorch-tucker2"), (0.60, 0.85)),
 }
 ITERATIVE = [("pabs", 1), ("pabs", 3), ("l2", 1), ("l2", 3)]  # (criterion, steps)
 
@@ -107,6 +114,10 @@ def main() -> None:
             raise SystemExit(f"{args.medium!r} is not a finished medium comparison (no baseline)")
         return iterative(args.medium, out)
     methods, targets = VARIANTS[args.variant]
+    if args.variant == "select":
+        budget = replace(MEDIUM, methods=methods, targets=targets, speedup_targets=(), recover=True, selection_epochs=1)
+        run_compare(out, budget=budget, resume=True, progress=False)
+        return
     plans = [os.path.join(args.medium, f"norton-auto_{round(100 * t)}", "plan.json") for t in targets]
     if not os.path.exists(os.path.join(args.medium, "baseline", "best.pt")) or not all(map(os.path.exists, plans)):
         raise SystemExit(f"{args.medium!r} is not a finished medium comparison (no baseline or NORTON-auto plans)")

@@ -371,3 +371,25 @@ def test_trial_steps_compare_candidates_after_distillation_on_held_out_images(mo
         plan(model, x, target_macs=0.6, trial_steps=-1)
     with pytest.raises(NortonError, match="at least 2 calibration images"):
         plan(model, x[:1], target_macs=0.6, ranks=(2,), keep_steps=2, trial_steps=2)
+
+
+def test_compress_selects_the_candidate_plan_of_best_validation_accuracy(baseline, tmp_path, capsys):
+    run = tmp_path / "select"
+    assert main(["compress", "--ckpt", str(baseline), "--target-macs", "0.6", "--calibration-images", "64",
+                 "--ranks", "1,2", "--keep-steps", "2", "--select-epochs", "1",
+                 "--data", "digits", "--epochs", "1", "--batch-size", "64", "--run-dir", str(run), "--device", "cpu"]) == 0
+    chosen = json.loads((run / "plan.json").read_text())
+    scores = chosen["selection"]
+    assert set(scores) == set(chosen["alternatives"]) and len(scores) >= 2
+    best = chosen["allocation"].split(" (")[0]
+    assert scores[best] == max(scores.values()) and "best validation top-1" in chosen["allocation"]
+    assert (chosen["keep"], chosen["ranks"]) == (chosen["alternatives"][best]["keep"], chosen["alternatives"][best]["ranks"])
+    assert len(list((run / "selection").glob("*/selection.json"))) == len(scores)
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.59 <= 1 - summary["final"]["macs"] / summary["baseline"]["macs"] <= 0.61
+    capsys.readouterr()
+    assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--amount", "0.5", "--select-epochs", "1",
+                 "--data", "digits", "--epochs", "1", "--run-dir", str(tmp_path / "no"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "selection_epochs chooses among the planner's candidate plans" in err
+    assert not (tmp_path / "no").exists()

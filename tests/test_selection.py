@@ -65,18 +65,10 @@ def test_select_plan_keeps_the_best_validation_candidate_and_resumes(setup, tmp_
     assert not seen and again.selection == scripted
 
 
-def test_select_plan_trains_for_real_and_refuses_bad_input(setup, tmp_path):
+def test_select_plan_refuses_bad_input(setup, tmp_path):
     model, train, val, x, planned = setup
-    two = copy.deepcopy(planned)
-    two.alternatives = dict(list(planned.alternatives.items())[:2])
-    chosen = select_plan(model, two, train, val, epochs=1, finetune=TrainConfig(epochs=1, batch_size=64, lr=0.05,
-                                                                                 warmup_epochs=0),
-                         run_dir=str(tmp_path), calibration=[x], example=x[:1], device=torch.device("cpu"),
-                         recalibration_images=64)
-    assert set(chosen.selection) == set(two.alternatives) and all(0 <= v <= 100 for v in chosen.selection.values())
-    assert chosen.selection[chosen.allocation.split(" (")[0]] == max(chosen.selection.values())
     with pytest.raises(NortonError, match="selection epochs must be a positive integer, got 0"):
-        select_plan(model, two, train, val, epochs=0, finetune=TrainConfig(), run_dir=str(tmp_path),
+        select_plan(model, planned, train, val, epochs=0, finetune=TrainConfig(), run_dir=str(tmp_path),
                     calibration=[x], example=x[:1], device=torch.device("cpu"))
     empty = copy.deepcopy(planned)
     empty.alternatives = {}

@@ -148,7 +148,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             target_speedup=args.target_speedup, plan=saved_plan,
                             calibration_images=args.calibration_images, global_ranking=args.global_ranking,
                             plan_options=search_options(args),
-                            iterative_steps=args.iterative_steps,
+                            iterative_steps=args.iterative_steps, selection_epochs=args.select_epochs,
                             **({} if args.recover is None else {"recover": args.recover}))
     summary = compress(model, train, val, test, config, args.run_dir, device=device, resume=args.resume,
                        overwrite=args.overwrite, ddp=ddp)
@@ -285,6 +285,9 @@ def register(sub) -> None:
                         "(least squares on the calibration images; norton.recover)")
     p.add_argument("--iterative-steps", type=int, default=1, metavar="K",
                    help="prune in K steps toward the final widths, fine-tuning --epochs/K epochs after each")
+    p.add_argument("--select-epochs", type=int, default=0, metavar="E",
+                   help="planner, --target-macs: fine-tune every candidate plan E epochs and keep the one of best "
+                        "validation top-1 (0: the candidate of least damage)")
     _add_search_args(p)
     p.add_argument("--criterion", default=None, help="filter selection: pabs (with -r) or l2 (planner) by default")
     add_global_ranking(p)

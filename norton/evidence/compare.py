@@ -159,7 +159,7 @@ def _norton(criterion: str) -> Callable:
     return build
 
 
-def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2")) -> Callable:
+def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = True) -> Callable:
     """The budget planner: per-layer CP rank, Tucker-2 ranks (``forms``) or
     dense, per-group filter counts (l2 selection), damages measured on training
     images only.  A speed-up target
@@ -179,7 +179,7 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2")) -> Callable:
             else:
                 options.update(target_speedup=target, latency_batch=LATENCY_BATCH)
             chosen = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **options)
-            if kind == "macs" and ctx.budget.selection_epochs and chosen.alternatives:
+            if select and kind == "macs" and ctx.budget.selection_epochs and chosen.alternatives:
                 chosen = select_plan(base, chosen, ctx.train, ctx.val, epochs=ctx.budget.selection_epochs,
                                      finetune=ctx.budget.finetune, run_dir=os.path.join(ctx.cell_dir, "selection"),
                                      calibration=ctx.calibration, example=ctx.example, device=ctx.device,
@@ -306,6 +306,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("norton-auto-speed", "NORTON-auto (planner, speed-up target)", "NORTON", _auto("speedup"),
            target_kind="speedup"),
     Method("norton-auto-cp", "NORTON-auto, CP ranks only (the paper's forms)", "ablation", _auto("macs", ("cp",))),
+    Method("norton-auto-damage", "NORTON-auto, candidate of least damage (no selection)", "ablation",
+           _auto("macs", select=False)),
     Method("norton", "NORTON (pabs)", "NORTON", _norton("pabs")),
     Method("norton-random", "NORTON, random selection", "ablation", _norton("random"), seeded=True),
     Method("norton-l2", "NORTON, L2 selection", "ablation", _norton("l2")),

@@ -31,6 +31,7 @@ from norton.training.classification import (
 )
 from norton.training.data import ArrayDataset, first_images, input_size_of
 from norton.training.distributed import Distributed
+from norton.training.selection import select_plan
 
 
 @dataclass
@@ -57,6 +58,9 @@ class CompressConfig:
     recover: bool = True  # on by default: the medium comparison's ablation (docs/compare_medium.md)
     # prune in this many steps toward the final widths, fine-tuning epochs / steps after each
     iterative_steps: int = 1
+    # planner, MACs target: fine-tune each whole candidate plan this many epochs and keep the one of best
+    # validation top-1 (norton.select_plan); 0 keeps the planner's candidate of least damage
+    selection_epochs: int = 0
     recalibrate: bool = True
     recalibration_images: int = 512
     finetune: TrainConfig = field(default_factory=TrainConfig)
@@ -104,7 +108,7 @@ def compress(
     model.to(device)
     fresh_plan = planned and not (resume and os.path.exists(plan_path))
     if fresh_plan and ddp.main:  # one process plans (timings differ between processes), before anything is written
-        plan = _make_plan(model, train, config, device, progress)
+        plan = _make_plan(model, train, val, config, device, progress, os.path.join(run_dir, "selection"))
     if overwrite and ddp.main:
         for p in [*existing, summary_path, plan_path]:
             if os.path.exists(p):
@@ -288,6 +292,12 @@ def _check_config(config: CompressConfig) -> None:
     if k > config.finetune.epochs:
         raise NortonError(f"iterative_steps {k} needs at least {k} fine-tuning epochs (one after each step), "
                           f"got {config.finetune.epochs}")
+    e = config.selection_epochs
+    if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+        raise NortonError(f"selection_epochs must be an integer >= 0, got {e!r}")
+    if e and (config.rank is not None or config.target_macs is None):
+        raise NortonError("selection_epochs chooses among the planner's candidate plans for a MACs target: "
+                          "give target_macs without a rank (or set selection_epochs to 0)")
     if config.rank is not None:
         if config.target_speedup is not None or config.plan is not None:
             raise NortonError("a rank and a planner target (target_speedup or plan) exclude each other: "
@@ -308,14 +318,21 @@ def calibration_batches(data: ArrayDataset, num_images: int, *, batch_size: int 
     return list(first_images(data.without_augmentation(), num_images, batch_size, seed=seed, epoch=20_000))
 
 
-def _make_plan(model, train, config: CompressConfig, device, progress: bool) -> Plan:
+def _make_plan(model, train, val, config: CompressConfig, device, progress: bool, selection_dir: str) -> Plan:
     if config.plan is not None:
         return Plan.from_dict(config.plan)
     batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
-    return plan_compression(model, batches, target_macs=config.target_macs, target_speedup=config.target_speedup,
+    made = plan_compression(model, batches, target_macs=config.target_macs, target_speedup=config.target_speedup,
                             criterion=config.criterion or "l2", seed=config.seed, progress=progress,
                             recover=config.recover,
                             **config.plan_options)
+    if not (config.selection_epochs and made.alternatives):
+        return made
+    input_size = list(input_size_of(val))
+    return select_plan(model, made, train, val, epochs=config.selection_epochs, finetune=config.finetune,
+                       run_dir=selection_dir, calibration=batches, example=torch.zeros(1, *input_size, device=device),
+                       device=device, recalibration_images=config.recalibration_images, seed=config.seed,
+                       progress=progress)
 
 
 def _jsonable(obj: Any) -> Any:
