@@ -164,8 +164,11 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
     dense, per-group filter counts (l2 selection), damages measured on training
     images only.  A speed-up target
     uses per-layer timings on this machine at the batch the latency is measured
-    with.  The plan is kept in the cell's directory, so a resumed comparison
-    rebuilds the same model even when timings would now choose another."""
+    with.  With the budget's ``selection_epochs`` (and ``select``) a MACs
+    target's candidate plans are fine-tuned briefly and the one of best
+    validation top-1 is kept (``norton.select_plan``).  The plan is kept in the
+    cell's directory, so a resumed comparison rebuilds the same model even when
+    timings would now choose another."""
 
     def build(base: nn.Module, target: float, seed: int, ctx: Context):
         saved = os.path.join(ctx.cell_dir, "plan.json") if ctx.cell_dir else None
@@ -378,7 +381,9 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
              f"(SGD lr {budget.finetune.lr}, cosine, batch {budget.finetune.batch_size}, best validation epoch); "
              f"seeds {list(budget.seeds)}; {torch.get_num_threads()} CPU threads"
              + ("; every pruned model's cut layers refitted by least squares on the planner's calibration images"
-                if budget.recover else ""))
+                if budget.recover else "")
+             + (f"; NORTON-auto's candidate plans each fine-tuned {budget.selection_epochs} epoch(s), the one of best "
+                "validation top-1 kept" if budget.selection_epochs and "norton-auto" in methods else ""))
     print(setup)
 
     # the shared baseline

@@ -24,7 +24,7 @@ from norton.training.data import (
 from norton.training.distributed import Distributed, init_distributed, resolve_device
 from norton.training.engine import TrainingRun
 from norton.training.pipeline import CompressConfig, calibration_batches, compress
-from norton.training.selection import apply_plan, select_plan
+from norton.training.candidates import apply_plan, select_plan
 
 __all__ = [
     "DATASETS",

@@ -31,7 +31,7 @@ from norton.training.classification import (
 )
 from norton.training.data import ArrayDataset, first_images, input_size_of
 from norton.training.distributed import Distributed
-from norton.training.selection import select_plan
+from norton.training.candidates import select_plan
 
 
 @dataclass

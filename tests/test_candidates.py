@@ -7,7 +7,7 @@ import torch
 
 from norton import NortonError, Plan, create_model, plan, select_plan
 from norton.training import FitResult, TrainConfig, calibration_batches, load_dataset, split_validation
-from norton.training import selection as selection_module
+from norton.training import candidates as selection_module
 
 
 @pytest.fixture(scope="module")
