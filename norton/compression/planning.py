@@ -706,14 +706,11 @@ def plan(
             if key not in whole_damage:
                 whole_damage[key] = measure_whole(build(state, refit_pruned=recover))
         best = min(candidates, key=lambda k: (whole_damage[tuple(candidates[k])], search.damage(candidates[k])))
-        measured_candidates.clear()
-        measured_candidates.update({k: whole_damage[tuple(v)] for k, v in candidates.items()})
         last_candidates.clear()
         last_candidates.update(candidates)
         return f"{best} (measured best of {len(candidates)})", candidates[best]
 
-    measured_candidates: dict[str, float] = {}
-    last_candidates: dict[str, list[int]] = {}
+    last_candidates: dict[str, list[int]] = {}  # of the last allocation that measured whole candidates
 
     def measure_whole(trial: nn.Module) -> float:
         if trial_images is None:
@@ -774,7 +771,8 @@ def plan(
             damage=search.damage(state), rows=rows,
             group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
             measured_speedup=measured if state is chosen_state else None, recover=bool(recover),
-            candidates=dict(measured_candidates), trial_steps=trial_steps if trial_images is not None else 0,
+            candidates={k: whole_damage[tuple(v)] for k, v in last_candidates.items()},
+            trial_steps=trial_steps if trial_images is not None else 0,
         )
 
     chosen_state = state
