@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/zoo.json", help="rows kept here as they finish")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --cache")
     parser.add_argument("--out", default="docs/zoo.md")
+    parser.add_argument("--report", action="store_true", help="only write --out from the rows in --cache")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,13 +119,13 @@ def main() -> None:
 
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = {}
-    if args.resume and os.path.exists(args.cache):
+    if (args.resume or args.report) and os.path.exists(args.cache):
         with open(args.cache) as f:
             rows = {(r["model"], r["mode"]): r for r in json.load(f)}
     os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
     for name in names:
         for mode in args.modes:
-            if (name, mode) in rows:
+            if (name, mode) in rows or args.report:
                 continue
             rows[(name, mode)] = row = run_isolated(name, mode, args.size, args.timeout)
             print(f"{name:<24} {mode:<16} {'ok' if row['ok'] else 'FAILED':<7} {row['seconds']:6.0f} s "
@@ -133,11 +134,14 @@ def main() -> None:
     ordered = [rows[(n, m)] for n in names for m in args.modes if (n, m) in rows]
     passed = sum(r["ok"] for r in ordered)
     deep = sum(r["ok"] and r["macs_after"] <= 0.6 * r["macs_before"] for r in ordered)
+    missing = [n for n in names if not any((n, m) in rows for m in args.modes)]
     text = (f"# torchvision classifiers through norton\n\n`.venv/bin/python benchmarks/zoo.py --size {args.size}` "
             f"(random weights, 1×3×{args.size}×{args.size}, classifier left whole, 50 % of every prunable group, "
             f"l2 selection; decompose+prune = CP rank 8 where cheaper, then pruning): {passed} of {len(ordered)} "
             f"(model, mode) pairs keep the output's shape and deploy and export exactly; {deep} of them lose at least "
-            f"40 % of their MACs.\n\n{table(ordered)}\n")
+            f"40 % of their MACs."
+            + (f" Not run yet (continue with `--resume`): {', '.join(missing)}." if missing else "")
+            + f"\n\n{table(ordered)}\n")
     atomic_write_text(args.out, text)
     print(f"written: {args.out} ({passed}/{len(ordered)} ok)")
 
