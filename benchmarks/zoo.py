@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--cache", default="runs/zoo.json", help="rows kept here as they finish")
+    parser.add_argument("--cache", default="docs/zoo.json", help="rows kept here as they finish (committed: a run continues across sessions)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --cache")
     parser.add_argument("--out", default="docs/zoo.md")
     parser.add_argument("--report", action="store_true", help="only write --out from the rows in --cache")
