@@ -51,6 +51,9 @@ VARIANTS = {
     "recover": (("norton-auto", "norton", "fpgm", "l1"), (0.60, 0.85)),
     "iterative": ((), ()),
     "select": (("norton-auto", "norton-auto-damage", "l1", "fpgm", "tltorch-tucker2"), (0.60, 0.85)),
+    # the planner ranking filters by FPGM instead of l2, added to the select run's directory
+    "criterion": (("norton-auto", "norton-auto-damage", "norton-auto-fpgm", "l1", "fpgm", "tltorch-tucker2"),
+                  (0.60, 0.85)),
 }
 ITERATIVE = [("pabs", 1), ("pabs", 3), ("l2", 1), ("l2", 3)]  # (criterion, steps)
 
@@ -114,7 +117,7 @@ def main() -> None:
             raise SystemExit(f"{args.medium!r} is not a finished medium comparison (no baseline)")
         return iterative(args.medium, out)
     methods, targets = VARIANTS[args.variant]
-    if args.variant == "select":
+    if args.variant in ("select", "criterion"):
         budget = replace(MEDIUM, methods=methods, targets=targets, speedup_targets=(), recover=True, selection_epochs=1)
         run_compare(out, budget=budget, resume=True, progress=False)
         return

@@ -175,11 +175,25 @@ def test_fpgm_removes_the_filter_nearest_the_geometric_median():
     assert sorted(l1.groups[0].kept) != [0, 1, 2, 3] or first[4].abs().sum() < first[:4].abs().flatten(1).sum(1).min()
 
 
-def test_torch_pruning_criteria_need_plain_layers():
+def test_torch_pruning_criteria_score_cp_filters_on_their_dense_kernels():
+    """Where a group has CPDBlocks (torch-pruning's importances see plain layers
+    only), l1 and fpgm score the CP filters' dense kernels, and say so."""
     from norton.compression import decompose, prune
+    from norton.compression.criteria import fpgm_scores, l1_scores
 
     gen = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 3, 2, 2, generator=gen)
+    flat = w.flatten(1).double()
+    by_hand = torch.tensor([sum(float((flat[i] - flat[j]).norm()) for j in range(5)) for i in range(5)])
+    torch.testing.assert_close(fpgm_scores(w), by_hand.double())
+    torch.testing.assert_close(l1_scores(w), flat.abs().sum(1))
+
     net = _two_convs(torch.randn(6, 2, 3, 3, generator=gen), torch.randn(4, 6, 3, 3, generator=gen))
-    decompose(net, 2, progress=False)  # only CPDBlocks left: nothing for torch-pruning's importances
-    with pytest.raises(NortonError, match="plain Conv2d/Linear/BatchNorm"):
-        prune(net, {"0": 0.5}, example_inputs=torch.zeros(1, 2, 8, 8), criterion="l1")
+    decompose(net, 2, progress=False)  # only CPDBlocks left
+    dense = net[0].dense_weight().detach()
+    report = prune(net, {"0": 0.5}, example_inputs=torch.zeros(1, 2, 8, 8), criterion="l1")
+    group = {g.root: g for g in report.groups}["0"]
+    assert group.criterion == "l1 (dense kernels)"
+    assert group.kept == sorted(torch.argsort(l1_scores(dense), descending=True)[:3].tolist())
+
+

@@ -425,16 +425,125 @@ def test_depthwise_convs_are_pruned_with_the_channels_that_feed_them(builder):
     original computes on the kept channels."""
     torch.manual_seed(0)
     model = builder(weights=None).eval()
-    for m in model.modules():  # random BN statistics, so that a wrong channel shows
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    _random_bn_statistics(model)
     x = torch.randn(2, 3, 32, 32)
     report, pruned = assert_pruning_is_faithful(model, x, amount=0.5, criterion="l2")
     assert not report.skipped
     depthwise = [m for m in pruned.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
     assert report.macs_after < 0.6 * report.macs_before  # #15: at least 40 % fewer MACs at 50 % pruning
+
+
+# -- grouped (non-depthwise) convolutions ----------------------------------------------------------
+def _random_bn_statistics(model):
+    for m in model.modules():  # so that a wrong channel shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize("builder", [torchvision.models.resnext50_32x4d, torchvision.models.regnet_y_400mf,
+                                     torchvision.models.regnet_x_400mf])
+def test_grouped_convs_are_pruned_the_same_in_every_conv_group(builder):
+    """ResNeXt / RegNet: the channels that enter and leave a grouped conv are
+    pruned at the same positions of each of its groups; nothing is left whole,
+    the pruned model computes what the original computes on the kept channels,
+    and 50 % pruning removes at least 40 % of the MACs (#15)."""
+    torch.manual_seed(0)
+    model = builder(weights=None).eval()
+    _random_bn_statistics(model)
+    x = torch.randn(2, 3, 32, 32)
+    head = model.fc
+    report, pruned = assert_pruning_is_faithful(model, x, amount=0.5, criterion="l2", ignored_layers=[head])
+    assert not report.skipped
+    original = dict(model.named_modules())
+    grouped = [(n, m) for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert grouped
+    for name, conv in grouped:
+        assert conv.groups == original[name].groups  # the group count stays, each group narrows
+        assert conv.in_channels < original[name].in_channels and conv.out_channels < original[name].out_channels
+    for g in report.groups:
+        if "blocks" in g.criterion:
+            blocks = int(g.criterion.split("each of ")[1].split()[0])
+            size = g.total // blocks
+            positions = [k % size for k in g.kept]
+            assert g.width % blocks == 0 and positions == positions[:g.width // blocks] * blocks
+    assert report.macs_after < 0.6 * report.macs_before
+
+
+def test_grouped_conv_widths_are_rounded_to_whole_blocks():
+    """A rate that would leave an uneven share per conv group keeps the nearest
+    multiple of the group count (at least one channel per group)."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4),
+                          nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 5, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    report = prune(model, {"0": 0.3}, example_inputs=x, criterion="l2")  # 16·0.7 = 11 -> 12 (3 per group)
+    assert model[0].out_channels == 12 and model[3].in_channels == 12 and model[3].weight.shape[1] == 3
+    assert {g.root: g.width for g in report.groups}["0"] == 12
+    prune(model, {"3": 0.9}, example_inputs=x, criterion="l2")  # 1 filter -> at least one per group
+    assert model[3].out_channels == 4 and model[3].groups == 4
+
+
+def test_factor_and_torch_pruning_criteria_on_grouped_and_decomposed_groups():
+    """pabs folds its pairwise distances over the conv groups; fpgm and l1
+    score CP filters on their dense kernels (torch-pruning's importances see
+    plain layers only)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 5, 1)).eval()
+    _random_bn_statistics(model)
+    decompose(model, 2, n_iter_max=5, progress=False)
+    assert isinstance(model[0], CPDBlock) and isinstance(model[3], nn.Conv2d)
+    x = torch.randn(2, 3, 8, 8)
+    report, _ = assert_pruning_is_faithful(model, x, compress_rate={"0": 0.5}, criterion="pabs")
+    assert {g.root: g.criterion for g in report.groups}["0"] == "pabs (same in each of 4 blocks)"
+    for criterion in ("fpgm", "l1"):
+        model = create_model("resnet_20", rank=2).eval()
+        report = prune(model, amount=0.5, example_inputs=X32, criterion=criterion)
+        assert model(X32).shape == (2, 10)
+        assert {g.criterion for g in report.groups} >= {f"{criterion} (dense kernels)"}
+
+
+class StoredHeads(nn.Module):
+    """Splits its channels into heads by a size stored at construction, as
+    attention blocks do: pruning the channels that reach it breaks its forward."""
+
+    def __init__(self, channels, heads=2):
+        super().__init__()
+        self.heads, self.head_dim = heads, channels // heads
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        y = x.reshape(b, self.heads, self.head_dim, h * w).softmax(-1)
+        return y.reshape(b, self.heads * self.head_dim, h, w)
+
+
+class HeadsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.attn = StoredHeads(8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(self.attn(self.proj(self.stem(x)))).mean((2, 3))
+
+
+def test_a_group_whose_pruning_breaks_the_forward_is_left_whole_with_the_reason():
+    """The whole-model pruning breaks the forward in StoredHeads; norton puts the
+    model back, cuts the groups one at a time, and leaves whole only the one that
+    breaks it — naming the error and the module it came from."""
+    torch.manual_seed(0)
+    model = HeadsNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = prune(model, amount=0.5, example_inputs=x, criterion="l2")
+    assert model(x).shape == (2, 4)
+    assert model.stem[0].out_channels == 4 and model.proj.out_channels == 8
+    assert report.skipped.keys() == {"proj", "out"} and report.skipped["out"] == "its channels are model outputs"
+    assert "breaks the model's forward: RuntimeError" in report.skipped["proj"]
+    assert "in attn (StoredHeads)" in report.skipped["proj"]
 
 
 def test_a_removal_that_would_empty_a_coupled_layer_names_it(monkeypatch):

@@ -115,6 +115,17 @@ def l2_scores(weight: Tensor, *, seed: int = 0) -> Tensor:
     return weight.detach().to(torch.float64).flatten(1).norm(dim=1)
 
 
+def l1_scores(weight: Tensor, *, seed: int = 0) -> Tensor:
+    """L1 norm of every filter of a dense kernel."""
+    return weight.detach().to(torch.float64).flatten(1).abs().sum(1)
+
+
+def fpgm_scores(weight: Tensor, *, seed: int = 0) -> Tensor:
+    """Summed distance of every filter to the others (FPGM: near the geometric median = replaceable)."""
+    w = weight.detach().to(torch.float64).flatten(1)
+    return torch.cdist(w, w).sum(1)
+
+
 def random_scores(weight: Tensor, *, seed: int = 0) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(weight.shape[0], generator=generator, dtype=torch.float64)
@@ -134,6 +145,7 @@ class Criterion:
     compute: Callable
     description: str
     on_group: bool = False
+    per_weight: Callable | None = None  # an on_group criterion's score of one dense kernel, for CPDBlocks
 
 
 def _torch_pruning_importance(importance) -> Callable:
@@ -171,11 +183,13 @@ register_criterion(Criterion("random", "score", False, random_scores, "seeded ra
 register_criterion(Criterion(
     "l1", "score", False,
     _torch_pruning_importance(tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=None)),
-    "L1 norm over the coupled layers of the group (torch-pruning's MagnitudeImportance)", on_group=True))
+    "L1 norm over the coupled layers of the group (torch-pruning's MagnitudeImportance)", on_group=True,
+    per_weight=l1_scores))
 register_criterion(Criterion(
     "fpgm", "score", False,
     _torch_pruning_importance(tp.importance.FPGMImportance(p=2, group_reduction="mean", normalizer=None)),
-    "distance to the geometric median of the filters (torch-pruning's FPGMImportance)", on_group=True))
+    "distance to the geometric median of the filters (torch-pruning's FPGMImportance)", on_group=True,
+    per_weight=fpgm_scores))
 
 
 def get_criterion(name: str) -> Criterion:

@@ -7,6 +7,7 @@ torch-pruning group and, after selection, the ordered kept channels.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,11 @@ def is_depthwise(module: nn.Module) -> bool:
     """A conv with one filter per input channel (groups = in = out channels): its
     channels are pruned together with the channels that feed it."""
     return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A conv with ``groups`` > 1 that is not depthwise (ResNeXt, RegNet)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
 
 
 def modules_feeding_output(model: nn.Module, example_inputs) -> set[nn.Module]:
@@ -117,6 +123,16 @@ class CoupledGroup:
     convs: list[tuple[str, nn.Module]]  # output-channel convs / CPDBlocks with names
     target: int = 0
     dependencies: Any = None  # the torch-pruning group, for criteria that score it whole
+    blocks: int = 1  # >1: the channels feed or leave a grouped conv; every block of total/blocks loses the same ones
+
+
+def conv_blocks(members) -> int:
+    """How many equal blocks a group's channels fall into for the grouped
+    (non-depthwise) convs among its members: the least common multiple of their
+    ``groups`` (1 when there is none).  Removing the same positions from every
+    block keeps each conv group's share of channels equal, as ``groups`` needs."""
+    counts = [m.groups for m, *_ in members if is_grouped(m)]
+    return math.lcm(*counts) if counts else 1
 
 
 def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, ignored_layers=()) -> tuple[list[CoupledGroup], dict[str, str]]:
@@ -146,12 +162,16 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
         elif any(isinstance(m, tp.ops._OutputOp) for m, *_ in members) or any(
                 m in output_modules for m, is_out, *_ in members if is_out):
             reason = "its channels are model outputs"  # e.g. a conv classifier followed by pooling
-        elif any(isinstance(m, nn.Conv2d) and 1 < m.groups and not is_depthwise(m) for m, *_ in members):
-            reason = "grouped convolution (groups > 1, not depthwise)"
+        blocks = conv_blocks(members)
+        if not reason and blocks > 1 and (total % blocks or any(
+                idxs != root_idxs for m, _, idxs, root_idxs in members if is_grouped(m))):
+            reason = (f"its {total} channels do not split into the {blocks} equal blocks its grouped convolutions need"
+                      if total % blocks else "its channels reach a grouped convolution through a concatenation")
         if reason:
             skipped[root_name] = reason
             continue
         info = GroupPruning(root=root_name, layers=[n for n, _ in convs], total=total)
-        groups.append(CoupledGroup(info=info, root_module=root, members=members, convs=convs, dependencies=group))
+        groups.append(CoupledGroup(info=info, root_module=root, members=members, convs=convs, dependencies=group,
+                                   blocks=blocks))
     groups.sort(key=lambda g: order[g.info.root])
     return groups, skipped

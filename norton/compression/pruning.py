@@ -22,9 +22,10 @@ from norton.compression.graph import (
     build_graph,
     collect_groups,
 )
-from norton.compression.removal import apply_selection
+from norton.compression.removal import apply_or_restore, apply_selection
 from norton.compression.selection import (
     plan_selection,
+    round_to_blocks,
     set_amount_targets,
     set_count_targets,
     set_dict_targets,
@@ -113,15 +114,33 @@ def prune(
     macs_before = count_macs(model, example_inputs)
     params_before = sum(p.numel() for p in model.parameters())
     shapes_before = _output_shapes(model, example_inputs)
-    with unchanged_on_error(model):  # a failure part-way leaves the model as it was
-        groups, skipped = prune_in_place(model, example_inputs, compress_rate=compress_rate, amount=amount, keep=keep,
-                                         criterion=criterion, ignored_layers=ignored_layers, seed=seed,
-                                         progress=progress, graph=graph, global_ranking=global_ranking)
-        shapes_after = _output_shapes(model, example_inputs)
-        if shapes_after != shapes_before:
-            raise NortonError(
-                f"pruning would change the model's output shapes from {shapes_before} to {shapes_after}; "
-                "the model was left unchanged — pass the layers that produce the outputs as ignored_layers")
+    options = dict(compress_rate=compress_rate, amount=amount, keep=keep, criterion=criterion,
+                   ignored_layers=ignored_layers, seed=seed, progress=progress, global_ranking=global_ranking)
+    try:
+        with unchanged_on_error(model):  # a failure part-way leaves the model as it was
+            groups, skipped = prune_in_place(model, example_inputs, graph=graph, **options)
+            failure = forward_failure(model, example_inputs)
+            if failure:
+                raise _BrokenForward(failure)
+            shapes_after = _output_shapes(model, example_inputs)
+            if shapes_after != shapes_before:
+                raise NortonError(
+                    f"pruning would change the model's output shapes from {shapes_before} to {shapes_after}; "
+                    "the model was left unchanged — pass the layers that produce the outputs as ignored_layers")
+    except _BrokenForward as broken:  # the model is back as it was: find the groups that break it, keep them whole
+        def check() -> str | None:
+            failure = forward_failure(model, example_inputs)
+            if failure:
+                return f"pruning it breaks the model's forward: {failure}"
+            after = _output_shapes(model, example_inputs)
+            return None if after == shapes_before else f"pruning it changes the output shapes to {after}"
+
+        with unchanged_on_error(model):
+            groups, skipped = prune_in_place(model, example_inputs, graph=build_graph(model, example_inputs),
+                                             check=check, **options)
+            if forward_failure(model, example_inputs) or _output_shapes(model, example_inputs) != shapes_before:
+                raise NortonError(f"after pruning, the model's forward fails: {broken}; pruning the groups one "
+                                  "at a time did not avoid it — the model was left unchanged") from None
     return PruneReport(
         groups=groups,
         macs_before=macs_before,
@@ -134,9 +153,12 @@ def prune(
 
 def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amount: float | None = None,
                    keep: Mapping[str, int] | None = None, criterion: str = "pabs", ignored_layers=(), seed: int = 0,
-                   progress: bool = False, graph=None, global_ranking: bool = False
+                   progress: bool = False, graph=None, global_ranking: bool = False, check=None
                    ) -> tuple[list[GroupPruning], dict[str, str]]:
-    """The work of ``prune`` without its MACs and params report: (groups, skipped)."""
+    """The work of ``prune`` without its MACs and params report: (groups, skipped).
+    With ``check`` (a callable returning None or a reason), the groups are cut
+    one at a time and a group after which ``check`` gives a reason is put back
+    and left whole with that reason."""
     graph = build_graph(model, example_inputs) if graph is None else graph
     groups, skipped = collect_groups(model, graph, example_inputs, ignored_layers)
     if keep is not None:
@@ -150,9 +172,46 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
         set_global_targets(groups, float(amount), criterion, seed)
     else:
         set_amount_targets(groups, float(amount))
+    round_to_blocks(groups)
     plan_selection(groups, criterion, seed, progress)
-    apply_selection(graph, groups)
-    return [g.info for g in groups], skipped
+    if check is None:
+        apply_selection(graph, groups)
+        return [g.info for g in groups], skipped
+    kept = []
+    for g in groups:
+        reason = apply_or_restore(graph, g, check)
+        if reason:
+            skipped[g.info.root] = reason
+        else:
+            kept.append(g)
+    return [g.info for g in kept], skipped
+
+
+class _BrokenForward(Exception):
+    """Pruning left a model whose forward raises (the message says where)."""
+
+
+def forward_failure(model: nn.Module, example_inputs) -> str | None:
+    """None when the model's forward runs on ``example_inputs`` (eval mode);
+    otherwise the error and the innermost module it came from — e.g. an
+    attention block that reshapes by a head size stored at construction."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*as_args(example_inputs))
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure of a user model's forward is reported
+        names = {id(m): n for n, m in model.named_modules()}
+        where, tb = None, err.__traceback__
+        while tb is not None:
+            module = tb.tb_frame.f_locals.get("self")
+            if isinstance(module, nn.Module) and names.get(id(module)):
+                where = f"{names[id(module)]} ({type(module).__name__})"
+            tb = tb.tb_next
+        return f"{type(err).__name__}: {err}" + (f" in {where}" if where else "")
+    finally:
+        model.train(was_training)
 
 
 def _output_shapes(model: nn.Module, example_inputs) -> list[tuple[int, ...]]:

@@ -6,6 +6,9 @@ planned order so that option-A shortcuts place channels where the original did.
 """
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
@@ -50,6 +53,24 @@ def apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> No
     _apply_selection(graph, groups)
     for module, name in frozen:
         getattr(module, name).requires_grad_(False)
+
+
+def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable[[], str | None]) -> str | None:
+    """Cut one group; if ``check`` then gives a reason, put every member back as
+    it was (same module objects) and return the reason."""
+    saved = {}
+    for module, *_ in g.members:
+        if id(module) not in saved:
+            state = {k: v for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+            saved[id(module)] = (module, copy.copy(state), copy.deepcopy(module._parameters),
+                                 copy.deepcopy(module._buffers))
+    apply_selection(graph, [g])
+    reason = check()
+    if reason:
+        for module, state, parameters, buffers in saved.values():
+            module.__dict__.update(state)
+            module._parameters, module._buffers = parameters, buffers
+    return reason
 
 
 def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> None:

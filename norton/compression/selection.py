@@ -136,6 +136,11 @@ def _dense_weight(module: nn.Module) -> Tensor:
 def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
     """(kind, matrix or scores, label) for the group under the criterion."""
     criterion = get_criterion(criterion_name)
+    if criterion.on_group and criterion.per_weight and any(isinstance(m, CPDBlock) for _, m in g.convs):
+        # torch-pruning's importances see plain layers only: score the CP filters' dense kernels instead
+        with torch.no_grad():
+            scores = normalized_sum([criterion.per_weight(_dense_weight(m)) for _, m in g.convs])
+        return "score", scores, f"{criterion.name} (dense kernels)"
     if criterion.on_group:
         with torch.no_grad():
             scores = criterion.compute(g.dependencies)
@@ -164,10 +169,36 @@ def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
     return "score", scores, label
 
 
+def round_to_blocks(groups: list[CoupledGroup]) -> None:
+    """A group cut into ``blocks`` equal blocks by grouped convs keeps a multiple
+    of ``blocks`` channels: its target rounded to the nearest (at least one per block)."""
+    for g in groups:
+        if g.blocks > 1:
+            g.target = g.blocks * max(1, round(g.target / g.blocks))
+
+
+def _fold_blocks(kind: str, values: Tensor, blocks: int) -> Tensor:
+    """Scores (or pairwise matrix) of the positions inside a block, summed over the blocks."""
+    size = values.shape[0] // blocks
+    if kind == "score":
+        return values.reshape(blocks, size).sum(0)
+    return values.reshape(blocks, size, blocks, size).diagonal(dim1=0, dim2=2).sum(-1)
+
+
 def _select(g: CoupledGroup, criterion: str, seed: int, *, protected=(), allowed=None) -> tuple[list[int], str]:
     if g.target == g.info.total and not protected and allowed is None:
         return list(range(g.info.total)), "unpruned"
     kind, values, label = _group_scores(g, criterion, seed)
+    if g.blocks > 1:  # the same positions go from every block (torch-pruning's rule for grouped convs)
+        if protected or allowed is not None:
+            raise NortonError(f"group {g.info.root}: a grouped convolution and a fixed channel placement together "
+                              "are not supported; pass its layers in ignored_layers")
+        size = g.info.total // g.blocks
+        folded = _fold_blocks(kind, values, g.blocks)
+        count = g.target // g.blocks
+        positions = (top_scores(folded, count) if kind == "score"
+                     else greedy_eliminate(folded, count, similarity=kind == "similarity"))
+        return [b * size + p for b in range(g.blocks) for p in positions], f"{label} (same in each of {g.blocks} blocks)"
     if kind == "score":
         return top_scores(values, g.target, protected=protected, allowed=allowed), label
     return greedy_eliminate(values, g.target, similarity=kind == "similarity", protected=protected, allowed=allowed), label

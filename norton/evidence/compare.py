@@ -159,9 +159,10 @@ def _norton(criterion: str) -> Callable:
     return build
 
 
-def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = True) -> Callable:
+def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = True,
+          criterion: str = "l2") -> Callable:
     """The budget planner: per-layer CP rank, Tucker-2 ranks (``forms``) or
-    dense, per-group filter counts (l2 selection), damages measured on training
+    dense, per-group filter counts (filters ranked by ``criterion``), damages measured on training
     images only.  A speed-up target
     uses per-layer timings on this machine at the batch the latency is measured
     with.  With the budget's ``selection_epochs`` (and ``select``) a MACs
@@ -176,7 +177,8 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
             with open(saved) as f:
                 chosen = Plan.from_dict(json.load(f))
         else:
-            options = {"forms": forms, "recover": ctx.budget.recover, **ctx.budget.plan_options}
+            options = {"forms": forms, "recover": ctx.budget.recover, "criterion": criterion,
+                       **ctx.budget.plan_options}
             if kind == "macs":
                 options["target_macs"] = target
             else:
@@ -218,7 +220,7 @@ def plan_summary(chosen: Plan) -> str:
              f"{len(chosen.tucker)} Tucker-2" if chosen.tucker else "", f"{dense} dense" if dense else ""]
     pruned = sum(chosen.totals.values()) - sum(chosen.keep.values())
     return (f"planned {len(chosen.ranks)} layers: {', '.join(p for p in parts if p)}; "
-            f"l2 prunes {pruned / max(1, sum(chosen.totals.values())):.0%} of filters"
+            f"{chosen.criterion} prunes {pruned / max(1, sum(chosen.totals.values())):.0%} of filters"
             + (f"; candidate {chosen.allocation}" if chosen.selection else ""))
 
 
@@ -311,6 +313,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("norton-auto-cp", "NORTON-auto, CP ranks only (the paper's forms)", "ablation", _auto("macs", ("cp",))),
     Method("norton-auto-damage", "NORTON-auto, candidate of least damage (no selection)", "ablation",
            _auto("macs", select=False)),
+    Method("norton-auto-fpgm", "NORTON-auto, FPGM ranking, least damage (no selection)", "ablation",
+           _auto("macs", select=False, criterion="fpgm")),
     Method("norton", "NORTON (pabs)", "NORTON", _norton("pabs")),
     Method("norton-random", "NORTON, random selection", "ablation", _norton("random"), seeded=True),
     Method("norton-l2", "NORTON, L2 selection", "ablation", _norton("l2")),
