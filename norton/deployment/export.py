@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +32,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, opset: in
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
     os.close(fd)
     try:
-        with torch.no_grad():
-            torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        with torch.no_grad(), warnings.catch_warnings():
+            # norton chooses the TorchScript exporter on purpose (CPDBlock's grouped convs export exactly with it)
+            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
+                                    category=DeprecationWarning)
+            try:
+                torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
+                                  output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            except torch.onnx.errors.OnnxExporterError as err:
+                first = str(err).strip().splitlines()[0][:300]
+                raise NortonError(f"torch's ONNX exporter (opset {opset}) cannot export this model for an example of "
+                                  f"shape {tuple(example.shape)}: {first}") from None
         onnx.checker.check_model(onnx.load(tmp))
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         got = session.run(None, {"input": example.cpu().numpy()})[0]
