@@ -28,12 +28,28 @@ MODES = ("decompose+prune", "prune")
 TOLERANCE = 1e-4  # deploy and ONNX outputs must match the compressed model to this fraction of its largest output
 
 
+# a dozen timm CNNs of different families (timm is a test dependency; `--timm`)
+TIMM_MODELS = ["resnet50d", "seresnext26d_32x4d", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016",
+               "ghostnet_100", "mixnet_s", "rexnet_100", "cspresnet50", "dla34", "convnext_nano", "repvgg_a2",
+               "res2net50_26w_4s", "densenet121", "dpn68b"]
+
+
+def build(name: str):
+    """A classifier with random weights: ``timm/<name>`` from timm, else torchvision's."""
+    if name.startswith("timm/"):
+        import timm
+
+        return timm.create_model(name[len("timm/"):], pretrained=False)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None)
+
+
 def run_one(name: str, mode: str, size: int) -> dict:
     """One (model, mode), in this process; returns its row."""
     import tempfile
 
     import torch
-    import torchvision
 
     from norton import count_macs, decompose, deploy, prune
     from norton.core import count_params
@@ -41,7 +57,7 @@ def run_one(name: str, mode: str, size: int) -> dict:
 
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = torchvision.models.get_model(name, weights=None).eval()
+    model = build(name).eval()
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         before_shape = tuple(model(x).shape)
@@ -102,12 +118,15 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=None, help="torchvision model names (default: every classifier)")
+    parser.add_argument("--timm", action="store_true", help="the timm models of TIMM_MODELS instead (rows named timm/<name>; "
+                        "default cache docs/zoo_timm.json, table docs/zoo_timm.md)")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--cache", default="docs/zoo.json", help="rows kept here as they finish (committed: a run continues across sessions)")
+    parser.add_argument("--cache", default=None, help="rows kept here as they finish (committed: a run continues across "
+                        "sessions; default docs/zoo.json)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --cache")
-    parser.add_argument("--out", default="docs/zoo.md")
+    parser.add_argument("--out", default=None, help="the table (default docs/zoo.md)")
     parser.add_argument("--report", action="store_true", help="only write --out from the rows in --cache")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -120,7 +139,12 @@ def main() -> None:
 
     from norton.checkpoints import atomic_write_text
 
-    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    stem = "docs/zoo_timm" if args.timm else "docs/zoo"
+    args.cache, args.out = args.cache or f"{stem}.json", args.out or f"{stem}.md"
+    if args.timm:
+        names = [f"timm/{n}" for n in (args.models or TIMM_MODELS)]
+    else:
+        names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = {}
     if (args.resume or args.report) and os.path.exists(args.cache):
         with open(args.cache) as f:
@@ -138,7 +162,8 @@ def main() -> None:
     passed = sum(r["ok"] for r in ordered)
     deep = sum(r["ok"] and r["macs_after"] <= 0.6 * r["macs_before"] for r in ordered)
     missing = [n for n in names if not any((n, m) in rows for m in args.modes)]
-    text = (f"# torchvision classifiers through norton\n\n`.venv/bin/python benchmarks/zoo.py --size {args.size}` "
+    text = (f"# {'timm' if args.timm else 'torchvision'} classifiers through norton\n\n"
+            f"`.venv/bin/python benchmarks/zoo.py --size {args.size}{' --timm' if args.timm else ''}` "
             f"(random weights, 1×3×{args.size}×{args.size}, classifier left whole, 50 % of every prunable group, "
             f"l2 selection; decompose+prune = CP rank 8 where cheaper, then pruning): {passed} of {len(ordered)} "
             f"(model, mode) pairs keep the output's shape and deploy and export exactly (errors relative to the "

@@ -40,7 +40,7 @@ def kill_pruned_channels(model, report, example_inputs, also_dead=None):
             for module, is_out, idxs, root_idxs in g.members:
                 # after a BatchNorm, or, with none (a squeeze-excitation conv), at the conv itself
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-                        not norms and is_out and isinstance(module, nn.Conv2d)):
+                        not norms and is_out and isinstance(module, (nn.Conv2d, nn.Linear))):
                     where = {r: i for i, r in zip(idxs, root_idxs)}
                     channels = [where[d] for d in dead if d in where]
                     module.weight[channels] = 0
@@ -503,6 +503,22 @@ def test_factor_and_torch_pruning_criteria_on_grouped_and_decomposed_groups():
         report = prune(model, amount=0.5, example_inputs=X32, criterion=criterion)
         assert model(X32).shape == (2, 10)
         assert {g.criterion for g in report.groups} >= {f"{criterion} (dense kernels)"}
+
+
+def test_mlp_hidden_widths_are_pruned_and_heads_start_no_group():
+    """ConvNeXt's MLPs (Linear on (b, h, w, c) views): the hidden width is cut,
+    exactly; the classifier Linear starts no group (it is no hidden layer)."""
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny(weights=None).eval()
+    x = torch.randn(2, 3, 32, 32)
+    # one MLP alone (the stream's channels pass LayerNorms, whose statistics a cut changes)
+    _, pruned = assert_pruning_is_faithful(model, x, compress_rate={"features.1.0.block.3": 0.5}, criterion="l2")
+    mlp_in, mlp_out = pruned.features[1][0].block[3], pruned.features[1][0].block[5]
+    assert isinstance(mlp_in, nn.Linear) and mlp_in.out_features == 192 and mlp_out.in_features == 192  # of 384
+    report = prune(model, amount=0.5, example_inputs=x, criterion="l2")
+    assert "features.1.0.block.3" in {g.root for g in report.groups} and not report.skipped
+    assert model.classifier[2].out_features == 1000  # its outputs are the model's: not a group
+    assert report.macs_after < 0.3 * report.macs_before
 
 
 class StoredHeads(nn.Module):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from norton.compression.graph import ROOT_TYPES, out_width
 from norton.compression.pruning import restructure
 from norton.core import CPDBlock, TuckerBlock, replace_module
 from norton.errors import NortonError
@@ -27,7 +28,7 @@ def describe(model: nn.Module, input_size: list[int] | None = None) -> dict[str,
         "base": dict(spec) if spec else None,
         "decomposed": {n: m.rank for n, m in model.named_modules() if isinstance(m, CPDBlock)},
         "tucker": {n: list(m.ranks) for n, m in model.named_modules() if isinstance(m, TuckerBlock)},
-        "widths": {n: m.out_channels for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPDBlock))},
+        "widths": {n: out_width(m) for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)},
         "input_size": [int(s) for s in size],
     }
 
@@ -62,7 +63,7 @@ def rebuild(description: dict[str, Any], base_model: nn.Module | None = None) ->
                 block = block_type.like_conv(conv, ranks).requires_grad_(conv.weight.requires_grad)  # frozen stays frozen
                 replace_module(model, name, block)
     widths = description.get("widths", {})
-    current = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPDBlock))}
+    current = {n: out_width(m) for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)}
     if widths and widths != current:
         size = description.get("input_size") or list(getattr(model, "default_input_size", []))
         if not size:

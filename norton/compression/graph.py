@@ -20,7 +20,15 @@ from norton.core import CPDBlock
 from norton.core.surgery import as_args, flatten_tensors
 from norton.errors import NortonError
 
-ROOT_TYPES = (nn.Conv2d, CPDBlock)
+ROOT_TYPES = (nn.Conv2d, nn.Linear, CPDBlock)  # layers whose output channels (features) are pruned
+_PASS_THROUGH = {tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.BN, tp.ops.OPTYPE.LN, tp.ops.OPTYPE.GN,
+                 tp.ops.OPTYPE.IN, tp.ops.OPTYPE.PRELU, tp.ops.OPTYPE.RESHAPE}  # (a Linear on (b, h, w, c) views)
+_LAYERS = {tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.DEPTHWISE_CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.MHA}
+
+
+def out_width(module: nn.Module) -> int:
+    """Output channels of a conv / CPDBlock, output features of a Linear."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 @dataclass
@@ -120,7 +128,7 @@ class CoupledGroup:
     info: GroupPruning
     root_module: nn.Module
     members: list[tuple[nn.Module, bool, list[int], list[int]]]  # (module, is_out, its idxs, root idxs)
-    convs: list[tuple[str, nn.Module]]  # output-channel convs / CPDBlocks with names
+    convs: list[tuple[str, nn.Module]]  # output-channel convs / CPDBlocks / Linears with names
     target: int = 0
     dependencies: Any = None  # the torch-pruning group, for criteria that score it whole
     blocks: int = 1  # >1: the channels feed or leave a grouped conv; every block of total/blocks loses the same ones
@@ -135,13 +143,43 @@ def conv_blocks(members) -> int:
     return math.lcm(*counts) if counts else 1
 
 
+def _feeds_a_layer(node, depth: int = 0) -> bool:
+    """Whether a layer's outputs reach another conv / Linear / attention through
+    element-wise ops, norms and reshapes only (an MLP's hidden layer, not a
+    prediction head)."""
+    for out in node.outputs:
+        if out.type in _LAYERS or isinstance(out.module, CPDBlock):
+            return True
+        if out.type in _PASS_THROUGH and depth < 8 and _feeds_a_layer(out, depth + 1):
+            return True
+    return False
+
+
+def _all_groups(graph: tp.DependencyGraph):
+    """torch-pruning's groups rooted at every conv / CPDBlock, then at every
+    hidden Linear layer not already in one (MLP widths).  Linears that end in a
+    head (a classifier, a detector's box predictor) start no group: their
+    outputs are the model's, and tracing through a detector's box decoding is
+    slow in torch-pruning."""
+    visited = set()
+    for group in graph.get_all_groups(root_module_types=(nn.Conv2d, CPDBlock)):
+        visited.update(item.dep.target.module for item in group if graph.is_out_channel_pruning_fn(item.dep.handler))
+        yield group
+    for module, node in list(graph.module2node.items()):
+        if isinstance(module, nn.Linear) and module not in visited and _feeds_a_layer(node):
+            group = graph.get_pruning_group(module, tp.prune_linear_out_channels, list(range(module.out_features)))
+            visited.update(item.dep.target.module for item in group
+                           if graph.is_out_channel_pruning_fn(item.dep.handler))
+            yield group
+
+
 def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, ignored_layers=()) -> tuple[list[CoupledGroup], dict[str, str]]:
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     output_modules = modules_feeding_output(model, example_inputs)
     ignored = set(ignored_layers)
     groups, skipped = [], {}
-    for group in graph.get_all_groups(root_module_types=ROOT_TYPES):
+    for group in _all_groups(graph):
         members, convs = [], []
         for item in group:
             dep, module = item.dep, item.dep.target.module
@@ -155,7 +193,7 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
             continue
         convs.sort(key=lambda nc: order[nc[0]])
         root_name, root = convs[0]
-        total = root.out_channels
+        total = out_width(root)
         reason = None
         if any(m in ignored for m, is_out, *_ in members if is_out):  # an ignored layer keeps its outputs;
             reason = "ignored layer"  # its inputs follow the layers that produce them (torch-pruning's rule)

@@ -21,6 +21,7 @@ from norton.compression.graph import (
     GroupPruning,
     build_graph,
     collect_groups,
+    out_width,
 )
 from norton.compression.removal import apply_or_restore, apply_selection
 from norton.compression.selection import (
@@ -206,8 +207,9 @@ def forward_failure(model: nn.Module, example_inputs) -> str | None:
         where, tb = None, err.__traceback__
         while tb is not None:
             module = tb.tb_frame.f_locals.get("self")
-            if isinstance(module, nn.Module) and names.get(id(module)):
-                where = f"{names[id(module)]} ({type(module).__name__})"
+            if isinstance(module, nn.Module) and id(module) in names:
+                where = (f"{names[id(module)]} ({type(module).__name__})" if names[id(module)]
+                         else f"the model's {tb.tb_frame.f_code.co_name} ({type(module).__name__})")
             tb = tb.tb_next
         return f"{type(err).__name__}: {err}" + (f" in {where}" if where else "")
     finally:
@@ -273,9 +275,10 @@ def restructure(model: nn.Module, widths: Mapping[str, int], example_inputs) -> 
         if not 1 <= target <= g.info.total:
             raise NortonError(f"recorded width {target} of {g.info.root} does not fit its {g.info.total} filters")
         g.target = target
-        g.info.kept = list(range(target))
+        size, per_block = g.info.total // g.blocks, target // g.blocks  # grouped convs: the same in every block
+        g.info.kept = [b * size + p for b in range(g.blocks) for p in range(per_block)] if g.blocks > 1 else list(range(target))
     apply_selection(graph, groups)
-    got = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)}
+    got = {n: out_width(m) for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)}
     wrong = next((n for n, w in widths.items() if got.get(n) != w), None)
     if wrong is not None:
         raise NortonError(f"cannot rebuild the pruned architecture: layer {wrong!r} has {got.get(wrong)} filters, the record says {widths[wrong]}")

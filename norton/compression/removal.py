@@ -58,8 +58,12 @@ def apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> No
 def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable[[], str | None]) -> str | None:
     """Cut one group; if ``check`` then gives a reason, put every member back as
     it was (same module objects) and return the reason."""
+    loose = [item.dep.target.module for item in (g.dependencies or [])
+             if isinstance(item.dep.target.module, nn.Parameter)]  # a ViT's class token, position embedding
+    owners = [m for m in graph.model.modules() if any(p is t for p in m._parameters.values() for t in loose)]
     saved = {}
-    for module, *_ in g.members:
+    touched = [sub for m, *_ in g.members for sub in m.modules()]  # a pruner may cut a member's children too
+    for module in touched + owners:  # (MultiheadAttention's out_proj)
         if id(module) not in saved:
             state = {k: v for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
             saved[id(module)] = (module, copy.copy(state), copy.deepcopy(module._parameters),

@@ -19,7 +19,7 @@ from norton.compression.criteria import (
     normalized_sum,
     top_scores,
 )
-from norton.compression.graph import CoupledGroup
+from norton.compression.graph import CoupledGroup, out_width
 from norton.core import ChannelPadShortcut, CPDBlock, TuckerBlock, is_decomposable
 from norton.errors import NortonError
 from norton.models import create_model
@@ -44,7 +44,7 @@ def set_zoo_targets(model: nn.Module, groups: list[CoupledGroup], compress_rate)
     kwargs = {k: v for k, v in spec.items() if k not in ("arch", "rank", "compress_rate")}
     reference = create_model(spec["arch"], rank=0, compress_rate=compress_rate, **kwargs)
     for g in groups:
-        target = reference.get_submodule(g.info.root).out_channels
+        target = out_width(reference.get_submodule(g.info.root))
         if target > g.info.total:
             raise NortonError(
                 f"layer {g.info.root} has {g.info.total} filters, fewer than the {target} that "
