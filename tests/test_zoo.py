@@ -11,11 +11,10 @@ spec = importlib.util.spec_from_file_location("zoo_benchmark", os.path.join(ROOT
 zoo = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(zoo)
 
-# (model, input size, modes); the full list and 224×224 input are in `make zoo` (VGG: tests/test_prune.py)
+# (model, input size, modes); the full list and 224×224 input are in `make zoo` (VGG, DenseNet: tests/test_prune.py)
 FAMILIES = [
     ("alexnet", 224, ("prune",)),  # its adaptive pooling exports to ONNX only when the input divides
     ("convnext_tiny", 64, ("prune",)),
-    ("densenet121", 64, ("prune",)),
     ("efficientnet_b0", 64, ("prune",)),
     ("googlenet", 64, ("prune",)),
     ("inception_v3", 96, ("prune",)),
@@ -25,6 +24,7 @@ FAMILIES = [
     ("resnet18", 64, ("decompose+prune", "prune")),
     ("resnext50_32x4d", 64, ("prune",)),
     ("squeezenet1_1", 64, ("prune",)),
+    ("vit_b_32", 224, ("prune",)),  # MLP widths; the patch embedding's stream breaks the forward: left whole
 ]
 
 
@@ -35,7 +35,7 @@ def test_a_classifier_of_every_family_compresses_deploys_and_exports(name, size,
     assert row["shape_kept"], row  # the classifier's output keeps its shape
     assert row["ok"], row  # deploy and ONNX match the compressed model (relative error ≤ zoo.TOLERANCE)
     assert row["macs_after"] <= 0.6 * row["macs_before"], row  # #15: at least 40 % fewer MACs at 50 % pruning
-    assert row["groups_left_whole"] <= 1, row  # at most the group feeding a conv classifier (SqueezeNet)
+    assert row["groups_left_whole"] <= 1, row  # at most SqueezeNet's conv classifier, ViT's token stream
 
 
 def test_an_onnx_export_torch_cannot_do_is_one_clear_error(tmp_path):

@@ -36,6 +36,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, opset: in
             # norton chooses the TorchScript exporter on purpose (CPDBlock's grouped convs export exactly with it)
             warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
                                     category=DeprecationWarning)
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)  # MultiheadAttention's fused kernel has no ONNX form
             try:
                 torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
                                   output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
@@ -43,6 +45,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, *, opset: in
                 first = str(err).strip().splitlines()[0][:300]
                 raise NortonError(f"torch's ONNX exporter (opset {opset}) cannot export this model for an example of "
                                   f"shape {tuple(example.shape)}: {first}") from None
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
         onnx.checker.check_model(onnx.load(tmp))
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         got = session.run(None, {"input": example.cpu().numpy()})[0]
