@@ -33,7 +33,7 @@ compare: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton compare --budget small --resume
 	$(VENV)/bin/norton report --compare runs/compare --resume
 
-# every torchvision classifier through decompose+prune, prune, deploy and ONNX (resumable: runs/zoo.json)
+# every torchvision classifier through decompose+prune, prune, deploy and ONNX (resumable: docs/zoo.json; --timm: timm CNNs)
 zoo: $(STAMP)
 	$(VENV)/bin/python benchmarks/zoo.py --resume
 
