@@ -114,32 +114,30 @@ def prune(
     graph = build_graph(model, example_inputs)  # first: it names an input the model rejects
     macs_before = count_macs(model, example_inputs)
     params_before = sum(p.numel() for p in model.parameters())
-    shapes_before = _output_shapes(model, example_inputs)
+    _, shapes_before = run_forward(model, example_inputs)
     options = dict(compress_rate=compress_rate, amount=amount, keep=keep, criterion=criterion,
                    ignored_layers=ignored_layers, seed=seed, progress=progress, global_ranking=global_ranking)
     try:
         with unchanged_on_error(model):  # a failure part-way leaves the model as it was
             groups, skipped = prune_in_place(model, example_inputs, graph=graph, **options)
-            failure = forward_failure(model, example_inputs)
+            failure, shapes_after = run_forward(model, example_inputs)
             if failure:
                 raise _BrokenForward(failure)
-            shapes_after = _output_shapes(model, example_inputs)
             if shapes_after != shapes_before:
                 raise NortonError(
                     f"pruning would change the model's output shapes from {shapes_before} to {shapes_after}; "
                     "the model was left unchanged — pass the layers that produce the outputs as ignored_layers")
     except _BrokenForward as broken:  # the model is back as it was: find the groups that break it, keep them whole
         def check() -> str | None:
-            failure = forward_failure(model, example_inputs)
+            failure, after = run_forward(model, example_inputs)
             if failure:
                 return f"pruning it breaks the model's forward: {failure}"
-            after = _output_shapes(model, example_inputs)
             return None if after == shapes_before else f"pruning it changes the output shapes to {after}"
 
         with unchanged_on_error(model):
             groups, skipped = prune_in_place(model, example_inputs, graph=build_graph(model, example_inputs),
                                              check=check, **options)
-            if forward_failure(model, example_inputs) or _output_shapes(model, example_inputs) != shapes_before:
+            if run_forward(model, example_inputs) != (None, shapes_before):
                 raise NortonError(f"after pruning, the model's forward fails: {broken}; pruning the groups one "
                                   "at a time did not avoid it — the model was left unchanged") from None
     return PruneReport(
@@ -192,16 +190,15 @@ class _BrokenForward(Exception):
     """Pruning left a model whose forward raises (the message says where)."""
 
 
-def forward_failure(model: nn.Module, example_inputs) -> str | None:
-    """None when the model's forward runs on ``example_inputs`` (eval mode);
-    otherwise the error and the innermost module it came from — e.g. an
-    attention block that reshapes by a head size stored at construction."""
+def run_forward(model: nn.Module, example_inputs) -> tuple[str | None, list[tuple[int, ...]] | None]:
+    """One eval-mode forward on ``example_inputs``: (None, the output shapes) when
+    it runs; otherwise (the error and the innermost module it came from — e.g.
+    an attention block that reshapes by a head size stored at construction, None)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*as_args(example_inputs))
-        return None
+            return None, output_shapes(model(*as_args(example_inputs)))
     except Exception as err:  # noqa: BLE001 - any failure of a user model's forward is reported
         names = {id(m): n for n, m in model.named_modules()}
         where, tb = None, err.__traceback__
@@ -211,17 +208,7 @@ def forward_failure(model: nn.Module, example_inputs) -> str | None:
                 where = (f"{names[id(module)]} ({type(module).__name__})" if names[id(module)]
                          else f"the model's {tb.tb_frame.f_code.co_name} ({type(module).__name__})")
             tb = tb.tb_next
-        return f"{type(err).__name__}: {err}" + (f" in {where}" if where else "")
-    finally:
-        model.train(was_training)
-
-
-def _output_shapes(model: nn.Module, example_inputs) -> list[tuple[int, ...]]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return output_shapes(model(*as_args(example_inputs)))
+        return f"{type(err).__name__}: {err}" + (f" in {where}" if where else ""), None
     finally:
         model.train(was_training)
 
