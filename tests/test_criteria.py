@@ -11,7 +11,7 @@ from norton.compression.criteria import (
     get_criterion,
     greedy_eliminate,
     list_criteria,
-    normalized_sum,
+    normalized_mean,
     pabs_distances,
     top_scores,
     vbd_distances,
@@ -124,10 +124,24 @@ def test_top_scores():
     assert top_scores(scores, 2, protected=[0]) == [0, 1]
 
 
-def test_normalized_sum_weighs_layers_alike():
+def test_normalized_mean_weighs_layers_alike():
     a = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    total = normalized_sum([a, 100 * a])
-    torch.testing.assert_close(total, 2 * a.double())
+    total = normalized_mean([a, 100 * a])
+    torch.testing.assert_close(total, a.double())
+
+
+def test_normalized_mean_places_partial_layers_by_their_positions():
+    # a 4-channel group; one layer sees all of it, another only channels 2 and 3 (after a split)
+    full = torch.tensor([1.0, 2.0, 3.0, 2.0])  # mean 2
+    part = torch.tensor([6.0, 2.0])  # mean 4
+    scores = normalized_mean([full, part], [None, [2, 3]], size=4)
+    torch.testing.assert_close(scores, torch.tensor([0.5, 1.0, (1.5 + 1.5) / 2, (1.0 + 0.5) / 2], dtype=torch.float64))
+    pair = torch.tensor([[0.0, 2.0], [2.0, 0.0]])
+    matrix = normalized_mean([pair], [[1, 3]], size=4)
+    assert matrix[1, 3] == matrix[3, 1] == 1.0 and matrix[1, 1] == 0.0
+    assert matrix[0, 2] == 1.0  # covered by no layer: neutral
+    with pytest.raises(ValueError, match="3 positions for a matrix of 2 channels"):
+        normalized_mean([part], [[0, 1, 2]], size=4)
 
 
 def test_registry():

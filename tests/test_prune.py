@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -471,6 +472,57 @@ def test_grouped_convs_are_pruned_the_same_in_every_conv_group(builder):
     assert report.macs_after < 0.6 * report.macs_before
 
 
+class _Mixed(nn.ModuleDict):
+    """timm's MixedConv2d in small: the input split by stored sizes, one conv per chunk, the outputs concatenated."""
+
+    def __init__(self, splits, outs, kernels):
+        super().__init__({str(i): nn.Conv2d(c, o, k, padding=k // 2, bias=False)
+                          for i, (c, o, k) in enumerate(zip(splits, outs, kernels))})
+        self.splits = list(splits)
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.values(), torch.split(x, self.splits, 1))], 1)
+
+
+class _MixNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.expand = _Mixed([4, 4], [7, 5], [1, 1])
+        self.bn1 = nn.BatchNorm2d(12)
+        self.mix = _Mixed([6, 6], [6, 6], [3, 5])  # the two chunks of one group, read in reverse trace order
+        self.bn2 = nn.BatchNorm2d(12)
+        self.project = _Mixed([7, 5], [4, 4], [1, 1])
+        self.bn3 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.bn1(self.expand(x)))
+        y = torch.relu(self.bn2(self.mix(y)))
+        x = x + self.bn3(self.project(y))
+        return self.head(x.mean((2, 3)))
+
+
+def test_channel_splits_map_each_chunk_to_the_layer_that_reads_it():
+    """Splits by stored sizes (MixNet's mixed convs): every chunk is cut where
+    its own consumer reads it (torch-pruning's tracer lists consumers in its
+    own order and keeps stale chunk offsets after the first cut), the stored
+    sizes follow, and the pruned model computes what the original computes on
+    the kept channels."""
+    torch.manual_seed(0)
+    model = _MixNetLike().eval()
+    _random_bn_statistics(model)
+    x = torch.randn(2, 3, 12, 12)
+    report, pruned = assert_pruning_is_faithful(model, x, amount=0.5, criterion="l2")
+    assert not report.skipped
+    for name in ("expand", "mix", "project"):
+        mixed = pruned.get_submodule(name)
+        assert mixed.splits == [conv.in_channels for conv in mixed.values()]
+        assert sum(mixed.splits) < sum(model.get_submodule(name).splits)
+    assert report.macs_after < 0.6 * report.macs_before
+
+
 def test_grouped_conv_widths_are_rounded_to_whole_blocks():
     """A rate that would leave an uneven share per conv group keeps the nearest
     multiple of the group count (at least one channel per group)."""
@@ -562,19 +614,23 @@ def test_a_group_whose_pruning_breaks_the_forward_is_left_whole_with_the_reason(
     assert "in attn (StoredHeads)" in report.skipped["proj"]
 
 
-def test_a_removal_that_would_empty_a_coupled_layer_names_it(monkeypatch):
+def test_a_removal_that_would_empty_a_coupled_layer_is_left_whole_and_named(monkeypatch):
     """torch-pruning refuses a group when a coupled layer (attention heads, a
-    bias table) has fewer channels than the removal takes; the message names it."""
+    bias table) has fewer channels than the removal takes: that group is left
+    whole, the reason names the layer, the other groups are still cut."""
     import torch_pruning as tp
 
     model = create_model("resnet_20", rank=1).eval()
     small = model.layer1[0].bn1
-    real = tp.DependencyGraph.get_out_channels
+    real_channels, real_check = tp.DependencyGraph.get_out_channels, tp.DependencyGraph.check_pruning_group
+    refused = lambda self, group: all(dep.target.module is not small for dep, _ in group)  # noqa: E731
     monkeypatch.setattr(tp.DependencyGraph, "get_out_channels",
-                        lambda self, module: 3 if module is small else real(self, module))
-    monkeypatch.setattr(tp.DependencyGraph, "check_pruning_group", lambda self, group: False)
+                        lambda self, module: 3 if module is small else real_channels(self, module))
+    monkeypatch.setattr(tp.DependencyGraph, "check_pruning_group",
+                        lambda self, group: refused(self, group) and real_check(self, group))
     saved = state(model)
-    with pytest.raises(NortonError, match=r"would remove all 3 output channels of the coupled layer layer1\.0\.bn1 .*"
-                                          r"pass layer1\.0\.conv1 in ignored_layers"):
-        prune(model, {"layer1.0.conv1": 0.5}, example_inputs=X32)
-    assert_same_state(model, saved)
+    report = prune(model, {"layer1.0.conv1": 0.5, "layer1.1.conv1": 0.5}, example_inputs=X32)
+    assert re.match(r"pruning 8 of 16 filters of layer1\.0\.conv1 would remove all 3 output channels of the coupled "
+                    r"layer layer1\.0\.bn1 .*pass layer1\.0\.conv1 in ignored_layers", report.skipped["layer1.0.conv1"])
+    assert model.layer1[0].conv1.out_channels == 16 and model.layer1[1].conv1.out_channels == 8
+    assert model.layer1[0].bn1.weight.shape == saved["layer1.0.bn1.weight"].shape

@@ -203,11 +203,26 @@ def list_criteria() -> list[str]:
 
 
 # -- selection --------------------------------------------------------------------------
-def normalized_sum(matrices: Sequence[Tensor]) -> Tensor:
-    """Sum of matrices (or score vectors), each divided by the mean of its
-    off-diagonal entries, so that coupled layers weigh alike."""
-    total = None
-    for m in matrices:
+def normalized_mean(matrices: Sequence[Tensor], positions: Sequence[Sequence[int] | None] | None = None,
+                    size: int | None = None) -> Tensor:
+    """Mean of matrices (or score vectors), each first divided by the mean of
+    its off-diagonal entries (of its entries, for a vector), so that coupled
+    layers weigh alike.
+
+    With ``positions``, matrix ``i`` covers only the channels ``positions[i]``
+    of a ``size``-channel group (a layer behind a split or a concatenation sees
+    part of the group): every entry is the mean over the matrices that cover
+    it, and an entry none covers gets 1, the mean of a normalized matrix, so
+    it neither looks redundant nor important.  ``None`` covers every channel.
+    """
+    if not matrices:
+        raise ValueError("normalized_mean needs at least one matrix")
+    positions = list(positions) if positions is not None else [None] * len(matrices)
+    size = size if size is not None else matrices[0].shape[0]
+    dim = matrices[0].dim()
+    total = torch.zeros((size,) * dim, dtype=torch.float64, device=matrices[0].device)
+    count = torch.zeros_like(total)
+    for m, where in zip(matrices, positions):
         m = m.to(torch.float64)
         if m.dim() == 2:
             n = m.shape[0]
@@ -216,10 +231,19 @@ def normalized_sum(matrices: Sequence[Tensor]) -> Tensor:
         else:
             scale = m.abs().mean()
         m = m / scale if scale > 0 else m
-        total = m if total is None else total + m
-    if total is None:
-        raise ValueError("normalized_sum needs at least one matrix")
-    return total
+        if where is None:
+            if m.shape[0] != size:
+                raise ValueError(f"a matrix of {m.shape[0]} channels without positions in a group of {size}")
+            total += m
+            count += 1
+            continue
+        index = torch.as_tensor(list(where), dtype=torch.long, device=m.device)
+        if index.numel() != m.shape[0]:
+            raise ValueError(f"{index.numel()} positions for a matrix of {m.shape[0]} channels")
+        grid = torch.meshgrid(index, index, indexing="ij") if m.dim() == 2 else (index,)
+        total.index_put_(grid, m, accumulate=True)
+        count.index_put_(grid, torch.ones_like(m), accumulate=True)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.ones_like(total))
 
 
 def greedy_eliminate(

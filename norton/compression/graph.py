@@ -90,9 +90,11 @@ def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
         for p in frozen:
             p.requires_grad_(True)
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
+            graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, customized_pruners=CUSTOM_PRUNERS, verbose=False
             )
+        _fix_split_chunks(graph)
+        return graph
     except NortonError:
         raise
     except Exception as err:  # tracing failures come from arbitrary user models
@@ -101,6 +103,34 @@ def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
         for p in frozen:
             p.requires_grad_(False)
         model.train(was_training)
+
+
+def _chunk_of(split_node, out_node) -> int | None:
+    """Which output of a split the consumer ``out_node`` reads (autograd's edge
+    number), or None when it reads none directly or several."""
+    fn = out_node.grad_fn
+    chunks = {nr for f, nr in (getattr(fn, "next_functions", None) or ()) if f is split_node.grad_fn}
+    return chunks.pop() if len(chunks) == 1 else None
+
+
+def _fix_split_chunks(graph: tp.DependencyGraph) -> None:
+    """Put every channel split's consumers in the order of the chunks they read.
+    torch-pruning (1.6) maps the n-th consumer it traced to the n-th chunk, but
+    the trace finds consumers in its own order: in timm's MixedConv2d the first
+    half of the channels was mapped to the second conv — a silently wrong cut
+    when both halves are pruned alike.  autograd records the chunk on each
+    edge.  A split whose consumers do not read one chunk each (a chunk read
+    twice or not at all) is listed in ``graph.norton_unmapped_splits``: groups
+    through it are left whole."""
+    graph.norton_unmapped_splits = set()
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT:
+            continue
+        chunks = [_chunk_of(node, out) for out in node.outputs]
+        if sorted(c for c in chunks if c is not None) == list(range(len(chunks))):
+            node.outputs = [out for _, out in sorted(zip(chunks, node.outputs), key=lambda pair: pair[0])]
+        else:
+            graph.norton_unmapped_splits.add(node.module)
 
 
 def _raise_trace_error(model: nn.Module, example_inputs, err: Exception) -> None:
@@ -173,6 +203,35 @@ def _all_groups(graph: tp.DependencyGraph):
             yield group
 
 
+def _group_root(group, members, convs) -> tuple[str, nn.Module, int]:
+    """(name, module, channel count) of the layer a group is addressed by: the
+    first layer in network order whose output channels are the group's, one
+    for one.  Torch-pruning indexes a group by the channels of the layer it was
+    found from; a layer behind a split or a concatenation (MixNet's two
+    expansion convs, one per half of a mixed depthwise conv) carries only part
+    of them and cannot stand for the group."""
+    first = group[0].dep.target.module
+    total = out_width(first) if isinstance(first, ROOT_TYPES) else len(group[0].idxs)
+    full = {id(m) for m, is_out, idxs, root_idxs in members
+            if is_out and idxs == root_idxs and len(set(idxs)) == total}
+    for name, module in convs:
+        if id(module) in full and out_width(module) == total:
+            return name, module, total
+    return convs[0][0], convs[0][1], total
+
+
+def _inconsistent(members, total: int) -> bool:
+    """Whether torch-pruning's index mapping of a group cannot be right: a layer
+    given more channels than it has, or one channel twice, or channels outside
+    the group (its tracer loses count through some splits, e.g. Res2Net's)."""
+    for m, is_out, idxs, root_idxs in members:
+        width = out_width(m) if is_out and isinstance(m, ROOT_TYPES) else None
+        if (len(set(idxs)) != len(idxs) or len(idxs) != len(root_idxs) or any(not 0 <= r < total for r in root_idxs)
+                or (width is not None and (len(idxs) > width or any(not 0 <= i < width for i in idxs)))):
+            return True
+    return False
+
+
 def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, ignored_layers=()) -> tuple[list[CoupledGroup], dict[str, str]]:
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
@@ -192,10 +251,15 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
         if not convs:
             continue
         convs.sort(key=lambda nc: order[nc[0]])
-        root_name, root = convs[0]
-        total = out_width(root)
+        root_name, root, total = _group_root(group, members, convs)
         reason = None
-        if any(m in ignored for m, is_out, *_ in members if is_out):  # an ignored layer keeps its outputs;
+        if any(m in getattr(graph, "norton_unmapped_splits", ()) for m, *_ in members):
+            reason = "its channels pass through a split whose chunks torch-pruning cannot map, so it is left whole"
+        elif _inconsistent(members, total) or not any(m is root and is_out and idxs == root_idxs
+                                                    for m, is_out, idxs, root_idxs in members):
+            reason = ("torch-pruning's tracer maps its channels inconsistently (through a split or a concatenation "
+                      "it does not follow), so it is left whole")
+        elif any(m in ignored for m, is_out, *_ in members if is_out):  # an ignored layer keeps its outputs;
             reason = "ignored layer"  # its inputs follow the layers that produce them (torch-pruning's rule)
         elif any(isinstance(m, tp.ops._OutputOp) for m, *_ in members) or any(
                 m in output_modules for m, is_out, *_ in members if is_out):

@@ -23,7 +23,7 @@ from norton.compression.graph import (
     collect_groups,
     out_width,
 )
-from norton.compression.removal import apply_or_restore, apply_selection
+from norton.compression.removal import EmptyLayerError, apply_or_restore, apply_selection
 from norton.compression.selection import (
     plan_selection,
     round_to_blocks,
@@ -127,7 +127,8 @@ def prune(
                 raise NortonError(
                     f"pruning would change the model's output shapes from {shapes_before} to {shapes_after}; "
                     "the model was left unchanged — pass the layers that produce the outputs as ignored_layers")
-    except _BrokenForward as broken:  # the model is back as it was: find the groups that break it, keep them whole
+    except (_BrokenForward, EmptyLayerError) as broken:  # the model is back as it was: find the groups that
+        # break it (or that torch-pruning refuses), keep them whole
         def check() -> str | None:
             failure, after = run_forward(model, example_inputs)
             if failure:

@@ -7,6 +7,7 @@ planned order so that option-A shortcuts place channels where the original did.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,10 @@ from norton.compression.graph import CoupledGroup
 from norton.compression.pruners import select_cpd_in_channels, select_cpd_out_channels
 from norton.core import ChannelPadShortcut, CPDBlock
 from norton.errors import NortonError
+
+
+class EmptyLayerError(NortonError):
+    """torch-pruning refuses a group's removal: a coupled layer would lose every channel."""
 
 
 def _permute(module: nn.Module, is_out: bool, perm: list[int]) -> None:
@@ -53,6 +58,30 @@ def apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> No
     _apply_selection(graph, groups)
     for module, name in frozen:
         getattr(module, name).requires_grad_(False)
+    refresh_split_sizes(graph.model)
+
+
+def _split_containers(model: nn.Module):
+    """Modules that split their input by stored sizes between their child
+    layers (timm's MixedConv2d: ``torch.split(x, self.splits)``, one child conv
+    per chunk)."""
+    for module in model.modules():
+        splits = getattr(module, "splits", None)
+        children = list(module.children())
+        if (isinstance(splits, list) and splits and all(isinstance(v, int) for v in splits)
+                and len(children) == len(splits) and all(isinstance(c, nn.Conv2d) for c in children)):
+            yield module, children
+
+
+def refresh_split_sizes(model: nn.Module) -> None:
+    """Stored split sizes follow the pruned child layers, as do the container's
+    ``in_channels`` / ``out_channels``: torch-pruning updates the layers, not the
+    numbers a forward splits by."""
+    for module, children in _split_containers(model):
+        module.splits = [c.in_channels for c in children]
+        for side in ("in_channels", "out_channels"):
+            if isinstance(getattr(module, side, None), int):
+                setattr(module, side, sum(getattr(c, side) for c in children))
 
 
 def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable[[], str | None]) -> str | None:
@@ -63,12 +92,18 @@ def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable
     owners = [m for m in graph.model.modules() if any(p is t for p in m._parameters.values() for t in loose)]
     saved = {}
     touched = [sub for m, *_ in g.members for sub in m.modules()]  # a pruner may cut a member's children too
+    touched += [c for c, children in _split_containers(graph.model)
+                if any(m in children for m, *_ in g.members)]  # stored split sizes
     for module in touched + owners:  # (MultiheadAttention's out_proj)
         if id(module) not in saved:
-            state = {k: v for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
-            saved[id(module)] = (module, copy.copy(state), copy.deepcopy(module._parameters),
+            state = {k: list(v) if isinstance(v, list) else v  # torch-pruning edits split sizes in place
+                     for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+            saved[id(module)] = (module, state, copy.deepcopy(module._parameters),
                                  copy.deepcopy(module._buffers))
-    apply_selection(graph, [g])
+    try:
+        apply_selection(graph, [g])
+    except EmptyLayerError as refused:  # nothing of the group was cut
+        return str(refused)
     reason = check()
     if reason:
         for module, state, parameters, buffers in saved.values():
@@ -82,10 +117,11 @@ def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> N
         keep = g.info.kept
         removed = sorted(set(range(g.info.total)) - set(keep))
         if removed:
+            _refresh_split_offsets(graph)
             pruner = graph.get_pruner_of_module(g.root_module)
             group = graph.get_pruning_group(g.root_module, pruner.prune_out_channels, removed)
             if not graph.check_pruning_group(group):
-                raise NortonError(_empty_layer_message(graph, group, g, len(removed)))
+                raise EmptyLayerError(_empty_layer_message(graph, group, g, len(removed)))
             group.prune()
         ordered = sorted(keep)
         if keep != ordered:
@@ -100,6 +136,17 @@ def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> N
                 if idxs != root_idxs:
                     raise NortonError(f"cannot reorder the channels of group {g.info.root}: they pass through a concatenation")
                 _permute(module, is_out, perm)
+
+
+def _refresh_split_offsets(graph: tp.DependencyGraph) -> None:
+    """Every traced split's chunk offsets from its current sizes.  torch-pruning
+    (1.6) updates a split's sizes when channels go but keeps the offsets it
+    traced, so the next group through that split would be cut at the old
+    positions (MixNet: the second half's cut landed in the first half)."""
+    for node in graph.module2node.values():
+        sizes = getattr(node.module, "split_sizes", None) if node.type == tp.ops.OPTYPE.SPLIT else None
+        if sizes:
+            node.module.offsets = [0, *itertools.accumulate(sizes)]
 
 
 def _empty_layer_message(graph: tp.DependencyGraph, group, g: CoupledGroup, removed: int) -> str:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from norton.compression.criteria import (
     get_criterion,
     greedy_eliminate,
-    normalized_sum,
+    normalized_mean,
     top_scores,
 )
 from norton.compression.graph import CoupledGroup, out_width
@@ -133,13 +133,44 @@ def _dense_weight(module: nn.Module) -> Tensor:
     return module.dense_weight() if isinstance(module, CPDBlock) else module.weight
 
 
+def _root_positions(g: CoupledGroup, module: nn.Module) -> tuple[list[int], list[int]] | None:
+    """(the module's channels in the group, their positions among the group's
+    channels), or None when the module's channels are the group's, one for one.
+    A layer behind a split or a concatenation (MixNet's mixed convs, Res2Net's
+    scales, a Ghost module's halves) carries only part of the group."""
+    mapping: dict[int, int] = {}
+    for m, is_out, idxs, root_idxs in g.members:
+        if m is module and is_out:
+            for i, r in zip(idxs, root_idxs):
+                mapping.setdefault(int(i), int(r))
+    channels = sorted(mapping)
+    width = out_width(module)
+    if channels == list(range(width)) == [mapping[c] for c in channels] and width == g.info.total:
+        return None
+    return channels, [mapping[c] for c in channels]
+
+
+def _in_group(g: CoupledGroup, named_values) -> Tensor:
+    """Per-layer scores (or pairwise matrices) as one, in the group's channel order."""
+    values, positions = [], []
+    for module, v in named_values:
+        where = _root_positions(g, module)
+        if where is not None:
+            channels = torch.as_tensor(where[0], dtype=torch.long, device=v.device)
+            v = v[channels][:, channels] if v.dim() == 2 else v[channels]
+            where = where[1]
+        values.append(v)
+        positions.append(where)
+    return normalized_mean(values, positions, size=g.info.total)
+
+
 def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
     """(kind, matrix or scores, label) for the group under the criterion."""
     criterion = get_criterion(criterion_name)
     if criterion.on_group and criterion.per_weight and any(isinstance(m, CPDBlock) for _, m in g.convs):
         # torch-pruning's importances see plain layers only: score the CP filters' dense kernels instead
         with torch.no_grad():
-            scores = normalized_sum([criterion.per_weight(_dense_weight(m)) for _, m in g.convs])
+            scores = _in_group(g, [(m, criterion.per_weight(_dense_weight(m))) for _, m in g.convs])
         return "score", scores, f"{criterion.name} (dense kernels)"
     if criterion.on_group:
         with torch.no_grad():
@@ -151,7 +182,7 @@ def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
         blocks = [m for _, m in g.convs if isinstance(m, CPDBlock)]
         if blocks:
             with torch.no_grad():
-                matrix = normalized_sum([criterion.compute(b.factors()) for b in blocks])
+                matrix = _in_group(g, [(b, criterion.compute(b.factors())) for b in blocks])
             return criterion.kind, matrix, criterion.name
         plain = [(n, m) for n, m in g.convs if is_decomposable(m)]
         if plain:
@@ -165,7 +196,7 @@ def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
     else:
         label = criterion.name
     with torch.no_grad():
-        scores = normalized_sum([criterion.compute(_dense_weight(m), seed=seed) for _, m in g.convs])
+        scores = _in_group(g, [(m, criterion.compute(_dense_weight(m), seed=seed)) for _, m in g.convs])
     return "score", scores, label
 
 
