@@ -523,6 +523,23 @@ def test_channel_splits_map_each_chunk_to_the_layer_that_reads_it():
     assert report.macs_after < 0.6 * report.macs_before
 
 
+def test_shufflenet_prunes_its_branches_and_leaves_the_shuffled_channels_whole():
+    """ShuffleNet-V2 (torch-pruning's tracer fails on it): the channels that go
+    through a channel shuffle are left whole with that reason, every branch's
+    inner width is pruned, and the pruned model computes what the original
+    computes on the kept channels (#15)."""
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None).eval()
+    _random_bn_statistics(model)
+    x = torch.randn(2, 3, 32, 32)
+    report, pruned = assert_pruning_is_faithful(model, x, amount=0.5, criterion="l2", ignored_layers=[model.fc])
+    shuffled = {root for root, why in report.skipped.items() if "channel shuffle" in why}
+    assert shuffled and all(why.endswith("so it is left whole") for why in report.skipped.values())
+    inner = [n for n in dict(model.named_modules()) if n.endswith("branch2.0")]
+    assert inner and all(pruned.get_submodule(n).out_channels < model.get_submodule(n).out_channels for n in inner)
+    assert report.macs_after < 0.6 * report.macs_before
+
+
 def test_grouped_conv_widths_are_rounded_to_whole_blocks():
     """A rate that would leave an uneven share per conv group keeps the nearest
     multiple of the group count (at least one channel per group)."""
@@ -571,6 +588,21 @@ def test_mlp_hidden_widths_are_pruned_and_heads_start_no_group():
     assert "features.1.0.block.3" in {g.root for g in report.groups} and not report.skipped
     assert model.classifier[2].out_features == 1000  # its outputs are the model's: not a group
     assert report.macs_after < 0.3 * report.macs_before
+
+
+def test_swin_prunes_its_mlps_fast_and_leaves_attention_heads_whole():
+    """Swin-T: window partitions (views of channels-last features) keep the
+    channels in place, so the trace takes seconds, not minutes; the channels
+    that are cut into attention heads are left whole with that reason; the MLP
+    widths are pruned and the pruned model computes what the original computes
+    on the kept channels (#15)."""
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report, pruned = assert_pruning_is_faithful(model, x, amount=0.5, criterion="l2", ignored_layers=[model.head])
+    assert report.skipped and all("attention heads" in why for why in report.skipped.values())
+    assert pruned.features[1][0].mlp[0].out_features == 192  # of 384
+    assert report.macs_after < 0.9 * report.macs_before  # 31 % fewer at 224 × 224 (docs/zoo.md)
 
 
 class StoredHeads(nn.Module):

@@ -7,6 +7,7 @@ torch-pruning group and, after selection, the ordered kept channels.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,123 @@ def modules_feeding_output(model: nn.Module, example_inputs) -> set[nn.Module]:
     return {m for t, m in produced if t.untyped_storage().data_ptr() in out_storages}
 
 
+class _ViewShapes(torch.overrides.TorchFunctionMode):
+    """Records, for every view / reshape of the traced forward, its input and
+    output shapes, keyed by the output's autograd node (what torch-pruning's
+    graph keeps of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.internal: set[Any] = set()  # views inside a layer norton prunes itself (a CPDBlock's rank sum)
+        self.inside = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fn = getattr(out, "grad_fn", None) if isinstance(out, Tensor) else None
+        name = fn.name().lower() if fn is not None else ""
+        if ("view" in name or "reshape" in name) and args and isinstance(args[0], Tensor):
+            if self.inside:
+                self.internal.add(fn)
+            else:
+                self.shapes[fn] = (tuple(args[0].shape), tuple(out.shape))
+        return out
+
+    def enter(self, *_):
+        self.inside += 1
+
+    def leave(self, *_):
+        self.inside -= 1
+
+
+def _splits_channels(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """A view that cuts the channel dimension into two (a channel shuffle's
+    (b, c, h, w) -> (b, g, c/g, h, w)) or joins two into it (the way back)."""
+    def cut(a, b):
+        return len(b) == len(a) + 1 and b[0] == a[0] and b[1] * b[2] == a[1] and b[3:] == a[2:] and 1 < b[1] < a[1]
+    return len(before) >= 3 and len(after) >= 3 and (cut(before, after) or cut(after, before))
+
+
+_CHANNELS_LAST = (tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.LN, tp.ops.OPTYPE.MHA)
+_CHANNELS_FIRST = (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.DEPTHWISE_CONV, tp.ops.OPTYPE.BN, tp.ops.OPTYPE.GN)
+
+
+def _channels_first(node) -> bool:
+    """Whether the nearest layer upstream of a node (breadth first, through any
+    op) is a conv or a BatchNorm (an (n, c, h, w) tensor) rather than a Linear
+    or a LayerNorm (features in the last dimension)."""
+    frontier, seen = list(node.inputs), set()
+    for _ in range(40):
+        layers = {n.type for n in frontier if n.type in _CHANNELS_LAST + _CHANNELS_FIRST}
+        if layers:
+            return not layers & set(_CHANNELS_LAST)
+        seen.update(frontier)
+        frontier = [i for n in frontier for i in n.inputs if i not in seen]
+        if not frontier:
+            break
+    return False
+
+
+def _view_kind(before: tuple[int, ...], after: tuple[int, ...], channels_first: bool) -> str:
+    """How a view moves channels, for torch-pruning: "shuffle" (it cuts the
+    channel dimension, or joins two into it), "same" (channels stay where they
+    are: size-1 dimensions added or removed, as (n, c, 1, 1) -> (n, c), or a
+    view of the leading dimensions of channels-last features), "mixed" (channels-last features cut or joined, as
+    attention heads are: torch-pruning would map them one to one) or "tracer"
+    (torch-pruning's own mapping: flattening an (n, c, h, w) tensor)."""
+    if [d for d in before if d != 1] == [d for d in after if d != 1]:
+        return "same"  # only size-1 dimensions come or go
+    if _splits_channels(before, after):
+        return "shuffle"
+    if channels_first:
+        return "tracer"
+    return "same" if before[-1] == after[-1] else "mixed"
+
+
+class _Graph(tp.DependencyGraph):
+    """torch-pruning's graph, with the channel shuffles found.  Its tracer maps a
+    view that cuts the channel dimension (ShuffleNet's shuffle) with a division
+    by zero, or as if channels stayed in place; norton records these views
+    (``norton_unmapped``) and traces them as plain element-wise ops, so that the
+    groups through them are found — and left whole — and every other group of
+    the model can be pruned.  Views of channels-last features are recorded and
+    traced the same way: torch-pruning reads dimension 1 as the channels, so it
+    mapped Swin's window partition as a flatten (millions of indices, minutes)
+    and attention heads one to one; a view of the leading dimensions only keeps
+    the channels in place and is no reason to leave a group whole."""
+
+    def _trace(self, model, example_inputs, forward_fn, output_transform):
+        views = _ViewShapes()
+        custom = tuple(t for t in CUSTOM_PRUNERS if isinstance(t, type))
+        handles = [h for m in model.modules() if isinstance(m, custom)
+                   for h in (m.register_forward_pre_hook(views.enter), m.register_forward_hook(views.leave))]
+        try:
+            with views:
+                module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
+        finally:
+            for h in handles:
+                h.remove()
+        self.norton_view_shapes, self.norton_internal_views = views.shapes, views.internal
+        return module2node
+
+    def _build_dependency(self, module2node):
+        self.norton_unmapped = {}  # op -> "shuffle", "mixed" or "split"
+        for node in module2node.values():
+            if node.type != tp.ops.OPTYPE.RESHAPE or node.grad_fn in self.norton_internal_views:
+                continue
+            shapes = self.norton_view_shapes.get(node.grad_fn)
+            first = _channels_first(node)
+            if shapes is None:  # a view inside an op (F.linear / matmul on 3-d input fold the leading dimensions)
+                kind = "tracer" if first else "same"
+            else:
+                kind = _view_kind(*shapes, first)
+            if kind != "tracer":
+                node.type = tp.ops.OPTYPE.ELEMENTWISE
+            if kind in ("shuffle", "mixed"):
+                self.norton_unmapped[node.module] = kind
+        return super()._build_dependency(module2node)
+
+
 def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
     """torch-pruning's dependency graph with norton's pruners, traced in eval mode
     (so tracing never touches BatchNorm statistics).  Frozen parameters are
@@ -90,7 +208,7 @@ def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
         for p in frozen:
             p.requires_grad_(True)
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(
+            graph = _Graph().build_dependency(
                 model, example_inputs=example_inputs, customized_pruners=CUSTOM_PRUNERS, verbose=False
             )
         _fix_split_chunks(graph)
@@ -113,6 +231,20 @@ def _chunk_of(split_node, out_node) -> int | None:
     return chunks.pop() if len(chunks) == 1 else None
 
 
+def _chunk_sizes(node) -> None:
+    """A ``chunk`` / equal ``split`` on channels: its chunk sizes from the split
+    size autograd saved (torch-pruning 1.6 guesses them from the consumers, and
+    takes a concatenation's whole width for the chunk that feeds it)."""
+    fn = node.grad_fn
+    size, dim, shape = (getattr(fn, name, None) for name in ("_saved_split_size", "_saved_dim", "_saved_self_sym_sizes"))
+    if not (isinstance(size, int) and size > 0 and dim == 1 and shape and len(shape) > 1):
+        return
+    total = int(shape[1])
+    sizes = [size] * (total // size) + ([total % size] if total % size else [])
+    node.module.split_sizes = sizes
+    node.module.offsets = [0, *itertools.accumulate(sizes)]
+
+
 def _fix_split_chunks(graph: tp.DependencyGraph) -> None:
     """Put every channel split's consumers in the order of the chunks they read.
     torch-pruning (1.6) maps the n-th consumer it traced to the n-th chunk, but
@@ -120,17 +252,17 @@ def _fix_split_chunks(graph: tp.DependencyGraph) -> None:
     half of the channels was mapped to the second conv — a silently wrong cut
     when both halves are pruned alike.  autograd records the chunk on each
     edge.  A split whose consumers do not read one chunk each (a chunk read
-    twice or not at all) is listed in ``graph.norton_unmapped_splits``: groups
+    twice or not at all) is listed in ``graph.norton_unmapped``: groups
     through it are left whole."""
-    graph.norton_unmapped_splits = set()
     for node in graph.module2node.values():
         if node.type != tp.ops.OPTYPE.SPLIT:
             continue
+        _chunk_sizes(node)
         chunks = [_chunk_of(node, out) for out in node.outputs]
         if sorted(c for c in chunks if c is not None) == list(range(len(chunks))):
             node.outputs = [out for _, out in sorted(zip(chunks, node.outputs), key=lambda pair: pair[0])]
         else:
-            graph.norton_unmapped_splits.add(node.module)
+            graph.norton_unmapped[node.module] = "split"
 
 
 def _raise_trace_error(model: nn.Module, example_inputs, err: Exception) -> None:
@@ -203,6 +335,13 @@ def _all_groups(graph: tp.DependencyGraph):
             yield group
 
 
+_UNMAPPED = {
+    "shuffle": "a channel shuffle (a view that cuts the channel dimension)",
+    "mixed": "a view that cuts or joins its features (e.g. into attention heads)",
+    "split": "a split whose chunks torch-pruning cannot map",
+}
+
+
 def _group_root(group, members, convs) -> tuple[str, nn.Module, int]:
     """(name, module, channel count) of the layer a group is addressed by: the
     first layer in network order whose output channels are the group's, one
@@ -253,8 +392,9 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
         convs.sort(key=lambda nc: order[nc[0]])
         root_name, root, total = _group_root(group, members, convs)
         reason = None
-        if any(m in getattr(graph, "norton_unmapped_splits", ()) for m, *_ in members):
-            reason = "its channels pass through a split whose chunks torch-pruning cannot map, so it is left whole"
+        unmapped = [graph.norton_unmapped[m] for m, *_ in members if m in getattr(graph, "norton_unmapped", {})]
+        if unmapped:
+            reason = f"its channels pass through {_UNMAPPED[unmapped[0]]}, so it is left whole"
         elif _inconsistent(members, total) or not any(m is root and is_out and idxs == root_idxs
                                                     for m, is_out, idxs, root_idxs in members):
             reason = ("torch-pruning's tracer maps its channels inconsistently (through a split or a concatenation "
