@@ -605,6 +605,23 @@ def test_swin_prunes_its_mlps_fast_and_leaves_attention_heads_whole():
     assert report.macs_after < 0.9 * report.macs_before  # 31 % fewer at 224 × 224 (docs/zoo.md)
 
 
+def test_dual_path_concatenations_are_sized_from_the_trace():
+    """timm's DPN: torch-pruning cannot tell the width of every part of its
+    dual-path concatenations (a TypeError in its tracer); norton sizes them
+    from the traced forward, cuts what the stored slice widths allow, puts
+    back exactly what each refused cut touched, and the pruned model computes
+    what the original computes on the kept channels (#15)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("dpn68b", pretrained=False).eval()
+    _random_bn_statistics(model)
+    x = torch.randn(1, 3, 32, 32)
+    report, _ = assert_pruning_is_faithful(model, x, amount=0.5, criterion="l2", ignored_layers=[model.classifier])
+    reasons = set(report.skipped.values())
+    assert any("breaks the model's forward" in why for why in reasons)  # the slice widths DPN stores
+    assert report.macs_after < 0.6 * report.macs_before
+
+
 class StoredHeads(nn.Module):
     """Splits its channels into heads by a size stored at construction, as
     attention blocks do: pruning the channels that reach it breaks its forward."""

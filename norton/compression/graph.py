@@ -89,6 +89,7 @@ class _ViewShapes(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.internal: set[Any] = set()  # views inside a layer norton prunes itself (a CPDBlock's rank sum)
+        self.concat_sizes: dict[Any, list[int]] = {}  # channel concatenations: the width of every part
         self.inside = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -100,6 +101,11 @@ class _ViewShapes(torch.overrides.TorchFunctionMode):
                 self.internal.add(fn)
             else:
                 self.shapes[fn] = (tuple(args[0].shape), tuple(out.shape))
+        elif "catbackward" in name and args and not self.inside:
+            dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
+            parts = [t for t in args[0] if isinstance(t, Tensor)]
+            if parts and isinstance(dim, int) and dim % out.dim() == 1:
+                self.concat_sizes[fn] = [int(t.shape[1]) for t in parts]
         return out
 
     def enter(self, *_):
@@ -177,11 +183,15 @@ class _Graph(tp.DependencyGraph):
             for h in handles:
                 h.remove()
         self.norton_view_shapes, self.norton_internal_views = views.shapes, views.internal
+        self.norton_concat_sizes = views.concat_sizes
         return module2node
 
     def _build_dependency(self, module2node):
         self.norton_unmapped = {}  # op -> "shuffle", "mixed" or "split"
         for node in module2node.values():
+            sizes = self.norton_concat_sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
+            if sizes and len(sizes) == len(node.inputs):  # torch-pruning guesses them from the producers,
+                node.module.concat_sizes = list(sizes)  # and fails when one cannot be told (DPN's dual paths)
             if node.type != tp.ops.OPTYPE.RESHAPE or node.grad_fn in self.norton_internal_views:
                 continue
             shapes = self.norton_view_shapes.get(node.grad_fn)

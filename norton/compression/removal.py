@@ -50,12 +50,13 @@ def _permute(module: nn.Module, is_out: bool, perm: list[int]) -> None:
             raise NortonError(f"cannot reorder the channels of a {type(module).__name__}")
 
 
-def apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> None:
+def apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup], before_cut=None) -> None:
     """Remove the channels not kept, then put the kept ones in their planned order.
-    Frozen parameters stay frozen (torch-pruning's pruners make new, trainable ones)."""
+    Frozen parameters stay frozen (torch-pruning's pruners make new, trainable ones).
+    ``before_cut(group)`` sees every torch-pruning group just before it is cut."""
     frozen = {(module, name) for g in groups for module, *_ in g.members
               for name, p in module.named_parameters(recurse=False) if not p.requires_grad}
-    _apply_selection(graph, groups)
+    _apply_selection(graph, groups, before_cut)
     for module, name in frozen:
         getattr(module, name).requires_grad_(False)
     refresh_split_sizes(graph.model)
@@ -85,23 +86,27 @@ def refresh_split_sizes(model: nn.Module) -> None:
 
 
 def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable[[], str | None]) -> str | None:
-    """Cut one group; if ``check`` then gives a reason, put every member back as
-    it was (same module objects) and return the reason."""
-    loose = [item.dep.target.module for item in (g.dependencies or [])
-             if isinstance(item.dep.target.module, nn.Parameter)]  # a ViT's class token, position embedding
-    owners = [m for m in graph.model.modules() if any(p is t for p in m._parameters.values() for t in loose)]
+    """Cut one group; if ``check`` then gives a reason, put every module the cut
+    touched back as it was (same module objects) and return the reason."""
     saved = {}
-    touched = [sub for m, *_ in g.members for sub in m.modules()]  # a pruner may cut a member's children too
-    touched += [c for c, children in _split_containers(graph.model)
-                if any(m in children for m, *_ in g.members)]  # stored split sizes
-    for module in touched + owners:  # (MultiheadAttention's out_proj)
-        if id(module) not in saved:
-            state = {k: list(v) if isinstance(v, list) else v  # torch-pruning edits split sizes in place
-                     for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
-            saved[id(module)] = (module, state, copy.deepcopy(module._parameters),
-                                 copy.deepcopy(module._buffers))
+
+    def snapshot(group) -> None:  # the group as torch-pruning cuts it now (earlier cuts can change it)
+        targets = [dep.target.module for dep, _ in group] + [m for m, *_ in g.members]
+        loose = [t for t in targets if isinstance(t, nn.Parameter)]  # a ViT's class token, position embedding
+        layers = [t for t in targets if isinstance(t, nn.Module)]
+        owners = [m for m in graph.model.modules() if any(p is t for p in m._parameters.values() for t in loose)]
+        touched = [sub for m in layers for sub in m.modules()]  # a pruner may cut a member's children too
+        touched += [c for c, children in _split_containers(graph.model)  # (MultiheadAttention's out_proj)
+                    if any(m in children for m in layers)]  # stored split sizes
+        for module in touched + owners:
+            if id(module) not in saved:
+                state = {k: list(v) if isinstance(v, list) else v  # torch-pruning edits split sizes in place
+                         for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+                saved[id(module)] = (module, state, copy.deepcopy(module._parameters),
+                                     copy.deepcopy(module._buffers))
+
     try:
-        apply_selection(graph, [g])
+        apply_selection(graph, [g], before_cut=snapshot)
     except EmptyLayerError as refused:  # nothing of the group was cut
         return str(refused)
     reason = check()
@@ -112,7 +117,7 @@ def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable
     return reason
 
 
-def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> None:
+def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup], before_cut=None) -> None:
     for g in groups:
         keep = g.info.kept
         removed = sorted(set(range(g.info.total)) - set(keep))
@@ -122,6 +127,8 @@ def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup]) -> N
             group = graph.get_pruning_group(g.root_module, pruner.prune_out_channels, removed)
             if not graph.check_pruning_group(group):
                 raise EmptyLayerError(_empty_layer_message(graph, group, g, len(removed)))
+            if before_cut is not None:
+                before_cut(group)
             group.prune()
         ordered = sorted(keep)
         if keep != ordered:
