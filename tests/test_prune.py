@@ -622,6 +622,27 @@ def test_dual_path_concatenations_are_sized_from_the_trace():
     assert report.macs_after < 0.6 * report.macs_before
 
 
+@pytest.mark.slow
+def test_concatenations_are_sized_from_the_trace_on_their_channel_dimension():
+    """Swin-S's patch merging concatenates channels-last features on dim -1,
+    which torch-pruning read as a huge dimension and then failed to size (a
+    TypeError in its tracer, docs/zoo.md); norton sizes every concatenation of
+    channels from the trace and traces one along another dimension (a ViT's
+    class token joining the patch tokens) as element-wise."""
+    import torch_pruning as tp
+
+    model = torchvision.models.swin_s(weights=None).eval()
+    graph = build_graph(model, torch.randn(1, 3, 224, 224))
+    merges = [n for n in graph.module2node.values() if n.type == tp.ops.OPTYPE.CONCAT]
+    assert len(merges) == 3  # one per patch merging
+    for node in merges:
+        width = node.outputs[0].module.normalized_shape[0]  # the LayerNorm after it
+        assert node.module.concat_sizes == [width // 4] * 4
+    vit = torchvision.models.vit_b_32(weights=None).eval()
+    graph = build_graph(vit, torch.randn(1, 3, 224, 224))
+    assert not [n for n in graph.module2node.values() if n.type == tp.ops.OPTYPE.CONCAT]  # tokens, not channels
+
+
 class StoredHeads(nn.Module):
     """Splits its channels into heads by a size stored at construction, as
     attention blocks do: pruning the channels that reach it breaks its forward."""

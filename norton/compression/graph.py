@@ -89,7 +89,7 @@ class _ViewShapes(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.internal: set[Any] = set()  # views inside a layer norton prunes itself (a CPDBlock's rank sum)
-        self.concat_sizes: dict[Any, list[int]] = {}  # channel concatenations: the width of every part
+        self.concat_sizes: dict[Any, tuple[int, int, list[int]]] = {}  # concatenations: (dim, ndim, part sizes)
         self.inside = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -104,8 +104,9 @@ class _ViewShapes(torch.overrides.TorchFunctionMode):
         elif "catbackward" in name and args and not self.inside:
             dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
             parts = [t for t in args[0] if isinstance(t, Tensor)]
-            if parts and isinstance(dim, int) and dim % out.dim() == 1:
-                self.concat_sizes[fn] = [int(t.shape[1]) for t in parts]
+            if parts and isinstance(dim, int):
+                dim %= out.dim()
+                self.concat_sizes[fn] = (dim, out.dim(), [int(t.shape[dim]) for t in parts])
         return out
 
     def enter(self, *_):
@@ -127,6 +128,21 @@ _CHANNELS_LAST = (tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.LN, tp.ops.OPTYPE.MHA)
 _CHANNELS_FIRST = (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.DEPTHWISE_CONV, tp.ops.OPTYPE.BN, tp.ops.OPTYPE.GN)
 
 
+def _permuted_layout(node) -> str | None:
+    """"last" after a permute / transpose that moves dimension 1 to the end (a
+    conv's channels become tokens' features, as in ViT's patch embedding),
+    "first" after one that brings the last dimension to 1, else None."""
+    fn = node.grad_fn
+    dims = getattr(fn, "_saved_dims", None)
+    if dims is not None and "permute" in fn.name().lower() and len(dims) > 2:
+        dims = [d % len(dims) for d in dims]
+        return "last" if dims[-1] == 1 else "first" if dims[1] == len(dims) - 1 else None
+    pair = {getattr(fn, "_saved_dim0", None), getattr(fn, "_saved_dim1", None)}
+    if "transpose" in type(fn).__name__.lower() and 1 in pair and None not in pair:
+        return "last"  # (n, c, l) -> (n, l, c)
+    return None
+
+
 def _channels_first(node) -> bool:
     """Whether the nearest layer upstream of a node (breadth first, through any
     op) is a conv or a BatchNorm (an (n, c, h, w) tensor) rather than a Linear
@@ -134,8 +150,9 @@ def _channels_first(node) -> bool:
     frontier, seen = list(node.inputs), set()
     for _ in range(40):
         layers = {n.type for n in frontier if n.type in _CHANNELS_LAST + _CHANNELS_FIRST}
+        layers |= {layout for n in frontier if (layout := _permuted_layout(n)) is not None}
         if layers:
-            return not layers & set(_CHANNELS_LAST)
+            return not layers & {*_CHANNELS_LAST, "last"}
         seen.update(frontier)
         frontier = [i for n in frontier for i in n.inputs if i not in seen]
         if not frontier:
@@ -189,9 +206,8 @@ class _Graph(tp.DependencyGraph):
     def _build_dependency(self, module2node):
         self.norton_unmapped = {}  # op -> "shuffle", "mixed" or "split"
         for node in module2node.values():
-            sizes = self.norton_concat_sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
-            if sizes and len(sizes) == len(node.inputs):  # torch-pruning guesses them from the producers,
-                node.module.concat_sizes = list(sizes)  # and fails when one cannot be told (DPN's dual paths)
+            if node.type == tp.ops.OPTYPE.CONCAT and node.grad_fn in self.norton_concat_sizes:
+                self._size_concat(node, *self.norton_concat_sizes[node.grad_fn])
             if node.type != tp.ops.OPTYPE.RESHAPE or node.grad_fn in self.norton_internal_views:
                 continue
             shapes = self.norton_view_shapes.get(node.grad_fn)
@@ -205,6 +221,22 @@ class _Graph(tp.DependencyGraph):
             if kind in ("shuffle", "mixed"):
                 self.norton_unmapped[node.module] = kind
         return super()._build_dependency(module2node)
+
+    @staticmethod
+    def _size_concat(node, dim: int, ndim: int, sizes: list[int]) -> None:
+        """A concatenation's part widths from the trace (torch-pruning guesses
+        them from the producers, and fails when one cannot be told: DPN's dual
+        paths).  Channels are dimension 1, or the last one of channels-last
+        features (Swin's patch merging: torch-pruning read that dim, -1, as a
+        huge number and failed); a concatenation along any other dimension
+        keeps every channel where it is, as an element-wise op does."""
+        if dim == 0 or len(sizes) < 2:  # the batch (torch-pruning joins the model's outputs so): its own
+            return
+        channels = 1 if _channels_first(node) or ndim == 2 else ndim - 1
+        if dim != channels:
+            node.type = tp.ops.OPTYPE.ELEMENTWISE
+        elif len(sizes) == len(node.inputs):
+            node.module.concat_sizes = list(sizes)
 
 
 def build_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
