@@ -7,7 +7,6 @@ torch-pruning group and, after selection, the ordered kept channels.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from norton.compression.pruners import CUSTOM_PRUNERS
+from norton.compression.pruners import CUSTOM_PRUNERS, SplitPruner, split_offsets
 from norton.core import CPDBlock
 from norton.core.surgery import as_args, flatten_tensors
 from norton.errors import NortonError
@@ -188,6 +187,13 @@ class _Graph(tp.DependencyGraph):
     and attention heads one to one; a view of the leading dimensions only keeps
     the channels in place and is no reason to leave a group whole."""
 
+    def __init__(self):
+        super().__init__()
+        self.REGISTERED_PRUNERS[tp.ops.OPTYPE.SPLIT] = SplitPruner()
+        pruners = [*self.REGISTERED_PRUNERS.values(), *self.CUSTOMIZED_PRUNERS.values()]
+        self._in_channel_pruning_fn = {p.prune_in_channels for p in pruners if p is not None}
+        self._out_channel_pruning_fn = {p.prune_out_channels for p in pruners if p is not None}
+
     def _trace(self, model, example_inputs, forward_fn, output_transform):
         views = _ViewShapes()
         custom = tuple(t for t in CUSTOM_PRUNERS if isinstance(t, type))
@@ -284,7 +290,7 @@ def _chunk_sizes(node) -> None:
     total = int(shape[1])
     sizes = [size] * (total // size) + ([total % size] if total % size else [])
     node.module.split_sizes = sizes
-    node.module.offsets = [0, *itertools.accumulate(sizes)]
+    node.module.offsets = split_offsets(sizes)
 
 
 def _fix_split_chunks(graph: tp.DependencyGraph) -> None:

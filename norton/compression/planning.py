@@ -20,9 +20,10 @@ prune).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -662,14 +663,15 @@ def plan(
     for u in units:
         u.damage = [0.0]
         for option in u.options[1:]:
-            trial = copy.deepcopy(dense)
-            if u.kind == "rank":  # the recomposed kernel: the same function, the fastest to evaluate here
-                replace_module(trial, u.name, blocks[(u.name, option)].to_conv())
+            if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
+                with _swapped(dense, u.name, blocks[(u.name, option)].to_conv()):  # in place: no copy
+                    u.damage.append(probe.damage(dense))
             else:
+                trial = copy.deepcopy(dense)
                 kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed)
                 if recover:
                     refit(trial, dense, batches, kept, seed=seed)
-            u.damage.append(probe.damage(trial))
+                u.damage.append(probe.damage(trial))
             bar.update(1)
     bar.close()
 
@@ -784,6 +786,17 @@ def plan(
                 seen_states.add(tuple(candidate))
                 result.alternatives[name] = as_plan(candidate, name).to_dict()
     return result
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, name: str, new: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with ``new`` in place of its submodule ``name``, put back after."""
+    old = model.get_submodule(name)
+    replace_module(model, name, new)
+    try:
+        yield model
+    finally:
+        replace_module(model, name, old)
 
 
 def uniform_pruning(units: list[_Unit], search: _Search, limit: float) -> list[int] | None:

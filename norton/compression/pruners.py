@@ -8,6 +8,8 @@ and on torchvision's ``FrozenBatchNorm2d``.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -105,6 +107,31 @@ class FrozenBatchNormPruner(tp.pruner.function.BasePruningFunc):
         return layer.weight.shape[0]
 
     get_in_channels = get_out_channels
+
+
+def split_offsets(sizes: Sequence[int]) -> list[int]:
+    """Where each chunk of a split with these sizes starts, and the total."""
+    return [0, *itertools.accumulate(sizes)]
+
+
+class SplitPruner(tp.ops.SplitPruner):
+    """A traced ``split`` / ``chunk`` losing channels: its chunk sizes shrink
+    and its offsets follow them.  torch-pruning's (1.6) shrinks the sizes (in
+    place, in the list it traced) and keeps the old offsets, so the next group
+    through that split was cut at the traced positions (MixNet: the second
+    half's cut landed in the first half)."""
+
+    def prune_out_channels(self, layer, idxs: Sequence[int]) -> None:
+        if layer.split_sizes is None:
+            return
+        offsets = split_offsets(layer.split_sizes)
+        sizes = list(layer.split_sizes)
+        for idx in idxs:
+            sizes[bisect.bisect_right(offsets, int(idx)) - 1] -= 1
+        layer.split_sizes = sizes
+        layer.offsets = split_offsets(sizes)
+
+    prune_in_channels = prune_out_channels
 
 
 CUSTOM_PRUNERS = {CPDBlock: CPDBlockPruner(), ChannelPadShortcut: ChannelPadShortcutPruner(),

@@ -7,7 +7,6 @@ planned order so that option-A shortcuts place channels where the original did.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable
 
 import torch
@@ -100,7 +99,7 @@ def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable
                     if any(m in children for m in layers)]  # stored split sizes
         for module in touched + owners:
             if id(module) not in saved:
-                state = {k: list(v) if isinstance(v, list) else v  # torch-pruning edits split sizes in place
+                state = {k: list(v) if isinstance(v, list) else v  # a pruner may edit a stored list in place
                          for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
                 saved[id(module)] = (module, state, copy.deepcopy(module._parameters),
                                      copy.deepcopy(module._buffers))
@@ -122,7 +121,6 @@ def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup], befo
         keep = g.info.kept
         removed = sorted(set(range(g.info.total)) - set(keep))
         if removed:
-            _refresh_split_offsets(graph)
             pruner = graph.get_pruner_of_module(g.root_module)
             group = graph.get_pruning_group(g.root_module, pruner.prune_out_channels, removed)
             if not graph.check_pruning_group(group):
@@ -143,17 +141,6 @@ def _apply_selection(graph: tp.DependencyGraph, groups: list[CoupledGroup], befo
                 if idxs != root_idxs:
                     raise NortonError(f"cannot reorder the channels of group {g.info.root}: they pass through a concatenation")
                 _permute(module, is_out, perm)
-
-
-def _refresh_split_offsets(graph: tp.DependencyGraph) -> None:
-    """Every traced split's chunk offsets from its current sizes.  torch-pruning
-    (1.6) updates a split's sizes when channels go but keeps the offsets it
-    traced, so the next group through that split would be cut at the old
-    positions (MixNet: the second half's cut landed in the first half)."""
-    for node in graph.module2node.values():
-        sizes = getattr(node.module, "split_sizes", None) if node.type == tp.ops.OPTYPE.SPLIT else None
-        if sizes:
-            node.module.offsets = [0, *itertools.accumulate(sizes)]
 
 
 def _empty_layer_message(graph: tp.DependencyGraph, group, g: CoupledGroup, removed: int) -> str:
