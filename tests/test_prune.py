@@ -11,7 +11,7 @@ from conftest import REFERENCE_DIR
 from torch import nn
 
 from norton import CPDBlock, NortonError, complexity, create_model, decompose
-from norton.compression.pruning import build_graph, collect_groups, prune
+from norton.compression.pruning import build_graph, collect_groups, prune, zeroed_equivalent
 from norton.core import count_macs
 
 X32 = torch.randn(2, 3, 32, 32)
@@ -23,40 +23,13 @@ def build(arch, rank=0, rate=None):
         return create_model(arch, rank=rank, compress_rate=rate)
 
 
-def kill_pruned_channels(model, report, example_inputs, also_dead=None):
-    """Make every channel that pruning will remove exactly zero after its
-    BatchNorm(s), without touching the conv weights the criteria read.  Then the
-    pruned model must compute exactly what this model computes."""
-    graph = build_graph(model, example_inputs)
-    groups, _ = collect_groups(model, graph, example_inputs)
-    kept = {g.root: set(g.kept) for g in report.groups}
-    for root, channels in (also_dead or {}).items():
-        kept[root] -= set(channels)
-    with torch.no_grad():
-        for g in groups:
-            if g.info.root not in kept:
-                continue
-            dead = [i for i in range(g.info.total) if i not in kept[g.info.root]]
-            norms = [m for m, *_ in g.members if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            for module, is_out, idxs, root_idxs in g.members:
-                # after a BatchNorm, or, with none (a squeeze-excitation conv), at the conv itself
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-                        not norms and is_out and isinstance(module, (nn.Conv2d, nn.Linear))):
-                    where = {r: i for i, r in zip(idxs, root_idxs)}
-                    channels = [where[d] for d in dead if d in where]
-                    module.weight[channels] = 0
-                    if module.bias is not None:
-                        module.bias[channels] = 0
-    return model
-
-
 def assert_pruning_is_faithful(model, example_inputs, also_dead=None, **prune_args):
     model = model.eval()
     probe = copy.deepcopy(model)
     report = prune(probe, example_inputs=example_inputs, **prune_args)
     if callable(also_dead):
         also_dead = also_dead(report)
-    killed = kill_pruned_channels(copy.deepcopy(model), report, example_inputs, also_dead).eval()
+    killed = zeroed_equivalent(model, report, example_inputs, also_dead)
     pruned = copy.deepcopy(killed)
     report_again = prune(pruned, example_inputs=example_inputs, **prune_args)
     assert [g.kept for g in report_again.groups] == [g.kept for g in report.groups]

@@ -37,7 +37,8 @@ from norton.core import count_macs, parse_compress_rate
 from norton.core.surgery import as_args, output_shapes, unchanged_on_error
 from norton.errors import NortonError
 
-__all__ = ["GroupPruning", "PruneReport", "build_graph", "collect_groups", "prune", "prune_in_place", "restructure"]
+__all__ = ["GroupPruning", "PruneReport", "build_graph", "collect_groups", "prune", "prune_in_place", "restructure",
+           "zeroed_equivalent"]
 
 
 @dataclass
@@ -250,6 +251,47 @@ def _search_amount(model: nn.Module, example_inputs, target: float, ignored_laye
         else:
             high, best = mid, mid
     return best
+
+
+_ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+@torch.no_grad()
+def zeroed_equivalent(model: nn.Module, report: PruneReport, example_inputs,
+                      also_removed: Mapping[str, Sequence[int]] | None = None) -> nn.Module:
+    """A copy of ``model`` as it was before the pruning that ``report``
+    describes, with every channel that pruning removed made exactly zero after
+    its normalisation (at the layer that makes it, where no normalisation
+    follows) — conv weights untouched, so a criterion would choose the same
+    filters.  Where removed channels contribute nothing further (activations
+    with f(0) = 0), the pruned model computes what this copy computes: a check
+    that pruning cut what it said it would.  A cut group that passes through a
+    normalisation across channels (LayerNorm, GroupNorm, RMSNorm: their
+    statistics change with the width) has no such copy: a NortonError names it.
+    ``also_removed``: more channels (group root -> channel indices) to zero."""
+    zeroed = copy.deepcopy(model).eval()
+    groups, _ = collect_groups(zeroed, build_graph(zeroed, example_inputs), example_inputs)
+    kept = {g.root: set(g.kept) for g in report.groups}
+    for root, channels in (also_removed or {}).items():
+        kept[root] -= set(channels)
+    for g in groups:
+        if g.info.root not in kept:
+            continue
+        removed = [i for i in range(g.info.total) if i not in kept[g.info.root]]
+        across = [type(m).__name__ for m, *_ in g.members if isinstance(m, _ACROSS_CHANNELS)]
+        if removed and across:
+            raise NortonError(f"no zeroed equivalent: group {g.info.root} lost {len(removed)} of {g.info.total} channels "
+                              f"and passes through a {across[0]}, which normalises across them")
+        norms = [m for m, *_ in g.members if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for module, is_out, idxs, root_idxs in g.members:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+                    not norms and is_out and isinstance(module, (nn.Conv2d, nn.Linear))):
+                where = {r: i for i, r in zip(idxs, root_idxs)}
+                channels = [where[d] for d in removed if d in where]
+                module.weight[channels] = 0
+                if module.bias is not None:
+                    module.bias[channels] = 0
+    return zeroed
 
 
 def restructure(model: nn.Module, widths: Mapping[str, int], example_inputs) -> None:
