@@ -679,3 +679,25 @@ def test_a_removal_that_would_empty_a_coupled_layer_is_left_whole_and_named(monk
                     r"layer layer1\.0\.bn1 .*pass layer1\.0\.conv1 in ignored_layers", report.skipped["layer1.0.conv1"])
     assert model.layer1[0].conv1.out_channels == 16 and model.layer1[1].conv1.out_channels == 8
     assert model.layer1[0].bn1.weight.shape == saved["layer1.0.bn1.weight"].shape
+
+
+def test_the_zeroed_equivalent_of_a_decomposed_model_without_batchnorm():
+    """Decomposed layers with no BatchNorm after them (AlexNet, VGG without BN):
+    the zeroed equivalent zeroes every rank term of the removed filters, so the
+    pruned model computes exactly what it computes (#15, the zoo's check)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+    decompose(model, 2, progress=False)
+    x = torch.randn(2, 3, 8, 8)
+    report, pruned = assert_pruning_is_faithful(model, x, amount=0.5, criterion="l2", ignored_layers=[model[8]])
+    assert isinstance(pruned[2], CPDBlock) and pruned[2].out_channels == 4
+
+
+def test_there_is_no_zeroed_equivalent_through_a_layernorm():
+    model = torchvision.models.convnext_tiny(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    report = prune(copy.deepcopy(model), amount=0.5, example_inputs=x, criterion="l2", ignored_layers=[model.classifier[2]])
+    with pytest.raises(NortonError, match=r"no zeroed equivalent: group features\.\S+ lost \d+ of \d+ channels and passes "
+                                          r"through a LayerNorm2d, which normalises across them"):
+        zeroed_equivalent(model, report, x)

@@ -33,7 +33,7 @@ from norton.compression.selection import (
     set_global_targets,
     set_zoo_targets,
 )
-from norton.core import count_macs, parse_compress_rate
+from norton.core import CPDBlock, count_macs, parse_compress_rate
 from norton.core.surgery import as_args, output_shapes, unchanged_on_error
 from norton.errors import NortonError
 
@@ -285,10 +285,14 @@ def zeroed_equivalent(model: nn.Module, report: PruneReport, example_inputs,
         norms = [m for m, *_ in g.members if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for module, is_out, idxs, root_idxs in g.members:
             if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-                    not norms and is_out and isinstance(module, (nn.Conv2d, nn.Linear))):
+                    not norms and is_out and isinstance(module, (nn.Conv2d, nn.Linear, CPDBlock))):
                 where = {r: i for i, r in zip(idxs, root_idxs)}
                 channels = [where[d] for d in removed if d in where]
-                module.weight[channels] = 0
+                if isinstance(module, CPDBlock):  # every rank term of those filters (rank-major rows)
+                    n = module.out_channels
+                    module.horizontal[[r * n + c for r in range(module.rank) for c in channels]] = 0
+                else:
+                    module.weight[channels] = 0
                 if module.bias is not None:
                     module.bias[channels] = 0
     return zeroed
