@@ -701,3 +701,40 @@ def test_there_is_no_zeroed_equivalent_through_a_layernorm():
     with pytest.raises(NortonError, match=r"no zeroed equivalent: group features\.\S+ lost \d+ of \d+ channels and passes "
                                           r"through a LayerNorm2d, which normalises across them"):
         zeroed_equivalent(model, report, x)
+
+
+class ManyGroupsOneHead(nn.Module):
+    """Eleven prunable convs in a chain, one of which feeds a StoredHeads."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1) for i in range(11))
+        self.attn = StoredHeads(8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        for i, conv in enumerate(self.convs):
+            x = conv(x).relu()
+            if i == 6:
+                x = self.attn(x)
+        return self.out(x).mean((2, 3))
+
+
+def test_the_groups_that_break_the_forward_are_found_in_halves_not_one_by_one(monkeypatch):
+    """After the whole cut fails, halves of the groups are tried and only a
+    failing half is split further: one bad group among eleven takes fewer
+    forward checks than groups, and the result is what a one-at-a-time pass
+    gives (every other group cut)."""
+    import norton.compression.pruning as pruning_module
+
+    calls = []
+    real = pruning_module.run_forward
+    monkeypatch.setattr(pruning_module, "run_forward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = ManyGroupsOneHead().eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = prune(model, amount=0.5, example_inputs=x, criterion="l2")
+    assert set(report.skipped) == {"convs.6", "out"} and "breaks the model's forward" in report.skipped["convs.6"]
+    assert [m.out_channels for m in model.convs] == [4] * 6 + [8] + [4] * 4
+    checks = len(calls) - 3  # the forwards before pruning, after the whole cut, and the final one
+    assert checks < 11, checks

@@ -157,9 +157,9 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
                    progress: bool = False, graph=None, global_ranking: bool = False, check=None
                    ) -> tuple[list[GroupPruning], dict[str, str]]:
     """The work of ``prune`` without its MACs and params report: (groups, skipped).
-    With ``check`` (a callable returning None or a reason), the groups are cut
-    one at a time and a group after which ``check`` gives a reason is put back
-    and left whole with that reason."""
+    With ``check`` (a callable returning None or a reason), a group after
+    whose cut ``check`` gives a reason is put back and left whole with that
+    reason (the groups are tested in bisected halves: ``apply_or_restore``)."""
     graph = build_graph(model, example_inputs) if graph is None else graph
     groups, skipped = collect_groups(model, graph, example_inputs, ignored_layers)
     if keep is not None:
@@ -178,14 +178,9 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
     if check is None:
         apply_selection(graph, groups)
         return [g.info for g in groups], skipped
-    kept = []
-    for g in groups:
-        reason = apply_or_restore(graph, g, check)
-        if reason:
-            skipped[g.info.root] = reason
-        else:
-            kept.append(g)
-    return [g.info for g in kept], skipped
+    reasons = apply_or_restore(graph, groups, check)
+    skipped.update(reasons)
+    return [g.info for g in groups if g.info.root not in reasons], skipped
 
 
 class _BrokenForward(Exception):

@@ -84,18 +84,54 @@ def refresh_split_sizes(model: nn.Module) -> None:
                 setattr(module, side, sum(getattr(c, side) for c in children))
 
 
-def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable[[], str | None]) -> str | None:
-    """Cut one group; if ``check`` then gives a reason, put every module the cut
-    touched back as it was (same module objects) and return the reason."""
+ONE_BY_ONE = 4  # a failing part this small is tested group by group (bisecting it would take more checks)
+
+
+def apply_or_restore(graph: tp.DependencyGraph, groups: list[CoupledGroup], check: Callable[[], str | None]
+                     ) -> dict[str, str]:
+    """Cut ``groups`` in order, leaving whole each one whose cut makes ``check``
+    give a reason (or that torch-pruning refuses); returns those reasons by
+    group root.  The groups are tested in halves, bisected where a half fails,
+    so a model with few bad groups takes a few checks instead of one per
+    group; a failing half is put back exactly as it was (same module objects).
+    A single group is decided given every group before it that was cut, as a
+    one-at-a-time pass would; a half is kept when it works as a whole."""
+    reasons: dict[str, str] = {}
+
+    def settle(part: list[CoupledGroup], known_bad: bool = False) -> None:
+        reason = None if known_bad else _cut_or_restore(graph, part, check)
+        if reason is None and not known_bad:
+            return  # all of them cut
+        if len(part) == 1:
+            reasons[part[0].info.root] = reason
+        elif len(part) <= ONE_BY_ONE:
+            for g in part:
+                settle([g])
+        else:
+            settle(part[:len(part) // 2])
+            settle(part[len(part) // 2:])
+
+    # the caller knows that cutting every group at once fails: start with the halves
+    settle(list(groups), known_bad=len(groups) > 1)
+    return reasons
+
+
+def _cut_or_restore(graph: tp.DependencyGraph, groups: list[CoupledGroup], check: Callable[[], str | None]) -> str | None:
+    """Cut every group of ``groups``; if torch-pruning refuses one or ``check``
+    then gives a reason, put every module the cuts touched back as it was and
+    return the reason."""
     saved = {}
+    members = [m for g in groups for m, *_ in g.members]
+    containers = list(_split_containers(graph.model))
 
     def snapshot(group) -> None:  # the group as torch-pruning cuts it now (earlier cuts can change it)
-        targets = [dep.target.module for dep, _ in group] + [m for m, *_ in g.members]
+        targets = [dep.target.module for dep, _ in group] + members
         loose = [t for t in targets if isinstance(t, nn.Parameter)]  # a ViT's class token, position embedding
-        layers = [t for t in targets if isinstance(t, nn.Module)]
-        owners = [m for m in graph.model.modules() if any(p is t for p in m._parameters.values() for t in loose)]
+        layers = [t for t in targets if isinstance(t, nn.Module) and id(t) not in saved]
+        owners = [m for m in graph.model.modules() if any(p is t for p in m._parameters.values() for t in loose)
+                  ] if loose else []
         touched = [sub for m in layers for sub in m.modules()]  # a pruner may cut a member's children too
-        touched += [c for c, children in _split_containers(graph.model)  # (MultiheadAttention's out_proj)
+        touched += [c for c, children in containers  # (MultiheadAttention's out_proj)
                     if any(m in children for m in layers)]  # stored split sizes
         for module in touched + owners:
             if id(module) not in saved:
@@ -104,15 +140,19 @@ def apply_or_restore(graph: tp.DependencyGraph, g: CoupledGroup, check: Callable
                 saved[id(module)] = (module, state, copy.deepcopy(module._parameters),
                                      copy.deepcopy(module._buffers))
 
-    try:
-        apply_selection(graph, [g], before_cut=snapshot)
-    except EmptyLayerError as refused:  # nothing of the group was cut
-        return str(refused)
-    reason = check()
-    if reason:
+    def restore() -> None:
         for module, state, parameters, buffers in saved.values():
             module.__dict__.update(state)
             module._parameters, module._buffers = parameters, buffers
+
+    try:
+        apply_selection(graph, groups, before_cut=snapshot)
+    except EmptyLayerError as refused:  # the refused group was not cut; those before it in the list were
+        restore()
+        return str(refused)
+    reason = check()
+    if reason:
+        restore()
     return reason
 
 
