@@ -184,14 +184,16 @@ def main() -> None:
     ordered = [rows[(n, m)] for n in names for m in args.modes if (n, m) in rows]
     passed = sum(r["ok"] for r in ordered)
     deep = sum(r["ok"] and r["macs_after"] <= 0.6 * r["macs_before"] for r in ordered)
+    exact = sum(r["ok"] and isinstance(r.get("zeroed_max_abs_diff"), float) for r in ordered)
     missing = [n for n in names if not any((n, m) in rows for m in args.modes)]
     text = (f"# {'timm' if args.timm else 'torchvision'} classifiers through norton\n\n"
             f"`.venv/bin/python benchmarks/zoo.py --size {args.size}{' --timm' if args.timm else ''}` "
             f"(random weights, 1×3×{args.size}×{args.size}, classifier left whole, 50 % of every prunable group, "
             f"l2 selection; decompose+prune = CP rank 8 where cheaper, then pruning): {passed} of {len(ordered)} "
-            f"(model, mode) pairs keep the output's shape and deploy and export exactly (errors relative to the "
-            f"largest output, at most {TOLERANCE:g}); {deep} of them lose at least "
-            f"40 % of their MACs."
+            f"(model, mode) pairs keep the output's shape, deploy and export exactly and compute what the model "
+            f"before pruning computes with the removed channels zeroed (errors relative to the largest output, at "
+            f"most {TOLERANCE:g}; \"n/a\" where a cut group passes through a LayerNorm or GroupNorm: no such copy "
+            f"exists); {exact} pairs checked that way; {deep} of the ok pairs lose at least 40 % of their MACs."
             + (f" Not run yet (continue with `--resume`): {', '.join(missing)}." if missing else "")
             + f"\n\n{table(ordered)}\n")
     atomic_write_text(args.out, text)
