@@ -115,7 +115,9 @@ def run_isolated(name: str, mode: str, size: int, timeout: float) -> dict:
 
 def _relative(diff, scale: float) -> str:
     if isinstance(diff, str):
-        return "n/a (cut through a normalisation across channels)" if diff.startswith("no zeroed") else diff
+        if diff.startswith("no zeroed"):  # "... passes through a LayerNorm2d, which normalises across them"
+            return f"n/a ({diff.split('passes through a ')[-1].split(',')[0]})"
+        return diff
     return "shape differs" if diff is None else f"{diff / scale:.1e}"
 
 
