@@ -10,7 +10,7 @@ from torch import nn
 from norton import NortonError, create_model
 from norton.compression import describe, prune, rebuild
 from norton.compression.decomposition import decompose_tucker
-from norton.compression.planning import layer_macs
+from norton.compression.costs import layer_macs
 from norton.core import TuckerBlock, count_macs, tucker2
 from norton.deployment import deploy
 

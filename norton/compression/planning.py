@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from norton.compression.costs import FORMS, CostModel, PlanLayer, fit_nonnegative, form_of
 from norton.compression.criteria import get_criterion
 from norton.compression.decomposition import (
     DecompositionReport,
@@ -40,30 +41,28 @@ from norton.compression.decomposition import (
 from norton.compression.graph import build_graph, collect_groups, is_depthwise
 from norton.compression.pruning import PruneReport, prune, prune_in_place
 from norton.compression.recovery import recover as refit
+from norton.compression.search import Search, Unit, only_option, refine_counts, uniform_pruning
 from norton.compression.trial import distill_trial, split_calibration
 from norton.core import (
     CPDBlock,
     TuckerBlock,
     batch_statistics,
-    conv_output_size,
     count_macs,
     is_decomposable,
     replace_module,
 )
-from norton.core.plans import block_inputs, time_call, time_plans
+from norton.core.plans import block_inputs
 from norton.core.surgery import flatten_tensors
-from norton.deployment import compare_latency, deploy, time_tucker
+from norton.deployment import compare_latency, deploy
 from norton.errors import NortonError
 
 RANK_OPTIONS = (1, 2, 3, 4, 6, 8, 12, 16)
-FORMS = ("cp", "tucker2")  # factored forms a layer may take besides dense
 # Tucker-2 options: both ranks this fraction of the layer's (output, input) channels
 TUCKER_FRACTIONS = (3 / 4, 1 / 2, 3 / 8, 1 / 4, 3 / 16, 1 / 8)
 KEEP_STEPS = 8  # a group may keep 1/8, 2/8, …, 8/8 of its filters
 ALLOCATIONS = ("best", "greedy", "lagrangian")
 FINE_KEEP_OPTIONS = 64  # per group, for the allocation (damages interpolated between the measured ones)
 TRIAL_STEPS = 0  # distillation steps before a whole candidate's damage is measured (allocation best)
-FILL_TOLERANCE = 0.005  # a plan's cost ends within half a point of the full cost below its budget
 
 
 # -- the value -----------------------------------------------------------------------------
@@ -237,291 +236,6 @@ class _Probe:
         return total / len(self.batches)
 
 
-# -- costs ---------------------------------------------------------------------------------
-@dataclass
-class _Layer:
-    name: str
-    module: nn.Module
-    in_size: tuple[int, ...]  # one sample's input shape
-    out_groups: list[tuple[str, float]] = field(default_factory=list)  # (group root, channels per group filter)
-    in_groups: list[tuple[str, float]] = field(default_factory=list)
-
-    @property
-    def full(self) -> tuple[int, int]:
-        m = self.module
-        return (m.out_features, m.in_features) if isinstance(m, nn.Linear) else (m.out_channels, m.in_channels)
-
-
-def layer_macs(module: nn.Module, rank: int | tuple[int, int], n: int, c: int, in_size: Sequence[int]) -> int:
-    """MACs of ``module`` (a Conv2d or Linear, groups=1) with ``n`` outputs and
-    ``c`` inputs, as a dense layer (``rank`` 0), a CPDBlock of that rank or a
-    TuckerBlock of ``rank`` = (output, input) ranks, on one input of
-    ``in_size`` — what ``count_macs`` counts, without running it."""
-    if isinstance(module, nn.Linear):
-        return math.prod(in_size[:-1]) * c * n
-    kh, kw = module.kernel_size
-    height, width = in_size[-2:]
-    out_h, out_w = conv_output_size(module, in_size)
-    if isinstance(rank, tuple):  # 1×1 (c -> r_in) at the input resolution, core and 1×1 (r_out -> n) at the output's
-        r_out, r_in = rank
-        return height * width * c * r_in + out_h * out_w * (r_out * r_in * kh * kw + r_out * n)
-    if rank == 0:
-        per_filter = 1 if is_depthwise(module) else c // module.groups  # a depthwise conv's width follows n
-        return n * per_filter * kh * kw * out_h * out_w
-    # the three factored convs: 1×1 (c -> R·n), kh×1 depthwise (stride sh), 1×kw depthwise (stride sw)
-    return height * width * c * rank * n + rank * n * kh * out_h * width + rank * n * kw * out_h * out_w
-
-
-def form_of(option: int | tuple[int, int]) -> str:
-    """A layer option's form: "dense" (0), "cp" (a rank) or "tucker2" (a pair of ranks)."""
-    return "tucker2" if isinstance(option, tuple) else ("cp" if option else "dense")
-
-
-def layer_elements(module: nn.Module, n: int, c: int, in_size: Sequence[int]) -> int:
-    """Values read and written by the layer for one input: its input (``c``
-    channels) and its output (``n`` channels) — the memory traffic that bounds
-    a small layer's speed as much as its MACs do."""
-    if isinstance(module, nn.Linear):
-        return math.prod(in_size[:-1]) * (c + n)
-    out_h, out_w = conv_output_size(module, in_size)
-    return c * in_size[-2] * in_size[-1] + n * out_h * out_w
-
-
-def fit_nonnegative(features: list[list[float]], seconds: list[float]) -> list[float]:
-    """Least-squares coefficients ≥ 0: the best fit over the subsets of features
-    whose unconstrained fit has no negative coefficient (a few features only)."""
-    a, y = torch.tensor(features, dtype=torch.float64), torch.tensor(seconds, dtype=torch.float64)
-    best, best_error = [0.0] * a.shape[1], float("inf")
-    for subset in range(1, 2 ** a.shape[1]):
-        cols = [j for j in range(a.shape[1]) if subset >> j & 1]
-        coef = torch.linalg.lstsq(a[:, cols], y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
-        if (coef < 0).any():
-            continue
-        error = float(((a[:, cols] @ coef - y) ** 2).sum())
-        if error < best_error:
-            best_error, best = error, [0.0] * a.shape[1]
-            for j, value in zip(cols, coef.tolist()):
-                best[j] = value
-    return best
-
-
-class _CostModel:
-    """Cost of the model for any choice of ranks and kept filters, as a constant
-    plus the sum of its convs' and linears' costs: MACs (counted), or seconds.
-    Seconds come from a model per layer shape and rank — a + b·MACs + d·values
-    moved, coefficients ≥ 0 fitted to the fastest execution plan timed on
-    ``batch`` images at four widths (full, half the outputs, half the inputs, a
-    quarter of both) — so that filter counts never timed get a smooth estimate
-    instead of one noisy timing each."""
-
-    def __init__(self, layers: dict[str, _Layer], measure: str, batch: int, device, dtype):
-        self.layers, self.measure, self.batch = layers, measure, batch
-        self.device, self.dtype = device, dtype
-        self._memo: dict[tuple, float] = {}
-        self._fits: dict[tuple, list[float]] = {}
-        self.constant = 0.0
-        # seconds: per-form factors calibrating the isolated layer timings against whole deployed models
-        self.scales = dict.fromkeys(("dense", *FORMS), 1.0)
-
-    def channels(self, layer: _Layer, keep: Mapping[str, int], totals: Mapping[str, int]) -> tuple[int, int]:
-        n, c = layer.full
-        n -= round(sum((totals[g] - keep[g]) * per for g, per in layer.out_groups))
-        c -= round(sum((totals[g] - keep[g]) * per for g, per in layer.in_groups))
-        return max(n, 1), max(c, 1)
-
-    def layer_cost(self, layer: _Layer, rank: int, n: int, c: int) -> float:
-        m = layer.module
-        if isinstance(m, nn.Linear):
-            key = ("linear", n, c, layer.in_size[:-1], m.bias is not None)
-        else:
-            key = ("conv", n, c, m.kernel_size, m.stride, m.padding, m.dilation, m.bias is not None, m.padding_mode,
-                   layer.in_size[1:], rank, type(m).__name__)
-        if key not in self._memo:
-            self._memo[key] = self._estimate(key, layer, rank, n, c)
-        return self._memo[key] * self.scales[form_of(rank)]
-
-    def _estimate(self, key: tuple, layer: _Layer, rank: int, n: int, c: int) -> float:
-        m = layer.module
-        macs = float(layer_macs(m, rank, n, c, layer.in_size))
-        if self.measure == "macs":
-            return macs
-        shape_key = key[:1] + key[3:]  # the layer's shape class without its widths
-        if shape_key not in self._fits:
-            full_n, full_c = layer.full
-            widths = dict.fromkeys([(full_n, full_c), (max(1, full_n // 2), full_c), (full_n, max(1, full_c // 2)),
-                                    (max(1, full_n // 4), max(1, full_c // 4))])
-            features = [[1.0, float(layer_macs(m, rank, w_n, w_c, layer.in_size)),
-                         float(layer_elements(m, w_n, w_c, layer.in_size))] for w_n, w_c in widths]
-            self._fits[shape_key] = fit_nonnegative(features, [self._time(layer, rank, w_n, w_c) for w_n, w_c in widths])
-        a, b, d = self._fits[shape_key]
-        return a + b * macs + d * float(layer_elements(m, n, c, layer.in_size))
-
-    def _time(self, layer: _Layer, rank: int, n: int, c: int) -> float:
-        m = layer.module
-        if isinstance(m, nn.Linear):
-            module: nn.Module = nn.Linear(c, n, bias=m.bias is not None)
-            shape = (*layer.in_size[:-1], c)
-        else:
-            c, groups = (n, n) if is_depthwise(m) else (c, m.groups)
-            conv = nn.Conv2d(c, n, m.kernel_size, m.stride, m.padding, m.dilation, groups=groups,
-                             bias=m.bias is not None, padding_mode=m.padding_mode)
-            if isinstance(rank, tuple):
-                module = TuckerBlock.like_conv(conv, rank)
-            else:
-                module = CPDBlock.like_conv(conv, rank) if rank > 0 else conv
-            shape = (c, *layer.in_size[1:])
-        module = module.to(self.device, self.dtype).eval()
-        x = torch.randn(self.batch, *shape, device=self.device, dtype=self.dtype)
-        if isinstance(module, CPDBlock):  # deploy runs the fastest plan (or the recomposed conv)
-            return min(time_plans(module, x, repeats=5, with_conv=True).values())
-        if isinstance(module, TuckerBlock):  # deploy keeps it factored or recomposes it, the faster
-            return min(time_tucker(module, x, 5).values())
-        with torch.no_grad():
-            return time_call(lambda: module(x), x, 5)
-
-
-# -- the search ----------------------------------------------------------------------------
-@dataclass
-class _Unit:
-    """One choice: a layer's rank or a group's filter count, with its options
-    ordered from the most to the least expensive and their measured damages."""
-
-    kind: str  # "rank" or "keep"
-    name: str
-    options: list[int]
-    damage: list[float] = field(default_factory=list)
-    layers: list[str] = field(default_factory=list)  # layers whose cost depends on it
-
-
-class _Search:
-    def __init__(self, units: list[_Unit], costs: _CostModel, totals: dict[str, int]):
-        self.units, self.costs, self.totals = units, costs, totals
-
-    def config(self, state: Sequence[int]) -> tuple[dict[str, int], dict[str, int]]:
-        ranks = {u.name: u.options[i] for u, i in zip(self.units, state) if u.kind == "rank"}
-        keep = dict(self.totals)
-        keep.update({u.name: u.options[i] for u, i in zip(self.units, state) if u.kind == "keep"})
-        return ranks, keep
-
-    def layer_costs(self, state: Sequence[int], names: Iterable[str] | None = None) -> dict[str, float]:
-        return self._costs(*self.config(state), self.costs.layers if names is None else names)
-
-    def _costs(self, ranks: Mapping[str, int], keep: Mapping[str, int], names: Iterable[str]) -> dict[str, float]:
-        out = {}
-        for name in names:
-            layer = self.costs.layers[name]
-            n, c = self.costs.channels(layer, keep, self.totals)
-            out[name] = self.costs.layer_cost(layer, ranks.get(name, 0), n, c)
-        return out
-
-    def cost(self, state: Sequence[int]) -> float:
-        return self.costs.constant + sum(self.layer_costs(state).values())
-
-    def cheapest(self) -> list[int]:
-        """Every group at its fewest filters, every layer at its least costly
-        option at those widths (by MACs, options are ordered; by predicted
-        seconds, not necessarily)."""
-        state = [len(u.options) - 1 for u in self.units]
-        for k, u in enumerate(self.units):
-            if u.kind == "rank":
-                state[k] = min(range(len(u.options)),
-                               key=lambda j: sum(self.layer_costs([*state[:k], j, *state[k + 1:]], u.layers).values()))
-        return state
-
-    def damage(self, state: Sequence[int]) -> float:
-        return sum(u.damage[i] for u, i in zip(self.units, state))
-
-    def _moves(self, state: list[int], current: dict[str, float]):
-        """(unit index, option, Δdamage, Δcost) of every single-unit change
-        (options are ordered by MACs, which need not be the order of the cost)."""
-        ranks, keep = self.config(state)
-        for k, u in enumerate(self.units):
-            options = (j for j in range(len(u.options)) if j != state[k])
-            table = ranks if u.kind == "rank" else keep
-            saved = table[u.name]
-            before = sum(current[n] for n in u.layers)
-            for j in options:
-                table[u.name] = u.options[j]
-                delta = sum(self._costs(ranks, keep, u.layers).values()) - before
-                yield k, j, u.damage[j] - u.damage[state[k]], delta
-            table[u.name] = saved
-
-    def greedy(self, budget: float) -> list[int]:
-        """Cheapen the unit with the least damage per cost saved until the budget is met."""
-        state = [0] * len(self.units)
-        current = self.layer_costs(state)
-        while self.costs.constant + sum(current.values()) > budget:
-            best = None
-            for k, j, d_damage, d_cost in self._moves(state, current):
-                if d_cost >= 0:
-                    continue
-                score = d_damage / -d_cost
-                if best is None or score < best[0]:
-                    best = (score, k, j)
-            if best is None:
-                raise NortonError("the planner cannot reduce the cost any further")
-            state[best[1]] = best[2]
-            current = self.layer_costs(state)
-        return self.refill(state, budget)
-
-    def lagrangian(self, budget: float) -> list[int]:
-        """Minimise damage + λ·cost by coordinate descent, λ bisected (in log
-        scale) to the smallest value that meets the budget."""
-        base = self.cost([0] * len(self.units))
-
-        def solve(lam: float) -> list[int]:
-            state = [0] * len(self.units)
-            for _ in range(8):
-                changed = False
-                for k, u in enumerate(self.units):  # the other layers' cost does not depend on this unit's option
-                    scores = []
-                    for j in range(len(u.options)):
-                        trial = state.copy()
-                        trial[k] = j
-                        scores.append(u.damage[j] + lam * sum(self.layer_costs(trial, u.layers).values()) / base)
-                    j = min(range(len(scores)), key=scores.__getitem__)
-                    changed |= j != state[k]
-                    state[k] = j
-                if not changed:
-                    break
-            return state
-
-        low, high = 1e-6, 1e6
-        best = solve(high)
-        if self.cost(best) > budget:
-            return self.greedy(budget)  # the penalty cannot reach the budget: fall back to the greedy path
-        for _ in range(40):
-            mid = math.sqrt(low * high)
-            state = solve(mid)
-            if self.cost(state) <= budget:
-                high, best = mid, state
-            else:
-                low = mid
-        return self.refill(best, budget)
-
-    def refill(self, state: list[int], budget: float) -> list[int]:
-        """Spend what the budget still allows: first the more expensive options
-        that also lower the damage (most damage saved per cost), then, while
-        the cost is more than ``FILL_TOLERANCE`` of the full model's below the
-        budget, those of least damage added per cost — a plan that removes far
-        more than asked for gives up accuracy that fine-tuning would keep."""
-        state = state.copy()
-        slack = FILL_TOLERANCE * self.cost([0] * len(self.units))
-        while True:
-            current = self.layer_costs(state)
-            spare = budget - self.costs.constant - sum(current.values())
-            best = None
-            for k, j, d_damage, d_cost in self._moves(state, current):
-                if not 0 < d_cost <= spare:  # every step spends: the loop ends
-                    continue
-                score = d_damage / d_cost
-                if best is None or score < best[0]:
-                    best = (score, k, j)
-            if best is None or (best[0] >= 0 and spare <= slack):
-                return state
-            state[best[1]] = best[2]
-
-
 # -- the entry point -----------------------------------------------------------------------
 def plan(
     model: nn.Module,
@@ -612,7 +326,7 @@ def plan(
     totals = {g.info.root: g.info.total for g in groups}
     names = {m: n for n, m in dense.named_modules()}
     sizes = {n: tuple(x.shape[1:]) for n, x in block_inputs(dense, example, (nn.Conv2d, nn.Linear)).items()}
-    layers = {n: _Layer(n, m, sizes[n]) for n, m in dense.named_modules()
+    layers = {n: PlanLayer(n, m, sizes[n]) for n, m in dense.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and n in sizes}
     for g in groups:
         for module, is_out, idxs, _ in g.members:
@@ -622,10 +336,10 @@ def plan(
                 if all(root != g.info.root for root, _ in side):
                     side.append((g.info.root, len(set(idxs)) / g.info.total))
     measure = "macs" if target_macs is not None else "seconds"
-    costs = _CostModel(layers, measure, latency_batch, device, dtype)
-    counter = costs if measure == "macs" else _CostModel(layers, "macs", 1, device, dtype)  # MACs, whatever the target
+    costs = CostModel(layers, measure, latency_batch, device, dtype)
+    counter = costs if measure == "macs" else CostModel(layers, "macs", 1, device, dtype)  # MACs, whatever the target
 
-    units: list[_Unit] = []
+    units: list[Unit] = []
     for name, layer in layers.items():
         if not is_decomposable(layer.module):
             continue
@@ -636,16 +350,16 @@ def plan(
         dense_cost = counter.layer_cost(layer, 0, n, c)
         cheaper = sorted((o for o in factored if counter.layer_cost(layer, o, n, c) < dense_cost),
                          key=lambda o: -counter.layer_cost(layer, o, n, c))  # most expensive first
-        units.append(_Unit("rank", name, [0, *cheaper], layers=[name]))
+        units.append(Unit("rank", name, [0, *cheaper], layers=[name]))
     for g in groups:
         counts = sorted({max(1, round(g.info.total * s / keep_steps)) for s in range(keep_steps, 0, -1)}, reverse=True)
         affected = [n for n, layer in layers.items() if any(root == g.info.root for root, _ in layer.out_groups + layer.in_groups)]
-        units.append(_Unit("keep", g.info.root, counts, layers=affected))
+        units.append(Unit("keep", g.info.root, counts, layers=affected))
 
     # the budget (for a speed-up: after the latency model is calibrated, below)
-    search = _Search(units, costs, totals)
+    search = Search(units, costs, totals)
     dense_macs = float(count_macs(dense, example))
-    macs_search = _Search(units, counter, totals)
+    macs_search = Search(units, counter, totals)
     counter.constant = dense_macs - sum(macs_search.layer_costs([0] * len(units)).values())
     if measure == "macs":
         full = search.cost([0] * len(units))
@@ -677,11 +391,11 @@ def plan(
 
     for u in units:  # between measured counts, any count: damage interpolated, so the budget can be met closely
         if u.kind == "keep":
-            _refine_counts(u, FINE_KEEP_OPTIONS)
+            refine_counts(u, FINE_KEEP_OPTIONS)
 
     # the corners, searched on their own as well: every layer dense (pruning only), every filter kept
-    corners = {"pruning only": _Search([_only(u, 0) if u.kind == "rank" else u for u in units], costs, totals),
-               "no pruning": _Search([_only(u, 0) if u.kind == "keep" else u for u in units], costs, totals)}
+    corners = {"pruning only": Search([only_option(u, 0) if u.kind == "rank" else u for u in units], costs, totals),
+               "no pruning": Search([only_option(u, 0) if u.kind == "keep" else u for u in units], costs, totals)}
 
     whole_damage: dict[tuple[int, ...], float] = {}  # of whole candidate plans, kept across budgets
 
@@ -799,34 +513,7 @@ def _swapped(model: nn.Module, name: str, new: nn.Module) -> Iterator[nn.Module]
         replace_module(model, name, old)
 
 
-def uniform_pruning(units: list[_Unit], search: _Search, limit: float) -> list[int] | None:
-    """Every layer dense, every group keeping the same share of its filters (the
-    largest share within ``limit``): what uniform filter pruning would choose."""
-    def state(share: float) -> list[int]:
-        out = []
-        for u in units:
-            if u.kind == "rank":
-                out.append(0)
-            else:  # the smallest count not below the share (counts descend)
-                want = u.options[0] * share
-                out.append(sum(c >= want - 1e-9 for c in u.options) - 1)
-        return out
-
-    low, high = 0.0, 1.0
-    if search.cost(state(low)) > limit:
-        return None
-    for _ in range(30):
-        mid = (low + high) / 2
-        low, high = (mid, high) if search.cost(state(mid)) <= limit else (low, mid)
-    return state(low)
-
-
-def _only(unit: _Unit, index: int) -> _Unit:
-    """``unit`` restricted to one option (its index stays valid: the first)."""
-    return _Unit(unit.kind, unit.name, unit.options[index:index + 1], unit.damage[index:index + 1], unit.layers)
-
-
-def calibrate_latency(costs: _CostModel, search: _Search, build, x: Tensor, progress: bool) -> None:
+def calibrate_latency(costs: CostModel, search: Search, build, x: Tensor, progress: bool) -> None:
     """Fit the latency model to whole deployed models: isolated layer timings
     do not add up to a deployed network (fused BatchNorm, memory format,
     caches, per-call overhead differ by form), so seven sample models — dense
@@ -834,7 +521,7 @@ def calibrate_latency(costs: _CostModel, search: _Search, build, x: Tensor, prog
     option at full and half width — are deployed and timed round-robin, and
     ``costs``' constant and per-form factors are the non-negative least-squares
     fit of those timings to the models' summed layer predictions by form."""
-    def pick(u: _Unit, form: str, fraction: float) -> int:
+    def pick(u: Unit, form: str, fraction: float) -> int:
         if u.kind == "rank":
             of_form = [i for i, o in enumerate(u.options) if form_of(o) == form]
             return of_form[len(of_form) // 2] if of_form else 0
@@ -904,25 +591,7 @@ def meet_measured_speedup(target: float, budget: float, cheapest: float, allocat
     return name, state, got
 
 
-def _refine_counts(unit: _Unit, most: int) -> None:
-    """Every filter count from the largest to the smallest measured one (at
-    most ``most`` of them, evenly spread), damage linear in between."""
-    measured = list(zip(unit.options, unit.damage))  # descending counts
-    high, low = measured[0][0], measured[-1][0]
-    step = max(1, math.ceil((high - low) / most))
-    counts = sorted({*range(high, low - 1, -step), *unit.options}, reverse=True)
-    damage = []
-    for count in counts:
-        for (c0, d0), (c1, d1) in zip(measured, measured[1:]):
-            if c1 <= count <= c0:
-                damage.append(d0 + (d1 - d0) * (c0 - count) / (c0 - c1))
-                break
-        else:
-            damage.append(measured[0][1] if count == high else measured[-1][1])
-    unit.options, unit.damage = counts, damage
-
-
-def _decompositions(model: nn.Module, units: list[_Unit], seed: int, progress: bool
+def _decompositions(model: nn.Module, units: list[Unit], seed: int, progress: bool
                     ) -> dict[tuple[str, int | tuple[int, int]], CPDBlock | TuckerBlock]:
     """Every decomposable conv as a CPDBlock at every rank it may take, and as a
     TuckerBlock at every pair of ranks."""
