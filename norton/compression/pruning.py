@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from norton.compression.criteria import get_criterion
 from norton.compression.graph import (
@@ -249,26 +250,27 @@ def _search_amount(model: nn.Module, example_inputs, target: float, ignored_laye
 
 
 _ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
 
-@torch.no_grad()
 def zeroed_equivalent(model: nn.Module, report: PruneReport, example_inputs,
                       also_removed: Mapping[str, Sequence[int]] | None = None) -> nn.Module:
     """A copy of ``model`` as it was before the pruning that ``report``
-    describes, with every channel that pruning removed made exactly zero after
-    its normalisation (at the layer that makes it, where no normalisation
-    follows) — conv weights untouched, so a criterion would choose the same
-    filters.  Where removed channels contribute nothing further (activations
-    with f(0) = 0), the pruned model computes what this copy computes: a check
-    that pruning cut what it said it would.  A cut group that passes through a
-    normalisation across channels (LayerNorm, GroupNorm, RMSNorm: their
-    statistics change with the width) has no such copy: a NortonError names it.
-    ``also_removed``: more channels (group root -> channel indices) to zero."""
+    describes, in which every channel that pruning removed is made exactly zero
+    where it is produced and after every BatchNorm of its group (forward hooks
+    on those layers; the weights are untouched).  Where removed channels
+    contribute nothing further (activations with f(0) = 0), the pruned model
+    computes what this copy computes: a check that pruning cut what it said it
+    would.  A cut group that passes through a normalisation across channels
+    (LayerNorm, GroupNorm, RMSNorm: their statistics change with the width) has
+    no such copy: a NortonError names it.  ``also_removed``: more channels
+    (group root -> channel indices) to zero."""
     zeroed = copy.deepcopy(model).eval()
     groups, _ = collect_groups(zeroed, build_graph(zeroed, example_inputs), example_inputs)
     kept = {g.root: set(g.kept) for g in report.groups}
     for root, channels in (also_removed or {}).items():
         kept[root] -= set(channels)
+    silenced: dict[nn.Module, set[int]] = {}
     for g in groups:
         if g.info.root not in kept:
             continue
@@ -277,20 +279,24 @@ def zeroed_equivalent(model: nn.Module, report: PruneReport, example_inputs,
         if removed and across:
             raise NortonError(f"no zeroed equivalent: group {g.info.root} lost {len(removed)} of {g.info.total} channels "
                               f"and passes through a {across[0]}, which normalises across them")
-        norms = [m for m, *_ in g.members if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for module, is_out, idxs, root_idxs in g.members:
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-                    not norms and is_out and isinstance(module, (nn.Conv2d, nn.Linear, CPDBlock))):
+            if isinstance(module, _PER_CHANNEL_NORMS) or (is_out and isinstance(module, (nn.Conv2d, nn.Linear, CPDBlock))):
                 where = {r: i for i, r in zip(idxs, root_idxs)}
-                channels = [where[d] for d in removed if d in where]
-                if isinstance(module, CPDBlock):  # every rank term of those filters (rank-major rows)
-                    n = module.out_channels
-                    module.horizontal[[r * n + c for r in range(module.rank) for c in channels]] = 0
-                else:
-                    module.weight[channels] = 0
-                if module.bias is not None:
-                    module.bias[channels] = 0
+                silenced.setdefault(module, set()).update(where[d] for d in removed if d in where)
+    for module, channels in silenced.items():
+        if channels:
+            module.register_forward_hook(_ZeroChannels(sorted(channels), -1 if isinstance(module, nn.Linear) else 1))
     return zeroed
+
+
+class _ZeroChannels:
+    """A forward hook that zeroes some channels of a layer's output."""
+
+    def __init__(self, channels: list[int], dim: int):
+        self.channels, self.dim = torch.tensor(channels, dtype=torch.long), dim
+
+    def __call__(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
+        return output.index_fill(self.dim, self.channels.to(output.device), 0.0)
 
 
 def restructure(model: nn.Module, widths: Mapping[str, int], example_inputs) -> None:
