@@ -281,8 +281,8 @@ def zeroed_equivalent(model: nn.Module, report: PruneReport, example_inputs,
                               f"and passes through a {across[0]}, which normalises across them")
         for module, is_out, idxs, root_idxs in g.members:
             if isinstance(module, _PER_CHANNEL_NORMS) or (is_out and isinstance(module, (nn.Conv2d, nn.Linear, CPDBlock))):
-                where = {r: i for i, r in zip(idxs, root_idxs)}
-                silenced.setdefault(module, set()).update(where[d] for d in removed if d in where)
+                gone = set(removed)  # one group channel may be several of a layer's (a concatenation of copies)
+                silenced.setdefault(module, set()).update(i for i, r in zip(idxs, root_idxs) if r in gone)
     for module, channels in silenced.items():
         if channels:
             module.register_forward_hook(_ZeroChannels(sorted(channels), -1 if isinstance(module, nn.Linear) else 1))
