@@ -250,24 +250,26 @@ def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, cap
 def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
     """Scripted timings: each deployed sample takes 2 ms plus 0.5×, 3× and 0.25×
     its dense, CP and Tucker-2 layers' predicted time; the fit finds those."""
-    from norton.compression import costs, planning, search
+    from norton.compression import planning
+    from norton.compression.costs import CostModel, PlanLayer, form_of
+    from norton.compression.search import Search, Unit
     from norton.deployment import Latency
 
     a, b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-    layers = {"a": costs.PlanLayer("a", a, (8, 10, 10), out_groups=[("a", 1.0)]),
-              "b": costs.PlanLayer("b", b, (8, 10, 10), in_groups=[("a", 1.0)])}
-    costs = costs.CostModel(layers, "macs", 1, None, torch.float32)  # layer "time": its MACs
-    units = [search.Unit("rank", "a", [0, 4, 2, (6, 6), (4, 4)], [0.0] * 5, ["a"]),
-             search.Unit("rank", "b", [0, 4, 2, (6, 6), (4, 4)], [0.0] * 5, ["b"]),
-             search.Unit("keep", "a", [8, 6, 4, 2], [0.0] * 4, ["a", "b"])]
-    search = search.Search(units, costs, {"a": 8})
+    layers = {"a": PlanLayer("a", a, (8, 10, 10), out_groups=[("a", 1.0)]),
+              "b": PlanLayer("b", b, (8, 10, 10), in_groups=[("a", 1.0)])}
+    costs = CostModel(layers, "macs", 1, None, torch.float32)  # layer "time": its MACs
+    units = [Unit("rank", "a", [0, 4, 2, (6, 6), (4, 4)], [0.0] * 5, ["a"]),
+             Unit("rank", "b", [0, 4, 2, (6, 6), (4, 4)], [0.0] * 5, ["b"]),
+             Unit("keep", "a", [8, 6, 4, 2], [0.0] * 4, ["a", "b"])]
+    search = Search(units, costs, {"a": 8})
     truth = {"dense": 0.5, "cp": 3.0, "tucker2": 0.25}
 
     def scripted(models, example):
         out = {}
         for name, state in models.items():
             ranks, _ = search.config(state)
-            seconds = 0.002 + sum(truth[costs.form_of(ranks.get(n, 0))] * v for n, v in search.layer_costs(state).items())
+            seconds = 0.002 + sum(truth[form_of(ranks.get(n, 0))] * v for n, v in search.layer_costs(state).items())
             out[name] = Latency(1000 * seconds, 0, 0, 1)
         return out
 
