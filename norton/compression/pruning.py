@@ -34,7 +34,7 @@ from norton.compression.selection import (
     set_global_targets,
     set_zoo_targets,
 )
-from norton.core import CPDBlock, count_macs, parse_compress_rate
+from norton.core import count_macs, parse_compress_rate
 from norton.core.surgery import as_args, output_shapes, unchanged_on_error
 from norton.errors import NortonError
 
@@ -274,15 +274,15 @@ def zeroed_equivalent(model: nn.Module, report: PruneReport, example_inputs,
     for g in groups:
         if g.info.root not in kept:
             continue
-        removed = [i for i in range(g.info.total) if i not in kept[g.info.root]]
+        removed = set(range(g.info.total)) - kept[g.info.root]
         across = [type(m).__name__ for m, *_ in g.members if isinstance(m, _ACROSS_CHANNELS)]
         if removed and across:
             raise NortonError(f"no zeroed equivalent: group {g.info.root} lost {len(removed)} of {g.info.total} channels "
                               f"and passes through a {across[0]}, which normalises across them")
         for module, is_out, idxs, root_idxs in g.members:
-            if isinstance(module, _PER_CHANNEL_NORMS) or (is_out and isinstance(module, (nn.Conv2d, nn.Linear, CPDBlock))):
-                gone = set(removed)  # one group channel may be several of a layer's (a concatenation of copies)
-                silenced.setdefault(module, set()).update(i for i, r in zip(idxs, root_idxs) if r in gone)
+            if isinstance(module, _PER_CHANNEL_NORMS) or (is_out and isinstance(module, ROOT_TYPES)):
+                # one group channel may be several of a layer's (a concatenation of copies)
+                silenced.setdefault(module, set()).update(i for i, r in zip(idxs, root_idxs) if r in removed)
     for module, channels in silenced.items():
         if channels:
             module.register_forward_hook(_ZeroChannels(sorted(channels), -1 if isinstance(module, nn.Linear) else 1))

@@ -98,21 +98,23 @@ def apply_or_restore(graph: tp.DependencyGraph, groups: list[CoupledGroup], chec
     one-at-a-time pass would; a half is kept when it works as a whole."""
     reasons: dict[str, str] = {}
 
-    def settle(part: list[CoupledGroup], known_bad: bool = False) -> None:
-        reason = None if known_bad else _cut_or_restore(graph, part, check)
-        if reason is None and not known_bad:
-            return  # all of them cut
-        if len(part) == 1:
-            reasons[part[0].info.root] = reason
-        elif len(part) <= ONE_BY_ONE:
-            for g in part:
-                settle([g])
-        else:
-            settle(part[:len(part) // 2])
-            settle(part[len(part) // 2:])
+    def split(part: list[CoupledGroup]) -> None:  # ``part`` fails as a whole
+        pieces = [[g] for g in part] if len(part) <= ONE_BY_ONE else [part[:len(part) // 2], part[len(part) // 2:]]
+        for piece in pieces:
+            settle(piece)
 
-    # the caller knows that cutting every group at once fails: start with the halves
-    settle(list(groups), known_bad=len(groups) > 1)
+    def settle(part: list[CoupledGroup]) -> None:
+        reason = _cut_or_restore(graph, part, check)
+        if reason is not None and len(part) == 1:
+            reasons[part[0].info.root] = reason
+        elif reason is not None:
+            split(part)
+
+    # the caller knows that cutting every group at once fails: start with the pieces
+    if len(groups) > 1:
+        split(list(groups))
+    elif groups:
+        settle(list(groups))
     return reasons
 
 
