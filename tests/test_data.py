@@ -14,6 +14,8 @@ from norton.training.data import (
     FASHION_MNIST_DIR,
     augment,
     epoch_batches,
+    held_out,
+    joined,
     limit,
     load_dataset,
     split_validation,
@@ -155,6 +157,25 @@ def test_validation_split_is_held_out():
     seen = {tuple(img.flatten().tolist()) for img in train.images}
     assert sum(tuple(img.flatten().tolist()) in seen for img in val.images) < 5  # digits has a few duplicates
     assert len(limit(data, 10)) == 10
+
+
+def test_held_out_images_are_the_ones_limit_leaves_out():
+    """More validation data with the same training split (the comparison's
+    ``extra_val_images``): the next images of limit's shuffle, disjoint from the
+    limited set, without augmentation; too many is a clear error."""
+    data = load_dataset("digits", None, "train")
+    data.crop_padding, data.flip = 2, True
+    first = limit(data, 300)
+    extra = held_out(data, 300, 200)
+    assert len(extra) == 200 and not extra.flip and extra.crop_padding == 0
+    both = limit(data, 500)  # the same shuffle, longer: the limited set, then the held-out images
+    assert torch.equal(torch.cat([first.images, extra.images]), both.images)
+    assert torch.equal(torch.cat([first.labels, extra.labels]), both.labels)
+    train, val = split_validation(first, 100)
+    bigger = joined(val, extra)
+    assert len(bigger) == 300 and torch.equal(bigger.images[100:], extra.images) and not bigger.flip
+    with pytest.raises(NortonError, match=f"at least {len(data) + 1} images"):
+        held_out(data, len(data) - 5, 6)
 
 
 @settings(max_examples=20, derandomize=True, deadline=None)

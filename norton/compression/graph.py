@@ -419,6 +419,57 @@ def _inconsistent(members, total: int) -> bool:
     return False
 
 
+def _tied_blocks(group, total: int) -> int | None:
+    """How many equal blocks a group's channels fall into because one channel of
+    a layer is several channels of the group (1 when none is), or None when
+    such ties follow no block pattern.
+
+    A Ghost module concatenates a conv's outputs with a depthwise conv of them:
+    where that concatenation is the group, the conv's channel j is group channels
+    j and C/2 + j.  torch-pruning keeps one entry per layer, so it lists the conv
+    at one of the two and its BatchNorm (or activation) at the other, and a cut
+    removes different channels from each (GhostNet came out silently wrong).
+    Along every edge that keeps channels in place (no concatenation, split or
+    flatten between its ends) both ends must map a channel to the same group
+    channel; where they do not, the two group channels are one channel of the
+    model.  When the ties pair channel p of every block of total/b channels with
+    the same p of the others, the group is pruned as b blocks (the same positions
+    go from each, as for grouped convs) and every layer loses the same channels
+    whichever entry torch-pruning kept."""
+    entries = {(item.dep.target.module, item.dep.handler): dict(zip(item.idxs, item.root_idxs)) for item in group}
+    parent = list(range(total))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for item in group:
+        dep = item.dep
+        if any(m is not None for m in dep.index_mapping):  # indices move between the two ends
+            continue
+        source = entries.get((dep.source.module, dep.trigger))
+        if source is None:
+            continue
+        for local, root in zip(item.idxs, item.root_idxs):
+            other = source.get(local)
+            if other is not None and other != root and 0 <= other < total and 0 <= root < total:
+                parent[find(root)] = find(other)
+    classes: dict[int, list[int]] = {}
+    for position in range(total):
+        classes.setdefault(find(position), []).append(position)
+    sizes = {len(c) for c in classes.values()}
+    if sizes == {1}:
+        return 1
+    if len(sizes) != 1:
+        return None
+    blocks = sizes.pop()
+    size = total // blocks
+    regular = total % blocks == 0 and all(c == [c[0] + k * size for k in range(blocks)] for c in classes.values())
+    return blocks if regular else None
+
+
 def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, ignored_layers=()) -> tuple[list[CoupledGroup], dict[str, str]]:
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
@@ -452,7 +503,12 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
         elif any(isinstance(m, tp.ops._OutputOp) for m, *_ in members) or any(
                 m in output_modules for m, is_out, *_ in members if is_out):
             reason = "its channels are model outputs"  # e.g. a conv classifier followed by pooling
-        blocks = conv_blocks(members)
+        blocks, ties = conv_blocks(members), _tied_blocks(group, total)
+        if not reason and ties is None:
+            reason = ("one channel of a layer is several channels of the group in no regular pattern "
+                      "(torch-pruning would cut the layer and its BatchNorm at different channels), so it is left whole")
+        elif not reason and ties > 1:
+            blocks = math.lcm(blocks, ties)
         if not reason and blocks > 1 and (total % blocks or any(
                 idxs != root_idxs for m, _, idxs, root_idxs in members if is_grouped(m))):
             reason = (f"its {total} channels do not split into the {blocks} equal blocks its grouped convolutions need"

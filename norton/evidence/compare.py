@@ -43,7 +43,9 @@ from norton.training import (
     dataset_shape,
     evaluate,
     fit,
+    held_out,
     input_size_of,
+    joined,
     limit,
     load_best,
     load_dataset,
@@ -82,6 +84,10 @@ class CompareBudget:
     # NORTON-auto (MACs targets): every whole candidate plan fine-tuned this many epochs and the one of best
     # validation top-1 kept (norton.select_plan); 0 keeps the planner's pick by damage
     selection_epochs: int = 0
+    # validation images added from the training images the budget leaves unused (the next ones of the same
+    # fixed shuffle), so the training split stays the same and the validation split resolves smaller
+    # differences; 0 = none
+    extra_val_images: int = 0
 
 
 SMALL = CompareBudget(
@@ -369,9 +375,12 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     device = device or torch.device("cpu")
     _check_setup(out_dir, arch, data, resume)  # before any work: the run directory must fit
     started = time.perf_counter()
-    train = limit(load_dataset(data, data_dir, "train"), budget.train_images)
+    full = load_dataset(data, data_dir, "train")
+    train = limit(full, budget.train_images)
     test = limit(load_dataset(data, data_dir, "test"), budget.test_images)
     train, val = split_validation(train, budget.val_images)
+    if budget.extra_val_images:
+        val = joined(val, held_out(full, budget.train_images or len(full), budget.extra_val_images))
     classes, channels = dataset_shape(train)
     input_size = tuple(input_size_of(test))
     torch.manual_seed(budget.baseline.seed)
@@ -527,15 +536,16 @@ def _run_one(model, configuration, method, target, seed, train, val, test, ctx: 
     recalibrated = evaluate(model, test, device=device)
     config = replace(budget.finetune, seed=seed)
     finetune_dir = os.path.join(run_dir, "finetune")
-    fit(model, train, val, config, finetune_dir, device=device, progress=progress,
-        resume=resume and os.path.exists(os.path.join(finetune_dir, "last.pt")),
-        overwrite=not resume, extra={"stage": f"compare {method.name} {target}"}, teacher=teacher)
+    fitted = fit(model, train, val, config, finetune_dir, device=device, progress=progress,
+                 resume=resume and os.path.exists(os.path.join(finetune_dir, "last.pt")),
+                 overwrite=not resume, extra={"stage": f"compare {method.name} {target}"}, teacher=teacher)
     load_best(model, finetune_dir)
     final = evaluate(model, test, device=device)
     return {"method": method.name, "label": method.label, "family": method.family, "target": target,
             "target_kind": method.target_kind, "seed": seed,
             "configuration": configuration, "macs": cx.macs, "params": cx.params,
             "top1_before_finetune": raw["top1"], "top1_recalibrated": recalibrated["top1"], "top1": final["top1"],
+            "val_top1": fitted.best_val["top1"], "val_images": len(val),
             "build_seconds": build_seconds}
 
 

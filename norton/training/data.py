@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from norton.errors import NortonError
 
@@ -268,6 +268,29 @@ def limit(train, count: int | None, seed: int = 0):
     if isinstance(train, ArrayDataset):
         return train.subset(order)
     return Subset(train, order.tolist())
+
+
+def held_out(train, count: int, extra: int, seed: int = 0):
+    """``extra`` images that ``limit(train, count, seed)`` leaves out (the next ones of the
+    same fixed shuffle), without augmentation: more validation data with the same
+    training images."""
+    if extra < 1 or count + extra > len(train):
+        raise NortonError(f"{extra} held-out images beyond the first {count} need a dataset of at least "
+                          f"{count + extra} images; this one has {len(train)}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 104729))[count:count + extra]
+    if isinstance(train, ArrayDataset):
+        return train.subset(order).without_augmentation()
+    evaluation = copy.copy(train)
+    evaluation.transform = getattr(train, "eval_transform", train.transform)
+    return Subset(evaluation, order.tolist())
+
+
+def joined(first, second):
+    """Two datasets of the same kind as one (validation splits: no augmentation)."""
+    if isinstance(first, ArrayDataset) and isinstance(second, ArrayDataset):
+        return ArrayDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]),
+                            first.mean, first.std, first.crop_padding, first.flip)
+    return ConcatDataset([first, second])
 
 
 def dataset_shape(train) -> tuple[int, int]:
