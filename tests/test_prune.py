@@ -11,7 +11,16 @@ from conftest import REFERENCE_DIR
 from torch import nn
 
 from norton import CPDBlock, NortonError, complexity, create_model, decompose
-from norton.compression.pruning import GroupPruning, PruneReport, build_graph, collect_groups, prune, zeroed_equivalent
+from norton.compression.attention import PrunedWindowAttention, PrunedWindowAttentionV2
+from norton.compression.pruning import (
+    GroupPruning,
+    PruneReport,
+    build_graph,
+    collect_groups,
+    prune,
+    prune_in_place,
+    zeroed_equivalent,
+)
 from norton.core import count_macs
 
 X32 = torch.randn(2, 3, 32, 32)
@@ -569,19 +578,60 @@ def test_mlp_hidden_widths_are_pruned_and_heads_start_no_group():
     assert report.macs_after < 0.3 * report.macs_before
 
 
-def test_swin_prunes_its_mlps_fast_and_leaves_attention_heads_whole():
+def test_swin_prunes_its_mlps_and_the_width_of_its_attention_heads():
     """Swin-T: window partitions (views of channels-last features) keep the
-    channels in place, so the trace takes seconds, not minutes; the channels
-    that are cut into attention heads are left whole with that reason; the MLP
-    widths are pruned and the pruned model computes what the original computes
-    on the kept channels (#15)."""
+    channels in place, so the trace takes seconds, not minutes; the stream's
+    channels that are cut into attention heads are left whole with that reason;
+    the MLP widths and each attention's q, k, v (the same positions in every
+    head) are pruned, and the pruned model computes what the original computes
+    with the removed channels and q, k, v positions zeroed (#15)."""
     torch.manual_seed(0)
     model = torchvision.models.swin_t(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)
     report, pruned = assert_pruning_is_faithful(model, x, amount=0.5, criterion="l2", ignored_layers=[model.head])
     assert report.skipped and all("attention heads" in why for why in report.skipped.values())
     assert pruned.features[1][0].mlp[0].out_features == 192  # of 384
-    assert report.macs_after < 0.9 * report.macs_before  # 31 % fewer at 224 × 224 (docs/zoo.md)
+    attention = pruned.features[1][0].attn  # 3 heads of 32
+    assert isinstance(attention, PrunedWindowAttention) and attention.head_dim == 16
+    assert attention.qkv.out_features == 3 * 3 * 16 and attention.proj.in_features == 48
+    groups = {g.root: g for g in report.groups}
+    assert groups["features.1.0.attn"].width == 48 and "each of 3 heads" in groups["features.1.0.attn"].criterion
+    assert report.macs_after < 0.6 * report.macs_before  # 49 % fewer at 224 × 224 (docs/zoo.md); 31 % without heads
+
+
+def test_pruned_swin_v2_attention_rebuilds_from_its_description():
+    """Swin-V2 (cosine attention, no key bias): narrowed heads compute what the
+    original computes with those positions zeroed; the pruned architecture is
+    rebuilt from its description (a checkpoint's) and loads strictly; a failed
+    prune puts the attention's class back with its weights."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    from norton.compression.architecture import describe, rebuild
+    from norton.core.surgery import unchanged_on_error
+
+    def small():
+        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                               stochastic_depth_prob=0.0, num_classes=5, block=SwinTransformerBlockV2,
+                               downsample_layer=PatchMergingV2).eval()
+
+    torch.manual_seed(0)
+    model = small()
+    x = torch.randn(2, 3, 40, 40)  # padded windows and shifted ones
+    report, pruned = assert_pruning_is_faithful(model, x, keep={"features.1.0.attn": 2 * 3, "features.3.1.attn": 4})
+    assert pruned.features[1][0].attn.head_dim == 3 and pruned.features[3][1].attn.head_dim == 1
+    assert pruned.features[1][1].attn.qkv.out_features == 3 * 16  # not named: whole
+    rebuilt = rebuild(describe(pruned, [3, 40, 40]), base_model=small())
+    rebuilt.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), pruned(x))
+    with pytest.raises(NortonError, match="multiple of its 2 heads"):
+        prune(small(), keep={"features.1.0.attn": 5}, example_inputs=x)
+    fresh = small()
+    attention, weight = fresh.features[1][0].attn, fresh.features[1][0].attn.qkv.weight.clone()
+    with pytest.raises(RuntimeError), unchanged_on_error(fresh):
+        prune_in_place(fresh, x, keep={"features.1.0.attn": 2})
+        raise RuntimeError("interrupted")
+    assert type(attention) is not PrunedWindowAttentionV2 and torch.equal(attention.qkv.weight, weight)
 
 
 def test_dual_path_concatenations_are_sized_from_the_trace():

@@ -16,6 +16,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from norton.compression.attention import (
+    attention_targets,
+    prune_attentions,
+    restructure_attentions,
+    window_attentions,
+    zero_positions,
+)
 from norton.compression.criteria import get_criterion
 from norton.compression.graph import (
     ROOT_TYPES,
@@ -163,6 +170,16 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
     reason (the groups are tested in bisected halves: ``apply_or_restore``)."""
     graph = build_graph(model, example_inputs) if graph is None else graph
     groups, skipped = collect_groups(model, graph, example_inputs, ignored_layers)
+    attentions = set(window_attentions(model)) - {n for n, m in model.named_modules() if m in set(ignored_layers)}
+    named = compress_rate if isinstance(compress_rate, Mapping) else keep
+    if named is not None:  # attention names go to the attentions' own targets
+        named_attentions = {n: v for n, v in named.items() if n in attentions}
+        named = {n: v for n, v in named.items() if n not in attentions}
+        keep, compress_rate = (named, None) if keep is not None else (None, named)
+        attention_keep = attention_targets(model, per_layer=named_attentions, counts=keep is not None)
+    else:
+        attention_keep = attention_targets(model, amount=float(amount)) if amount is not None and not global_ranking else {}
+    attention_keep = {n: k for n, k in attention_keep.items() if n in attentions}
     if keep is not None:
         set_count_targets(model, groups, keep, skipped)
     elif isinstance(compress_rate, Mapping):
@@ -178,10 +195,11 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
     plan_selection(groups, criterion, seed, progress)
     if check is None:
         apply_selection(graph, groups)
-        return [g.info for g in groups], skipped
+        return [g.info for g in groups] + prune_attentions(model, attention_keep, criterion, seed), skipped
     reasons = apply_or_restore(graph, groups, check)
     skipped.update(reasons)
-    return [g.info for g in groups if g.info.root not in reasons], skipped
+    return ([g.info for g in groups if g.info.root not in reasons] + prune_attentions(model, attention_keep, criterion, seed),
+            skipped)
 
 
 class _BrokenForward(Exception):
@@ -271,6 +289,9 @@ def zeroed_equivalent(model: nn.Module, report: PruneReport, example_inputs,
     for root, channels in (also_removed or {}).items():
         kept[root] -= set(channels)
     silenced: dict[nn.Module, set[int]] = {}
+    for name, attention in window_attentions(zeroed).items():  # narrowed heads: zero rows of q, k, v
+        if name in kept:
+            zero_positions(attention, set(range(attention.qkv.out_features // 3)) - kept[name])
     for g in groups:
         if g.info.root not in kept:
             continue
@@ -313,6 +334,7 @@ def restructure(model: nn.Module, widths: Mapping[str, int], example_inputs) -> 
         size, per_block = g.info.total // g.blocks, target // g.blocks  # grouped convs: the same in every block
         g.info.kept = [b * size + p for b in range(g.blocks) for p in range(per_block)] if g.blocks > 1 else list(range(target))
     apply_selection(graph, groups)
+    restructure_attentions(model, widths)
     got = {n: out_width(m) for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)}
     wrong = next((n for n, w in widths.items() if got.get(n) != w), None)
     if wrong is not None:

@@ -70,6 +70,7 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
             contents["_modules"] = {k: None if v is None else restored.get(id(v), v) for k, v in state._modules.items()}
             original.__dict__.clear()
             original.__dict__.update(contents)
+            original.__class__ = type(state)  # surgery may swap a module's class (a pruned attention's)
         raise
 
 
