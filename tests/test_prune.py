@@ -599,15 +599,17 @@ def test_swin_prunes_its_mlps_and_the_width_of_its_attention_heads():
     assert report.macs_after < 0.6 * report.macs_before  # 49 % fewer at 224 × 224 (docs/zoo.md); 31 % without heads
 
 
-def test_pruned_swin_v2_attention_rebuilds_from_its_description():
+def test_pruned_swin_v2_attention_rebuilds_from_its_description(tmp_path):
     """Swin-V2 (cosine attention, no key bias): narrowed heads compute what the
     original computes with those positions zeroed; the pruned architecture is
-    rebuilt from its description (a checkpoint's) and loads strictly; a failed
+    rebuilt from its description (a checkpoint's) and loads strictly; it deploys
+    and exports to ONNX; a failed
     prune puts the attention's class back with its weights."""
     from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
     from norton.compression.architecture import describe, rebuild
     from norton.core.surgery import unchanged_on_error
+    from norton.deployment import deploy, export_onnx
 
     def small():
         return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
@@ -624,6 +626,9 @@ def test_pruned_swin_v2_attention_rebuilds_from_its_description():
     rebuilt.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), pruned(x))
+    scale = float(pruned(x).abs().max())
+    assert deploy(pruned, x, repeats=1)[1].max_abs_error <= 1e-4 * scale
+    assert export_onnx(pruned, x, str(tmp_path / "swin.onnx")).max_abs_diff <= 1e-4 * scale
     with pytest.raises(NortonError, match="multiple of its 2 heads"):
         prune(small(), keep={"features.1.0.attn": 5}, example_inputs=x)
     fresh = small()
