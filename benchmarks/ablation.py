@@ -64,7 +64,7 @@ VARIANTS = {
     # the medium budget leaves unused; the training split is the same): a comparison of its own
     "heldout": (("norton-auto", "norton-auto-fpgm", "l1", "fpgm", "tltorch-tucker2"), (0.60, 0.85)),
 }
-HELDOUT_EXTRA = 8_000
+MEDIUM_2K = replace(MEDIUM, extra_val_images=0)  # the medium budget as the earlier studies ran it (2,000 validation)
 ITERATIVE = [("pabs", 1), ("pabs", 3), ("l2", 1), ("l2", 3)]  # (criterion, steps)
 
 
@@ -151,12 +151,12 @@ def main() -> None:
         return iterative(args.medium, out)
     methods, targets = VARIANTS[args.variant]
     if args.variant in ("select", "criterion"):
-        budget = replace(MEDIUM, methods=methods, targets=targets, speedup_targets=(), recover=True, selection_epochs=1)
+        budget = replace(MEDIUM_2K, methods=methods, targets=targets, speedup_targets=(), recover=True,
+                         selection_epochs=1)
         run_compare(out, budget=budget, resume=True, progress=False)
         return
     if args.variant == "heldout":
-        budget = replace(MEDIUM, methods=methods, targets=targets, speedup_targets=(), recover=True,
-                         extra_val_images=HELDOUT_EXTRA)
+        budget = replace(MEDIUM, methods=methods, targets=targets, speedup_targets=(), recover=True)
         run_compare(out, budget=budget, resume=True, progress=False)
         return validation_table(out)
     plans = [os.path.join(args.medium, f"norton-auto_{round(100 * t)}", "plan.json") for t in targets]
@@ -169,7 +169,7 @@ def main() -> None:
         os.makedirs(cell, exist_ok=True)
         if not os.path.exists(os.path.join(cell, "plan.json")):
             shutil.copy(plan, os.path.join(cell, "plan.json"))
-    budget = replace(MEDIUM, methods=methods, targets=targets, speedup_targets=())
+    budget = replace(MEDIUM_2K, methods=methods, targets=targets, speedup_targets=())
     if args.variant == "distill":
         budget = replace(budget, finetune=replace(MEDIUM.finetune, distill=args.weight), recover=False)  # as measured
     else:

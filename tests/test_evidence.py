@@ -166,10 +166,13 @@ def test_report_from_tiny_runs(compared):
 
 def test_compare_takes_another_model_and_dataset(tmp_path):
     out = str(tmp_path / "digits")
-    budget = CompareBudget(**{**TINY.__dict__, "seeds": (0,)})  # recover: on by default
+    # recover: on by default; validation: 32 split from the 1,000 training images and 200 more of the 437 left
+    budget = CompareBudget(**{**TINY.__dict__, "seeds": (0,), "train_images": 1000, "extra_val_images": 200})
     summary = run_compare(out, budget=budget, methods=["norton"], progress=False, arch="resnet_20", data="digits")
     assert summary["arch"] == "resnet_20" and summary["data"] == "digits"
-    assert summary["setup"].startswith("digits: ") and "ResNet-20 (1×16×16)" in summary["setup"]
+    assert summary["setup"].startswith("digits: 968 training + 232 validation images (held out)")
+    assert "ResNet-20 (1×16×16)" in summary["setup"]
+    assert all(run["val_images"] == 232 and 0 <= run["val_top1"] <= 100 for run in summary["runs"])
     assert "cut layers refitted by least squares" in summary["setup"]
     expected = create_model("resnet_20", in_channels=1, num_classes=10)
     from norton import complexity
