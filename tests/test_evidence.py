@@ -75,7 +75,7 @@ def test_compare_writes_the_measured_table_and_plot(compared):
     for label in ("NORTON (pabs)", "NORTON-auto (planner, MACs target)"):  # each NORTON row against the best peer
         assert (f"{label} beats the best other method, L1-norm pruning" in table) != (
             f"{label} does **not** win: L1-norm pruning" in table)
-    assert re.search(r"planned 19 layers: [^|]*; l2 prunes \d+% of filters", table)  # the plan in one line
+    assert re.search(r"planned 19 layers: [^|]*; fpgm prunes \d+% of filters", table)  # the plan in one line
     for figure in ("accuracy_vs_macs.png", "accuracy_vs_latency.png"):
         with Image.open(os.path.join(out, figure)) as png:
             assert png.size[0] > 400 and png.size[1] > 300

@@ -28,7 +28,7 @@ from norton.cli.common import (
     speedup,
     train_config,
 )
-from norton.compression import Plan, decompose, plan, prune
+from norton.compression import PLANNER_CRITERION, Plan, decompose, plan, prune
 from norton.compression.planning import (  # for the help texts and checks
     FORMS,
     KEEP_STEPS,
@@ -173,7 +173,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-macs", type=macs_target, help="fraction of the MACs to remove, e.g. 0.6")
     target.add_argument("--target-speedup", type=speedup, help="latency target, e.g. 2 (timed on this machine)")
-    p.add_argument("--criterion", default="l2", help="filter selection on dense weights: l2 (default), l1, fpgm, random")
+    p.add_argument("--criterion", default=PLANNER_CRITERION,
+                   help=f"filter selection on dense weights: {PLANNER_CRITERION} (default), l2, l1, fpgm, random")
     p.add_argument("--calibration-images", type=int, default=512, help="training images that measure each option's damage")
     _add_search_args(p)
 
@@ -289,7 +290,7 @@ def register(sub) -> None:
                    help="planner, --target-macs: fine-tune every candidate plan E epochs and keep the one of best "
                         "validation top-1 (0: the candidate of least damage)")
     _add_search_args(p)
-    p.add_argument("--criterion", default=None, help="filter selection: pabs (with -r) or l2 (planner) by default")
+    p.add_argument("--criterion", default=None, help=f"filter selection: pabs (with -r) or {PLANNER_CRITERION} (planner) by default")
     add_global_ranking(p)
     p.add_argument("--no-recalibrate", action="store_true", help="skip BatchNorm recalibration after decompose and prune")
     p.add_argument("--recalibration-images", type=int, default=512)

@@ -14,11 +14,11 @@ from norton.compression.decomposition import (
     LayerDecomposition,
     decompose,
 )
-from norton.compression.planning import Plan, plan
+from norton.compression.planning import PLANNER_CRITERION, Plan, plan
 from norton.compression.pruning import GroupPruning, PruneReport, prune
 from norton.compression.recovery import RecoveryReport, recover
 
 __all__ = [
-    "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "Plan", "PruneReport", "RecoveryReport", "build_base",
+    "PLANNER_CRITERION", "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "Plan", "PruneReport", "RecoveryReport", "build_base",
     "decompose", "describe", "get_criterion", "list_criteria", "plan", "prune", "rebuild", "recover", "register_criterion",
 ]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_checkpoint
-from norton.compression import Plan, PruneReport, decompose, plan, prune, recover
+from norton.compression import PLANNER_CRITERION, Plan, PruneReport, decompose, plan, prune, recover
 from norton.core import (
     CPDBlock,
     complexity,
@@ -168,7 +168,7 @@ def _norton(criterion: str) -> Callable:
 
 
 def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = True,
-          criterion: str = "l2") -> Callable:
+          criterion: str = PLANNER_CRITERION) -> Callable:
     """The budget planner: per-layer CP rank, Tucker-2 ranks (``forms``) or
     dense, per-group filter counts (filters ranked by ``criterion``), damages measured on training
     images only.  A speed-up target
@@ -321,8 +321,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("norton-auto-cp", "NORTON-auto, CP ranks only (the paper's forms)", "ablation", _auto("macs", ("cp",))),
     Method("norton-auto-damage", "NORTON-auto, candidate of least damage (no selection)", "ablation",
            _auto("macs", select=False)),
-    Method("norton-auto-fpgm", "NORTON-auto, FPGM ranking, least damage (no selection)", "ablation",
-           _auto("macs", select=False, criterion="fpgm")),
+    Method("norton-auto-l2", "NORTON-auto, L2 ranking (the default before docs/compare_heldout.md)", "ablation",
+           _auto("macs", select=False, criterion="l2")),
     Method("norton", "NORTON (pabs)", "NORTON", _norton("pabs")),
     Method("norton-random", "NORTON, random selection", "ablation", _norton("random"), seeded=True),
     Method("norton-l2", "NORTON, L2 selection", "ablation", _norton("l2")),

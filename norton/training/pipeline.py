@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_model, save_checkpoint
-from norton.compression import Plan, decompose, prune, recover
+from norton.compression import PLANNER_CRITERION, Plan, decompose, prune, recover
 from norton.compression import plan as plan_compression
 from norton.core import complexity
 from norton.errors import NortonError
@@ -46,7 +46,7 @@ class CompressConfig:
     compress_rate: Any = None  # zoo list/string or {layer: rate}
     amount: float | None = None
     target_macs: float | None = None
-    criterion: str | None = None  # pabs with a rank, l2 with the planner
+    criterion: str | None = None  # pabs with a rank, PLANNER_CRITERION (fpgm) with the planner
     target_speedup: float | None = None
     plan: dict | None = None
     calibration_images: int = 512
@@ -323,7 +323,7 @@ def _make_plan(model, train, val, config: CompressConfig, device, progress: bool
         return Plan.from_dict(config.plan)
     batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
     made = plan_compression(model, batches, target_macs=config.target_macs, target_speedup=config.target_speedup,
-                            criterion=config.criterion or "l2", seed=config.seed, progress=progress,
+                            criterion=config.criterion or PLANNER_CRITERION, seed=config.seed, progress=progress,
                             recover=config.recover,
                             **config.plan_options)
     if not (config.selection_epochs and made.alternatives):
