@@ -631,6 +631,9 @@ def test_pruned_swin_v2_attention_rebuilds_from_its_description(tmp_path):
     assert export_onnx(pruned, x, str(tmp_path / "swin.onnx")).max_abs_diff <= 1e-4 * scale
     with pytest.raises(NortonError, match="multiple of its 2 heads"):
         prune(small(), keep={"features.1.0.attn": 5}, example_inputs=x)
+    by_rate = small()
+    prune(by_rate, {"features.1.0.attn": 0.5}, example_inputs=x)  # a rate dict (--layer-rate) names it too
+    assert by_rate.features[1][0].attn.head_dim == 4 and by_rate.features[1][1].attn.qkv.out_features == 3 * 16
     fresh = small()
     attention, weight = fresh.features[1][0].attn, fresh.features[1][0].attn.qkv.weight.clone()
     with pytest.raises(RuntimeError), unchanged_on_error(fresh):

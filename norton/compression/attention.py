@@ -110,29 +110,43 @@ def head_width(m: ShiftedWindowAttention) -> int:
     return getattr(m, "head_dim", m.qkv.out_features // (3 * m.num_heads))
 
 
-def attention_targets(model: nn.Module, *, amount: float | None = None,
-                      per_layer: Mapping[str, float | int] | None = None, counts: bool = False) -> dict[str, int]:
-    """Positions to keep per head, by attention name: ``amount`` of each head's
-    width removed from every attention, or, from ``per_layer`` (a rate, or with
-    ``counts`` the inner width q/k/v keep — a multiple of the head count), only
-    the attentions it names."""
+def attention_targets(model: nn.Module, *, compress_rate=None, keep: Mapping[str, int] | None = None,
+                      amount: float | None = None, ignored_layers=()):
+    """Split what ``prune`` was given between the dependency groups and the
+    window attentions: (compress_rate, keep, positions to keep per head by
+    attention name).  A ``keep`` or rate dict hands the attention names it holds
+    to the attentions (``keep`` counts the inner width q, k, v keep — a multiple
+    of the head count); an ``amount`` removes that share of every attention's
+    head width.  Ignored attentions stay whole."""
+    ignored = set(ignored_layers)
+    attentions = {n: m for n, m in window_attentions(model).items() if m not in ignored}
+    counts = keep is not None
+    named = keep if counts else compress_rate if isinstance(compress_rate, Mapping) else None
+    if named is None:
+        per_layer = {n: float(amount) for n in attentions} if amount is not None else {}
+        return compress_rate, keep, _positions(attentions, per_layer, counts=False)
+    per_layer = {n: v for n, v in named.items() if n in attentions}
+    rest = {n: v for n, v in named.items() if n not in attentions}
+    return (None, rest, _positions(attentions, per_layer, counts=True)) if counts else \
+        (rest, None, _positions(attentions, per_layer, counts=False))
+
+
+def _positions(attentions: Mapping[str, ShiftedWindowAttention], per_layer: Mapping, counts: bool) -> dict[str, int]:
+    """Positions to keep per head: from a rate, or from an inner-width count."""
     targets = {}
-    for name, m in window_attentions(model).items():
+    for name, value in per_layer.items():
+        m = attentions[name]
         width = head_width(m)
-        if amount is not None:
-            targets[name] = max(1, int(width * (1.0 - amount)))
-        elif per_layer is not None and name in per_layer:
-            value = per_layer[name]
-            if counts:
-                if isinstance(value, bool) or not isinstance(value, int) or value % m.num_heads or not (
-                        m.num_heads <= value <= width * m.num_heads):
-                    raise NortonError(f"keep[{name!r}] must be a multiple of its {m.num_heads} heads from {m.num_heads} "
-                                      f"to {width * m.num_heads}, got {value!r}")
-                targets[name] = value // m.num_heads
-            else:
-                if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                    raise NortonError(f"rate {value!r} for attention {name!r} is outside [0, 1)")
-                targets[name] = max(1, int(width * (1.0 - value)))
+        if counts:
+            if isinstance(value, bool) or not isinstance(value, int) or value % m.num_heads or not (
+                    m.num_heads <= value <= width * m.num_heads):
+                raise NortonError(f"keep[{name!r}] must be a multiple of its {m.num_heads} heads from {m.num_heads} "
+                                  f"to {width * m.num_heads}, got {value!r}")
+            targets[name] = value // m.num_heads
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise NortonError(f"rate {value!r} for attention {name!r} is outside [0, 1)")
+            targets[name] = max(1, int(width * (1.0 - value)))
     return targets
 
 

@@ -170,16 +170,9 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
     reason (the groups are tested in bisected halves: ``apply_or_restore``)."""
     graph = build_graph(model, example_inputs) if graph is None else graph
     groups, skipped = collect_groups(model, graph, example_inputs, ignored_layers)
-    attentions = set(window_attentions(model)) - {n for n, m in model.named_modules() if m in set(ignored_layers)}
-    named = compress_rate if isinstance(compress_rate, Mapping) else keep
-    if named is not None:  # attention names go to the attentions' own targets
-        named_attentions = {n: v for n, v in named.items() if n in attentions}
-        named = {n: v for n, v in named.items() if n not in attentions}
-        keep, compress_rate = (named, None) if keep is not None else (None, named)
-        attention_keep = attention_targets(model, per_layer=named_attentions, counts=keep is not None)
-    else:
-        attention_keep = attention_targets(model, amount=float(amount)) if amount is not None and not global_ranking else {}
-    attention_keep = {n: k for n, k in attention_keep.items() if n in attentions}
+    compress_rate, keep, attention_keep = attention_targets(
+        model, compress_rate=compress_rate, keep=keep, amount=None if global_ranking else amount,
+        ignored_layers=ignored_layers)
     if keep is not None:
         set_count_targets(model, groups, keep, skipped)
     elif isinstance(compress_rate, Mapping):
@@ -195,11 +188,12 @@ def prune_in_place(model: nn.Module, example_inputs, *, compress_rate=None, amou
     plan_selection(groups, criterion, seed, progress)
     if check is None:
         apply_selection(graph, groups)
-        return [g.info for g in groups] + prune_attentions(model, attention_keep, criterion, seed), skipped
-    reasons = apply_or_restore(graph, groups, check)
-    skipped.update(reasons)
-    return ([g.info for g in groups if g.info.root not in reasons] + prune_attentions(model, attention_keep, criterion, seed),
-            skipped)
+        reasons = {}
+    else:
+        reasons = apply_or_restore(graph, groups, check)
+        skipped.update(reasons)
+    kept = [g.info for g in groups if g.info.root not in reasons]
+    return kept + prune_attentions(model, attention_keep, criterion, seed), skipped
 
 
 class _BrokenForward(Exception):
