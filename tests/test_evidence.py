@@ -184,6 +184,10 @@ def test_compare_takes_another_model_and_dataset(tmp_path):
     # one comparison per directory: another model or dataset is refused, even with --resume
     with pytest.raises(NortonError, match="holds a comparison of resnet_20 on digits, not resnet_56 on digits"):
         run_compare(out, budget=budget, methods=["norton"], resume=True, progress=False, arch="resnet_56", data="digits")
+    # nor other data splits or training: the validation split differs here
+    other = CompareBudget(**{**budget.__dict__, "extra_val_images": 100})
+    with pytest.raises(NortonError, match="holds a comparison run with extra_val_images=200, not 100"):
+        run_compare(out, budget=other, methods=["norton"], resume=True, progress=False, arch="resnet_20", data="digits")
     with pytest.raises(NortonError, match=r"torchvision/resnet18 does not run on the data's 1×16×16 images"):
         run_compare(str(tmp_path / "tv"), budget=budget, arch="torchvision/resnet18", data="digits")
     with pytest.raises(NortonError, match="unknown dataset 'mnist'"):

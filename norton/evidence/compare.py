@@ -375,7 +375,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         raise NortonError(f"method {idle[0]!r} takes {METHODS[idle[0]].target_kind} targets and budget "
                           f"{budget_name!r} has none; use --budget medium or a custom budget with speedup_targets")
     device = device or torch.device("cpu")
-    _check_setup(out_dir, arch, data, resume)  # before any work: the run directory must fit
+    _check_setup(out_dir, arch, data, resume, _shared_settings(budget))  # before any work: the run directory must fit
     started = time.perf_counter()
     full = load_dataset(data, data_dir, "train")
     train = limit(full, budget.train_images)
@@ -388,7 +388,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     torch.manual_seed(budget.baseline.seed)
     baseline = _baseline_model(arch, classes, channels, input_size)
     os.makedirs(out_dir, exist_ok=True)  # recorded once the model is known to run on the data
-    atomic_write_text(os.path.join(out_dir, "compare.json"), json.dumps({"arch": arch, "data": data}))
+    atomic_write_text(os.path.join(out_dir, "compare.json"),
+                      json.dumps({"arch": arch, "data": data, "settings": _shared_settings(budget)}))
     model_text = f"{_model_name({'arch': arch})} ({'×'.join(map(str, input_size))})"
     setup = (f"{DATA_NAMES.get(data, data)}: {len(train)} training + {len(val)} validation images (held out), "
              f"{len(test)} test images; {model_text}; baseline {budget.baseline.epochs} epochs; every compressed model: BN recalibration on "
@@ -482,9 +483,21 @@ def _baseline_model(arch: str, classes: int, channels: int, input_size) -> nn.Mo
     return model
 
 
-def _check_setup(out_dir: str, arch: str, data: str, resume: bool) -> None:
+# what every run of a comparison must share: a resumed run with other data or training would mix tables
+_SHARED = ("train_images", "val_images", "extra_val_images", "test_images", "baseline", "finetune",
+           "recalibration_images", "calibration_images")
+
+
+def _shared_settings(budget: CompareBudget) -> dict:
+    settings = _budget_dict(budget)
+    return {k: settings[k] for k in _SHARED}
+
+
+def _check_setup(out_dir: str, arch: str, data: str, resume: bool, settings: dict) -> None:
     """A run directory holds one (arch, data) comparison (``compare.json``): a
-    resumed run must not mix in another, and a finished one is not overwritten."""
+    resumed run must not mix in another — nor other data splits or training
+    (runs recorded before the settings were kept are not checked on them) —
+    and a finished one is not overwritten."""
     path = os.path.join(out_dir, "compare.json")
     if os.path.exists(os.path.join(out_dir, "baseline")) and not resume:
         raise NortonError(f"{out_dir!r} already holds a comparison; pass --resume to continue it or choose another --out")
@@ -495,9 +508,14 @@ def _check_setup(out_dir: str, arch: str, data: str, resume: bool) -> None:
         recorded = {"arch": DEFAULT_ARCH, "data": DEFAULT_DATA}  # what a run from before --arch/--data compared
     else:
         return
-    if recorded != {"arch": arch, "data": data}:
+    if (recorded["arch"], recorded["data"]) != (arch, data):
         raise NortonError(f"{out_dir!r} holds a comparison of {recorded['arch']} on {recorded['data']}, not {arch} on "
                           f"{data}; choose another --out")
+    differ = [k for k in _SHARED if k in recorded.get("settings", {}) and recorded["settings"][k] != settings[k]]
+    if differ:
+        k = differ[0]
+        raise NortonError(f"{out_dir!r} holds a comparison run with {k}={recorded['settings'][k]!r}, not {settings[k]!r}; "
+                          "resume it with the budget it was run with, or choose another --out")
 
 
 def _model_name(summary: dict) -> str:
