@@ -186,8 +186,8 @@ def narrow(m: ShiftedWindowAttention, positions: list[int]) -> None:
     """Keep ``positions`` of every head's q, k, v (and the projection's matching
     inputs) of one attention."""
     width, heads = head_width(m), m.num_heads
-    rows = torch.tensor([s * heads * width + h * width + p for s in range(3) for h in range(heads) for p in positions])
     cols = torch.tensor([h * width + p for h in range(heads) for p in positions])
+    rows = torch.tensor(_qkv_rows(m, cols.tolist()))
     with torch.no_grad():
         qkv, proj = m.qkv, m.proj
         qkv.weight = nn.Parameter(qkv.weight.detach()[rows.to(qkv.weight.device)].clone(),
@@ -201,19 +201,24 @@ def narrow(m: ShiftedWindowAttention, positions: list[int]) -> None:
     if not hasattr(m, "norton_scale"):
         m.norton_scale = width ** -0.5  # the unpruned heads' scale: pruning zeroes positions, it does not rescale
     m.head_dim = len(positions)
-    m.__class__ = _PRUNED[type(m)] if type(m) in _PRUNED else type(m)
+    m.__class__ = _PRUNED.get(type(m), type(m))
 
 
 def zero_positions(m: ShiftedWindowAttention, removed: set[int]) -> None:
     """Zero the q, k, v rows of the inner channels ``removed`` (head × head size
     + position): the attention then computes what it computes with those
     positions pruned."""
-    width, heads = head_width(m), m.num_heads
-    rows = [s * heads * width + c for s in range(3) for c in sorted(removed)]
+    rows = _qkv_rows(m, sorted(removed))
     with torch.no_grad():
         m.qkv.weight[rows] = 0.0
         if m.qkv.bias is not None:
             m.qkv.bias[rows] = 0.0
+
+
+def _qkv_rows(m: ShiftedWindowAttention, channels: list[int]) -> list[int]:
+    """The rows of q, then k, then v of the inner ``channels`` (head × head size + position) in qkv's weight."""
+    inner = m.num_heads * head_width(m)
+    return [s * inner + c for s in range(3) for c in channels]
 
 
 def restructure_attentions(model: nn.Module, widths: Mapping[str, int]) -> None:

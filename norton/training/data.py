@@ -253,9 +253,19 @@ def split_validation(train, size: int, seed: int = 0):
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919))
     if isinstance(train, ArrayDataset):
         return train.subset(order[size:]), train.subset(order[:size]).without_augmentation()
-    evaluation = copy.copy(train)  # an ImageFolder: same files, evaluation transform
+    return Subset(train, order[size:].tolist()), Subset(_for_evaluation(train), order[:size].tolist())
+
+
+def _for_evaluation(train):
+    """An ImageFolder's same files with its evaluation transform."""
+    evaluation = copy.copy(train)
     evaluation.transform = getattr(train, "eval_transform", train.transform)
-    return Subset(train, order[size:].tolist()), Subset(evaluation, order[:size].tolist())
+    return evaluation
+
+
+def _limit_order(count: int, seed: int) -> Tensor:
+    """The fixed shuffle ``limit`` takes its first images from."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed + 104729))
 
 
 def limit(train, count: int | None, seed: int = 0):
@@ -264,7 +274,7 @@ def limit(train, count: int | None, seed: int = 0):
         return train
     if count < 1:
         raise NortonError(f"--subset must be >= 1, got {count}")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 104729))[:count]
+    order = _limit_order(len(train), seed)[:count]
     if isinstance(train, ArrayDataset):
         return train.subset(order)
     return Subset(train, order.tolist())
@@ -277,12 +287,10 @@ def held_out(train, count: int, extra: int, seed: int = 0):
     if extra < 1 or count + extra > len(train):
         raise NortonError(f"{extra} held-out images beyond the first {count} need a dataset of at least "
                           f"{count + extra} images; this one has {len(train)}")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 104729))[count:count + extra]
+    order = _limit_order(len(train), seed)[count:count + extra]
     if isinstance(train, ArrayDataset):
         return train.subset(order).without_augmentation()
-    evaluation = copy.copy(train)
-    evaluation.transform = getattr(train, "eval_transform", train.transform)
-    return Subset(evaluation, order.tolist())
+    return Subset(_for_evaluation(train), order.tolist())
 
 
 def joined(first, second):
