@@ -503,11 +503,11 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
         elif any(isinstance(m, tp.ops._OutputOp) for m, *_ in members) or any(
                 m in output_modules for m, is_out, *_ in members if is_out):
             reason = "its channels are model outputs"  # e.g. a conv classifier followed by pooling
-        blocks, ties = conv_blocks(members), _tied_blocks(group, total)
-        if not reason and ties is None:
+        blocks, ties = conv_blocks(members), 1 if reason else _tied_blocks(group, total)  # a group left whole: no need
+        if ties is None:
             reason = ("one channel of a layer is several channels of the group in no regular pattern "
                       "(torch-pruning would cut the layer and its BatchNorm at different channels), so it is left whole")
-        elif not reason and ties > 1:
+        elif ties > 1:
             blocks = math.lcm(blocks, ties)
         if not reason and blocks > 1 and (total % blocks or any(
                 idxs != root_idxs for m, _, idxs, root_idxs in members if is_grouped(m))):
