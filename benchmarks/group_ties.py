@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import zoo  # noqa: E402  (benchmarks/zoo.py: the model lists and builder)
 
-from norton.compression.graph import _all_groups, _tied_blocks, build_graph  # noqa: E402
+from norton.compression.graph import all_groups, tied_blocks, build_graph  # noqa: E402
 
 SKIPPED = ("vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf")  # size
 
@@ -35,7 +35,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = zoo.build(name).eval()
             x = torch.randn(1, 3, size, size)
-            ties = [_tied_blocks(group, len(group[0].idxs)) for group in _all_groups(build_graph(model, x))]
+            ties = [tied_blocks(group, len(group[0].idxs)) for group in all_groups(build_graph(model, x))]
             print(f"{name:<28} {len(ties):4d} groups  tied in blocks: {sum(1 for t in ties if t not in (1, None)):3d}  "
                   f"irregular: {ties.count(None)}", flush=True)
         except Exception as err:  # noqa: BLE001 - a model this input size does not fit is reported, not fatal

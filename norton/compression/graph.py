@@ -365,7 +365,7 @@ def _feeds_a_layer(node, depth: int = 0) -> bool:
     return False
 
 
-def _all_groups(graph: tp.DependencyGraph):
+def all_groups(graph: tp.DependencyGraph):
     """torch-pruning's groups rooted at every conv / CPDBlock, then at every
     hidden Linear layer not already in one (MLP widths).  Linears that end in a
     head (a classifier, a detector's box predictor) start no group: their
@@ -419,7 +419,7 @@ def _inconsistent(members, total: int) -> bool:
     return False
 
 
-def _tied_blocks(group, total: int) -> int | None:
+def tied_blocks(group, total: int) -> int | None:
     """How many equal blocks a group's channels fall into because one channel of
     a layer is several channels of the group (1 when none is), or None when
     such ties follow no block pattern.
@@ -476,7 +476,7 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
     output_modules = modules_feeding_output(model, example_inputs)
     ignored = set(ignored_layers)
     groups, skipped = [], {}
-    for group in _all_groups(graph):
+    for group in all_groups(graph):
         members, convs = [], []
         for item in group:
             dep, module = item.dep, item.dep.target.module
@@ -503,7 +503,7 @@ def collect_groups(model: nn.Module, graph: tp.DependencyGraph, example_inputs, 
         elif any(isinstance(m, tp.ops._OutputOp) for m, *_ in members) or any(
                 m in output_modules for m, is_out, *_ in members if is_out):
             reason = "its channels are model outputs"  # e.g. a conv classifier followed by pooling
-        blocks, ties = conv_blocks(members), 1 if reason else _tied_blocks(group, total)  # a group left whole: no need
+        blocks, ties = conv_blocks(members), 1 if reason else tied_blocks(group, total)  # a group left whole: no need
         if ties is None:
             reason = ("one channel of a layer is several channels of the group in no regular pattern "
                       "(torch-pruning would cut the layer and its BatchNorm at different channels), so it is left whole")
