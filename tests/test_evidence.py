@@ -18,6 +18,7 @@ from norton.evidence.compare import (
     Context,
     dominated_by,
     macs_reduction,
+    render_table,
     run_compare,
     write_report,
 )
@@ -103,7 +104,11 @@ def test_speedup_rows_and_the_latency_verdicts(tmp_path):
     summary["runs"] = [dict(r, latency_ms=45.0) if r["method"] == "l1" else r for r in summary["runs"]]
     table = write_report(summary, str(tmp_path))
     assert ("- accuracy vs deployed latency: L1 at 60% (45.0 ms, 87.60 %) is both faster and more accurate than "
-            "NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, 87.20 %).") in table
+            "NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, 87.20 %), by 0.40 points and 5.0 ms.") in table
+    close = dict(summary, runs=[dict(r, top1=r["top1"] - 0.3) if r["method"] == "l1" else r for r in summary["runs"]])
+    assert ("(45.0 ms, 87.30 %) is both faster and more accurate than NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, "
+            "87.20 %), by 0.10 points and 5.0 ms (the accuracy difference is within the larger std over seeds).") in \
+        render_table(close)  # 0.10 points < the std of 87.0 / 87.4
     assert dominated_by(summary, "norton-auto") == []  # l1 is faster, not more accurate
     assert [(ours[0]["method"], other[0]["method"]) for ours, other in dominated_by(summary, "norton-auto-speed")] == [
         ("norton-auto-speed", "l1")]

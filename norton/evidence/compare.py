@@ -609,6 +609,15 @@ def dominated_by(summary: dict, method: str) -> list[tuple[list[dict], list[dict
             and _mean_top1(other) > _mean_top1(ours)]
 
 
+def _margins(ours: list[dict], other: list[dict]) -> str:
+    """By how much ``other`` is more accurate and faster, and whether the accuracy
+    margin is within the larger std over seeds of the two."""
+    accuracy = _mean_top1(other) - _mean_top1(ours)
+    spread = max(_mean_std([r["top1"] for r in ours])[1], _mean_std([r["top1"] for r in other])[1])
+    tie = " (the accuracy difference is within the larger std over seeds)" if accuracy <= spread else ""
+    return f"by {accuracy:.2f} points and {ours[0]['latency_ms'] - other[0]['latency_ms']:.1f} ms{tie}"
+
+
 def _point_text(runs: list[dict]) -> str:
     r0 = runs[0]
     return (f"{r0['label']} at {_target_text(r0.get('target_kind', 'macs'), r0['target'])} "
@@ -678,7 +687,7 @@ def render_table(summary: dict) -> str:
             verdicts.append(f"- accuracy vs deployed latency: no other method is both faster and more accurate than "
                             f"any {runs[0]['label']} model.")
         verdicts += [f"- accuracy vs deployed latency: {_point_text(other)} is both faster and more accurate than "
-                     f"{_point_text(ours)}." for ours, other in beaten]
+                     f"{_point_text(ours)}, {_margins(ours, other)}." for ours, other in beaten]
     return "\n".join(lines + [""] + verdicts) + "\n"
 
 
