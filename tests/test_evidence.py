@@ -1,4 +1,5 @@
 """`norton compare` and `norton report` built from tiny runs on Fashion-MNIST-format files."""
+import copy
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from norton.evidence.compare import (
     TOLERANCE,
     CompareBudget,
     Context,
+    deployed_latencies,
     dominated_by,
     macs_reduction,
     render_table,
@@ -197,3 +199,24 @@ def test_compare_takes_another_model_and_dataset(tmp_path):
         run_compare(str(tmp_path / "tv"), budget=budget, arch="torchvision/resnet18", data="digits")
     with pytest.raises(NortonError, match="unknown dataset 'mnist'"):
         run_compare(str(tmp_path / "x"), budget=budget, data="mnist")
+
+
+def test_deployed_latency_is_the_faster_memory_format_timed_round_robin(monkeypatch):
+    """Each model is deployed in both memory formats, all of them timed in one
+    round-robin; a model's latency is the faster format's median."""
+    import norton.evidence.compare as compare
+    from norton.deployment.latency import Latency
+
+    timed = {}
+
+    def fake_compare_latency(models, example, repeats):
+        timed.update(models)
+        fake = {("baseline", "contiguous"): 9.0, ("baseline", "channels_last"): 4.0,
+                (("m", 0.6), "contiguous"): 2.0, (("m", 0.6), "channels_last"): 3.0}
+        return {key: Latency(fake[key], fake[key], fake[key], repeats) for key in models}
+
+    monkeypatch.setattr(compare, "compare_latency", fake_compare_latency)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()
+    out = deployed_latencies(net, {("m", 0.6): copy.deepcopy(net)}, torch.device("cpu"), (1, 8, 8))
+    assert out == {"baseline": 4.0, ("m", 0.6): 2.0}
+    assert len(timed) == 4 and any(type(m).__name__ == "ChannelsLast" for m in timed.values())
