@@ -75,6 +75,7 @@ def test_compare_writes_the_measured_table_and_plot(compared):
         assert abs(1 - runs[0]["macs"] / saved["baseline"]["macs"] - 0.85) <= TOLERANCE
         assert runs[0]["latency_ms"] > 0
     assert f"Baseline ResNet-20: {saved['baseline']['top1']:.2f} %" in table
+    assert all(r["run_seconds"] > 0 for r in saved["runs"]) and "min as recorded)" in table
     for label in ("NORTON (pabs)", "NORTON-auto (planner, MACs target)"):  # each NORTON row against the best peer
         assert (f"{label} beats the best other method, L1-norm pruning" in table) != (
             f"{label} does **not** win: L1-norm pruning" in table)
@@ -220,3 +221,15 @@ def test_deployed_latency_is_the_faster_memory_format_timed_round_robin(monkeypa
     out = deployed_latencies(net, {("m", 0.6): copy.deepcopy(net)}, torch.device("cpu"), (1, 8, 8))
     assert out == {"baseline": 4.0, ("m", 0.6): 2.0}
     assert len(timed) == 4 and any(type(m).__name__ == "ChannelsLast" for m in timed.values())
+
+
+def test_the_header_counts_each_build_once_and_every_fine_tuning():
+    """A resumed comparison's own minutes are only what was left; the header also gives what the
+    models cost as recorded: a cell's build once (shared by its seeds), every run's fine-tuning."""
+    runs = [dict(r, build_seconds=30.0, run_seconds=60.0) for r in run("x", "pruning", "macs", 0.6, 50.0, [80.0, 81.0])]
+    summary = {"budget": "medium", "setup": "s", "minutes": 0.5, "runs": runs,
+               "baseline": {"top1": 90.0, "macs": 100, "params": 10, "latency_ms": 100.0}}
+    assert "in 0.5 min (this invocation; building and fine-tuning the compressed models took 2.5 min as recorded)" \
+        in render_table(summary)
+    del runs[0]["run_seconds"]  # recorded before run_seconds existed: no claim
+    assert "as recorded" not in render_table(summary)

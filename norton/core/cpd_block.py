@@ -228,10 +228,15 @@ class CPDBlock(nn.Module):
 
         Differentiable: gradients reach the factors.
         """
-        a, b, c = self.factors()
+        _, b, c = self.factors()
         n, kh, kw = self.out_channels, *self.kernel_size
         khatri_rao = (b.unsqueeze(2) * c.unsqueeze(1)).reshape(n, kh * kw, self.rank)  # (N, K, R)
-        return torch.bmm(a, khatri_rao.transpose(1, 2)).reshape(n, self.in_channels, kh, kw)  # one batched matmul, fwd and bwd
+        # (N, R, C): a strided view of the 1×1 weight that the batched matmul reads without a copy; the
+        # product comes out (N, K, C) and is laid out as (N, C, kh, kw) once.  Forward and backward take
+        # about half the time of the (N, C, R) @ (N, R, K) orientation (a permuted, copied factor).
+        pointwise = self.pointwise.reshape(self.rank, n, self.in_channels).transpose(0, 1)
+        weight = torch.bmm(khatri_rao, pointwise).view(n, kh, kw, self.in_channels)
+        return weight.permute(0, 3, 1, 2).contiguous()
 
     @classmethod
     def like_conv(cls, conv: nn.Conv2d, rank: int) -> "CPDBlock":
