@@ -232,8 +232,9 @@ class CPDBlock(nn.Module):
         n, kh, kw = self.out_channels, *self.kernel_size
         khatri_rao = (b.unsqueeze(2) * c.unsqueeze(1)).reshape(n, kh * kw, self.rank)  # (N, K, R)
         # (N, R, C): a strided view of the 1×1 weight that the batched matmul reads without a copy; the
-        # product comes out (N, K, C) and is laid out as (N, C, kh, kw) once.  Forward and backward take
-        # about half the time of the (N, C, R) @ (N, R, K) orientation (a permuted, copied factor).
+        # product comes out (N, K, C) and is laid out as (N, C, kh, kw) once.  Forward and backward are
+        # faster than the (N, C, R) @ (N, R, K) orientation, which copies a permuted factor (VGG-16-BN
+        # rank 8: 148 -> 115 ms of recomposition per training step).
         pointwise = self.pointwise.reshape(self.rank, n, self.in_channels).transpose(0, 1)
         weight = torch.bmm(khatri_rao, pointwise).view(n, kh, kw, self.in_channels)
         return weight.permute(0, 3, 1, 2).contiguous()

@@ -581,10 +581,11 @@ def deployed_latencies(baseline: nn.Module, finals: dict, device: torch.device, 
     a noisy machine can pick the slower one for one model and not for its twin.)"""
     example = torch.randn(LATENCY_BATCH, *input_size, device=device)
     models = {"baseline": baseline, **{(name, target): model for (name, target), model in finals.items()}}
+    layouts = ("contiguous", "channels_last")
     deployed = {(key, layout): deploy(model, example, memory_format=layout)[0]
-                for key, model in models.items() for layout in ("contiguous", "channels_last")}
+                for key, model in models.items() for layout in layouts}
     measured = compare_latency(deployed, example, repeats=LATENCY_REPEATS)
-    return {key: min(measured[(key, layout)].median_ms for layout in ("contiguous", "channels_last")) for key in models}
+    return {key: min(measured[(key, layout)].median_ms for layout in layouts) for key in models}
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -619,18 +620,22 @@ def _recorded_minutes(summary: dict) -> str:
     runs = summary["runs"]
     if not runs or any("run_seconds" not in r for r in runs):
         return ""
-    builds = {(r["method"], r["target"], r["seed"] if METHODS.get(r["method"]) and METHODS[r["method"]].seeded else None):
+    builds = {(r["method"], r["target"], r["seed"] if getattr(METHODS.get(r["method"]), "seeded", False) else None):
               r["build_seconds"] for r in runs}
     total = (sum(builds.values()) + sum(r["run_seconds"] for r in runs)) / 60
     return f" (this invocation; building and fine-tuning the compressed models took {total:.1f} min as recorded)"
+
+
+def _larger_std(a: list[dict], b: list[dict]) -> float:
+    """The larger std over seeds of two points' test top-1: differences within it are ties."""
+    return max(_mean_std([r["top1"] for r in a])[1], _mean_std([r["top1"] for r in b])[1])
 
 
 def _margins(ours: list[dict], other: list[dict]) -> str:
     """By how much ``other`` is more accurate and faster, and whether the accuracy
     margin is within the larger std over seeds of the two."""
     accuracy = _mean_top1(other) - _mean_top1(ours)
-    spread = max(_mean_std([r["top1"] for r in ours])[1], _mean_std([r["top1"] for r in other])[1])
-    tie = " (the accuracy difference is within the larger std over seeds)" if accuracy <= spread else ""
+    tie = " (the accuracy difference is within the larger std over seeds)" if accuracy <= _larger_std(ours, other) else ""
     return f"by {accuracy:.2f} points and {ours[0]['latency_ms'] - other[0]['latency_ms']:.1f} ms{tie}"
 
 
@@ -688,7 +693,7 @@ def render_table(summary: dict) -> str:
                 continue
             peer_name, peer_runs = peers[0]
             peer = statistics.fmean(r["top1"] for r in peer_runs)
-            spread = max(_mean_std([r["top1"] for r in ours_runs])[1], _mean_std([r["top1"] for r in peer_runs])[1])
+            spread = _larger_std(ours_runs, peer_runs)
             if ours >= peer:
                 verdicts.append(f"- at {target:.0%} fewer MACs {label} beats the best other method, "
                                 f"{peer_runs[0]['label']}, by {ours - peer:.2f} points ({ours:.2f} % vs {peer:.2f} %).")
