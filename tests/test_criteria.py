@@ -6,6 +6,7 @@ import torch
 from scipy.linalg import subspace_angles
 
 from norton import NortonError
+from norton.compression import kernels
 from norton.compression.criteria import (
     csa_similarities,
     get_criterion,
@@ -211,3 +212,62 @@ def test_torch_pruning_criteria_score_cp_filters_on_their_dense_kernels():
     assert group.kept == sorted(torch.argsort(l1_scores(dense), descending=True)[:3].tolist())
 
 
+
+
+def stacked_bases(n, d, r, seed=0):
+    """Orthonormal bases of random factors with exact duplicates and orthogonal pairs, stacked as rows."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, r, generator=g, dtype=torch.float64)
+    a[1] = a[0] @ torch.randn(r, r, generator=g, dtype=torch.float64)  # same column space as 0
+    a[3] = a[2]
+    if d >= 2 * r:
+        a[5] = torch.zeros(d, r, dtype=torch.float64)
+        a[5][:r] = torch.eye(r, dtype=torch.float64)
+        a[4] = torch.zeros(d, r, dtype=torch.float64)
+        a[4][r:2 * r] = torch.eye(r, dtype=torch.float64)  # orthogonal to 5: λ_min = 0
+    q = torch.linalg.qr(a).Q
+    return q.mT.reshape(n * r, d)
+
+
+@pytest.mark.parametrize("n, d, r", [(600, 12, 4), (40, 9, 1), (30, 40, 8), (20, 5, 5)])
+def test_compiled_kernel_matches_batched_eigvalsh(n, d, r):
+    # n = 600: row 0 has 599 pairs, more than one lockstep tile
+    stacked = stacked_bases(n, d, r)
+    fast = kernels.smallest_gram_eigenvalues(stacked, n, r)
+    reference = kernels.batched_gram_eigenvalues(stacked, n, r)
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+    torch.testing.assert_close(fast[upper], reference[upper], atol=1e-12, rtol=0)
+    assert fast[0, 1] == pytest.approx(1.0, abs=1e-12) and fast[2, 3] == pytest.approx(1.0, abs=1e-12)
+    if d >= 2 * r:
+        assert fast[4, 5] == pytest.approx(0.0, abs=1e-12)
+
+
+def reference_greedy(d, keep, protected=(), allowed=None):
+    """The elimination rule read literally: a full search of the matrix at every step."""
+    n = d.shape[0]
+    alive = set(range(n)) if allowed is None else set(allowed) | set(protected)
+    while len(alive) > keep:
+        pairs = [(float(d[i, j]), i, j) for i in sorted(alive) for j in sorted(alive)
+                 if i != j and not (i in protected and j in protected)]
+        _, i, j = min(pairs)
+        sums = {f: sum(float(d[f, o]) for o in alive if o != f) for f in (i, j)}
+        if i in protected:
+            e = j
+        elif j in protected:
+            e = i
+        else:
+            e = i if (sums[i] < sums[j] or (sums[i] == sums[j] and i > j)) else j
+        alive.remove(e)
+    return sorted(alive)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_greedy_matches_the_rule_read_literally(seed):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(1, 6, (14, 14), generator=g).double()  # many ties
+    d = d + d.T
+    protected = [] if seed % 2 else [3, 7]
+    allowed = None if seed < 3 else list(range(2, 13))
+    keep = 5
+    assert greedy_eliminate(d, keep, protected=protected, allowed=allowed) == \
+        reference_greedy(d, keep, protected=protected, allowed=allowed)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,54 +24,25 @@ def _orthonormal_bases(factor: Tensor) -> Tensor:
     return torch.linalg.qr(factor.detach().to(torch.float64)).Q
 
 
-def _smallest_eigenvalues(matrices: Tensor) -> Tensor:
-    """The smallest eigenvalue of every symmetric (k, k) matrix, (B,).
-
-    On the CPU LAPACK runs one small matrix at a time on one core; the batch is
-    split over torch's threads (the calls release the GIL)."""
-    workers = torch.get_num_threads() if matrices.device.type == "cpu" else 1
-    if workers <= 1 or matrices.shape[0] < 4096:
-        return torch.linalg.eigvalsh(matrices)[:, 0]
-    with ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(lambda chunk: torch.linalg.eigvalsh(chunk)[:, 0], matrices.chunk(workers)))
-    return torch.cat(parts)
-
-
 def _min_cosines_squared(factor: Tensor) -> Tensor | None:
     """cos² of the largest principal angle between every pair of column spaces, (N, N).
 
-    One Gram matrix of the stacked bases gives every Q_iᵀQ_j; one batched
-    eigenvalue call on (Q_iᵀQ_j)ᵀ(Q_iᵀQ_j) gives σ_min² for all pairs i < j.
-    Returns None when every basis spans the whole space (R >= d): all angles 0.
+    cos θ_max = σ_min(Q_iᵀQ_j): one Gram matrix of the stacked bases gives every
+    Q_iᵀQ_j, and σ_min² is the smallest eigenvalue of (Q_iᵀQ_j)ᵀ(Q_iᵀQ_j) —
+    computed for all pairs i < j at once, by a compiled kernel on the CPU and
+    by batched ``eigvalsh`` elsewhere.  Returns None when every basis spans the
+    whole space (R >= d): all angles 0.
     """
+    from norton.compression import kernels  # numba: imported when a pairwise criterion first runs
+
     n, d, _ = factor.shape
     q = _orthonormal_bases(factor)
     k = q.shape[-1]
     if k == d:
         return None
-    stacked = q.permute(0, 2, 1).reshape(n, k, d)
-    # Q_iᵀQ_j for i < j only: the Gram of the stacked bases block by block
-    # (blocks below the diagonal are never computed).
-    bounds = [round(n * t / 4) for t in range(5)]
-    rows, cols, crosses = [], [], []
-    for a in range(4):
-        for b in range(a, 4):
-            (a0, a1), (b0, b1) = bounds[a:a + 2], bounds[b:b + 2]
-            if a1 == a0 or b1 == b0:
-                continue
-            block = (stacked[a0:a1].reshape(-1, d) @ stacked[b0:b1].reshape(-1, d).T).view(a1 - a0, k, b1 - b0, k)
-            i, j = torch.triu_indices(a1 - a0, b1 - b0, offset=1, device=factor.device) if a == b else \
-                torch.cartesian_prod(torch.arange(a1 - a0, device=factor.device), torch.arange(b1 - b0, device=factor.device)).T
-            crosses.append(block[i, :, j, :])
-            rows.append(i + a0)
-            cols.append(j + b0)
-    i, j = torch.cat(rows), torch.cat(cols)
-    cross = torch.cat(crosses)  # (pairs, k, k) = Q_iᵀ Q_j
-    lam = _smallest_eigenvalues(cross.mT @ cross).clamp(0.0, 1.0)
-    out = torch.ones(n, n, dtype=torch.float64, device=factor.device)
-    out[i, j] = lam
-    out[j, i] = lam
-    return out
+    stacked = q.mT.reshape(n * k, d)
+    lam = kernels.smallest_gram_eigenvalues(stacked, n, k).clamp(0.0, 1.0).triu(1)
+    return (lam + lam.T).fill_diagonal_(1.0)
 
 
 def pabs_distances(factors: Factors) -> Tensor:
@@ -280,44 +250,16 @@ def greedy_eliminate(
         raise NortonError(f"cannot keep {keep} filters: only {int((alive | shield).sum())} may be kept")
     alive |= shield
 
-    inf = torch.tensor(math.inf, dtype=torch.float64)
     dist.fill_diagonal_(math.inf)
     dist[~alive, :] = math.inf
     dist[:, ~alive] = math.inf
     finite = torch.where(torch.isfinite(dist), dist, torch.zeros_like(dist))
     sums = finite.sum(1)
-    search = dist.clone()
+    search = dist
     search[shield.nonzero().flatten()[:, None], shield.nonzero().flatten()[None, :]] = math.inf
-    remaining = int(alive.sum())
-    # Row minima of ``search`` kept up to date: after an elimination only the rows
-    # whose minimum sat in the eliminated column are searched again, so a step
-    # costs O(N) instead of a search of the whole N×N matrix.  Ties resolve as a
-    # row-major argmin over the matrix would: smallest row, then smallest column.
-    row_min, row_arg = search.min(dim=1)
-    while remaining > keep:
-        i = int(torch.argmin(row_min))
-        j = int(row_arg[i])
-        if not torch.isfinite(row_min[i]):
-            # no comparable pair left: drop the unprotected filter with the smallest sum
-            candidates = (alive & ~shield).nonzero().flatten()
-            e = int(candidates[torch.argmin(sums[candidates])])
-        elif shield[i]:
-            e = j
-        elif shield[j]:
-            e = i
-        else:
-            e = i if (sums[i] < sums[j] or (sums[i] == sums[j] and i > j)) else j
-        alive[e] = False
-        sums -= finite[:, e]
-        finite[e, :] = 0.0
-        finite[:, e] = 0.0
-        search[e, :] = inf
-        search[:, e] = inf
-        row_min[e] = inf
-        stale = (row_arg == e).nonzero().flatten()
-        if stale.numel():
-            row_min[stale], row_arg[stale] = search[stale].min(dim=1)
-        remaining -= 1
+    from norton.compression import kernels  # numba: imported on first use
+
+    kernels.greedy_loop(search.numpy(), finite.numpy(), sums.numpy(), alive.numpy(), shield.numpy(), keep)
     return alive.nonzero().flatten().tolist()
 
 
