@@ -8,16 +8,19 @@ the plan ``auto`` picks while training):
 1. the recomposition W = Σ a⊗b⊗c of every block, forward and backward, per step:
    ``CPDBlock.dense_weight`` against the (N, C, R) @ (N, R, K) orientation it
    replaced, the two timed alternately;
-2. the training step of the model as built against the dense model, in adjacent
-   pairs of alternating order: the median and interquartile range of the
-   per-pair ratios;
-3. the same with the recomposed kernel returned in channels-last layout (which
-   switches the network's activations to channels-last), against the dense
-   model run contiguous and run channels-last.
+2. the training step of the model as built against the dense model: rounds of
+   one step of the dense model, an identical copy of it and the decomposed one,
+   the order rotated every round; the median of the per-round ratios with a 95 %
+   bootstrap confidence interval.  The identical copy's ratio is the noise of
+   the measurement on this machine: it should be 1;
+3. with ``--channels-last``: the same with the recomposed kernel returned in
+   channels-last layout (which switches the network's activations to
+   channels-last), against the dense model run contiguous and run channels-last.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -52,11 +55,20 @@ def recomposition_ms(model: torch.nn.Module, pairs: int) -> dict[str, float]:
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
-def step_ratio(dense: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: int,
-               dense_x: torch.Tensor | None = None) -> tuple[float, float, float]:
-    """Median and quartiles of (our step / dense step) over adjacent pairs of alternating order."""
-    inputs = {"dense": x if dense_x is None else dense_x, "ours": x}
-    models = {"dense": dense.train(), "ours": ours.train()}
+def median_ci(ratios: list[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The median of ``ratios`` and a 95 % bootstrap confidence interval for it."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def step_ratios(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], y: torch.Tensor,
+                pairs: int) -> tuple[dict[str, tuple[float, float, float]], float]:
+    """Each model's step over the ``dense`` one's: rounds of one step of every model, the order
+    rotated every round; median of the per-round ratios with its 95 % confidence interval, and
+    the median step of the dense model in ms."""
+    for m in models.values():
+        m.train()
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
     def step(k: str) -> float:
@@ -69,13 +81,16 @@ def step_ratio(dense: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor, y
 
     for k in models:
         step(k), step(k)
-    ratios = []
+    names = list(models)
+    ratios = {k: [] for k in names if k != "dense"}
+    dense_times = []
     for i in range(pairs):
-        order = ("dense", "ours") if i % 2 == 0 else ("ours", "dense")
-        t = {k: step(k) for k in order}
-        ratios.append(t["ours"] / t["dense"])
-    q = statistics.quantiles(ratios, n=4)
-    return statistics.median(ratios), q[0], q[2]
+        order = names[i % len(names):] + names[:i % len(names)]
+        t = {k: step(k) for k in (order if i % 2 == 0 else order[::-1])}
+        dense_times.append(t["dense"])
+        for k in ratios:
+            ratios[k].append(t[k] / t["dense"])
+    return {k: median_ci(v) for k, v in ratios.items()}, 1000 * statistics.median(dense_times)
 
 
 def with_channels_last_kernels(fn: Callable) -> Callable:
@@ -92,25 +107,33 @@ def with_channels_last_kernels(fn: Callable) -> Callable:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--pairs", type=int, default=30, help="rounds of one step of every model")
+    parser.add_argument("--channels-last", action="store_true", help="also the channels-last-kernel columns (3.)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| model | recomposition per step: dense_weight / earlier orientation | step as built / dense (IQR) "
-          "| channels-last kernel / dense | channels-last kernel / dense run channels-last |")
-    print("|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} rounds\n")
+    fmt = lambda r: f"{r[0]:.3f}× ({r[1]:.3f}–{r[2]:.3f})"  # noqa: E731
+    print("| model | recomposition per step: dense_weight / earlier orientation | dense step "
+          "| as built / dense (95 % CI) | identical dense twin / dense (the noise) |"
+          + (" channels-last kernel / dense | channels-last kernel / dense run channels-last |" if args.channels_last else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if args.channels_last else ""))
     for arch, rank in CASES:
         torch.manual_seed(0)
         x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-        dense, ours = build(arch, 0, None), build(arch, rank, None)
+        dense, twin, ours = build(arch, 0, None), build(arch, 0, None), build(arch, rank, None)
+        twin.load_state_dict(dense.state_dict())
         rec = recomposition_ms(ours.train(), args.pairs)
-        plain = step_ratio(dense, ours, x, y, args.pairs)
-        cl = with_channels_last_kernels(step_ratio)(dense, ours, x, y, args.pairs)
-        dense_cl = dense.to(memory_format=torch.channels_last)
-        both = with_channels_last_kernels(step_ratio)(dense_cl, ours, x, y, args.pairs,
-                                             dense_x=x.contiguous(memory_format=torch.channels_last))
-        print(f"| {arch} rank {rank} | {rec['dense_weight']:.0f} / {rec['earlier orientation']:.0f} ms "
-              f"| {plain[0]:.2f}× ({plain[1]:.2f}–{plain[2]:.2f}) | {cl[0]:.2f}× ({cl[1]:.2f}–{cl[2]:.2f}) "
-              f"| {both[0]:.2f}× ({both[1]:.2f}–{both[2]:.2f}) |", flush=True)
+        plain, dense_ms = step_ratios({"dense": dense, "twin": twin, "ours": ours}, {"dense": x, "twin": x, "ours": x},
+                                      y, args.pairs)
+        row = (f"| {arch} rank {rank} | {rec['dense_weight']:.0f} / {rec['earlier orientation']:.0f} ms | {dense_ms:.0f} ms "
+               f"| {fmt(plain['ours'])} | {fmt(plain['twin'])} |")
+        if args.channels_last:
+            cl, _ = with_channels_last_kernels(step_ratios)({"dense": dense, "ours": ours}, {"dense": x, "ours": x}, y,
+                                                            args.pairs)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            both, _ = with_channels_last_kernels(step_ratios)(
+                {"dense": dense.to(memory_format=torch.channels_last), "ours": ours}, {"dense": x_cl, "ours": x}, y, args.pairs)
+            row += f" {fmt(cl['ours'])} | {fmt(both['ours'])} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
