@@ -14,6 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor
 
+from norton.compression import kernels
 from norton.core import Factors
 from norton.errors import NortonError
 
@@ -33,8 +34,6 @@ def _min_cosines_squared(factor: Tensor) -> Tensor | None:
     by batched ``eigvalsh`` elsewhere.  Returns None when every basis spans the
     whole space (R >= d): all angles 0.
     """
-    from norton.compression import kernels  # numba: imported when a pairwise criterion first runs
-
     n, d, _ = factor.shape
     q = _orthonormal_bases(factor)
     k = q.shape[-1]
@@ -257,8 +256,6 @@ def greedy_eliminate(
     sums = finite.sum(1)
     search = dist
     search[shield.nonzero().flatten()[:, None], shield.nonzero().flatten()[None, :]] = math.inf
-    from norton.compression import kernels  # numba: imported on first use
-
     kernels.greedy_loop(search.numpy(), finite.numpy(), sums.numpy(), alive.numpy(), shield.numpy(), keep)
     return alive.nonzero().flatten().tolist()
 

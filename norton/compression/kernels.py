@@ -9,10 +9,10 @@ install pays the compilation.
 """
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 import torch
 
@@ -22,7 +22,6 @@ _TILE = 512
 _CHUNK = 32
 
 
-@numba.njit(nogil=True, cache=True)
 def _smallest_eigenvalues_rows(gram, rows, row0, n, k, out):  # pragma: no cover - compiled
     """out[i, j] = λ_min(MᵀM) for every i in ``rows`` and j > i, M = Q_iᵀQ_j.
 
@@ -144,6 +143,24 @@ def _smallest_eigenvalues_rows(gram, rows, row0, n, k, out):  # pragma: no cover
                 out[i, j0 + idx[jj]] = x[jj]
 
 
+@functools.cache
+def _compiled():
+    """The kernels compiled by numba, imported on first use (importing numba takes half a second)."""
+    import numba
+
+    class Compiled:
+        smallest_eigenvalues_rows = numba.njit(nogil=True, cache=True)(_smallest_eigenvalues_rows)
+        greedy_loop = numba.njit(cache=True)(_greedy_loop)
+
+    return Compiled
+
+
+def greedy_loop(search: np.ndarray, finite: np.ndarray, sums: np.ndarray, alive: np.ndarray, shield: np.ndarray,
+                keep: int) -> None:
+    """The compiled elimination loop of ``criteria.greedy_eliminate``; see ``_greedy_loop``."""
+    _compiled().greedy_loop(search, finite, sums, alive, shield, keep)
+
+
 def smallest_gram_eigenvalues(stacked: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """λ_min(MᵀM) for M = Q_iᵀQ_j of every pair i < j, upper triangle of an (n, n) matrix.
 
@@ -157,13 +174,14 @@ def smallest_gram_eigenvalues(stacked: torch.Tensor, n: int, k: int) -> torch.Te
     """
     if stacked.device.type != "cpu":
         return batched_gram_eigenvalues(stacked, n, k)
+    kernel = _compiled().smallest_eigenvalues_rows
     out = np.ones((n, n))
     workers = max(1, torch.get_num_threads())
 
     def task(a0: int) -> None:
         a1 = min(n, a0 + _CHUNK)
         gram = (stacked[a0 * k:a1 * k] @ stacked[a0 * k:].T).numpy()
-        _smallest_eigenvalues_rows(gram, np.arange(a0, a1), a0, n, k, out)
+        kernel(gram, np.arange(a0, a1), a0, n, k, out)
 
     torch.set_num_threads(1)
     try:
@@ -200,8 +218,7 @@ def batched_gram_eigenvalues(stacked: torch.Tensor, n: int, k: int) -> torch.Ten
     return out
 
 
-@numba.njit(cache=True)
-def greedy_loop(search, finite, sums, alive, shield, keep):  # pragma: no cover - compiled
+def _greedy_loop(search, finite, sums, alive, shield, keep):  # pragma: no cover - compiled
     """The elimination loop of ``criteria.greedy_eliminate`` on prepared arrays (modified in place).
 
     Row minima of ``search`` are kept up to date: after an elimination only the
