@@ -271,3 +271,18 @@ def test_compiled_greedy_matches_the_rule_read_literally(seed):
     keep = 5
     assert greedy_eliminate(d, keep, protected=protected, allowed=allowed) == \
         reference_greedy(d, keep, protected=protected, allowed=allowed)
+
+
+def test_compiled_kernel_is_the_same_on_any_number_of_threads_and_restores_torchs():
+    stacked = stacked_bases(70, 10, 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.smallest_gram_eigenvalues(stacked, 70, 3)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        two = kernels.smallest_gram_eigenvalues(stacked, 70, 3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
