@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -144,15 +145,12 @@ def _smallest_eigenvalues_rows(gram, rows, row0, n, k, out):  # pragma: no cover
 
 
 @functools.cache
-def _compiled():
+def _compiled() -> types.SimpleNamespace:
     """The kernels compiled by numba, imported on first use (importing numba takes half a second)."""
     import numba
 
-    class Compiled:
-        smallest_eigenvalues_rows = numba.njit(nogil=True, cache=True)(_smallest_eigenvalues_rows)
-        greedy_loop = numba.njit(cache=True)(_greedy_loop)
-
-    return Compiled
+    return types.SimpleNamespace(smallest_eigenvalues_rows=numba.njit(nogil=True, cache=True)(_smallest_eigenvalues_rows),
+                                 greedy_loop=numba.njit(cache=True)(_greedy_loop))
 
 
 def greedy_loop(search: np.ndarray, finite: np.ndarray, sums: np.ndarray, alive: np.ndarray, shield: np.ndarray,
@@ -161,14 +159,22 @@ def greedy_loop(search: np.ndarray, finite: np.ndarray, sums: np.ndarray, alive:
     _compiled().greedy_loop(search, finite, sums, alive, shield, keep)
 
 
+def _gram_rows(stacked: torch.Tensor, a0: int, a1: int, k: int) -> torch.Tensor:
+    """Q_iᵀQ_j for filters a0 <= i < a1 and every j >= a0: ((a1 - a0)·k, (n - a0)·k).
+
+    Computing the Gram of the stacked bases by such rows, blocks below the
+    diagonal are never computed (about half of the Gram in all)."""
+    return stacked[a0 * k:a1 * k] @ stacked[a0 * k:].T
+
+
 def smallest_gram_eigenvalues(stacked: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """λ_min(MᵀM) for M = Q_iᵀQ_j of every pair i < j, upper triangle of an (n, n) matrix.
 
     ``stacked`` is (n·k, d) float64: the k orthonormal basis vectors of every
-    filter as rows.  Off the CPU: ``batched_gram_eigenvalues``.  On the CPU work is split in tasks of ``_CHUNK`` filters: the
-    task's Gram rows (columns j ≥ its first filter only, so about half the
-    Gram in all) and then their eigenvalues.  The tasks run on torch's number
-    of threads, each product single-threaded: handing the cores back and forth
+    filter as rows.  Off the CPU: ``batched_gram_eigenvalues``.  On the CPU the
+    work is split in tasks of ``_CHUNK`` filters: their Gram rows, then their
+    eigenvalues by the compiled kernel.  The tasks run on torch's number of
+    threads, each product single-threaded: handing the cores back and forth
     between torch's OpenMP team and the kernel cost a third more.  Entries on
     and below the diagonal are 1.
     """
@@ -180,8 +186,7 @@ def smallest_gram_eigenvalues(stacked: torch.Tensor, n: int, k: int) -> torch.Te
 
     def task(a0: int) -> None:
         a1 = min(n, a0 + _CHUNK)
-        gram = (stacked[a0 * k:a1 * k] @ stacked[a0 * k:].T).numpy()
-        kernel(gram, np.arange(a0, a1), a0, n, k, out)
+        kernel(_gram_rows(stacked, a0, a1, k).numpy(), np.arange(a0, a1), a0, n, k, out)
 
     torch.set_num_threads(1)
     try:
@@ -195,26 +200,18 @@ def smallest_gram_eigenvalues(stacked: torch.Tensor, n: int, k: int) -> torch.Te
 def batched_gram_eigenvalues(stacked: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """λ_min(MᵀM), M = Q_iᵀQ_j, for every pair i < j from batched ``eigvalsh`` (upper triangle of (n, n)).
 
-    The path off the CPU (cuSOLVER solves the batch in one call); on the CPU
+    The path off the CPU (cuSOLVER solves each batch in one call); on the CPU
     the compiled kernel computes the same numbers without one LAPACK call per
-    pair.  The Gram of the stacked bases is computed block by
-    block, blocks below the diagonal never.
+    pair.  The Gram rows come in four chunks of filters.
     """
-    d = stacked.shape[1]
-    bounds = [round(n * t / 4) for t in range(5)]
     out = torch.ones(n, n, dtype=torch.float64, device=stacked.device)
-    for a in range(4):
-        for b in range(a, 4):
-            (a0, a1), (b0, b1) = bounds[a:a + 2], bounds[b:b + 2]
-            if a1 == a0 or b1 == b0:
-                continue
-            rows, cols = stacked.view(n, k, d)[a0:a1].reshape(-1, d), stacked.view(n, k, d)[b0:b1].reshape(-1, d)
-            block = (rows @ cols.T).view(a1 - a0, k, b1 - b0, k)
-            i, j = torch.triu_indices(a1 - a0, b1 - b0, offset=1, device=stacked.device) if a == b else \
-                torch.cartesian_prod(torch.arange(a1 - a0, device=stacked.device),
-                                     torch.arange(b1 - b0, device=stacked.device)).T
-            cross = block[i, :, j, :]  # (pairs, k, k) = Q_iᵀ Q_j
-            out[i + a0, j + b0] = torch.linalg.eigvalsh(cross.mT @ cross)[:, 0]
+    chunk = max(1, -(-n // 4))
+    for a0 in range(0, n, chunk):
+        a1 = min(n, a0 + chunk)
+        block = _gram_rows(stacked, a0, a1, k).view(a1 - a0, k, n - a0, k)
+        i, j = torch.triu_indices(a1 - a0, n - a0, offset=1, device=stacked.device)
+        cross = block[i, :, j, :]  # (pairs, k, k) = Q_iᵀ Q_j
+        out[i + a0, j + a0] = torch.linalg.eigvalsh(cross.mT @ cross)[:, 0]
     return out
 
 

@@ -234,7 +234,7 @@ class CPDBlock(nn.Module):
         # (N, R, C): a strided view of the 1×1 weight that the batched matmul reads without a copy; the
         # product comes out (N, K, C) and is laid out as (N, C, kh, kw) once.  Forward and backward are
         # faster than the (N, C, R) @ (N, R, K) orientation, which copies a permuted factor (VGG-16-BN
-        # rank 8: 109 against 120 ms of recomposition per step, benchmarks/train_overhead.py).
+        # rank 8: the first column of benchmarks/train_overhead.py).
         pointwise = self.pointwise.reshape(self.rank, n, self.in_channels).transpose(0, 1)
         weight = torch.bmm(khatri_rao, pointwise).view(n, kh, kw, self.in_channels)
         return weight.permute(0, 3, 1, 2).contiguous()
