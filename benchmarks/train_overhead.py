@@ -15,7 +15,9 @@ the plan ``auto`` picks while training):
    the measurement on this machine: it should be 1;
 3. with ``--channels-last``: the same with the recomposed kernel returned in
    channels-last layout (which switches the network's activations to
-   channels-last), against the dense model run contiguous and run channels-last.
+   channels-last), against the dense model run contiguous and run channels-last;
+4. with ``--profile``: torch.profiler's self-CPU time per step, dense against
+   as built, and the operators whose time differs most.
 """
 from __future__ import annotations
 
@@ -45,11 +47,14 @@ def earlier_dense_weight(block: CPDBlock) -> torch.Tensor:
 def recomposition_ms(model: torch.nn.Module, pairs: int) -> dict[str, float]:
     blocks = [m for m in model.modules() if isinstance(m, CPDBlock)]
     ways = {"dense_weight": CPDBlock.dense_weight, "earlier orientation": earlier_dense_weight}
+    # a dense gradient for every kernel, as a convolution's backward hands it over (the gradient of a
+    # sum would be one broadcast value, which the layout copy's backward and the matmuls read differently)
+    grads = [torch.randn(b.out_channels, b.in_channels, *b.kernel_size) for b in blocks]
     times = {k: [] for k in ways}
     for i in range(pairs + 2):
         for name in (list(ways) if i % 2 else list(ways)[::-1]):
             start = time.perf_counter()
-            torch.stack([ways[name](b).sum() for b in blocks]).sum().backward()
+            torch.autograd.backward([ways[name](b) for b in blocks], grads)
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
@@ -93,6 +98,24 @@ def step_ratios(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tens
     return {k: median_ci(v) for k, v in ratios.items()}, 1000 * statistics.median(dense_times)
 
 
+def profile_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> dict[str, float]:
+    """Self-CPU milliseconds per training step of every operator (torch.profiler)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step(), step()
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            step()
+    return {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+
+
 def with_channels_last_kernels(fn: Callable) -> Callable:
     """Run ``fn`` with every CPDBlock's recomposed kernel returned in channels-last layout."""
     def run(*args, **kwargs):
@@ -109,6 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=30, help="rounds of one step of every model")
     parser.add_argument("--channels-last", action="store_true", help="also the channels-last-kernel columns (3.)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also torch.profiler's self-CPU time per step of the dense and the as-built model (4.)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} rounds\n")
     fmt = lambda r: f"{r[0]:.3f}× ({r[1]:.3f}–{r[2]:.3f})"  # noqa: E731
@@ -116,6 +141,7 @@ def main() -> None:
           "| as built / dense (95 % CI) | identical dense twin / dense (the noise) |"
           + (" channels-last kernel / dense | channels-last kernel / dense run channels-last |" if args.channels_last else ""))
     print("|---|---|---|---|---|" + ("---|---|" if args.channels_last else ""))
+    profiles = []
     for arch, rank in CASES:
         torch.manual_seed(0)
         x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
@@ -134,6 +160,13 @@ def main() -> None:
                 {"dense": dense.to(memory_format=torch.channels_last), "ours": ours}, {"dense": x_cl, "ours": x}, y, args.pairs)
             row += f" {fmt(cl['ours'])} | {fmt(both['ours'])} |"
         print(row, flush=True)
+        if args.profile:
+            profiles.append((f"{arch} rank {rank}", profile_step(dense, x, y), profile_step(ours, x, y)))
+    for name, dense_ops, ours_ops in profiles:
+        print(f"\n{name}, torch.profiler, self-CPU ms per step (mean of 3): dense {sum(dense_ops.values()):.0f}, "
+              f"as built {sum(ours_ops.values()):.0f}; the operators that differ most:")
+        for op in sorted(set(dense_ops) | set(ours_ops), key=lambda o: -abs(ours_ops.get(o, 0) - dense_ops.get(o, 0)))[:6]:
+            print(f"  {op:<40} dense {dense_ops.get(op, 0):7.1f}   as built {ours_ops.get(op, 0):7.1f}")
 
 
 if __name__ == "__main__":
