@@ -13,17 +13,22 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) fashion-mnist
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python -m pytest -q
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
+# Debian's package; a bare machine has no package lists, hence the update first.  Without
+# apt (or root) the dataset stays missing: the demo then stops with an error naming the
+# directory, and the test reading the real files is skipped with that reason.
 fashion-mnist:
 	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
 		{ echo "installing Debian's dataset-fashion-mnist"; \
-		  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
-		  else sudo -n apt-get install -y -q dataset-fashion-mnist; fi; } || true
+		  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		  $$SUDO apt-get update -q >/dev/null && \
+		  $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+		echo "could not install dataset-fashion-mnist: $(FASHION_MNIST) stays missing"
 
 demo: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton demo $(DEMO_ARGS)

@@ -149,6 +149,16 @@ def test_plans_agree_in_value_and_gradient(conv_kwargs):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_dense_weight_is_the_same_when_the_block_is_channels_last():
+    block = CPDBlock(5, 6, 3, kernel_size=(3, 5))
+    expected = block.dense_weight().detach()
+    a, b, c = block.factors()
+    torch.testing.assert_close(expected, torch.einsum("ncr,nhr,nwr->nchw", a, b, c), atol=1e-6, rtol=1e-5)
+    block.to(memory_format=torch.channels_last)
+    assert block.pointwise.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(block.dense_weight().detach(), expected)
+
+
 def test_auto_plan_and_bad_plan():
     with torch.no_grad():  # inference
         assert CPDBlock(256, 256, 1, 3).resolved_plan() == "separable"  # rank 1: far fewer MACs

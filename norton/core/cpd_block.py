@@ -228,15 +228,14 @@ class CPDBlock(nn.Module):
 
         Differentiable: gradients reach the factors.
         """
-        _, b, c = self.factors()
         n, kh, kw = self.out_channels, *self.kernel_size
-        khatri_rao = (b.unsqueeze(2) * c.unsqueeze(1)).reshape(n, kh * kw, self.rank)  # (N, K, R)
-        # (N, R, C): a strided view of the 1×1 weight that the batched matmul reads without a copy; the
-        # product comes out (N, K, C) and is laid out as (N, C, kh, kw) once.  Forward and backward are
-        # faster than the (N, C, R) @ (N, R, K) orientation, which copies a permuted factor (VGG-16-BN
-        # rank 8: the first column of benchmarks/train_overhead.py).
+        # (R, N, K) spatial kernels b ⊗ c and the (R, N, C) 1×1 weight, both read by the batched matmul
+        # as strided views without a copy; the product comes out (N, K, C) and is laid out as
+        # (N, C, kh, kw) once.  Fewer autograd nodes than going through factors(), and faster forward and
+        # backward than the (N, C, R) @ (N, R, K) orientation (benchmarks/train_overhead.py).
+        spatial = (self.vertical * self.horizontal).reshape(self.rank, n, kh * kw).permute(1, 2, 0)
         pointwise = self.pointwise.reshape(self.rank, n, self.in_channels).transpose(0, 1)
-        weight = torch.bmm(khatri_rao, pointwise).view(n, kh, kw, self.in_channels)
+        weight = torch.bmm(spatial, pointwise).view(n, kh, kw, self.in_channels)
         return weight.permute(0, 3, 1, 2).contiguous()
 
     @classmethod
