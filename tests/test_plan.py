@@ -179,7 +179,7 @@ def baseline(tmp_path_factory):
 def test_compress_with_a_macs_target_plans_and_the_checkpoint_keeps_the_plan(baseline, tmp_path, capsys):
     from norton.checkpoints import load_checkpoint, load_model
     run = tmp_path / "auto"
-    assert main(["compress", "--ckpt", str(baseline), "--target-macs", "0.6", "--calibration-images", "64",
+    assert main(["compress", "--ckpt", str(baseline), "--target-macs", "0.6", "--calibration-images", "16",
                  "--ranks", "1,2", "--keep-steps", "4",
                  "--data", "digits", "--epochs", "1", "--batch-size", "64", "--run-dir", str(run), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -377,7 +377,7 @@ def test_trial_steps_compare_candidates_after_distillation_on_held_out_images(mo
 
 def test_compress_selects_the_candidate_plan_of_best_validation_accuracy(baseline, tmp_path, capsys):
     run = tmp_path / "select"
-    assert main(["compress", "--ckpt", str(baseline), "--target-macs", "0.6", "--calibration-images", "64",
+    assert main(["compress", "--ckpt", str(baseline), "--target-macs", "0.6", "--calibration-images", "16",
                  "--ranks", "1,2", "--keep-steps", "2", "--select-epochs", "1",
                  "--data", "digits", "--epochs", "1", "--batch-size", "64", "--run-dir", str(run), "--device", "cpu"]) == 0
     chosen = json.loads((run / "plan.json").read_text())

@@ -110,6 +110,10 @@ class CostModel:
         return max(n, 1), max(c, 1)
 
     def layer_cost(self, layer: PlanLayer, rank: int, n: int, c: int) -> float:
+        return self.unscaled_cost(layer, rank, n, c) * self.scales[form_of(rank)]
+
+    def unscaled_cost(self, layer: PlanLayer, rank: int, n: int, c: int) -> float:
+        """``layer_cost`` before the per-form calibration factor (which may change later)."""
         m = layer.module
         if isinstance(m, nn.Linear):
             key = ("linear", n, c, layer.in_size[:-1], m.bias is not None)
@@ -118,7 +122,7 @@ class CostModel:
                    layer.in_size[1:], rank, type(m).__name__)
         if key not in self._memo:
             self._memo[key] = self._estimate(key, layer, rank, n, c)
-        return self._memo[key] * self.scales[form_of(rank)]
+        return self._memo[key]
 
     def _estimate(self, key: tuple, layer: PlanLayer, rank: int, n: int, c: int) -> float:
         m = layer.module

@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from norton.compression.costs import CostModel
+from norton.compression.costs import CostModel, form_of
 from norton.errors import NortonError
 
 FILL_TOLERANCE = 0.005  # a plan's cost ends within half a point of the full cost below its budget
@@ -29,6 +29,7 @@ class Unit:
 class Search:
     def __init__(self, units: list[Unit], costs: CostModel, totals: dict[str, int]):
         self.units, self.costs, self.totals = units, costs, totals
+        self._raw: dict[tuple, float] = {}  # (layer, option, n, c) -> cost before the form scales
 
     def config(self, state: Sequence[int]) -> tuple[dict[str, int], dict[str, int]]:
         ranks = {u.name: u.options[i] for u, i in zip(self.units, state) if u.kind == "rank"}
@@ -40,11 +41,31 @@ class Search:
         return self._costs(*self.config(state), self.costs.layers if names is None else names)
 
     def _costs(self, ranks: Mapping[str, int], keep: Mapping[str, int], names: Iterable[str]) -> dict[str, float]:
-        out = {}
-        for name in names:
-            layer = self.costs.layers[name]
-            n, c = self.costs.channels(layer, keep, self.totals)
-            out[name] = self.costs.layer_cost(layer, ranks.get(name, 0), n, c)
+        return {name: self._layer_cost(name, ranks, keep) for name in names}
+
+    def _layer_cost(self, name: str, ranks: Mapping[str, int], keep: Mapping[str, int]) -> float:
+        layer = self.costs.layers[name]
+        n, c = self.costs.channels(layer, keep, self.totals)
+        rank = ranks.get(name, 0)
+        key = (name, rank, n, c)
+        raw = self._raw.get(key)
+        if raw is None:  # the cost model's own memo is keyed by shape; this one skips building that key
+            raw = self._raw[key] = self.costs.unscaled_cost(layer, rank, n, c)
+        return raw * self.costs.scales[form_of(rank)]
+
+    def _option_costs(self, k: int, ranks: dict[str, int], keep: dict[str, int]) -> list[float]:
+        """The summed cost of unit ``k``'s layers at each of its options, the
+        other units as in ``ranks`` / ``keep`` (restored on return)."""
+        u = self.units[k]
+        table = ranks if u.kind == "rank" else keep
+        saved = table[u.name]
+        out = []
+        try:
+            for option in u.options:
+                table[u.name] = option
+                out.append(sum(self._layer_cost(name, ranks, keep) for name in u.layers))
+        finally:
+            table[u.name] = saved
         return out
 
     def cost(self, state: Sequence[int]) -> float:
@@ -55,10 +76,12 @@ class Search:
         option at those widths (by MACs, options are ordered; by predicted
         seconds, not necessarily)."""
         state = [len(u.options) - 1 for u in self.units]
+        ranks, keep = self.config(state)
         for k, u in enumerate(self.units):
             if u.kind == "rank":
-                state[k] = min(range(len(u.options)),
-                               key=lambda j: sum(self.layer_costs([*state[:k], j, *state[k + 1:]], u.layers).values()))
+                costs = self._option_costs(k, ranks, keep)
+                state[k] = min(range(len(u.options)), key=costs.__getitem__)
+                ranks[u.name] = u.options[state[k]]
         return state
 
     def damage(self, state: Sequence[int]) -> float:
@@ -69,15 +92,10 @@ class Search:
         (options are ordered by MACs, which need not be the order of the cost)."""
         ranks, keep = self.config(state)
         for k, u in enumerate(self.units):
-            options = (j for j in range(len(u.options)) if j != state[k])
-            table = ranks if u.kind == "rank" else keep
-            saved = table[u.name]
             before = sum(current[n] for n in u.layers)
-            for j in options:
-                table[u.name] = u.options[j]
-                delta = sum(self._costs(ranks, keep, u.layers).values()) - before
-                yield k, j, u.damage[j] - u.damage[state[k]], delta
-            table[u.name] = saved
+            for j, cost in enumerate(self._option_costs(k, ranks, keep)):
+                if j != state[k]:
+                    yield k, j, u.damage[j] - u.damage[state[k]], cost - before
 
     def greedy(self, budget: float) -> list[int]:
         """Cheapen the unit with the least damage per cost saved until the budget is met."""
@@ -104,17 +122,16 @@ class Search:
 
         def solve(lam: float) -> list[int]:
             state = [0] * len(self.units)
+            ranks, keep = self.config(state)
             for _ in range(8):
                 changed = False
                 for k, u in enumerate(self.units):  # the other layers' cost does not depend on this unit's option
-                    scores = []
-                    for j in range(len(u.options)):
-                        trial = state.copy()
-                        trial[k] = j
-                        scores.append(u.damage[j] + lam * sum(self.layer_costs(trial, u.layers).values()) / base)
+                    costs = self._option_costs(k, ranks, keep)
+                    scores = [u.damage[j] + lam * cost / base for j, cost in enumerate(costs)]
                     j = min(range(len(scores)), key=scores.__getitem__)
                     changed |= j != state[k]
                     state[k] = j
+                    (ranks if u.kind == "rank" else keep)[u.name] = u.options[j]
                 if not changed:
                     break
             return state
