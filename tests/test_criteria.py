@@ -1,4 +1,5 @@
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -286,3 +287,21 @@ def test_compiled_kernel_is_the_same_on_any_number_of_threads_and_restores_torch
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+def test_python_threads_computing_pairwise_criteria_at_once_leave_torchs_thread_count_as_it_was():
+    """torch's thread count is process-wide (a new thread starts from it): calls
+    from several Python threads at once must not restore each other's temporary 1."""
+    stacked = stacked_bases(70, 10, 3)
+    expected = kernels.smallest_gram_eigenvalues(stacked, 70, 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(5):
+            with ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(lambda _: kernels.smallest_gram_eigenvalues(stacked, 70, 3), range(8)))
+            assert all(torch.equal(r, expected) for r in results)
+            with ThreadPoolExecutor(1) as fresh:
+                assert fresh.submit(torch.get_num_threads).result() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,8 @@ import torch
 _TILE = 512
 #: filters per task: their Gram rows in one matrix product, then their eigenvalues
 _CHUNK = 32
+#: torch's thread count is process-wide: two Python threads computing pairwise criteria at once take turns
+_THREAD_COUNT = threading.Lock()
 
 
 def _smallest_eigenvalues_rows(gram, rows, row0, n, k, out):  # pragma: no cover - compiled
@@ -182,18 +185,19 @@ def smallest_gram_eigenvalues(stacked: torch.Tensor, n: int, k: int) -> torch.Te
         return batched_gram_eigenvalues(stacked, n, k)
     kernel = _compiled().smallest_eigenvalues_rows
     out = np.ones((n, n))
-    workers = max(1, torch.get_num_threads())
 
     def task(a0: int) -> None:
         a1 = min(n, a0 + _CHUNK)
         kernel(_gram_rows(stacked, a0, a1, k).numpy(), np.arange(a0, a1), a0, n, k, out)
 
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(task, range(0, n, _CHUNK)))  # the largest tasks first
-    finally:
-        torch.set_num_threads(workers)
+    with _THREAD_COUNT:
+        workers = max(1, torch.get_num_threads())
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(task, range(0, n, _CHUNK)))  # the largest tasks first
+        finally:
+            torch.set_num_threads(workers)
     return torch.from_numpy(out)
 
 
