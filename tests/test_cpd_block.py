@@ -157,6 +157,34 @@ def test_dense_weight_is_the_same_when_the_block_is_channels_last():
     block.to(memory_format=torch.channels_last)
     assert block.pointwise.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(block.dense_weight().detach(), expected)
+    assert block.dense_weight().is_contiguous()
+    channels_last = block.dense_weight(torch.channels_last)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and not channels_last.is_contiguous()
+    torch.testing.assert_close(channels_last.detach(), expected)
+    with pytest.raises(NortonError, match="memory_format must be torch.contiguous_format or torch.channels_last"):
+        block.dense_weight(torch.preserve_format)
+
+
+def test_a_channels_last_input_trains_the_dense_plan_to_the_same_values_and_gradients(monkeypatch):
+    block = CPDBlock(6, 5, 3, kernel_size=3, padding=1, bias=True).set_plan("dense")
+    x = torch.randn(2, 6, 9, 11)
+    asked = []
+    recompose = CPDBlock.dense_weight
+    monkeypatch.setattr(CPDBlock, "dense_weight", lambda self, *fmt: asked.append(fmt) or recompose(self, *fmt))
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        block.zero_grad()
+        inp = x.contiguous(memory_format=layout).detach().requires_grad_(True)
+        out = block(inp)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), inp.grad.clone(), [p.grad.clone() for p in block.parameters()]))
+    (o1, gx1, gp1), (o2, gx2, gp2) = results
+    assert asked == [(torch.contiguous_format,), (torch.channels_last,)]  # the kernel comes in the input's layout
+    assert o2.is_contiguous(memory_format=torch.channels_last)  # the user's layout is kept
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gx1, gx2, atol=1e-5, rtol=1e-4)
+    for a, b in zip(gp1, gp2):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_auto_plan_and_bad_plan():

@@ -181,7 +181,10 @@ class CPDBlock(nn.Module):
         return self._rank_sum(y)
 
     def forward_dense(self, x: Tensor) -> Tensor:
-        weight = self.dense_weight()
+        # a channels-last input (the user's choice of layout) gets the kernel in that layout too: the
+        # recomposition's product already is, and the convolution would convert a contiguous one back
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        weight = self.dense_weight(torch.channels_last if channels_last else torch.contiguous_format)
         if self.padding_mode != "zeros":
             ph, pw = self.padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
@@ -223,11 +226,15 @@ class CPDBlock(nn.Module):
         self.vertical.copy_(b.permute(2, 0, 1).reshape_as(self.vertical))
         self.horizontal.copy_(c.permute(2, 0, 1).reshape_as(self.horizontal))
 
-    def dense_weight(self) -> Tensor:
-        """The equivalent conv kernel ``W_n = Σ_r a ⊗ b ⊗ c``, shape (N, C, kh, kw).
+    def dense_weight(self, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """The equivalent conv kernel ``W_n = Σ_r a ⊗ b ⊗ c``, shape (N, C, kh, kw),
+        in ``memory_format`` (``torch.contiguous_format`` or ``torch.channels_last``;
+        the latter costs no layout copy).
 
         Differentiable: gradients reach the factors.
         """
+        if memory_format not in (torch.contiguous_format, torch.channels_last):
+            raise NortonError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format!r}")
         n, kh, kw = self.out_channels, *self.kernel_size
         # (R, N, K) spatial kernels b ⊗ c and the (R, N, C) 1×1 weight, both read by the batched matmul
         # as strided views without a copy; the product comes out (N, K, C) and is laid out as
@@ -235,8 +242,8 @@ class CPDBlock(nn.Module):
         # backward than the (N, C, R) @ (N, R, K) orientation (benchmarks/train_overhead.py).
         spatial = (self.vertical * self.horizontal).reshape(self.rank, n, kh * kw).permute(1, 2, 0)
         pointwise = self.pointwise.reshape(self.rank, n, self.in_channels).transpose(0, 1)
-        weight = torch.bmm(spatial, pointwise).view(n, kh, kw, self.in_channels)
-        return weight.permute(0, 3, 1, 2).contiguous()
+        weight = torch.bmm(spatial, pointwise).view(n, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        return weight if memory_format == torch.channels_last else weight.contiguous()
 
     @classmethod
     def like_conv(cls, conv: nn.Conv2d, rank: int) -> "CPDBlock":
