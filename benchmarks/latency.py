@@ -64,6 +64,18 @@ def inference_rows(repeats: int) -> list[dict]:
 TRAIN_CASES = (("vgg_16_bn", 8), ("resnet_56", 4))
 
 
+def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Seconds of one training step: forward, cross-entropy, backward, SGD step."""
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - start
+
+
 def train_step_ratio(arch: str, rank: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     """Forward + backward + SGD step at batch 128, 32×32: the dense model, the
     decomposed one as a user builds it (``auto`` plans, no call), with every
@@ -83,14 +95,7 @@ def train_step_ratio(arch: str, rank: int, repeats: int, device: torch.device = 
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
     def step(k: str) -> float:
-        start = time.perf_counter()
-        loss = F.cross_entropy(models[k](x), y)
-        opts[k].zero_grad()
-        loss.backward()
-        opts[k].step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return sgd_step(models[k], opts[k], x, y)
 
     for k, m in models.items():
         m.train()

@@ -30,8 +30,7 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from latency import build
+from latency import build, sgd_step
 
 from norton.core import CPDBlock
 
@@ -79,12 +78,7 @@ def step_ratios(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tens
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
     def step(k: str) -> float:
-        start = time.perf_counter()
-        loss = F.cross_entropy(models[k](inputs[k]), y)
-        opts[k].zero_grad()
-        loss.backward()
-        opts[k].step()
-        return time.perf_counter() - start
+        return sgd_step(models[k], opts[k], inputs[k], y)
 
     for k in models:
         step(k), step(k)
@@ -105,23 +99,17 @@ def profile_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    step(), step()
+    sgd_step(model, opt, x, y), sgd_step(model, opt, x, y)
     with torch.profiler.profile() as prof:
         for _ in range(steps):
-            step()
+            sgd_step(model, opt, x, y)
     return {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=30, help="rounds of one step of every model")
-    parser.add_argument("--channels-last", action="store_true", help="also the channels-last-kernel columns (3.)")
+    parser.add_argument("--channels-last", action="store_true", help="also the channels-last columns (3.)")
     parser.add_argument("--profile", action="store_true",
                         help="also torch.profiler's self-CPU time per step of the dense and the as-built model (4.)")
     args = parser.parse_args()

@@ -38,10 +38,8 @@ class Search:
         return ranks, keep
 
     def layer_costs(self, state: Sequence[int], names: Iterable[str] | None = None) -> dict[str, float]:
-        return self._costs(*self.config(state), self.costs.layers if names is None else names)
-
-    def _costs(self, ranks: Mapping[str, int], keep: Mapping[str, int], names: Iterable[str]) -> dict[str, float]:
-        return {name: self._layer_cost(name, ranks, keep) for name in names}
+        ranks, keep = self.config(state)
+        return {name: self._layer_cost(name, ranks, keep) for name in (self.costs.layers if names is None else names)}
 
     def _layer_cost(self, name: str, ranks: Mapping[str, int], keep: Mapping[str, int]) -> float:
         layer = self.costs.layers[name]
