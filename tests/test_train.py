@@ -119,8 +119,10 @@ def _digest(path):
 @pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(straight), check=True, env=env, capture_output=True)
+    straight = tmp_path / "straight"  # runs alongside the killed run (one thread each)
+    errors = tmp_path / "straight.err"
+    with open(errors, "w") as err:
+        uninterrupted = subprocess.Popen(_train_cmd(straight), env=env, stdout=subprocess.DEVNULL, stderr=err)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,6 +135,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(killed / "last.pt")["train_state"]["epoch"] < 2  # it really was interrupted
+    assert uninterrupted.wait(timeout=300) == 0, errors.read_text()[-3000:]
     resumed = subprocess.run(_train_cmd(killed, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert _digest(killed / "last.pt") == _digest(straight / "last.pt")

@@ -29,7 +29,10 @@ class Unit:
 class Search:
     def __init__(self, units: list[Unit], costs: CostModel, totals: dict[str, int]):
         self.units, self.costs, self.totals = units, costs, totals
-        self._raw: dict[tuple, float] = {}  # (layer, option, n, c) -> cost before the form scales
+        # a layer's widths depend only on the filter counts of its own groups
+        self._groups = {name: tuple(dict.fromkeys(g for g, _ in layer.out_groups + layer.in_groups))
+                        for name, layer in costs.layers.items()}
+        self._raw: dict[tuple, float] = {}  # (layer, rank, its groups' filter counts) -> cost before the form scales
 
     def config(self, state: Sequence[int]) -> tuple[dict[str, int], dict[str, int]]:
         ranks = {u.name: u.options[i] for u, i in zip(self.units, state) if u.kind == "rank"}
@@ -42,13 +45,12 @@ class Search:
         return {name: self._layer_cost(name, ranks, keep) for name in (self.costs.layers if names is None else names)}
 
     def _layer_cost(self, name: str, ranks: Mapping[str, int], keep: Mapping[str, int]) -> float:
-        layer = self.costs.layers[name]
-        n, c = self.costs.channels(layer, keep, self.totals)
         rank = ranks.get(name, 0)
-        key = (name, rank, n, c)
+        key = (name, rank, *[keep[g] for g in self._groups[name]])
         raw = self._raw.get(key)
         if raw is None:  # the cost model's own memo is keyed by shape; this one skips building that key
-            raw = self._raw[key] = self.costs.unscaled_cost(layer, rank, n, c)
+            layer = self.costs.layers[name]
+            raw = self._raw[key] = self.costs.unscaled_cost(layer, rank, *self.costs.channels(layer, keep, self.totals))
         return raw * self.costs.scales[form_of(rank)]
 
     def _option_costs(self, k: int, ranks: dict[str, int], keep: dict[str, int]) -> list[float]:
