@@ -4,6 +4,7 @@ import json
 import os
 import re
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -119,10 +120,16 @@ def test_speedup_rows_and_the_latency_verdicts(tmp_path):
         assert png.size[0] > 400
 
 
-def test_compare_resumes_and_refuses_to_overwrite(compared):
+def test_compare_resumes_and_refuses_to_overwrite(compared, monkeypatch):
     data, out, summary = compared
     with pytest.raises(NortonError, match="already holds a comparison"):
         run_compare(out, budget=TINY, methods=["norton-auto", "norton", "l1"], data_dir=data, progress=False)
+
+    def build_again(*args):
+        raise AssertionError("a finished run was planned or compressed again")
+
+    for name in ("norton-auto", "norton", "l1"):  # finished runs are rebuilt from their checkpoints
+        monkeypatch.setitem(METHODS, name, replace(METHODS[name], build=build_again))
     again = run_compare(out, budget=TINY, methods=["norton-auto", "norton", "l1"], data_dir=data, progress=False,
                         resume=True)
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in summary["runs"]]

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from norton.checkpoints import atomic_write_text, load_checkpoint
+from norton.checkpoints import atomic_write_text, load_checkpoint, model_from_checkpoint
 from norton.compression import PLANNER_CRITERION, Plan, PruneReport, decompose, plan, prune, recover
 from norton.core import (
     CPDBlock,
@@ -139,6 +139,7 @@ class Method:
     family: str
     build: Callable  # (baseline, target, seed, ctx) -> (model, configuration text)
     seeded: bool = False  # the compressed model (before fine-tuning) depends on the seed
+    described: bool = True  # its models are norton's own modules: a checkpoint's architecture rebuilds them
     target_kind: str = "macs"  # "macs": a fraction of MACs removed; "speedup": deployed latency ratio
 
 
@@ -330,8 +331,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("cp-only", "CP decomposition only", "decomposition", _cp_only),
     Method("l1", "L1-norm pruning", "pruning", _pruning_only("l1")),
     Method("fpgm", "FPGM pruning", "pruning", _pruning_only("fpgm")),
-    Method("tltorch-cp", "layer-wise CP (tltorch)", "decomposition", _layerwise("cp")),
-    Method("tltorch-tucker2", "Tucker-2 (tltorch)", "decomposition", _layerwise("tucker")),
+    Method("tltorch-cp", "layer-wise CP (tltorch)", "decomposition", _layerwise("cp"), described=False),
+    Method("tltorch-tucker2", "Tucker-2 (tltorch)", "decomposition", _layerwise("tucker"), described=False),
 ]}
 
 
@@ -429,18 +430,25 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
             for seed in budget.seeds:
                 run_dir = os.path.join(ctx.cell_dir, f"seed{seed}")
                 result_path = os.path.join(run_dir, "result.json")
-                if built is None or method.seeded:
-                    t0 = time.perf_counter()
-                    built = method.build(baseline.cpu(), target, seed, ctx)
-                    build_seconds = time.perf_counter() - t0
-                    reached = macs_reduction(built[0], ctx)
-                    if kind == "macs" and abs(reached - target) > TOLERANCE:
-                        raise NortonError(f"{name} reached {reached:.1%} fewer MACs, more than {TOLERANCE:.0%} from the target {target:.0%}")
-                model = copy.deepcopy(built[0]).to(device)
-                if resume and os.path.exists(result_path):
+                done = resume and os.path.exists(result_path)
+                if done and method.described:  # a finished run: its checkpoint rebuilds the model, no planning again
+                    model = model_from_checkpoint(load_checkpoint(os.path.join(run_dir, "finetune", "best.pt")),
+                                                  f"{name}'s fine-tuned model in {run_dir!r}",
+                                                  base_model=copy.deepcopy(baseline).cpu()).to(device)
+                else:
+                    if built is None or method.seeded:
+                        t0 = time.perf_counter()
+                        built = method.build(baseline.cpu(), target, seed, ctx)
+                        build_seconds = time.perf_counter() - t0
+                        reached = macs_reduction(built[0], ctx)
+                        if kind == "macs" and abs(reached - target) > TOLERANCE:
+                            raise NortonError(f"{name} reached {reached:.1%} fewer MACs, more than {TOLERANCE:.0%} from the target {target:.0%}")
+                    model = copy.deepcopy(built[0]).to(device)
+                if done:
                     with open(result_path) as f:
                         result = json.load(f)
-                    load_best(model, os.path.join(run_dir, "finetune"))
+                    if not method.described:
+                        load_best(model, os.path.join(run_dir, "finetune"))
                 else:
                     goal = f"{target:.0%} fewer MACs" if kind == "macs" else f"{target:g}× faster"
                     print(f"\n{method.label} at {goal}, seed {seed}: {built[1]}")
