@@ -32,7 +32,7 @@ TINY = CompareBudget(train_images=None, val_images=32, test_images=None,
                      baseline=TrainConfig(epochs=1, batch_size=32, lr=0.05, warmup_epochs=0),
                      finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01, warmup_epochs=0),
                      seeds=(0, 1), targets=(0.85,), recalibration_images=32, calibration_images=16,
-                     plan_options={"ranks": (1, 2), "keep_steps": 4})
+                     plan_options={"ranks": (1, 2), "keep_steps": 4}, latency_batch=16, latency_repeats=3)
 
 
 # tltorch's search takes minutes; norton-auto-damage builds what norton-auto builds without selection (off here)
@@ -76,6 +76,7 @@ def test_compare_writes_the_measured_table_and_plot(compared):
         assert abs(1 - runs[0]["macs"] / saved["baseline"]["macs"] - 0.85) <= TOLERANCE
         assert runs[0]["latency_ms"] > 0
     assert f"Baseline ResNet-20: {saved['baseline']['top1']:.2f} %" in table
+    assert "median of 3 round-robin passes of a batch of 16" in table  # the budget's latency settings
     assert all(r["run_seconds"] > 0 for r in saved["runs"]) and "min as recorded)" in table
     for label in ("NORTON (pabs)", "NORTON-auto (planner, MACs target)"):  # each NORTON row against the best peer
         assert (f"{label} beats the best other method, L1-norm pruning" in table) != (
@@ -145,6 +146,9 @@ def test_compare_rejects_bad_settings(tmp_path):
     bad = CompareBudget(**{**TINY.__dict__, "targets": (1.5,)})
     with pytest.raises(NortonError, match="MACs target 1.5"):
         run_compare(str(tmp_path), budget=bad)
+    for key, value in (("latency_batch", 0), ("latency_repeats", 2.5)):
+        with pytest.raises(NortonError, match=f"{key} must be an integer >= 1, got {value}"):
+            run_compare(str(tmp_path), budget=CompareBudget(**{**TINY.__dict__, key: value}))
 
 
 def test_report_from_tiny_runs(compared):

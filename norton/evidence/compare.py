@@ -89,6 +89,9 @@ class CompareBudget:
     # fixed shuffle), so the training split stays the same and the validation split resolves smaller
     # differences; 0 = none
     extra_val_images: int = 0
+    # deployed latency: the batch it is measured on (and the speed-up targets planned at), round-robin passes
+    latency_batch: int = LATENCY_BATCH
+    latency_repeats: int = LATENCY_REPEATS
 
 
 SMALL = CompareBudget(
@@ -192,7 +195,7 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
             if kind == "macs":
                 options["target_macs"] = target
             else:
-                options.update(target_speedup=target, latency_batch=LATENCY_BATCH)
+                options.update(target_speedup=target, latency_batch=ctx.budget.latency_batch)
             chosen = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **options)
             if select and kind == "macs" and ctx.budget.selection_epochs and chosen.alternatives:
                 chosen = select_plan(base, chosen, ctx.train, ctx.val, epochs=ctx.budget.selection_epochs,
@@ -376,6 +379,9 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     if idle:
         raise NortonError(f"method {idle[0]!r} takes {METHODS[idle[0]].target_kind} targets and budget "
                           f"{budget_name!r} has none; use --budget medium or a custom budget with speedup_targets")
+    for key in ("latency_batch", "latency_repeats"):
+        if not isinstance(getattr(budget, key), int) or getattr(budget, key) < 1:
+            raise NortonError(f"{key} must be an integer >= 1, got {getattr(budget, key)!r}")
     device = device or torch.device("cpu")
     _check_setup(out_dir, arch, data, resume, _shared_settings(budget))  # before any work: the run directory must fit
     started = time.perf_counter()
@@ -459,7 +465,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                 finals.setdefault((name, target), model)
         baseline.to(device)
 
-    latency = deployed_latencies(baseline, finals, device, input_size)
+    latency = deployed_latencies(baseline, finals, device, input_size, batch=budget.latency_batch,
+                                 repeats=budget.latency_repeats)
     for r in results:
         r["latency_ms"] = latency[(r["method"], r["target"])]
     summary = {
@@ -579,20 +586,21 @@ def _run_one(model, configuration, method, target, seed, train, val, test, ctx: 
             "build_seconds": build_seconds, "run_seconds": time.perf_counter() - started}
 
 
-def deployed_latencies(baseline: nn.Module, finals: dict, device: torch.device, input_size) -> dict:
+def deployed_latencies(baseline: nn.Module, finals: dict, device: torch.device, input_size, *,
+                       batch: int = LATENCY_BATCH, repeats: int = LATENCY_REPEATS) -> dict:
     """Deployed latency of every compressed model (seed 0) and of the baseline,
-    timed round-robin in one run on a batch of 128.
+    timed round-robin in one run (``repeats`` passes) on a batch of ``batch``.
 
     Each model is deployed in both memory formats and both are in the
     round-robin; a model's latency is the faster of its two medians.  (``deploy``
     alone picks the format from a few calls timed one after the other, which on
     a noisy machine can pick the slower one for one model and not for its twin.)"""
-    example = torch.randn(LATENCY_BATCH, *input_size, device=device)
+    example = torch.randn(batch, *input_size, device=device)
     models = {"baseline": baseline, **{(name, target): model for (name, target), model in finals.items()}}
     layouts = ("contiguous", "channels_last")
     deployed = {(key, layout): deploy(model, example, memory_format=layout)[0]
                 for key, model in models.items() for layout in layouts}
-    measured = compare_latency(deployed, example, repeats=LATENCY_REPEATS)
+    measured = compare_latency(deployed, example, repeats=repeats)
     return {key: min(measured[(key, layout)].median_ms for layout in layouts) for key in models}
 
 
@@ -658,13 +666,20 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+def _latency_setting(summary: dict, key: str) -> int:
+    """The budget's latency batch or passes (comparisons recorded before they were settings used the defaults)."""
+    default = {"latency_batch": LATENCY_BATCH, "latency_repeats": LATENCY_REPEATS}[key]
+    return summary.get("budget_settings", {}).get(key, default)
+
+
 def render_table(summary: dict) -> str:
     base = summary["baseline"]
     lines = [
         f"Measured by `norton compare --budget {summary['budget']}` in {summary['minutes']:.1f} min"
         f"{_recorded_minutes(summary)}. {summary['setup']}.",
-        f"Accuracy: test top-1 (%), mean ± std over seeds. Latency: deployed model, median of {LATENCY_REPEATS} "
-        f"round-robin passes of a batch of {LATENCY_BATCH}, the faster of its two memory formats (ratios are what "
+        f"Accuracy: test top-1 (%), mean ± std over seeds. Latency: deployed model, median of "
+        f"{_latency_setting(summary, 'latency_repeats')} round-robin passes of a batch of "
+        f"{_latency_setting(summary, 'latency_batch')}, the faster of its two memory formats (ratios are what "
         "to quote).",
         "",
         f"Baseline {_model_name(summary)}: {base['top1']:.2f} %, {base['macs'] / 1e6:.2f}M MACs, {base['params'] / 1e3:.1f}K params, "
@@ -799,7 +814,7 @@ def plot_latency(summary: dict, path: str) -> None:
     ax.xaxis.set_major_formatter(lambda value, _: f"{value:g}×")
     ax.xaxis.set_minor_formatter(lambda value, _: f"{value:g}×" if value in (0.75, 1.5, 3) else "")
     ax.set_xlabel(f"measured speed-up of the deployed model (baseline {base['latency_ms']:.1f} ms / latency, "
-                  f"batch {LATENCY_BATCH}, log scale)")
+                  f"batch {_latency_setting(summary, 'latency_batch')}, log scale)")
     ax.set_ylabel("test top-1 accuracy after fine-tuning (%)")
     ax.set_title(f"{_model_name(summary)} on {_data_name(summary)}, budget '{summary['budget']}': accuracy vs deployed "
                  "latency", fontsize=9)
