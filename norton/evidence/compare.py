@@ -450,11 +450,11 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                         if kind == "macs" and abs(reached - target) > TOLERANCE:
                             raise NortonError(f"{name} reached {reached:.1%} fewer MACs, more than {TOLERANCE:.0%} from the target {target:.0%}")
                     model = copy.deepcopy(built[0]).to(device)
+                    if done:  # tltorch's models: built again, then given their fine-tuned weights
+                        load_best(model, os.path.join(run_dir, "finetune"))
                 if done:
                     with open(result_path) as f:
                         result = json.load(f)
-                    if not method.described:
-                        load_best(model, os.path.join(run_dir, "finetune"))
                 else:
                     goal = f"{target:.0%} fewer MACs" if kind == "macs" else f"{target:g}× faster"
                     print(f"\n{method.label} at {goal}, seed {seed}: {built[1]}")
