@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP) fashion-mnist
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist worksteal -m 'not benchmark and not timing'
+	$(VENV)/bin/python -m pytest -q -m 'timing and not benchmark'
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 

@@ -10,6 +10,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_DIR = os.path.join(ROOT, "tests", "reference")  # copies of shared/reference
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker, and for the processes it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -108,6 +108,7 @@ def test_calibration_images_of_the_wrong_shape_are_named():
         plan(create_model("resnet_20").eval(), [], target_macs=0.5, **SMALL)
 
 
+@pytest.mark.timing
 def test_speedup_target_is_met_by_the_deployed_model_as_measured():
     model = create_model("resnet_20").eval()
     # 1.2×, not more: on a busy 2-core machine the best candidates here measure about 1.3×, and a target
