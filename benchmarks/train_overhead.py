@@ -18,8 +18,12 @@ the plan ``auto`` picks while training):
    recompose their kernels channels-last, with no layout copy): the as-built
    step over the dense channels-last one, and the dense contiguous step over
    the dense channels-last one (whether the layout pays on this machine);
-4. with ``--profile``: torch.profiler's self-CPU time per step, dense against
-   as built, and the operators whose time differs most.
+4. with ``--profile``: torch.profiler's self-CPU time per step of three models
+   profiled one after the other — dense, as built, and a control: the dense
+   model with every kernel copied afresh each step (``weight.clone()``) — in
+   two repetitions, the order reversed in the second.  Per-operator figures of
+   models profiled in turn drift by more than the gap between them; the
+   control and the reversal show how much.
 """
 from __future__ import annotations
 
@@ -94,6 +98,21 @@ def step_ratios(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tens
     return {k: median_ci(v) for k, v in ratios.items()}, 1000 * statistics.median(dense_times)
 
 
+class CopiedKernelConv(torch.nn.Conv2d):
+    """A dense conv whose kernel is a fresh copy every forward: the control for ``--profile``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight.clone(), self.bias)
+
+
+def with_copied_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    control = copy.deepcopy(model)
+    for m in control.modules():
+        if type(m) is torch.nn.Conv2d:
+            m.__class__ = CopiedKernelConv
+    return control
+
+
 def profile_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> dict[str, float]:
     """Self-CPU milliseconds per training step of every operator (torch.profiler)."""
     model.train()
@@ -138,12 +157,15 @@ def main() -> None:
             row += f" {fmt(cl['ours'])} | {fmt(cl['contiguous'])} |"
         print(row, flush=True)
         if args.profile:
-            profiles.append((f"{arch} rank {rank}", profile_step(dense, x, y), profile_step(ours, x, y)))
-    for name, dense_ops, ours_ops in profiles:
-        print(f"\n{name}, torch.profiler, self-CPU ms per step (mean of 3): dense {sum(dense_ops.values()):.0f}, "
-              f"as built {sum(ours_ops.values()):.0f}; the operators that differ most:")
-        for op in sorted(set(dense_ops) | set(ours_ops), key=lambda o: -abs(ours_ops.get(o, 0) - dense_ops.get(o, 0)))[:6]:
-            print(f"  {op:<40} dense {dense_ops.get(op, 0):7.1f}   as built {ours_ops.get(op, 0):7.1f}")
+            models = {"dense": dense, "as built": ours, "copied kernels": with_copied_kernels(dense)}
+            for order in (list(models), list(models)[::-1]):
+                ops = {name: profile_step(models[name], x, y) for name in order}
+                profiles.append((f"{arch} rank {rank}", order, ops))
+    for name, order, ops in profiles:
+        print(f"\n{name}, torch.profiler, self-CPU ms per step (mean of 3), profiled in the order {', '.join(order)}:")
+        for op in ("all operators", "aten::convolution_backward", "aten::bmm"):
+            cells = [f"{m} {sum(ops[m].values()) if op == 'all operators' else ops[m].get(op, 0):7.1f}" for m in order]
+            print(f"  {op:<28} " + "   ".join(cells))
 
 
 if __name__ == "__main__":
