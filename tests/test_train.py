@@ -214,3 +214,71 @@ def test_a_run_started_before_a_setting_existed_resumes_when_the_setting_has_its
         fit(create_model("resnet_20", in_channels=1), train, val, TrainConfig(epochs=1, batch_size=128, lr=0.05,
             warmup_epochs=0, distill=0.5), str(tmp_path), device=CPU, progress=False, resume=True,
             teacher=create_model("resnet_20", in_channels=1))
+
+
+def test_channels_last_training_gives_the_same_numbers_and_resumes_exactly(digits, tmp_path, monkeypatch):
+    from norton.training import classification
+
+    train, val, _ = digits
+    config = TrainConfig(epochs=2, batch_size=128, lr=0.05, warmup_epochs=0)
+    start = create_model("resnet_20", in_channels=1)
+    runs = {}
+    for name, channels_last in (("contiguous", False), ("channels_last", True)):
+        model = create_model("resnet_20", in_channels=1)
+        model.load_state_dict(start.state_dict())
+        runs[name] = (model, fit(model, train, val, TrainConfig(**{**config.__dict__, "channels_last": channels_last}),
+                                 str(tmp_path / name), device=CPU, progress=False))
+    (plain, a), (fast, b) = runs["contiguous"], runs["channels_last"]
+    for x, y in zip(a.history, b.history):  # the same training up to float rounding
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-3)
+    assert a.history[0]["train_loss"] != a.history[1]["train_loss"]
+    assert all(p.is_contiguous() for p in fast.parameters())  # handed back contiguous
+    assert load_checkpoint(tmp_path / "channels_last" / "last.pt")["train_state"]["config"]["channels_last"] is True
+
+    # stopped after the first epoch's checkpoint, then resumed: bit-identical to the straight run
+    layouts, real_evaluate = [], classification.evaluate
+
+    def evaluate_then_stop(model, *args, **kwargs):
+        layouts.append(model.conv1.weight.is_contiguous(memory_format=torch.channels_last))
+        if len(layouts) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(model, *args, **kwargs)
+
+    interrupted = create_model("resnet_20", in_channels=1)
+    interrupted.load_state_dict(start.state_dict())
+    cl_config = TrainConfig(**{**config.__dict__, "channels_last": True})
+    monkeypatch.setattr(classification, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, train, val, cl_config, str(tmp_path / "stopped"), device=CPU, progress=False)
+    monkeypatch.setattr(classification, "evaluate", real_evaluate)
+    assert layouts == [True, True]  # it trained channels-last
+    with pytest.raises(NortonError, match="different settings"):  # a run resumes only in the layout it started in
+        fit(create_model("resnet_20", in_channels=1), train, val, config, str(tmp_path / "stopped"), device=CPU,
+            progress=False, resume=True)
+    resumed = create_model("resnet_20", in_channels=1)
+    fit(resumed, train, val, cl_config, str(tmp_path / "stopped"), device=CPU, progress=False, resume=True)
+    for (key, x), y in zip(fast.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(x, y), key
+
+
+def test_channels_last_training_names_a_view_that_needs_contiguous_activations(digits, tmp_path):
+    class Flatten(nn.Module):
+        def forward(self, x):
+            return x.view(x.shape[0], -1)
+
+    train, val, _ = digits
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), Flatten(), nn.Linear(4 * 8 * 8, 10))
+    with pytest.raises(NortonError, match=r"reshapes a channels-last activation with \.view.*channels_last=False"):
+        fit(model, train, val, TrainConfig(epochs=1, batch_size=64, warmup_epochs=0, channels_last=True),
+            str(tmp_path), device=CPU, progress=False)
+    with pytest.raises(NortonError, match="channels_last must be True or False"):
+        TrainConfig(channels_last="yes").validate()
+
+
+def test_the_cli_trains_channels_last_on_request(tmp_path):
+    from norton.cli import main
+
+    run = str(tmp_path / "run")
+    assert main(["train", "--arch", "resnet_20", "--data", "digits", "--subset", "256", "--epochs", "1",
+                 "--batch-size", "128", "--warmup-epochs", "0", "--channels-last", "--run-dir", run, "--device", "cpu"]) == 0
+    assert load_checkpoint(os.path.join(run, "last.pt"))["train_state"]["config"]["channels_last"] is True

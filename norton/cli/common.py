@@ -232,6 +232,9 @@ def add_train_args(p: argparse.ArgumentParser, *, epochs: int = 400, lr: float =
     g.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="knowledge distillation: loss (1-W)·CE + W·T²·KL(teacher ‖ student) (default 0: off)")
     g.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T (default 4)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="train in the channels-last memory format: often 10-15%% faster on CPUs, the same results up "
+                        "to float rounding; a run resumes only in the layout it started in")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--run-dir", required=True, help="where checkpoints and metrics.jsonl go")
     g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -242,7 +245,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        label_smoothing=args.label_smoothing, seed=args.seed, distill=args.distill,
-                       temperature=args.temperature)
+                       temperature=args.temperature, channels_last=args.channels_last)
 
 
 def load_splits(args: argparse.Namespace):

@@ -1,0 +1,65 @@
+"""Training epochs with ``TrainConfig(channels_last=True)`` against contiguous ones.
+
+    .venv/bin/python benchmarks/train_layout.py [--rounds 5] [--images 1280]
+
+For VGG-16-BN rank 8 and ResNet-56 rank 4 as ``create_model`` builds them and
+their dense counterparts (batch 128, 32×32 CIFAR-shaped images; the pixel
+values do not change the time): rounds of one ``fit`` epoch in each layout, the
+order alternated every round; per model, the median of the per-round ratios
+contiguous / channels-last of the epoch's training seconds (above 1: the
+channels-last epoch was faster), with the fastest and slowest round.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import warnings
+
+import torch
+
+from norton.models import create_model
+from norton.training import TrainConfig, fit
+from norton.training.data import ArrayDataset
+
+CASES = (("vgg_16_bn", 8), ("vgg_16_bn", 0), ("resnet_56", 4), ("resnet_56", 0))
+
+
+def epoch_seconds(arch: str, rank: int, data: ArrayDataset, channels_last: bool) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model(arch, rank=rank)
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.01, warmup_epochs=0, channels_last=channels_last)
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = fit(model, data, data.subset(torch.arange(128)), config, run_dir, device=torch.device("cpu"),
+                     progress=False)
+    return result.history[0]["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="epochs in each layout, alternated")
+    parser.add_argument("--images", type=int, default=1280, help="training images per epoch")
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 10, (args.images,), generator=g), (0.5,) * 3, (0.25,) * 3)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of one epoch "
+          f"of {args.images} images in each layout\n")
+    print("| model | contiguous epoch (median) | contiguous / channels-last (median, min–max) |")
+    print("|---|---|---|")
+    for arch, rank in CASES:
+        times = {False: [], True: []}
+        for i in range(args.rounds + 1):  # the first round warms up
+            for channels_last in ((False, True) if i % 2 else (True, False)):
+                seconds = epoch_seconds(arch, rank, data, channels_last)
+                if i:
+                    times[channels_last].append(seconds)
+        ratios = sorted(a / b for a, b in zip(times[False], times[True]))
+        name = f"{arch} rank {rank}" if rank else f"{arch} dense"
+        print(f"| {name} | {statistics.median(times[False]):.1f} s | **{statistics.median(ratios):.3f}×** "
+              f"({ratios[0]:.3f}–{ratios[-1]:.3f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
