@@ -1,5 +1,6 @@
 """Run by test_distributed under torchrun (2 processes) and alone (1 process):
-the same training with the same global batch; writes the final weights."""
+the same training with the same global batch; writes the final weights.
+A third argument ``channels_last`` trains in that memory format."""
 import sys
 
 import torch
@@ -22,7 +23,7 @@ def small_net():
                          nn.Linear(16, 10))
 
 
-def main(run_dir, out):
+def main(run_dir, out, layout="contiguous"):
     torch.set_num_threads(1)
     device = torch.device("cpu")
     ddp = init_distributed(device)
@@ -30,7 +31,8 @@ def main(run_dir, out):
     model = small_net()
     train = load_dataset("digits", None, "train")
     train, val = split_validation(train, 200)
-    fit(model, train, val, TrainConfig(epochs=2, batch_size=64, lr=0.05, warmup_epochs=0), run_dir,
+    fit(model, train, val, TrainConfig(epochs=2, batch_size=64, lr=0.05, warmup_epochs=0,
+                                         channels_last=layout == "channels_last"), run_dir,
         device=device, overwrite=True, progress=False, ddp=ddp)
     state = model.state_dict()
     assert all(torch.isfinite(v).all() for v in state.values()), "training diverged"
@@ -40,4 +42,4 @@ def main(run_dir, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

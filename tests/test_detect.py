@@ -276,7 +276,7 @@ def test_detect_train_under_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     run_dir = tmp_path / "run"
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "norton", "detect-train",
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "norton", "detect-train",
                           "--arch", "fasterrcnn_resnet50_fpn", *FAST, "--train-images", images, "--train-ann", ann,
                           "--val-images", images, "--val-ann", ann, "--epochs", "1", "--batch-size", "1",
                           "--run-dir", str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
