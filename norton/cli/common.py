@@ -233,7 +233,7 @@ def add_train_args(p: argparse.ArgumentParser, *, epochs: int = 400, lr: float =
                    help="knowledge distillation: loss (1-W)·CE + W·T²·KL(teacher ‖ student) (default 0: off)")
     g.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T (default 4)")
     g.add_argument("--channels-last", action="store_true",
-                   help="train in the channels-last memory format: often 10-15%% faster on CPUs, the same results up "
+                   help="train in the channels-last memory format: often faster on CPUs (benchmarks/train_layout.py), the same results up "
                         "to float rounding; a run resumes only in the layout it started in")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--run-dir", required=True, help="where checkpoints and metrics.jsonl go")
