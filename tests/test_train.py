@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -226,8 +227,8 @@ def test_channels_last_training_gives_the_same_numbers_and_resumes_exactly(digit
     for name, channels_last in (("contiguous", False), ("channels_last", True)):
         model = create_model("resnet_20", in_channels=1)
         model.load_state_dict(start.state_dict())
-        runs[name] = (model, fit(model, train, val, TrainConfig(**{**config.__dict__, "channels_last": channels_last}),
-                                 str(tmp_path / name), device=CPU, progress=False))
+        runs[name] = (model, fit(model, train, val, replace(config, channels_last=channels_last), str(tmp_path / name),
+                                 device=CPU, progress=False))
     (plain, a), (fast, b) = runs["contiguous"], runs["channels_last"]
     for x, y in zip(a.history, b.history):  # the same training up to float rounding
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-3)
@@ -246,7 +247,7 @@ def test_channels_last_training_gives_the_same_numbers_and_resumes_exactly(digit
 
     interrupted = create_model("resnet_20", in_channels=1)
     interrupted.load_state_dict(start.state_dict())
-    cl_config = TrainConfig(**{**config.__dict__, "channels_last": True})
+    cl_config = replace(config, channels_last=True)
     monkeypatch.setattr(classification, "evaluate", evaluate_then_stop)
     with pytest.raises(KeyboardInterrupt):
         fit(interrupted, train, val, cl_config, str(tmp_path / "stopped"), device=CPU, progress=False)

@@ -668,8 +668,7 @@ def _fmt(values: list[float]) -> str:
 
 def _latency_setting(summary: dict, key: str) -> int:
     """The budget's latency batch or passes (comparisons recorded before they were settings used the defaults)."""
-    default = {"latency_batch": LATENCY_BATCH, "latency_repeats": LATENCY_REPEATS}[key]
-    return summary.get("budget_settings", {}).get(key, default)
+    return summary.get("budget_settings", {}).get(key, getattr(CompareBudget, key))
 
 
 def render_table(summary: dict) -> str:
