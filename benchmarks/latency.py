@@ -9,7 +9,8 @@ the uncompressed dense network, of the compressed network as the research code
 runs it (three convs per CPDBlock), and of ``norton.deploy`` of it; CIFAR
 models at batch 128, 32×32, ResNet-50 at batch 8, 224×224.  Random weights:
 latency does not depend on their values.  All runs of one config interleave,
-so machine noise hits every model alike; quote the ratios.
+so machine noise hits every model alike; quote the ratios.  The allocator is set
+up as norton's training sets it up unless ``NORTON_ALLOCATOR=default``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from norton import create_model
-from norton.core import complexity, tune_plans
+from norton.core import complexity, tune_allocator, tune_plans
 from norton.deployment import compare_latency, deploy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -126,7 +127,8 @@ def main() -> None:
         print(f"{args.device}: no CUDA device on this machine; GPU figures skipped")
         return
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    allocator = "tuned (norton.tune_allocator)" if tune_allocator() else "the C library's defaults"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator}\n")
     rows = [] if args.train_only else inference_rows(args.repeats)
     args.train = args.train or args.train_only
     if rows:

@@ -1,6 +1,7 @@
 """Where a decomposed model's training step loses time against the dense one.
 
     .venv/bin/python benchmarks/train_overhead.py [--pairs 30]
+    NORTON_ALLOCATOR=default .venv/bin/python benchmarks/train_overhead.py   # glibc's allocator defaults
 
 For VGG-16-BN rank 8 and ResNet-56 rank 4 (batch 128, 32×32, every block on
 the plan ``auto`` picks while training):
@@ -24,19 +25,24 @@ the plan ``auto`` picks while training):
    two repetitions, the order reversed in the second.  Per-operator figures of
    models profiled in turn drift by more than the gap between them; the
    control and the reversal show how much.
+
+The process's allocator is set up as norton's training sets it up
+(``norton.tune_allocator``) unless ``NORTON_ALLOCATOR=default``; the header
+says which, with the page faults per step of the dense and the as-built model.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import random
+import resource
 import statistics
 import time
 
 import torch
 from latency import build, sgd_step
 
-from norton.core import CPDBlock
+from norton.core import CPDBlock, tune_allocator
 
 CASES = (("vgg_16_bn", 8), ("resnet_56", 4))
 
@@ -73,19 +79,25 @@ def median_ci(ratios: list[float], *, resamples: int = 2000, seed: int = 0) -> t
 
 
 def step_ratios(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], y: torch.Tensor,
-                pairs: int) -> tuple[dict[str, tuple[float, float, float]], float]:
+                pairs: int) -> tuple[dict[str, tuple[float, float, float]], float, dict[str, float]]:
     """Each model's step over the ``dense`` one's: rounds of one step of every model, the order
-    rotated every round; median of the per-round ratios with its 95 % confidence interval, and
-    the median step of the dense model in ms."""
+    rotated every round; median of the per-round ratios with its 95 % confidence interval, the
+    median step of the dense model in ms, and every model's median page faults per step."""
     for m in models.values():
         m.train()
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
+    faults = {k: [] for k in models}
+
     def step(k: str) -> float:
-        return sgd_step(models[k], opts[k], inputs[k], y)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = sgd_step(models[k], opts[k], inputs[k], y)
+        faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return seconds
 
     for k in models:
         step(k), step(k)
+        faults[k].clear()
     names = list(models)
     ratios = {k: [] for k in names if k != "dense"}
     dense_times = []
@@ -95,7 +107,8 @@ def step_ratios(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tens
         dense_times.append(t["dense"])
         for k in ratios:
             ratios[k].append(t[k] / t["dense"])
-    return {k: median_ci(v) for k, v in ratios.items()}, 1000 * statistics.median(dense_times)
+    return ({k: median_ci(v) for k, v in ratios.items()}, 1000 * statistics.median(dense_times),
+            {k: statistics.median(v) for k, v in faults.items()})
 
 
 class CopiedKernelConv(torch.nn.Conv2d):
@@ -132,12 +145,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also torch.profiler's self-CPU time per step of the dense and the as-built model (4.)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} rounds\n")
+    allocator = "tuned (norton.tune_allocator)" if tune_allocator() else "the C library's defaults"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} rounds, allocator: {allocator}\n")
     fmt = lambda r: f"{r[0]:.3f}× ({r[1]:.3f}–{r[2]:.3f})"  # noqa: E731
     print("| model | recomposition per step: dense_weight / earlier orientation | dense step "
-          "| as built / dense (95 % CI) | identical dense twin / dense (the noise) |"
+          "| as built / dense (95 % CI) | identical dense twin / dense (the noise) | page faults per step: dense / as built |"
           + (" channels-last: as built / dense | dense contiguous / dense channels-last |" if args.channels_last else ""))
-    print("|---|---|---|---|---|" + ("---|---|" if args.channels_last else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.channels_last else ""))
     profiles = []
     for arch, rank in CASES:
         torch.manual_seed(0)
@@ -145,13 +159,13 @@ def main() -> None:
         dense, twin, ours = build(arch, 0, None), build(arch, 0, None), build(arch, rank, None)
         twin.load_state_dict(dense.state_dict())
         rec = recomposition_ms(ours.train(), args.pairs)
-        plain, dense_ms = step_ratios({"dense": dense, "twin": twin, "ours": ours}, {"dense": x, "twin": x, "ours": x},
+        plain, dense_ms, faults = step_ratios({"dense": dense, "twin": twin, "ours": ours}, {"dense": x, "twin": x, "ours": x},
                                       y, args.pairs)
         row = (f"| {arch} rank {rank} | {rec['dense_weight']:.0f} / {rec['earlier orientation']:.0f} ms | {dense_ms:.0f} ms "
-               f"| {fmt(plain['ours'])} | {fmt(plain['twin'])} |")
+               f"| {fmt(plain['ours'])} | {fmt(plain['twin'])} | {faults['dense']:.0f} / {faults['ours']:.0f} |")
         if args.channels_last:
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            cl, _ = step_ratios({"dense": copy.deepcopy(dense).to(memory_format=torch.channels_last),
+            cl, _, _ = step_ratios({"dense": copy.deepcopy(dense).to(memory_format=torch.channels_last),
                                  "ours": copy.deepcopy(ours).to(memory_format=torch.channels_last), "contiguous": dense},
                                 {"dense": x_cl, "ours": x_cl, "contiguous": x}, y, args.pairs)
             row += f" {fmt(cl['ours'])} | {fmt(cl['contiguous'])} |"

@@ -26,6 +26,7 @@ from norton.core import (
     cp_decompose,
     nmse,
     parse_compress_rate,
+    tune_allocator,
     tune_plans,
 )
 from norton.deployment import DeployReport, compare_latency, deploy, export_onnx
@@ -84,5 +85,6 @@ __all__ = [
     "register_model",
     "save_checkpoint",
     "select_plan",
+    "tune_allocator",
     "tune_plans",
 ]

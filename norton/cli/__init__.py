@@ -16,6 +16,7 @@ from norton.cli import (
     training,
 )
 from norton.cli.common import Parser
+from norton.core import tune_allocator
 from norton.errors import NortonError
 
 STAGES = (inspection, compression, training, deployment, detection, evidence)
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _one_line_warning
+            tune_allocator()  # the process trains, plans or times models: freed memory kept for reuse
             return args.func(args)
     except NortonError as err:
         print(f"norton {args.command}: error: {err}", file=sys.stderr)

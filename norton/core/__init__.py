@@ -1,7 +1,8 @@
 """The bottom layer: CP decomposition, the CPDBlock and its execution plans, the
 Tucker-2 block,
 layers shared by models and pruning, MAC/param counting, module surgery and
-the compress-rate grammar.  Imports nothing else of norton but its errors."""
+the compress-rate grammar, and the allocator set up for training.  Imports nothing else of norton but its errors."""
+from norton.core.allocator import tune_allocator
 from norton.core.batchnorm import batch_statistics, batchnorms, reestimate_bn
 from norton.core.compress_rate import (
     fit_compress_rate,
@@ -50,5 +51,6 @@ __all__ = [
     "replace_module",
     "time_plans",
     "tucker2",
+    "tune_allocator",
     "tune_plans",
 ]

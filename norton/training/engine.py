@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from norton.checkpoints import atomic_write_text, load_checkpoint, save_checkpoint
+from norton.core import tune_allocator
 from norton.errors import NortonError
 from norton.training.distributed import Distributed
 
@@ -40,7 +41,8 @@ class TrainingRun:
     ``settings`` are the run's configuration as plain data: a run resumes only
     with the settings it was started with (a setting added by a later version
     counts as unchanged when it has its ``defaults`` value).  ``outputs`` are the files a fresh
-    run removes when ``overwrite`` is given.
+    run removes when ``overwrite`` is given.  Starting a run sets the process's allocator up
+    for training (``norton.tune_allocator``; ``NORTON_ALLOCATOR=default`` leaves it).
     """
 
     def __init__(self, run_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, lr_at: LrFactor, *,
@@ -50,6 +52,7 @@ class TrainingRun:
         self.run_dir, self.model, self.optimizer, self.lr_at = run_dir, model, optimizer, lr_at
         self.settings, self.kind, self.defaults = settings, kind, defaults or {}
         self.ddp = ddp or Distributed()
+        tune_allocator()
         self.last = os.path.join(run_dir, "last.pt")
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]

@@ -1,0 +1,85 @@
+"""What ``norton.tune_allocator`` buys a training step: glibc's defaults against the tuned allocator.
+
+    .venv/bin/python benchmarks/allocator.py [--rounds 6] [--steps 5]
+
+The allocator is a setting of the whole process, so each measurement is a
+fresh process (this script again, with ``--child``): it builds the model,
+takes two warm-up steps and times ``--steps`` SGD steps (batch 128, 32×32),
+counting page faults.  Rounds run one process of each setting, the order
+alternated; a model's ratio is the median over rounds of (default step /
+tuned step), each process's step being its median.  Models: VGG-16-BN and
+ResNet-56, dense and decomposed as ``create_model`` builds them (rank 8 / 4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+
+import torch
+from latency import build, sgd_step
+from train_overhead import median_ci
+
+from norton.core import tune_allocator
+
+CASES = (("vgg_16_bn", 0), ("vgg_16_bn", 8), ("resnet_56", 0), ("resnet_56", 4))
+SETTINGS = ("tuned", "default")
+
+
+def child(arch: str, rank: int, steps: int) -> None:
+    applied = tune_allocator()
+    torch.manual_seed(0)
+    model = build(arch, rank, None).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    sgd_step(model, opt, x, y), sgd_step(model, opt, x, y)
+    times, faults = [], []
+    for _ in range(steps):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        times.append(sgd_step(model, opt, x, y))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"applied": applied, "step": statistics.median(times), "faults": statistics.median(faults)}))
+
+
+def measure(arch: str, rank: int, setting: str, steps: int) -> dict:
+    env = {**os.environ, "NORTON_ALLOCATOR": setting}
+    done = subprocess.run([sys.executable, __file__, "--child", arch, str(rank), "--steps", str(steps)],
+                          env=env, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["applied"] != (setting == "tuned"):
+        raise SystemExit(f"NORTON_ALLOCATOR={setting}: tune_allocator returned {result['applied']}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--child", nargs=2, metavar=("ARCH", "RANK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], int(args.child[1]), args.steps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of one process "
+          f"per setting, {args.steps} timed steps each\n")
+    print("| model | step, default allocator | step, tuned | default / tuned (95 % CI) "
+          "| page faults per step: default / tuned |")
+    print("|---|---|---|---|---|")
+    for arch, rank in CASES:
+        runs = {s: [] for s in SETTINGS}
+        for i in range(args.rounds):
+            for setting in (SETTINGS if i % 2 == 0 else SETTINGS[::-1]):
+                runs[setting].append(measure(arch, rank, setting, args.steps))
+        ratio = median_ci([d["step"] / t["step"] for d, t in zip(runs["default"], runs["tuned"])])
+        med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in ("step", "faults")} for s in SETTINGS}
+        name = f"{arch} " + (f"rank {rank}" if rank else "dense")
+        print(f"| {name} | {1000 * med['default']['step']:.0f} ms | {1000 * med['tuned']['step']:.0f} ms "
+              f"| {ratio[0]:.3f}× ({ratio[1]:.3f}–{ratio[2]:.3f}) "
+              f"| {med['default']['faults']:.0f} / {med['tuned']['faults']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
