@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/latency.py --train
 	$(VENV)/bin/python benchmarks/train_overhead.py
 	NORTON_ALLOCATOR=default $(VENV)/bin/python benchmarks/train_overhead.py
+	$(VENV)/bin/python benchmarks/allocator.py
 	$(VENV)/bin/python benchmarks/train_layout.py --rounds 4
 	$(VENV)/bin/python benchmarks/planner.py
 	$(VENV)/bin/python benchmarks/latency.py --train-only --device cuda

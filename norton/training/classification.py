@@ -156,7 +156,8 @@ def fit(
     With ``config.distill > 0`` the ``teacher`` (e.g. the uncompressed model; kept
     in eval mode, never updated) adds a distillation term to the loss.  With
     ``config.channels_last`` the model, the teacher and every batch are converted to
-    channels-last for the run, and the model is handed back contiguous."""
+    channels-last for the run, and the model is handed back contiguous.  The process's
+    allocator is set up for training (``norton.tune_allocator``) unless ``NORTON_ALLOCATOR=default``."""
     config.validate()
     if config.distill > 0 and teacher is None:
         raise NortonError(f"distillation weight {config.distill} needs a teacher model (the uncompressed one); "
