@@ -5,10 +5,11 @@ activations, their gradients, recomposed CPDBlock kernels.  glibc's malloc,
 left at its defaults, serves every buffer above a threshold (dynamic, at most
 32 MiB) by a fresh ``mmap`` and gives the top of its heap back to the system
 whenever enough of it is free, so each step touches hundreds of MB of fresh
-pages: 60–85 k page faults per VGG-16-BN step at batch 128 on a 2-core CPU
-(``benchmarks/train_overhead.py --allocator`` measures both settings).
-``tune_allocator`` raises the mmap threshold and stops the trimming, so a step
-reuses the memory of the one before.  The price is memory the process keeps
+pages: 76–94 k page faults per VGG-16-BN step at batch 128 on a 2-core CPU,
+and the step takes 6–7 % longer than with the memory kept
+(``benchmarks/allocator.py`` times both settings).  ``tune_allocator`` raises
+the mmap threshold and trims the heap only past 2 GiB free, so a step reuses
+the memory of the one before.  The price is memory the process keeps
 after its peak until it exits, which a training process needs again anyway.
 
 ``norton``'s training (``fit``, ``train_detector``) and its command line call
