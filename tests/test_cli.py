@@ -78,7 +78,7 @@ def test_decompose_report_from_checkpoint(tmp_path, capsys):
     model = create_model("resnet_20")
     path = tmp_path / "baseline.pt"
     torch.save({"state_dict": model.state_dict()}, path)
-    assert main(["decompose-report", "--arch", "resnet_20", "-r", "3", "--ckpt", str(path), "--n-iter-max", "20", "--json"]) == 0
+    assert main(["decompose-report", "--arch", "resnet_20", "-r", "3", "--ckpt", str(path), "--n-iter-max", "20", "--device", "cpu", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert len(record["layers"]) == 19
     assert all(layer["rank"] == 3 and 0 < layer["nmse"] < 1 for layer in record["layers"])
@@ -124,8 +124,9 @@ def test_decompose_then_prune_files(tmp_path, capsys):
     dense_bytes = dense.read_bytes()
     decomposed, pruned = tmp_path / "dec.pt", tmp_path / "pruned.pt"
     assert main(["decompose", "--arch", "resnet_20", "--ckpt", str(dense), "-r", "2", "--n-iter-max", "20",
-                 "--out", str(decomposed)]) == 0
-    assert main(["prune", "--ckpt", str(decomposed), "-cpr", "[0.]+[0.25]*11", "--criterion", "pabs", "--out", str(pruned)]) == 0
+                 "--device", "cpu", "--out", str(decomposed)]) == 0
+    assert main(["prune", "--ckpt", str(decomposed), "-cpr", "[0.]+[0.25]*11", "--criterion", "pabs", "--device", "cpu",
+                 "--out", str(pruned)]) == 0
     out = capsys.readouterr().out
     assert "12/16" in out and "MACs" in out
     assert dense.read_bytes() == dense_bytes  # the input is never modified
@@ -135,6 +136,22 @@ def test_decompose_then_prune_files(tmp_path, capsys):
     model, ckpt = load_model(pruned)
     assert complexity(model) == complexity(create_model("resnet_20", rank=2, compress_rate="[0.]+[0.25]*11"))
     assert ckpt["extra"]["criterion"] == "pabs"
+
+
+DEVICE_ERRORS = [("tpu", "unknown device 'tpu'"), ("meta", "device 'meta' is not supported")]
+if not torch.cuda.is_available():
+    DEVICE_ERRORS.append(("cuda", "CUDA is not available here"))
+
+
+@pytest.mark.parametrize("command", [["decompose", "-r", "2"], ["prune", "-r", "1", "--amount", "0.5"],
+                                     ["decompose-report", "-r", "2"]])
+@pytest.mark.parametrize("device,match", DEVICE_ERRORS)
+def test_decompose_and_prune_refuse_a_device_they_cannot_use(tmp_path, capsys, command, device, match):
+    out = tmp_path / "o.pt"
+    outputs = [] if command[0] == "decompose-report" else ["--out", str(out)]
+    assert main([command[0], "--arch", "resnet_20", *command[1:], "--device", device, *outputs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and not out.exists()
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -50,8 +50,10 @@ from norton.training import (
 
 def cmd_decompose(args: argparse.Namespace) -> int:
     check_out(args)
+    device = resolve_device(args.device)
     model = model_from_args(args, rank=0, compress_rate=args.compress_rate).model
     before = complexity(model)
+    model.to(device)  # layers of one shape are decomposed together, on the model's device
     layer_ranks = dict(key_value(item, int, "--layer-rank") for item in args.layer_rank)
     report = decompose(model, args.rank, layer_ranks=layer_ranks, skip=args.skip, only_cheaper=args.only_cheaper,
                        init=args.init, n_iter_max=args.n_iter_max, seed=args.seed)
@@ -67,16 +69,17 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     check_out(args)
-    model = model_from_args(args, rank=args.rank, compress_rate=None).model
+    device = resolve_device(args.device)
+    model = model_from_args(args, rank=args.rank, compress_rate=None).model.to(device)
     rates = layer_rates(args)
     test = load_dataset(args.data, args.data_dir, "test") if args.data else None
-    before = evaluate(model, test, device=torch.device("cpu")) if test is not None else None
+    before = evaluate(model, test, device=device) if test is not None else None
     report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
-                   example_inputs=torch.zeros(1, *model.default_input_size), criterion=args.criterion,
+                   example_inputs=torch.zeros(1, *model.default_input_size, device=device), criterion=args.criterion,
                    global_ranking=args.global_ranking, seed=args.seed, progress=True)
     print(report.table())
     if test is not None:
-        after = evaluate(model, test, device=torch.device("cpu"))
+        after = evaluate(model, test, device=device)
         print(f"test top-1 before pruning {before['top1']:.2f}%, right after pruning (no fine-tuning) {after['top1']:.2f}%")
     save_checkpoint(args.out, model, metrics={"macs": report.macs_after, "params": report.params_after},
                     extra={"stage": "prune", "criterion": args.criterion, "kept": {g.root: g.kept for g in report.groups}})
@@ -224,6 +227,7 @@ def register(sub) -> None:
     p.add_argument("--init", choices=("svd", "random"), default="svd")
     p.add_argument("--n-iter-max", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="decompose on cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--out", required=True, help="where to write the decomposed checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -244,6 +248,8 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, help="print test accuracy before and right after pruning on this dataset")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None,
+                   help="score filters (and evaluate) on cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 

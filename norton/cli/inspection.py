@@ -21,6 +21,7 @@ from norton.core import complexity
 from norton.detection import detector_complexity, is_detector
 from norton.errors import NortonError
 from norton.models import create_model, list_models
+from norton.training import resolve_device
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -80,13 +81,15 @@ def _detector_complexity(args: argparse.Namespace, model, baseline) -> int:
 
 
 def cmd_decompose_report(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     model = create_model(args.arch, rank=0, compress_rate=args.compress_rate, num_classes=args.num_classes)
     if args.ckpt:
         load_state_dict_strict(model, load_state_dict_file(args.ckpt), f"checkpoint {args.ckpt!r}")
     else:
         torch.manual_seed(args.seed)
         print(f"no --ckpt: decomposing randomly initialised weights (seed {args.seed})", file=sys.stderr)
-    report = decompose(model, args.rank, init=args.init, n_iter_max=args.n_iter_max, seed=args.seed, progress=not args.json)
+    report = decompose(model.to(device), args.rank, init=args.init, n_iter_max=args.n_iter_max, seed=args.seed,
+                       progress=not args.json)
     if args.json:
         print(json.dumps({"mean_nmse": report.mean_nmse, "seconds": report.seconds,
                           "layers": [vars(layer) for layer in report.layers]}))
@@ -114,4 +117,5 @@ def register(sub) -> None:
     p.add_argument("--init", choices=("svd", "random"), default="svd", help="CP-ALS initialisation")
     p.add_argument("--n-iter-max", type=int, default=300, help="ALS sweeps at most (default 300)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="decompose on cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
