@@ -1,14 +1,16 @@
 """What ``norton.tune_allocator`` buys a training step: glibc's defaults against the tuned allocator.
 
-    .venv/bin/python benchmarks/allocator.py [--rounds 6] [--steps 5]
+    .venv/bin/python benchmarks/allocator.py [--rounds 6] [--steps 5] [--cases resnet_50:8 ...]
 
 The allocator is a setting of the whole process, so each measurement is a
 fresh process (this script again, with ``--child``): it builds the model,
-takes two warm-up steps and times ``--steps`` SGD steps (batch 128, 32×32),
-counting page faults.  Rounds run one process of each setting, the order
+takes two warm-up steps and times ``--steps`` SGD steps (batch 128, 32×32;
+ImageNet models batch 16, 224×224), counting page faults, and reports its peak
+resident memory (what the tuned allocator costs).  Rounds run one process of each setting, the order
 alternated; a model's ratio is the median over rounds of (default step /
-tuned step), each process's step being its median.  Models: VGG-16-BN and
-ResNet-56, dense and decomposed as ``create_model`` builds them (rank 8 / 4).
+tuned step), each process's step being its median.  Models (``--cases``,
+ARCH:RANK, rank 0 = dense): VGG-16-BN and ResNet-56, dense and decomposed as
+``create_model`` builds them (rank 8 / 4).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from train_overhead import median_ci
 
 from norton.core import tune_allocator
 
-CASES = (("vgg_16_bn", 0), ("vgg_16_bn", 8), ("resnet_56", 0), ("resnet_56", 4))
+CASES = ("vgg_16_bn:0", "vgg_16_bn:8", "resnet_56:0", "resnet_56:4")
 SETTINGS = ("tuned", "default")
 
 
@@ -35,14 +37,17 @@ def child(arch: str, rank: int, steps: int) -> None:
     torch.manual_seed(0)
     model = build(arch, rank, None).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    batch, size = (16, 224) if model.default_input_size[-1] == 224 else (128, 32)
+    x = torch.randn(batch, *model.default_input_size[:-2], size, size)
+    y = torch.randint(0, 1000 if size == 224 else 10, (batch,))
     sgd_step(model, opt, x, y), sgd_step(model, opt, x, y)
     times, faults = [], []
     for _ in range(steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         times.append(sgd_step(model, opt, x, y))
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"applied": applied, "step": statistics.median(times), "faults": statistics.median(faults)}))
+    print(json.dumps({"applied": applied, "step": statistics.median(times), "faults": statistics.median(faults),
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def measure(arch: str, rank: int, setting: str, steps: int) -> dict:
@@ -59,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--cases", nargs="+", default=CASES, metavar="ARCH:RANK")
     parser.add_argument("--child", nargs=2, metavar=("ARCH", "RANK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -66,19 +72,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of one process "
           f"per setting, {args.steps} timed steps each\n")
     print("| model | step, default allocator | step, tuned | default / tuned (95 % CI) "
-          "| page faults per step: default / tuned |")
-    print("|---|---|---|---|---|")
-    for arch, rank in CASES:
+          "| page faults per step: default / tuned | peak memory: default / tuned |")
+    print("|---|---|---|---|---|---|")
+    for case in args.cases:
+        arch, _, rank = case.partition(":")
+        rank = int(rank or 0)
         runs = {s: [] for s in SETTINGS}
         for i in range(args.rounds):
             for setting in (SETTINGS if i % 2 == 0 else SETTINGS[::-1]):
                 runs[setting].append(measure(arch, rank, setting, args.steps))
         ratio = median_ci([d["step"] / t["step"] for d, t in zip(runs["default"], runs["tuned"])])
-        med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in ("step", "faults")} for s in SETTINGS}
+        med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in ("step", "faults", "peak_mb")} for s in SETTINGS}
         name = f"{arch} " + (f"rank {rank}" if rank else "dense")
         print(f"| {name} | {1000 * med['default']['step']:.0f} ms | {1000 * med['tuned']['step']:.0f} ms "
               f"| {ratio[0]:.3f}× ({ratio[1]:.3f}–{ratio[2]:.3f}) "
-              f"| {med['default']['faults']:.0f} / {med['tuned']['faults']:.0f} |", flush=True)
+              f"| {med['default']['faults']:.0f} / {med['tuned']['faults']:.0f} "
+              f"| {med['default']['peak_mb']:.0f} / {med['tuned']['peak_mb']:.0f} MB |", flush=True)
 
 
 if __name__ == "__main__":
