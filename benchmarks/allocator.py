@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 import torch
-from latency import build, sgd_step
+from latency import build, faulted_step, sgd_step
 from train_overhead import median_ci
 
 from norton.core import tune_allocator
@@ -37,15 +37,11 @@ def child(arch: str, rank: int, steps: int) -> None:
     torch.manual_seed(0)
     model = build(arch, rank, None).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    batch, size = (16, 224) if model.default_input_size[-1] == 224 else (128, 32)
-    x = torch.randn(batch, *model.default_input_size[:-2], size, size)
-    y = torch.randint(0, 1000 if size == 224 else 10, (batch,))
+    imagenet = model.default_input_size[-1] == 224
+    batch = 16 if imagenet else 128
+    x, y = torch.randn(batch, *model.default_input_size), torch.randint(0, 1000 if imagenet else 10, (batch,))
     sgd_step(model, opt, x, y), sgd_step(model, opt, x, y)
-    times, faults = [], []
-    for _ in range(steps):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        times.append(sgd_step(model, opt, x, y))
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    times, faults = zip(*(faulted_step(model, opt, x, y) for _ in range(steps)))
     print(json.dumps({"applied": applied, "step": statistics.median(times), "faults": statistics.median(faults),
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 import warnings
@@ -77,6 +78,18 @@ def sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor
     return time.perf_counter() - start
 
 
+def faulted_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """``sgd_step``'s seconds and the page faults (fresh pages touched) of the step."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds = sgd_step(model, opt, x, y)
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def allocator_label() -> str:
+    """Sets the allocator up as norton's training does (unless ``NORTON_ALLOCATOR=default``); says which."""
+    return "tuned (norton.tune_allocator)" if tune_allocator() else "the C library's defaults"
+
+
 def train_step_ratio(arch: str, rank: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     """Forward + backward + SGD step at batch 128, 32×32: the dense model, the
     decomposed one as a user builds it (``auto`` plans, no call), with every
@@ -127,8 +140,7 @@ def main() -> None:
         print(f"{args.device}: no CUDA device on this machine; GPU figures skipped")
         return
     device = torch.device(args.device)
-    allocator = "tuned (norton.tune_allocator)" if tune_allocator() else "the C library's defaults"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator_label()}\n")
     rows = [] if args.train_only else inference_rows(args.repeats)
     args.train = args.train or args.train_only
     if rows:

@@ -35,14 +35,13 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-import resource
 import statistics
 import time
 
 import torch
-from latency import build, sgd_step
+from latency import allocator_label, build, faulted_step, sgd_step
 
-from norton.core import CPDBlock, tune_allocator
+from norton.core import CPDBlock
 
 CASES = (("vgg_16_bn", 8), ("resnet_56", 4))
 
@@ -90,9 +89,8 @@ def step_ratios(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tens
     faults = {k: [] for k in models}
 
     def step(k: str) -> float:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        seconds = sgd_step(models[k], opts[k], inputs[k], y)
-        faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        seconds, touched = faulted_step(models[k], opts[k], inputs[k], y)
+        faults[k].append(touched)
         return seconds
 
     for k in models:
@@ -145,8 +143,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also torch.profiler's self-CPU time per step of the dense and the as-built model (4.)")
     args = parser.parse_args()
-    allocator = "tuned (norton.tune_allocator)" if tune_allocator() else "the C library's defaults"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} rounds, allocator: {allocator}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} rounds, "
+          f"allocator: {allocator_label()}\n")
     fmt = lambda r: f"{r[0]:.3f}× ({r[1]:.3f}–{r[2]:.3f})"  # noqa: E731
     print("| model | recomposition per step: dense_weight / earlier orientation | dense step "
           "| as built / dense (95 % CI) | identical dense twin / dense (the noise) | page faults per step: dense / as built |"
