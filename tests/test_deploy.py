@@ -129,14 +129,19 @@ def test_export_and_benchmark_cli(tmp_path, capsys):
     got = session.run(None, {"input": x.numpy()})[0]  # dynamic batch
     assert abs(got - expected).max() < 1e-3
 
-    assert main(["benchmark", "--ckpt", str(tmp_path / "m.pt"), "--batch-size", "4", "--repeats", "3", "--onnx", "--json"]) == 0
+    assert main(["benchmark", "--ckpt", str(tmp_path / "m.pt"), "--batch-size", "1,4", "--repeats", "3", "--onnx",
+                 "--eager", "--json"]) == 0
     import json
 
     record = json.loads(capsys.readouterr().out)
-    assert set(record["results"]) == {"baseline (eager)", "baseline (deployed)", "compressed (eager)",
-                                      "compressed (deployed)", "compressed (ONNX Runtime)", "baseline (ONNX Runtime)"}
-    assert record["results"]["baseline (eager)"]["speedup_vs_baseline"] == 1.0
-    assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in record["results"].values())
+    assert set(record["results"]) == {"1", "4"} and record["dtype"] == "float32" and record["device"] == "cpu"
+    for rows in record["results"].values():  # deployed against deployed: the deployed dense model is the 1.00× row
+        assert set(rows) == {"dense (deployed)", "compressed (deployed)", "compressed (eager)", "dense (eager)",
+                             "compressed (ONNX Runtime)", "dense (ONNX Runtime)"}
+        assert rows["dense (deployed)"]["speedup_vs_dense_deployed"] == 1.0
+        assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in rows.values())
+        eager = rows["dense (deployed)"]["median_ms"] / rows["dense (eager)"]["median_ms"]
+        assert rows["dense (eager)"]["speedup_vs_dense_deployed"] == pytest.approx(eager)
 
 
 @pytest.mark.parametrize("plan", ["separable", "depthwise", "dense"])
@@ -149,3 +154,164 @@ def test_every_plan_exports_to_onnx(plan, tmp_path):
         warnings.simplefilter("ignore", DeprecationWarning)  # torch's note on the TorchScript exporter norton uses
         result = export_onnx(nn.Sequential(block), torch.randn(1, 8, 8, 8), str(tmp_path / "m.onnx"))
     assert result.max_abs_diff < 1e-4
+
+
+# -- deploying for a device and a number format (fake timers decide what "faster" means) --------------------
+def _counting_timer(cost):
+    """A timer that runs ``fn`` once and charges ``cost(counts)`` seconds, where
+    ``counts`` says how many CPDBlocks, their convs and plain convs it called."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    def timer(fn, x, repeats):
+        counts = {"block": 0, "conv": 0}
+
+        def hook(module, args, out):
+            if isinstance(module, CPDBlock):
+                counts["block"] += 1
+            elif type(module) is nn.Conv2d:
+                counts["conv"] += 1
+
+        handle = register_module_forward_hook(hook)
+        try:
+            fn()
+        finally:
+            handle.remove()
+        return cost(counts)
+
+    return timer
+
+
+def test_a_layer_whose_factored_form_is_slower_is_deployed_dense():
+    model = build("resnet_20", 2)
+    x = torch.randn(2, 3, 32, 32)
+    slow_blocks = _counting_timer(lambda c: 10.0 * c["block"] + c["conv"])  # every factored form loses
+    deployed, report = deploy(model, x, timer=slow_blocks)
+    assert set(report.layers.values()) == {"conv"}
+    assert not any(isinstance(m, CPDBlock) for m in deployed.modules())
+    assert "no factored form wins on this device" in report.table()
+    assert "deployed as its dense conv" in report.table()
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_whole_model_falls_back_to_its_dense_form_when_the_layer_choices_lose_together():
+    model = build("resnet_20", 2)
+    x = torch.randn(2, 3, 32, 32)
+
+    def cost(c):  # a block alone is cheaper than its conv; many blocks in one network are not
+        return 0.5 * c["block"] + c["conv"] if c["block"] + c["conv"] <= 1 else 5.0 * c["block"] + c["conv"]
+
+    deployed, report = deploy(model, x, timer=_counting_timer(cost), memory_format="contiguous")
+    assert report.chosen_whole == "dense form" and report.whole_ms["dense form"] < report.whole_ms["per layer"]
+    assert set(report.layers.values()) == {"conv"}
+    assert not any(isinstance(m, CPDBlock) for m in deployed.modules())
+    # and with layer timings that add up, the per-layer choice stays
+    deployed, report = deploy(model, x, timer=_counting_timer(lambda c: 0.5 * c["block"] + c["conv"]),
+                              memory_format="contiguous")
+    assert report.chosen_whole == "per layer" and "conv" not in report.layers.values()
+
+
+def test_deploy_in_bfloat16_takes_float32_inputs():
+    model = build("resnet_20", 2, "[0.]+[0.25]*11")
+    x = torch.randn(4, 3, 32, 32)
+    deployed, report = deploy(model, x, dtype="bf16")
+    assert report.dtype == "bfloat16" and "bfloat16" in report.table()
+    with torch.no_grad():
+        out = deployed(torch.randn(3, 3, 32, 32))  # float32 in: cast inside
+        assert out.dtype == torch.bfloat16 and out.shape == (3, 10)
+        expected = model(x)
+        assert float((deployed(x).float() - expected).abs().max()) <= 0.1 * float(expected.abs().max())
+    assert all(p.dtype == torch.bfloat16 for p in deployed.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is untouched
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dtype="int4"), "unknown dtype 'int4'; use float32"),
+    (dict(dtype=torch.int8), "dtype torch.int8 is not supported"),
+    (dict(dtype="fp16", device="cpu"), "float16 runs on a GPU"),
+    (dict(device="tpu"), "device 'tpu'"),
+    (dict(cuda_graph=True, device="cpu"), "cuda_graph needs a CUDA device"),
+    (dict(repeats=0), "repeats must be a positive integer"),
+])
+def test_deploy_refuses_bad_targets(kwargs, message):
+    with pytest.raises(NortonError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        deploy(build("resnet_20", 1), torch.randn(1, 3, 32, 32), **kwargs)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dtype", "int4"], "unknown dtype 'int4'"),
+    (["--device", "cuda:7"], "cuda:7"),
+    (["--device", "cpu", "--cuda-graph"], "needs a CUDA device"),
+])
+@pytest.mark.parametrize("command", ["benchmark", "deploy"])
+def test_cli_refuses_bad_device_and_dtype_in_one_line(command, flags, message, tmp_path, capsys):
+    out = tmp_path / "deployed.pt"
+    args = [command, "--arch", "resnet_20", "-r", "1", *flags] + (["--out", str(out)] if command == "deploy" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_export_refuses_a_dtype_onnx_runtime_does_not_check(tmp_path, capsys):
+    assert main(["export", "--arch", "resnet_20", "--dtype", "bf16", "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "ONNX export writes float32" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_deploy_cli_writes_the_deployed_model_and_its_report(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "deployed.pt"
+    assert main(["deploy", "--arch", "vgg_16_bn", "-r", "1", "-cpr", "[0.6]*6+[0.8]*7", "--dtype", "bf16",
+                 "--batch-size", "4", "--out", str(out)]) == 0
+    assert "deployed for cpu, bfloat16" in capsys.readouterr().out
+    deployed = torch.load(out, weights_only=False)
+    record = json.loads((tmp_path / "deployed.deploy.json").read_text())
+    assert record["dtype"] == "bfloat16" and record["batch"] == 4 and record["report"]["folded_batchnorms"] == 13
+    with torch.no_grad():
+        assert deployed(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert main(["deploy", "--arch", "resnet_20", "--out", str(out)]) == 2  # never overwritten unasked
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_detector_backbone_deploys_with_its_frozen_batchnorms_folded():
+    from norton.detection import deploy_detector
+
+    detector = create_model("fasterrcnn_resnet50_fpn", rank=1,
+                            compress_rate="[0.]+[0.1]*2+[0.4]*5+[0.75]*12").eval()
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    deployed, report = deploy_detector(detector, images, repeats=1)
+    assert report.folded_batchnorms == 53 and report.fold_error is None
+    with torch.no_grad():
+        expected, got = detector(images), deployed(images)
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have["boxes"], want["boxes"], atol=1e-2, rtol=1e-3)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on a GPU machine)")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cuda_deploy_in_every_dtype_with_a_cuda_graph(dtype):
+    model = build("resnet_56", 4)
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    deployed, report = deploy(model, x, device="cuda", dtype=dtype, cuda_graph=True)
+    assert report.cuda_graph and report.device.startswith("cuda")
+    with torch.no_grad():
+        first = deployed(x)
+        again = deployed(x * 1.0)  # replayed from the graph: same numbers
+        other = deployed(torch.randn(3, 3, 32, 32, device="cuda"))  # another shape: another graph
+    torch.testing.assert_close(first, again)
+    assert other.shape == (3, 10)
+    with pytest.raises(NortonError, match="takes CUDA inputs"):
+        deployed(torch.randn(1, 3, 32, 32))
+
+
+@cuda
+def test_cuda_deploy_of_a_cpu_model():
+    model = build("resnet_20", 2)
+    deployed, report = deploy(model, torch.randn(8, 3, 32, 32), device="cuda", dtype="bf16")
+    assert next(model.parameters()).device.type == "cpu"
+    with torch.no_grad():
+        assert deployed(torch.randn(2, 3, 32, 32)).device.type == "cuda"  # CPU input moved in

@@ -84,9 +84,14 @@ def test_detector_complexity_cli(capsys):
 
 def test_detector_benchmark_cli(capsys):
     args = ["benchmark", "--arch", "fasterrcnn_resnet50_fpn", "-r", "1", "-cpr", CPR, "--input-size", "224",
-            "--repeats", "2", "--json"]
+            "--repeats", "2", "--batch-size", "1,2", "--json"]
     assert main(args) == 0
     record = json.loads(capsys.readouterr().out)
-    assert set(record["results"]) == {"baseline", "compressed"} and record["image"] == [3, 224, 224]
-    assert record["results"]["baseline"]["speedup_vs_baseline"] == 1.0
-    assert all(r["images_per_s"] > 0 for r in record["results"].values())
+    assert record["image"] == [3, 224, 224] and set(record["results"]) == set(record["backbone"]) == {"1", "2"}
+    for batch in ("1", "2"):  # the dense detector deployed the same way is the 1.00× row, whole and backbone + FPN
+        rows, backbone = record["results"][batch], record["backbone"][batch]
+        assert set(rows) == {"dense (deployed)", "compressed (deployed)"}
+        assert set(backbone) == {"dense backbone + FPN", "compressed backbone + FPN"}
+        assert rows["dense (deployed)"]["speedup_vs_dense_deployed"] == 1.0
+        assert backbone["dense backbone + FPN"]["speedup_vs_dense_deployed"] == 1.0
+        assert all(r["images_per_s"] > 0 for r in [*rows.values(), *backbone.values()])

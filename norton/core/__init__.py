@@ -18,12 +18,15 @@ from norton.core.counting import (
 )
 from norton.core.cp import CPResult, Factors, cp_als, cp_decompose, nmse, reconstruct
 from norton.core.cpd_block import PLANS, CPDBlock, plan_override
+from norton.core.devices import DTYPE_NAMES, DTYPES, device_name, resolve_device, resolve_dtype
 from norton.core.layers import ChannelPadShortcut
 from norton.core.plans import time_plans, tune_plans
 from norton.core.surgery import as_args, is_decomposable, replace_module
 from norton.core.tucker import TuckerBlock, tucker2
 
 __all__ = [
+    "DTYPES",
+    "DTYPE_NAMES",
     "PLANS",
     "CPDBlock",
     "CPResult",
@@ -40,6 +43,7 @@ __all__ = [
     "count_params",
     "cp_als",
     "cp_decompose",
+    "device_name",
     "fit_compress_rate",
     "format_compress_rate",
     "is_decomposable",
@@ -49,6 +53,8 @@ __all__ = [
     "reconstruct",
     "reestimate_bn",
     "replace_module",
+    "resolve_device",
+    "resolve_dtype",
     "time_plans",
     "tucker2",
     "tune_allocator",

@@ -1,4 +1,4 @@
-"""Processes under ``torchrun`` and the device a command runs on."""
+"""Processes under ``torchrun``; the device a command runs on comes from ``norton.core.devices``."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from norton.errors import NortonError
+from norton.core.devices import resolve_device  # noqa: F401  (re-exported: the commands import it from here)
 
 
 @dataclass
@@ -39,20 +39,3 @@ def init_distributed(device: torch.device) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; ``None`` means cuda when available."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise NortonError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NortonError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise NortonError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ and device.index is None:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
