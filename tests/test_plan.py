@@ -146,7 +146,7 @@ def test_the_budget_follows_the_measured_speedup(monkeypatch, speedups, budgets,
     from norton.compression import planning
 
     monkeypatch.setattr(planning, "compare_latency", ScriptedTimings(speedups))
-    monkeypatch.setattr(planning, "deploy", lambda model, x: (model, None))
+    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
     asked = []
 
     def allocate(budget):
@@ -164,7 +164,7 @@ def test_a_speedup_never_measured_is_refused(monkeypatch):
     from norton.compression import planning
 
     monkeypatch.setattr(planning, "compare_latency", ScriptedTimings([1.2, 1.3, 1.3]))
-    monkeypatch.setattr(planning, "deploy", lambda model, x: (model, None))
+    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
     with pytest.raises(NortonError, match=r"target_speedup 2 is out of reach as measured here: .* ran 1.20×, 1.30× faster"):
         planning.meet_measured_speedup(2.0, 50.0, 40.0, lambda b: ("greedy", [b]), lambda s: nn.Identity(),
                                         nn.Identity(), torch.zeros(1), lambda st: 0.0, False)
@@ -247,7 +247,7 @@ def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, cap
     assert "drop -r" in capsys.readouterr().err
     assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--amount", "0.5", "--ranks", "1,2", "--data", "digits",
                  "--run-dir", str(tmp_path / "r")]) == 2
-    assert "--ranks, --keep-steps, --forms, --trial-steps and --latency-batch steer the planner" in capsys.readouterr().err
+    assert "--ranks, --keep-steps, --forms, --trial-steps, --latency-batch and --latency-dtype steer the planner" in capsys.readouterr().err
 
 
 def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
@@ -276,7 +276,7 @@ def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
             out[name] = Latency(1000 * seconds, 0, 0, 1)
         return out
 
-    monkeypatch.setattr(planning, "deploy", lambda model, x: (model, None))
+    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
     monkeypatch.setattr(planning, "compare_latency", scripted)
     planning.calibrate_latency(costs, search, lambda state: tuple(state), torch.zeros(1), progress=False)
     assert costs.constant == pytest.approx(0.002, rel=1e-6)

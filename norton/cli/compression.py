@@ -28,7 +28,7 @@ from norton.cli.common import (
     speedup,
     train_config,
 )
-from norton.compression import PLANNER_CRITERION, Plan, decompose, plan, prune
+from norton.compression import PLANNER_CRITERION, Plan, decompose, measure_round_to, plan, prune
 from norton.compression.planning import (  # for the help texts and checks
     FORMS,
     KEEP_STEPS,
@@ -74,9 +74,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     rates = layer_rates(args)
     test = load_dataset(args.data, args.data_dir, "test") if args.data else None
     before = evaluate(model, test, device=device) if test is not None else None
+    round_to = measure_round_to(device) if args.round_to == "auto" else args.round_to
     report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
                    example_inputs=torch.zeros(1, *model.default_input_size, device=device), criterion=args.criterion,
-                   global_ranking=args.global_ranking, seed=args.seed, progress=True)
+                   global_ranking=args.global_ranking, round_to=round_to, seed=args.seed, progress=True)
     print(report.table())
     if test is not None:
         after = evaluate(model, test, device=device)
@@ -115,7 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     batches = calibration_batches(train, args.calibration_images, seed=args.seed)
     result = plan(model, [b.to(device) for b in batches], target_macs=args.target_macs,
                   target_speedup=args.target_speedup, criterion=args.criterion, allocation=args.allocation,
-                  seed=args.seed, progress=True, **search_options(args))
+                  seed=args.seed, progress=True, round_to=args.round_to, **search_options(args))
     print(result.table())
     if args.out:
         atomic_write_text(args.out, json.dumps(result.to_dict(), indent=1))
@@ -138,19 +139,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not planned and (args.target_speedup is not None or args.plan is not None):
         raise NortonError("--target-speedup and --plan let the planner choose ranks: drop -r")
     if not planned and search_options(args):
-        raise NortonError("--ranks, --keep-steps, --forms, --trial-steps and --latency-batch steer the planner: drop -r, or drop them")
+        raise NortonError("--ranks, --keep-steps, --forms, --trial-steps, --latency-batch and --latency-dtype steer the "
+                          "planner: drop -r, or drop them")
     if planned and (args.compress_rate or args.layer_rate or args.amount is not None or args.global_ranking):
         raise NortonError("-cpr, --layer-rate, --amount and --global prune a model decomposed at one rank: give -r RANK")
     saved_plan = read_plan(args.plan) if args.plan else None
     model = model_from_args(args).model
     rates = layer_rates(args)
     train, val, test = load_splits(args)
+    round_to = args.round_to
+    if not planned and round_to == "auto":
+        round_to = measure_round_to(device)
     config = CompressConfig(rank=args.rank, compress_rate=rates or args.compress_rate, amount=args.amount,
                             target_macs=args.target_macs, criterion=args.criterion, recalibrate=not args.no_recalibrate,
                             recalibration_images=args.recalibration_images, finetune=train_config(args), seed=args.seed,
                             target_speedup=args.target_speedup, plan=saved_plan,
                             calibration_images=args.calibration_images, global_ranking=args.global_ranking,
-                            plan_options=search_options(args),
+                            plan_options={**search_options(args), **({"round_to": round_to} if planned and round_to else {})},
+                            round_to=None if planned else round_to,
                             iterative_steps=args.iterative_steps, selection_epochs=args.select_epochs,
                             **({} if args.recover is None else {"recover": args.recover}))
     summary = compress(model, train, val, test, config, args.run_dir, device=device, resume=args.resume,
@@ -180,11 +186,34 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help=f"filter selection on dense weights: {PLANNER_CRITERION} (default), l2, l1, fpgm, random")
     p.add_argument("--calibration-images", type=int, default=512, help="training images that measure each option's damage")
     _add_search_args(p)
+    add_round_to(p)
+
+
+def round_to_arg(text: str) -> int | str:
+    """``--round-to``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"round-to must be a positive integer (e.g. 8) or auto, got {text!r}")
+    return value
+
+
+def add_round_to(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-to", type=round_to_arg, default=None, metavar="N|auto",
+                   help="every pruned layer keeps a multiple of N filters (8 suits bfloat16 tensor cores); auto "
+                        "measures the multiple the --device runs fastest (default: any count)")
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     """The planner's search space and timing batch (norton plan, norton compress)."""
     p.add_argument("--latency-batch", type=int, default=None, help="planner: batch the layers are timed on (--target-speedup; default 32)")
+    p.add_argument("--latency-dtype", default=None, metavar="DTYPE",
+                   help="planner: number format the speed-up is timed in on --device: float32 (default), bf16, fp16 "
+                        "(GPU) — deploy the result in the same one")
     p.add_argument("--ranks", type=rank_list, default=None,
                    help=f"planner: CP ranks a layer may take, e.g. 1-4 or 1,2,4 (default {','.join(map(str, RANK_OPTIONS))})")
     p.add_argument("--keep-steps", type=int, default=None,
@@ -208,7 +237,7 @@ def form_list(text: str) -> tuple[str, ...]:
 def search_options(args: argparse.Namespace) -> dict:
     """The planner arguments given on the command line."""
     given = {"ranks": args.ranks, "keep_steps": args.keep_steps, "latency_batch": args.latency_batch,
-             "forms": args.forms, "trial_steps": args.trial_steps}
+             "forms": args.forms, "trial_steps": args.trial_steps, "latency_dtype": args.latency_dtype}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -243,6 +272,7 @@ def register(sub) -> None:
     p.add_argument("--target-macs", type=fraction, default=None, help="fraction of MACs to remove")
     p.add_argument("--criterion", default="pabs", help="pabs (default), vbd, csa, l2, random; l1, fpgm (torch-pruning importances, plain convs)")
     add_global_ranking(p)
+    add_round_to(p)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--ckpt", default=None, help="the model to prune: norton checkpoint or state dict")
     p.add_argument("--data", default=None, help="print test accuracy before and right after pruning on this dataset")
@@ -296,6 +326,7 @@ def register(sub) -> None:
                    help="planner, --target-macs: fine-tune every candidate plan E epochs and keep the one of best "
                         "validation top-1 (0: the candidate of least damage)")
     _add_search_args(p)
+    add_round_to(p)
     p.add_argument("--criterion", default=None, help=f"filter selection: pabs (with -r) or {PLANNER_CRITERION} (planner) by default")
     add_global_ranking(p)
     p.add_argument("--no-recalibrate", action="store_true", help="skip BatchNorm recalibration after decompose and prune")

@@ -16,6 +16,7 @@ from norton.core.plans import time_call, time_plans
 from norton.deployment import time_tucker
 
 FORMS = ("cp", "tucker2")  # factored forms a layer may take besides dense
+_LATENCY_CACHE: dict[tuple, float] = {}  # layer timings by device name, dtype, batch, shape and widths
 
 
 @dataclass
@@ -141,6 +142,20 @@ class CostModel:
         return a + b * macs + d * float(layer_elements(m, n, c, layer.in_size))
 
     def _time(self, layer: PlanLayer, rank: int, n: int, c: int) -> float:
+        """Seconds per call of the layer's fastest deployed form at these widths, timed once per process
+        for each device name and dtype (``_LATENCY_CACHE``)."""
+        from norton.core import device_name
+
+        m = layer.module
+        key = (device_name(self.device or "cpu"), str(self.dtype), self.batch, type(m).__name__, n, c, rank,
+               tuple(layer.in_size), getattr(m, "kernel_size", None), getattr(m, "stride", None),
+               getattr(m, "padding", None), getattr(m, "dilation", None), getattr(m, "groups", None),
+               m.bias is not None, getattr(m, "padding_mode", None), is_depthwise(m) if isinstance(m, nn.Conv2d) else False)
+        if key not in _LATENCY_CACHE:
+            _LATENCY_CACHE[key] = self._time_once(layer, rank, n, c)
+        return _LATENCY_CACHE[key]
+
+    def _time_once(self, layer: PlanLayer, rank: int, n: int, c: int) -> float:
         m = layer.module
         if isinstance(m, nn.Linear):
             module: nn.Module = nn.Linear(c, n, bias=m.bias is not None)
@@ -162,3 +177,42 @@ class CostModel:
             return min(time_tucker(module, x, 5).values())
         with torch.no_grad():
             return time_call(lambda: module(x), x, 5)
+
+
+# -- widths the hardware likes ------------------------------------------------------------------
+ROUND_TO_OPTIONS = (1, 2, 4, 8, 16, 32)
+ROUND_TO_WIDTHS = range(96, 161)  # output widths timed: every one from 96 to 160 (multiples of 32 among them)
+ROUND_TO_GAIN = 0.05  # a larger multiple is chosen only for this much more throughput
+_ROUND_TO_CACHE: dict[tuple[str, str, int, int], int] = {}
+
+
+def measure_round_to(device, dtype: torch.dtype = torch.float32, *, batch: int = 32, size: int = 16,
+                     in_channels: int = 128, repeats: int = 5, timer=None) -> int:
+    """The multiple of filters a pruned layer should keep on ``device`` in
+    ``dtype``, from measurement: a 3×3 conv of ``in_channels`` inputs is timed
+    at every output width in ``ROUND_TO_WIDTHS`` on ``batch`` images of
+    ``size``² pixels, and for each multiple m of ``ROUND_TO_OPTIONS`` the
+    mean throughput (filters per second) of the widths divisible by m is
+    taken; the answer is the smallest m within ``ROUND_TO_GAIN`` of the best —
+    8 where bfloat16 tensor cores want it, 1 where any width runs as well.
+    Cached per device name, dtype, batch and size."""
+    from norton.core import DTYPE_NAMES, device_name
+
+    device = torch.device(device)
+    key = (device_name(device), DTYPE_NAMES.get(dtype, str(dtype)), batch, size)
+    if timer is None and key in _ROUND_TO_CACHE:
+        return _ROUND_TO_CACHE[key]
+    timer = timer or time_call
+    x = torch.randn(batch, in_channels, size, size, device=device, dtype=dtype)
+    throughput = {}
+    for width in ROUND_TO_WIDTHS:
+        conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False).to(device, dtype).eval()
+        with torch.no_grad():
+            throughput[width] = width / timer(lambda: conv(x), x, repeats)
+    score = {m: sum(t for w, t in throughput.items() if w % m == 0) / len([w for w in throughput if w % m == 0])
+             for m in ROUND_TO_OPTIONS}
+    best = max(score.values())
+    chosen = min(m for m in ROUND_TO_OPTIONS if score[m] >= (1 - ROUND_TO_GAIN) * best)
+    if timer is time_call:
+        _ROUND_TO_CACHE[key] = chosen
+    return chosen

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from norton.compression.costs import FORMS, CostModel, PlanLayer, fit_nonnegative, form_of
+from norton.compression.costs import FORMS, CostModel, PlanLayer, fit_nonnegative, form_of, measure_round_to
 from norton.compression.criteria import get_criterion
 from norton.compression.decomposition import (
     DecompositionReport,
@@ -39,9 +39,10 @@ from norton.compression.decomposition import (
     decompose_tucker,
 )
 from norton.compression.graph import build_graph, collect_groups, is_depthwise
-from norton.compression.pruning import PruneReport, prune, prune_in_place
+from norton.compression.pruning import PruneReport, check_round_to, prune, prune_in_place
 from norton.compression.recovery import recover as refit
 from norton.compression.search import Search, Unit, only_option, refine_counts, uniform_pruning
+from norton.compression.selection import nearest_multiple
 from norton.compression.trial import distill_trial, split_calibration
 from norton.core import (
     CPDBlock,
@@ -50,6 +51,7 @@ from norton.core import (
     count_macs,
     is_decomposable,
     replace_module,
+    resolve_dtype,
 )
 from norton.core.plans import block_inputs
 from norton.core.surgery import flatten_tensors
@@ -108,6 +110,7 @@ class Plan:
     # by candidate name — what norton.select_plan fine-tunes briefly and compares on validation data
     alternatives: dict[str, dict] = field(default_factory=dict)
     selection: dict[str, float] = field(default_factory=dict)  # norton.select_plan: validation top-1 per candidate
+    round_to: int | None = None  # every pruned group keeps a multiple of this many filters
 
     def alternative(self, name: str) -> Plan:
         """The candidate plan ``name`` of ``alternatives``, as a Plan (its own alternatives: the same)."""
@@ -183,7 +186,7 @@ class Plan:
         """Stage ②: prune every planned group of ``model`` to its filter count, in place."""
         keep = {root: k for root, k in self.keep.items() if k < self.totals[root]}
         return prune(model, keep=keep, example_inputs=example_inputs, criterion=self.criterion, seed=self.seed,
-                     progress=progress)
+                     round_to=self.round_to, progress=progress)
 
     def apply(self, model: nn.Module, example_inputs, *, progress: bool = False, **cp_options
               ) -> tuple[DecompositionReport, PruneReport]:
@@ -252,8 +255,10 @@ def plan(
     ranks: Sequence[int] = RANK_OPTIONS,
     forms: Sequence[str] = FORMS,
     keep_steps: int = KEEP_STEPS,
+    round_to: int | str | None = None,
     allocation: str = "best",
     latency_batch: int = 32,
+    latency_dtype: str | torch.dtype | None = None,
     ignored_layers: Sequence[nn.Module] = (),
     recover: bool = False,
     trial_steps: int = TRIAL_STEPS,
@@ -266,11 +271,16 @@ def plan(
 
     Give one of ``target_macs`` (fraction of MACs to remove, in (0, 1)) or
     ``target_speedup`` (> 1, latency of the layers' fastest execution plans
-    timed here on ``latency_batch`` images).  ``criterion`` selects the filters
+    timed on the model's device on ``latency_batch`` images, deployed in
+    ``latency_dtype``: float32, bfloat16 or float16; default the model's).  ``criterion`` selects the filters
     of a pruned group (one that works on dense weights: fpgm — the default —, l2, l1, random).
     ``forms``: the factored forms a layer may take besides dense — "cp" (the
     published method, at ``ranks``) and "tucker2" (both channel modes at
     ``TUCKER_FRACTIONS`` of the layer's width; not in the published method).
+    ``round_to``: every pruned group keeps a multiple of this many filters
+    (``prune``'s ``round_to``); "auto" measures which multiple the model's
+    device runs fastest in its dtype (``measure_round_to``: 8 for bfloat16
+    tensor cores, often 1 on a CPU).
     ``allocation``: greedy (least damage per cost saved), lagrangian, or best:
     both, greedy on the pruning-only and no-pruning corners and uniform pruning
     (the same share of filters in every group) are built whole and the one whose
@@ -306,11 +316,17 @@ def plan(
         raise NortonError(f"keep_steps must be a positive integer, got {keep_steps!r}")
     if isinstance(trial_steps, bool) or not isinstance(trial_steps, int) or trial_steps < 0:
         raise NortonError(f"trial_steps must be an integer >= 0, got {trial_steps!r}")
+    if round_to != "auto":
+        check_round_to(round_to)
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
     dtype = param.dtype if param is not None else torch.float32
+    timed_dtype = dtype if latency_dtype is None else resolve_dtype(latency_dtype, device or torch.device("cpu"))
     batches = _batches(data, device)
+    if round_to == "auto":
+        round_to = measure_round_to(device or torch.device("cpu"), timed_dtype)
+    multiple = round_to or 1
     dense = copy.deepcopy(model).eval()
     try:
         probe = _Probe(dense, batches)
@@ -341,7 +357,7 @@ def plan(
                 if all(root != g.info.root for root, _ in side):
                     side.append((g.info.root, len(set(idxs)) / g.info.total))
     measure = "macs" if target_macs is not None else "seconds"
-    costs = CostModel(layers, measure, latency_batch, device, dtype)
+    costs = CostModel(layers, measure, latency_batch, device, timed_dtype)
     counter = costs if measure == "macs" else CostModel(layers, "macs", 1, device, dtype)  # MACs, whatever the target
 
     units: list[Unit] = []
@@ -357,7 +373,8 @@ def plan(
                          key=lambda o: -counter.layer_cost(layer, o, n, c))  # most expensive first
         units.append(Unit("rank", name, [0, *cheaper], layers=[name]))
     for g in groups:
-        counts = sorted({max(1, round(g.info.total * s / keep_steps)) for s in range(keep_steps, 0, -1)}, reverse=True)
+        counts = sorted({nearest_multiple(max(1, round(g.info.total * s / keep_steps)), multiple, g.info.total)
+                         for s in range(keep_steps, 0, -1)}, reverse=True)
         affected = [n for n, layer in layers.items() if any(root == g.info.root for root, _ in layer.out_groups + layer.in_groups)]
         units.append(Unit("keep", g.info.root, counts, layers=affected))
 
@@ -387,7 +404,8 @@ def plan(
                     u.damage.append(probe.damage(dense))
             else:
                 trial = copy.deepcopy(dense)
-                kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed)
+                kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed,
+                                         round_to=round_to)
                 if recover:
                     refit(trial, dense, batches, kept, seed=seed)
                 u.damage.append(probe.damage(trial))
@@ -396,7 +414,7 @@ def plan(
 
     for u in units:  # between measured counts, any count: damage interpolated, so the budget can be met closely
         if u.kind == "keep":
-            refine_counts(u, FINE_KEEP_OPTIONS)
+            refine_counts(u, FINE_KEEP_OPTIONS, multiple)
 
     # the corners, searched on their own as well: every layer dense (pruning only), every filter kept
     corners = {"pruning only": Search([only_option(u, 0) if u.kind == "rank" else u for u in units], costs, totals),
@@ -447,14 +465,14 @@ def plan(
                 replace_module(trial, name, copy.deepcopy(blocks[(name, rank)]))
         reference = copy.deepcopy(trial) if refit_pruned else None
         kept, _ = prune_in_place(trial, example, keep={g: k for g, k in keep_of.items() if k < totals[g]},
-                                 criterion=criterion, seed=seed)
+                                 criterion=criterion, seed=seed, round_to=round_to)
         if reference is not None and any(g.width < g.total for g in kept):
             refit(trial, reference, batches, kept, seed=seed)
         return trial
 
     measured = None
     if measure == "seconds":  # the predicted latency steers; the deployed model's timing decides
-        x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=dtype)
+        x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=timed_dtype)
         calibrate_latency(costs, search, build, x, progress)
         full = search.cost([0] * len(units))
         cheapest = search.cost(search.cheapest())
@@ -494,6 +512,7 @@ def plan(
             measured_speedup=measured if state is chosen_state else None, recover=bool(recover),
             candidates={k: whole_damage[tuple(v)] for k, v in last_candidates.items()},
             trial_steps=trial_steps if trial_images is not None else 0,
+            round_to=round_to,
         )
 
     chosen_state = state
@@ -535,7 +554,7 @@ def calibrate_latency(costs: CostModel, search: Search, build, x: Tensor, progre
     forms = [f for f in FORMS if any(form_of(o) == f for u in search.units if u.kind == "rank" for o in u.options)]
     samples = [("dense", 1.0), ("dense", 0.5), ("dense", 0.25), *((f, w) for f in forms for w in (1.0, 0.5))]
     states = {f"{form} {width}": [pick(u, form, width) for u in search.units] for form, width in samples}
-    deployed = {name: deploy(build(state), x)[0]
+    deployed = {name: deploy(build(state), x, dtype=x.dtype)[0]
                 for name, state in tqdm(states.items(), desc="plan: calibrate latency", unit="model", disable=not progress)}
     with torch.no_grad():
         timing = compare_latency(deployed, x)
@@ -568,12 +587,12 @@ def meet_measured_speedup(target: float, budget: float, cheapest: float, allocat
     not, then by bisection between them (in log scale) — predicted and measured
     latency need not be proportional.  Returns the least damaging candidate that
     met it; none → a clear error with the speed-ups measured."""
-    reference = deploy(dense, x)[0]
+    reference = deploy(dense, x, dtype=x.dtype)[0]
     met, tried = [], []
     fast = slow = None  # the largest budget that met the target, the smallest that did not
     for _ in tqdm(range(SPEEDUP_ROUNDS), desc="plan: time deployed candidates", unit="plan", disable=not progress):
         name, state = allocate(budget)
-        timing = compare_latency({"dense": reference, "plan": deploy(build(state), x)[0]}, x)
+        timing = compare_latency({"dense": reference, "plan": deploy(build(state), x, dtype=x.dtype)[0]}, x)
         got = timing["dense"].median_ms / timing["plan"].median_ms
         tried.append(got)
         if got >= target:

@@ -200,13 +200,15 @@ def only_option(unit: Unit, index: int) -> Unit:
     return Unit(unit.kind, unit.name, unit.options[index:index + 1], unit.damage[index:index + 1], unit.layers)
 
 
-def refine_counts(unit: Unit, most: int) -> None:
+def refine_counts(unit: Unit, most: int, multiple: int = 1) -> None:
     """Every filter count from the largest to the smallest measured one (at
-    most ``most`` of them, evenly spread), damage linear in between."""
+    most ``most`` of them, evenly spread; with ``multiple``, multiples of it
+    besides the measured counts), damage linear in between."""
     measured = list(zip(unit.options, unit.damage))  # descending counts
     high, low = measured[0][0], measured[-1][0]
-    step = max(1, math.ceil((high - low) / most))
-    counts = sorted({*range(high, low - 1, -step), *unit.options}, reverse=True)
+    step = multiple * max(1, math.ceil((high - low) / most / multiple))
+    top = high - high % multiple
+    counts = sorted({*(c for c in range(top, low - 1, -step) if c > 0), *unit.options}, reverse=True)
     damage = []
     for count in counts:
         for (c0, d0), (c1, d1) in zip(measured, measured[1:]):

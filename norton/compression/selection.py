@@ -7,6 +7,7 @@ option-A (zero-padding) shortcuts.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -200,11 +201,36 @@ def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
     return "score", scores, label
 
 
-def round_to_blocks(groups: list[CoupledGroup]) -> None:
-    """A group cut into ``blocks`` equal blocks by grouped convs keeps a multiple
-    of ``blocks`` channels: its target rounded to the nearest (at least one per block)."""
+def nearest_multiple(count: int, multiple: int, total: int) -> int:
+    """``count`` of a group's ``total`` filters moved to the nearest positive
+    multiple of ``multiple`` no larger than ``total`` (ties: the larger); below
+    the first multiple, that multiple — or ``total`` when the group is smaller.
+    A count of ``total`` or more stays as it is (the group kept whole)."""
+    if multiple == 1 or count >= total:
+        return count
+    allowed = [w for w in (multiple * (count // multiple), multiple * -(-count // multiple)) if 0 < w <= total]
+    return min(allowed, key=lambda w: (abs(w - count), -w)) if allowed else min(multiple, total)
+
+
+def round_to_blocks(groups: list[CoupledGroup], round_to: int | None = None) -> None:
+    """Kept widths the layers can run: a group cut into ``blocks`` equal blocks
+    by grouped convs keeps a multiple of ``blocks`` channels, and with
+    ``round_to`` every pruned group keeps a multiple of ``round_to`` as well
+    (of their least common multiple) — the widths tensor cores and vector
+    units run at full speed (torch-pruning's ``round_to``); see ``nearest_multiple``.
+    The rounding error is carried from group to group (in model order), so that
+    narrow groups, which can only take a few widths, do not all round the same
+    way: the filters kept in all stay near what the targets asked for."""
+    carry = 0.0
     for g in groups:
-        if g.blocks > 1:
+        if round_to and round_to > 1:
+            if g.target >= g.info.total:
+                continue
+            wanted = g.target + carry
+            g.target = nearest_multiple(max(1, min(round(wanted), g.info.total)), math.lcm(g.blocks, round_to),
+                                        g.info.total)
+            carry = wanted - g.target
+        elif g.blocks > 1:  # blocks only (kept as it always was: Python's rounding)
             g.target = g.blocks * max(1, round(g.target / g.blocks))
 
 

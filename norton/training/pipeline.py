@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_model, save_checkpoint
-from norton.compression import PLANNER_CRITERION, Plan, decompose, prune, recover
+from norton.compression import PLANNER_CRITERION, Plan, check_round_to, decompose, prune, recover
 from norton.compression import plan as plan_compression
 from norton.core import complexity
 from norton.errors import NortonError
@@ -52,6 +52,7 @@ class CompressConfig:
     calibration_images: int = 512
     plan_options: dict = field(default_factory=dict)  # other norton.plan arguments: ranks, keep_steps, latency_batch
     global_ranking: bool = False  # with a rank: one filter ranking across layers (amount / target_macs)
+    round_to: int | None = None  # with a rank: every pruned group keeps a multiple of this many filters
     # after pruning, refit the layers that lost input channels to the unpruned model's outputs on
     # ``calibration_images`` training images (least squares, ``norton.recover``); the planner then
     # measures its pruning options with the refit too (a plan made so is always applied with it)
@@ -226,7 +227,7 @@ def _prune_once(model, config: CompressConfig, plan: Plan | None, train, example
     else:
         report = prune(model, config.compress_rate, amount=config.amount, target_macs=config.target_macs,
                        example_inputs=example, criterion=config.criterion or "pabs", seed=config.seed,
-                       global_ranking=config.global_ranking)
+                       global_ranking=config.global_ranking, round_to=config.round_to)
     if reference is None or not report.groups:
         return report, None
     batches = [b.to(device) for b in calibration_batches(train, config.calibration_images, seed=config.seed)]
@@ -304,7 +305,10 @@ def _check_config(config: CompressConfig) -> None:
                               "drop the rank to let the planner choose ranks")
         if config.global_ranking and config.amount is None and config.target_macs is None:
             raise NortonError("global_ranking needs amount or target_macs (it decides the per-layer rates itself)")
+        check_round_to(config.round_to)
         return
+    if config.round_to is not None:
+        raise NortonError("round_to in the config applies to pruning at one rank; the planner takes it in plan_options")
     targets = [x is not None for x in (config.target_macs, config.target_speedup, config.plan)]
     if sum(targets) != 1 or config.compress_rate is not None or config.amount is not None or config.global_ranking:
         raise NortonError("without a rank give exactly one of target_macs, target_speedup or plan "
