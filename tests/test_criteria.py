@@ -305,3 +305,21 @@ def test_python_threads_computing_pairwise_criteria_at_once_leave_torchs_thread_
                 assert fresh.submit(torch.get_num_threads).result() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on a GPU machine)")
+def test_pairwise_criteria_on_cuda_factors_take_the_fast_cpu_path():
+    import time
+
+    block = torch.nn.Conv2d(512, 512, 3, padding=1)
+    from norton.core import CPDBlock
+
+    factors = CPDBlock.like_conv(block, 8).cuda().factors()
+    expected = pabs_distances(tuple(f.cpu() for f in factors))
+    pabs_distances(factors)  # compiled kernel loaded
+    start = time.perf_counter()
+    got = pabs_distances(factors)
+    seconds = time.perf_counter() - start
+    torch.testing.assert_close(got, expected)
+    assert seconds <= 0.3 * 1.5, seconds  # ≤ 0.3 s on the pabs benchmark; some slack for a shared machine
+    assert csa_similarities(factors).device.type == "cpu"

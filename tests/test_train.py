@@ -283,3 +283,55 @@ def test_the_cli_trains_channels_last_on_request(tmp_path):
     assert main(["train", "--arch", "resnet_20", "--data", "digits", "--subset", "256", "--epochs", "1",
                  "--batch-size", "128", "--warmup-epochs", "0", "--channels-last", "--run-dir", run, "--device", "cpu"]) == 0
     assert load_checkpoint(os.path.join(run, "last.pt"))["train_state"]["config"]["channels_last"] is True
+
+
+def test_evaluation_is_one_function_whatever_plan_the_blocks_were_set_to(digits):
+    """A run's recorded accuracy is what `norton evaluate` of the checkpoint gives:
+    the blocks' training or timed plans do not enter evaluation, which runs the
+    plan a freshly loaded block runs."""
+    from norton.core import CPDBlock
+
+    _, _, test = digits
+    torch.manual_seed(0)
+    model = create_model("resnet_20", rank=2, num_classes=10, in_channels=1)
+    blocks = [m for m in model.modules() if isinstance(m, CPDBlock)]
+    seen = []
+    for b in blocks:
+        b.register_forward_pre_hook(lambda module, args: seen.append(module.plan))
+    fresh = evaluate(model, test, device=CPU)
+    for plan in ("separable", "depthwise", "dense"):
+        for b in blocks:
+            b.set_plan(plan)
+        seen.clear()
+        assert evaluate(model, test, device=CPU) == fresh
+        assert seen and set(seen) == {"auto"}  # evaluated in the loaded checkpoint's plan
+        assert all(b.plan == plan for b in blocks)  # and the plans set stay set
+
+
+def test_resolve_device_names_a_gpu_that_is_not_there():
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        with pytest.raises(NortonError, match=f"this machine has {count} GPU"):
+            resolve_device(f"cuda:{count}")
+    else:
+        with pytest.raises(NortonError, match="CUDA is not available"):
+            resolve_device("cuda:7")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on a GPU machine)")
+def test_cuda_evaluation_is_reproducible_and_training_plans_are_tuned_on_the_device(digits, tmp_path):
+    from norton.core import CPDBlock
+
+    train, val, test = digits
+    torch.manual_seed(0)
+    model = create_model("resnet_20", rank=2, num_classes=10, in_channels=1)
+    cuda = torch.device("cuda")
+    fit(model, train, val, TrainConfig(epochs=1, batch_size=64), str(tmp_path / "run"), device=cuda, progress=False)
+    assert all(m.plan != "auto" for m in model.modules() if isinstance(m, CPDBlock))  # timed on the GPU
+    torch.backends.cudnn.benchmark = True  # whatever a user left switched on
+    try:
+        first = evaluate(model, test, device=cuda)
+        loaded, _ = load_model(tmp_path / "run" / "last.pt")
+        assert evaluate(loaded.to(cuda), test, device=cuda) == first
+    finally:
+        torch.backends.cudnn.benchmark = False

@@ -21,8 +21,12 @@ from norton.errors import NortonError
 
 # -- pairwise matrices ------------------------------------------------------------
 def _orthonormal_bases(factor: Tensor) -> Tensor:
-    """Q of the reduced QR of every filter's factor matrix, float64 (N, d, min(d, R))."""
-    return torch.linalg.qr(factor.detach().to(torch.float64)).Q
+    """Q of the reduced QR of every filter's factor matrix, float64 on the CPU (N, d, min(d, R)).
+
+    Always on the CPU, wherever the factors are: the compiled kernel there is
+    the fastest path (a 512-filter layer in about 0.25 s; batched QR and
+    ``eigvalsh`` of small matrices on a GPU took 2.6 s on an H200)."""
+    return torch.linalg.qr(factor.detach().to(device="cpu", dtype=torch.float64)).Q
 
 
 def _min_cosines_squared(factor: Tensor) -> Tensor | None:
@@ -45,9 +49,9 @@ def _min_cosines_squared(factor: Tensor) -> Tensor | None:
 
 
 def pabs_distances(factors: Factors) -> Tensor:
-    """Σ over the three modes of the largest principal angle (MATLAB ``subspace``), (N, N)."""
+    """Σ over the three modes of the largest principal angle (MATLAB ``subspace``), (N, N), on the CPU."""
     n = factors[0].shape[0]
-    total = torch.zeros(n, n, dtype=torch.float64, device=factors[0].device)
+    total = torch.zeros(n, n, dtype=torch.float64)
     for factor in factors:
         cos2 = _min_cosines_squared(factor)
         if cos2 is not None:
@@ -57,10 +61,10 @@ def pabs_distances(factors: Factors) -> Tensor:
 
 
 def csa_similarities(factors: Factors) -> Tensor:
-    """cos² of the largest principal angle between channel factors, (N, N): a similarity."""
+    """cos² of the largest principal angle between channel factors, (N, N), on the CPU: a similarity."""
     cos2 = _min_cosines_squared(factors[0])
     n = factors[0].shape[0]
-    out = torch.ones(n, n, dtype=torch.float64, device=factors[0].device) if cos2 is None else cos2
+    out = torch.ones(n, n, dtype=torch.float64) if cos2 is None else cos2
     return out.fill_diagonal_(1.0)
 
 

@@ -18,7 +18,14 @@ from norton.core.counting import (
 )
 from norton.core.cp import CPResult, Factors, cp_als, cp_decompose, nmse, reconstruct
 from norton.core.cpd_block import PLANS, CPDBlock, plan_override
-from norton.core.devices import DTYPE_NAMES, DTYPES, device_name, resolve_device, resolve_dtype
+from norton.core.devices import (
+    DTYPE_NAMES,
+    DTYPES,
+    deterministic_numerics,
+    device_name,
+    resolve_device,
+    resolve_dtype,
+)
 from norton.core.layers import ChannelPadShortcut
 from norton.core.plans import time_plans, tune_plans
 from norton.core.surgery import as_args, is_decomposable, replace_module
@@ -43,6 +50,7 @@ __all__ = [
     "count_params",
     "cp_als",
     "cp_decompose",
+    "deterministic_numerics",
     "device_name",
     "fit_compress_rate",
     "format_compress_rate",

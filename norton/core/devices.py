@@ -2,6 +2,7 @@
 checked once, with one clear error naming what is accepted."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 
@@ -75,3 +76,24 @@ def device_name(device: torch.device | str) -> str:
     except OSError:
         pass
     return f"{model} ({torch.get_num_threads()} threads)"
+
+
+@contextlib.contextmanager
+def deterministic_numerics(device: torch.device | str | None = None):
+    """Reproducible float32 arithmetic while inside: on CUDA, cuDNN's
+    deterministic algorithms without autotuning, and no TF32 in convolutions or
+    matmuls (their 10-bit mantissa, and algorithms picked by timing, make two
+    evaluations of one checkpoint differ by an image); the settings are restored
+    after.  On the CPU nothing needs changing."""
+    if device is None or torch.device(device).type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from norton.checkpoints import load_checkpoint, save_checkpoint
-from norton.core import reestimate_bn
+from norton.core import deterministic_numerics, plan_override, reestimate_bn, tune_plans
 from norton.errors import NortonError
 from norton.training.data import ArrayDataset, epoch_batches, first_images, num_batches
 from norton.training.distributed import Distributed
@@ -86,24 +86,36 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_start: floa
 
 
 # -- evaluation ---------------------------------------------------------------------------
+# every CPDBlock evaluated in the plan a freshly loaded checkpoint runs ("auto" in eval mode: chosen from the
+# layer's shape alone, never by timing), whatever plan it was set to for training or speed
+EVALUATION_PLAN = "auto"
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ArrayDataset, *, device: torch.device, batch_size: int = 500,
              ddp: Distributed | None = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``data``."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``data``.
+
+    Deterministic: every CPDBlock runs one plan (``EVALUATION_PLAN``) whatever
+    plan it was set to for training or speed, and on CUDA the arithmetic is
+    reproducible float32 (``deterministic_numerics``) — the accuracy a run
+    records for a checkpoint is what evaluating that checkpoint gives on the
+    same device."""
     ddp = ddp or Distributed()
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
     plain = data.without_augmentation() if isinstance(data, ArrayDataset) else data
-    for images, labels in epoch_batches(plain, batch_size, seed=0, epoch=0, shuffle=False,
-                                        rank=ddp.rank, world_size=ddp.world_size):
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += float((top[:, 0] == labels).sum())
-        correct5 += float((top == labels[:, None]).any(dim=1).sum())
-        count += labels.numel()
+    with deterministic_numerics(device), plan_override(model, EVALUATION_PLAN):
+        for images, labels in epoch_batches(plain, batch_size, seed=0, epoch=0, shuffle=False,
+                                            rank=ddp.rank, world_size=ddp.world_size):
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += float((top[:, 0] == labels).sum())
+            correct5 += float((top == labels[:, None]).any(dim=1).sum())
+            count += labels.numel()
     model.train(was_training)
     correct1, correct5, loss_sum, count = ddp.sum([correct1, correct5, loss_sum, count], device)
     if count == 0:
@@ -177,6 +189,8 @@ def fit(
     if run.state:
         start_epoch, best_epoch, best_val = run.state["epoch"] + 1, run.state["best_epoch"], run.state["best_val"]
     history = run.logged(lambda row: row["epoch"] <= start_epoch)
+    if device.type == "cuda" and start_epoch < config.epochs:  # the CPU-fitted cost model of plan "auto" is no guide here
+        tune_training_plans(model, train_data, config, device, layout)
     net = nn.parallel.DistributedDataParallel(model) if ddp.world_size > 1 else model
 
     for epoch in range(start_epoch, config.epochs):
@@ -236,6 +250,22 @@ def fit(
         if m is not None:
             m.to(memory_format=torch.contiguous_format)
     return FitResult(best_epoch=best_epoch + 1, best_val=best_val, history=history, run_dir=run_dir)
+
+
+def tune_training_plans(model: nn.Module, train_data: ArrayDataset, config: TrainConfig, device: torch.device,
+                        layout: torch.memory_format) -> dict[str, str]:
+    """Every CPDBlock whose plan is "auto" set to the plan that trains fastest
+    on ``device`` (forward + backward timed on a batch of the run's size and
+    layout); plans the user set stay.  Returns {layer: plan} of those tuned."""
+    auto = [m for m in model.modules() if isinstance(m, CPDBlock) and m.plan == "auto"]
+    if not auto:
+        return {}
+    images, _ = next(iter(epoch_batches(train_data, config.batch_size, seed=config.seed, epoch=0, shuffle=False)))
+    keep = {m: m.plan for m in model.modules() if isinstance(m, CPDBlock) and m not in set(auto)}
+    chosen = tune_plans(model, images.to(device, memory_format=layout), training=True)
+    for block, plan in keep.items():
+        block.plan = plan
+    return chosen
 
 
 def load_best(model: nn.Module, run_dir: str) -> None:
