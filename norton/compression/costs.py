@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from norton.compression.graph import is_depthwise
-from norton.core import CPDBlock, TuckerBlock, conv_output_size
+from norton.core import DTYPE_NAMES, CPDBlock, TuckerBlock, conv_output_size, device_name
 from norton.core.plans import time_call, time_plans
 from norton.deployment import time_tucker
 
@@ -144,8 +144,6 @@ class CostModel:
     def _time(self, layer: PlanLayer, rank: int, n: int, c: int) -> float:
         """Seconds per call of the layer's fastest deployed form at these widths, timed once per process
         for each device name and dtype (``_LATENCY_CACHE``)."""
-        from norton.core import device_name
-
         m = layer.module
         key = (device_name(self.device or "cpu"), str(self.dtype), self.batch, type(m).__name__, n, c, rank,
                tuple(layer.in_size), getattr(m, "kernel_size", None), getattr(m, "stride", None),
@@ -196,8 +194,6 @@ def measure_round_to(device, dtype: torch.dtype = torch.float32, *, batch: int =
     taken; the answer is the smallest m within ``ROUND_TO_GAIN`` of the best —
     8 where bfloat16 tensor cores want it, 1 where any width runs as well.
     Cached per device name, dtype, batch and size."""
-    from norton.core import DTYPE_NAMES, device_name
-
     device = torch.device(device)
     key = (device_name(device), DTYPE_NAMES.get(dtype, str(dtype)), batch, size)
     if timer is None and key in _ROUND_TO_CACHE:

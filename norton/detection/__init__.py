@@ -8,7 +8,7 @@ from norton.detection.builders import (
            is_detector,
 )
 from norton.detection.coco import CocoData, coco_stats, stats_table
-from norton.detection.deploy import backbone_batch, deploy_detector
+from norton.detection.serving import backbone_batch, deploy_detector
 from norton.detection.drawing import draw_detections
 from norton.detection.engine import DetectTrainConfig, evaluate_detector, train_detector
 
