@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench compare zoo fashion-mnist clean
+.PHONY: test demo bench gpu-bench compare zoo fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -58,10 +58,15 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_layout.py --rounds 4
 	$(VENV)/bin/python benchmarks/planner.py
 	$(VENV)/bin/python benchmarks/latency.py --train-only --device cuda
+	$(VENV)/bin/python benchmarks/gpu.py --resume
 	$(VENV)/bin/python -m pytest -q -m benchmark
 	# the full zoo, measured afresh (~1 h on 2 cores; resumable: rows kept in runs/zoo*.json)
 	$(VENV)/bin/python benchmarks/zoo.py --timeout 180 --cache runs/zoo.json --out runs/zoo.md --resume
 	$(VENV)/bin/python benchmarks/zoo.py --timm --timeout 120 --cache runs/zoo_timm.json --out runs/zoo_timm.md --resume
+
+# the GPU measurement alone (a machine with CUDA; docs/results/gpu.json and gpu.md, resumable)
+gpu-bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/gpu.py --resume
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -301,6 +301,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small model, small batches (a smoke run)")
     parser.add_argument("--resume", action="store_true", help="keep the rows of an earlier run in --out-dir")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"no CUDA device: benchmarks/gpu.py --device {args.device} skipped (--device cpu --quick runs it small here)")
+        return
     device = resolve_device(args.device)
     sections = args.sections.split(",")
     unknown = [s for s in sections if s not in SECTIONS]

@@ -13,6 +13,7 @@ from norton.compression import (
     PruneReport,
     decompose,
     list_criteria,
+    measure_round_to,
     plan,
     prune,
     recover,
@@ -30,8 +31,9 @@ from norton.core import (
     tune_plans,
 )
 from norton.deployment import DeployReport, compare_latency, deploy, export_onnx
-from norton.detection import (
-    detector_complexity,  # also registers the detectors in the model registry
+from norton.detection import (  # also registers the detectors in the model registry
+    deploy_detector,
+    detector_complexity,
 )
 from norton.errors import NortonError
 from norton.models import create_model, list_models, register_model
@@ -67,6 +69,7 @@ __all__ = [
     "create_model",
     "decompose",
     "deploy",
+    "deploy_detector",
     "detector_complexity",
     "evaluate",
     "export_onnx",
@@ -76,6 +79,7 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "load_model",
+    "measure_round_to",
     "nmse",
     "parse_compress_rate",
     "plan",
