@@ -398,3 +398,78 @@ def test_compress_selects_the_candidate_plan_of_best_validation_accuracy(baselin
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "selection_epochs chooses among the planner's candidate plans" in err
     assert not (tmp_path / "no").exists()
+
+
+# -- damage without surgery, from the changed layer on ---------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet_20", "densenet_40"])
+def test_masked_damage_equals_pruned_damage_in_float64(arch):
+    """Zeroing a group's removed channels in place (and running the traced model
+    from the last cached cut point) gives what real surgery gives."""
+    from norton.compression.graph import build_graph, collect_groups
+    from norton.compression.probing import CachedForward, Probe
+    from norton.compression.pruning import prune_in_place, zero_channels
+    from norton.compression.selection import plan_selection, round_to_blocks
+
+    torch.manual_seed(0)
+    model = create_model(arch).eval().double()
+    for m in model.modules():  # BatchNorms with statistics of their own
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
+    batches = [images(8).double(), images(8, seed=1).double()]
+    example = batches[0][:1]
+    groups, _ = collect_groups(model, build_graph(model, example), example, [])
+    probe = Probe(model, batches, CachedForward(model, batches))
+    names = {m: n for n, m in probe.cached.module.named_modules()}
+    checked = 0
+    for g0 in groups[:: max(1, len(groups) // 6)]:
+        count = max(1, g0.info.total // 3)
+        for g in groups:
+            g.target = count if g is g0 else g.info.total
+        round_to_blocks(groups)
+        plan_selection(groups, "fpgm", 0)
+        handles = zero_channels(groups, {g0.info.root: set(g0.info.kept)})
+        masked_whole = probe.damage(model)
+        masked_cached = probe.damage(None, [names[h.module] for h in handles])
+        for h in handles:
+            h.remove()
+        trial = copy.deepcopy(model)
+        prune_in_place(trial, example, keep={g0.info.root: count}, criterion="fpgm")
+        real = probe.damage(trial)
+        assert real > 0
+        assert masked_whole == pytest.approx(real, rel=1e-9), g0.info.root
+        assert masked_cached == pytest.approx(real, rel=1e-9), g0.info.root
+        checked += 1
+    assert checked >= 4
+    assert probe.cached.cuts  # activations cached at cut points
+
+
+def test_the_cached_forward_is_the_whole_forward():
+    from norton.compression.probing import CachedForward, Probe
+
+    model = create_model("resnet_20").eval()
+    batches = [images(8)]
+    probe = Probe(model, batches, CachedForward(model, batches))
+    assert probe.damage(None, ["layer3.2.conv2"]) == 0.0  # nothing changed: the reference, bit for bit
+    conv = model.get_submodule("layer2.1.conv1")
+    changed = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        changed.weight.copy_(conv.weight * 0.5)
+    with probe.cached.swapped("layer2.1.conv1", changed):
+        cached = probe.damage(None, ["layer2.1.conv1"])
+    whole = copy.deepcopy(model)
+    from norton.core import replace_module
+
+    replace_module(whole, "layer2.1.conv1", changed)
+    assert cached > 0 and cached == probe.damage(whole)  # from the cut point on: the same numbers
+
+
+def test_the_plan_is_the_plan_of_the_surgery_path(monkeypatch):
+    from norton.compression import planning
+
+    model = create_model("resnet_20").eval()
+    x = images(16)
+    fast = plan(model, x, target_macs=0.6, **SMALL, seed=1)
+    monkeypatch.setattr(planning._InPlace, "make", classmethod(lambda cls, *args, **kwargs: None))
+    slow = plan(model, x, target_macs=0.6, **SMALL, seed=1)
+    assert (fast.ranks, fast.keep, fast.tucker) == (slow.ranks, slow.keep, slow.tucker)
+    assert fast.damage == pytest.approx(slow.damage, rel=1e-5)

@@ -39,10 +39,12 @@ from norton.compression.decomposition import (
     decompose_tucker,
 )
 from norton.compression.graph import build_graph, collect_groups, is_depthwise
-from norton.compression.pruning import PruneReport, check_round_to, prune, prune_in_place
+from norton.compression.attention import window_attentions
+from norton.compression.probing import CachedForward, Probe
+from norton.compression.pruning import PruneReport, check_round_to, prune, prune_in_place, zero_channels
 from norton.compression.recovery import recover as refit
 from norton.compression.search import Search, Unit, only_option, refine_counts, uniform_pruning
-from norton.compression.selection import nearest_multiple
+from norton.compression.selection import nearest_multiple, plan_selection, round_to_blocks
 from norton.compression.trial import distill_trial, split_calibration
 from norton.core import (
     CPDBlock,
@@ -210,35 +212,6 @@ def _batches(data, device: torch.device | None) -> list[Tensor]:
     return [x.to(device) if device is not None else x for x in items]
 
 
-class _Probe:
-    """Damage of a changed model: divergence of its outputs from the reference
-    model's on the calibration batches, every BatchNorm normalising with the
-    batch's own statistics (BN re-estimation and evaluation in one pass; the
-    reference is computed the same way, so an unchanged model has damage 0)."""
-
-    def __init__(self, model: nn.Module, batches: list[Tensor]):
-        self.batches = batches
-        self.reference = [self._outputs(model, x) for x in batches]
-
-    @staticmethod
-    @torch.no_grad()
-    def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
-        with batch_statistics(model):
-            return [t.detach().to(torch.float64) for t in flatten_tensors(model(x))]
-
-    @torch.no_grad()
-    def damage(self, model: nn.Module) -> float:
-        total = 0.0
-        for x, ref in zip(self.batches, self.reference):
-            for got, want in zip(self._outputs(model, x), ref):
-                if want.dim() == 2:  # logits: KL(reference || changed), mean over images
-                    total += float(F.kl_div(F.log_softmax(got, 1), F.log_softmax(want, 1), log_target=True,
-                                            reduction="batchmean"))
-                else:
-                    total += float(((got - want) ** 2).sum() / (want ** 2).sum().clamp_min(1e-30))
-        return total / len(self.batches)
-
-
 # -- the entry point -----------------------------------------------------------------------
 # how the planner ranks a pruned group's filters by default: FPGM ranking beat L2 on 10,000 held-out
 # validation images at both targets of the medium comparison (docs/compare_heldout.md)
@@ -329,7 +302,7 @@ def plan(
     multiple = round_to or 1
     dense = copy.deepcopy(model).eval()
     try:
-        probe = _Probe(dense, batches)
+        probe = Probe(dense, batches)
     except Exception as err:
         raise NortonError(f"calibration images of shape {tuple(batches[0].shape)} do not fit the model "
                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
@@ -339,7 +312,7 @@ def plan(
         if sum(b.shape[0] for b in batches) < 2:
             raise NortonError("trial_steps needs at least 2 calibration images (half to train on, half to measure on)")
         trial_images, held_batches = split_calibration(batches, seed)
-        held_out = _Probe(dense, held_batches)
+        held_out = Probe(dense, held_batches)
 
     # what can change: decomposable convs, coupled groups
     graph = build_graph(dense, example)
@@ -392,16 +365,21 @@ def plan(
                               f"rank {min(rank_options)}, 1/{keep_steps} of the filters) give {1 - cheapest / full:.1%} "
                               "fewer MACs")
 
-    # the damage of every option alone
+    # the damage of every option alone: measured in place on the traced model from the changed layer on,
+    # pruning options by zeroing the channels they would remove (surgery where that is not exact, or with recover)
     blocks = _decompositions(dense, [u for u in units if u.kind == "rank"], seed, progress)
+    in_place = _InPlace.make(dense, batches, probe, groups, criterion, seed, round_to, example,
+                             surgery_only=recover or bool(window_attentions(dense)))
     trials = sum(len(u.options) - 1 for u in units)
     bar = tqdm(total=trials, desc="plan: damage of each option", unit="option", disable=not progress)
     for u in units:
         u.damage = [0.0]
         for option in u.options[1:]:
             if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
-                with _swapped(dense, u.name, blocks[(u.name, option)].to_conv()):  # in place: no copy
-                    u.damage.append(probe.damage(dense))
+                u.damage.append(in_place.rank_damage(u.name, blocks[(u.name, option)].to_conv()) if in_place
+                                else _swapped_damage(probe, dense, u.name, blocks[(u.name, option)].to_conv()))
+            elif in_place and in_place.masks:
+                u.damage.append(in_place.keep_damage(u.name, option))
             else:
                 trial = copy.deepcopy(dense)
                 kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed,
@@ -411,6 +389,7 @@ def plan(
                 u.damage.append(probe.damage(trial))
             bar.update(1)
     bar.close()
+    del in_place
 
     for u in units:  # between measured counts, any count: damage interpolated, so the budget can be met closely
         if u.kind == "keep":
@@ -524,6 +503,86 @@ def plan(
                 seen_states.add(tuple(candidate))
                 result.alternatives[name] = as_plan(candidate, name).to_dict()
     return result
+
+
+def _swapped_damage(probe: Probe, model: nn.Module, name: str, new: nn.Module) -> float:
+    with _swapped(model, name, new):  # in place: no copy
+        return probe.damage(model)
+
+
+class _InPlace:
+    """Options measured without copies: a rank option by swapping the recomposed
+    conv into the traced model, a pruning option by zeroing (forward hooks) the
+    channels its selection would remove — what pruning computes, up to float
+    rounding (checked once against real surgery: ``masks`` is False when the
+    two disagree, and pruning options then take the surgery path)."""
+
+    def __init__(self, dense: nn.Module, cached: CachedForward, probe: Probe, groups, criterion: str, seed: int,
+                 round_to):
+        self.dense, self.cached, self.probe, self.groups = dense, cached, probe, groups
+        self.criterion, self.seed, self.round_to = criterion, seed, round_to
+        self.masks = True
+        self.names = {}
+        for g in groups:
+            self.names[g.info.root] = g
+
+    @classmethod
+    def make(cls, dense: nn.Module, batches, probe: Probe, groups, criterion: str, seed: int, round_to, example,
+             surgery_only: bool) -> _InPlace | None:
+        """The in-place measurement of ``dense``, or None where it cannot be traced."""
+        try:
+            cached = CachedForward(dense, batches)
+        except Exception:  # noqa: BLE001 - models torch.fx cannot trace are probed whole, as before
+            return None
+        probe.cached = cached
+        made = cls(dense, cached, probe, groups, criterion, seed, round_to)
+        made.masks = not surgery_only and made._agrees_with_surgery(dense, example)
+        return made
+
+    def rank_damage(self, name: str, conv: nn.Module) -> float:
+        with self.cached.swapped(name, conv):
+            return self.probe.damage(None, [name])
+
+    def _kept(self, root: str, count: int) -> dict[str, set[int]]:
+        for g in self.groups:
+            g.target = count if g.info.root == root else g.info.total
+        round_to_blocks(self.groups, self.round_to)
+        plan_selection(self.groups, self.criterion, self.seed)
+        return {g.info.root: set(g.info.kept) for g in self.groups if g.info.root == root}
+
+    def keep_damage(self, root: str, count: int) -> float:
+        kept = self._kept(root, count)
+        handles = zero_channels(self.groups, kept)
+        try:
+            names = {m: n for n, m in self.cached.module.named_modules()}
+            hooked = [h.module for h in handles]
+            changed = [names.get(m) for m in hooked]
+            if any(name not in self.cached.first_call for name in changed):  # a hooked layer the trace does not call
+                return self.probe.damage(self.dense)
+            return self.probe.damage(None, changed)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _agrees_with_surgery(self, dense: nn.Module, example) -> bool:
+        """A pruning option of one group of every kind (the layer types it couples) measured both ways."""
+        kinds: dict[tuple[str, ...], object] = {}
+        for g in self.groups:
+            if g.info.total > 1:
+                kinds.setdefault(tuple(sorted({type(m).__name__ for m, *_ in g.members})), g)
+        for g in kinds.values():
+            count = max(1, g.info.total // 8)
+            try:
+                masked = self.keep_damage(g.info.root, count)
+            except NortonError:  # a group through a normalisation across channels
+                return False
+            trial = copy.deepcopy(dense)
+            prune_in_place(trial, example, keep={g.info.root: count}, criterion=self.criterion, seed=self.seed,
+                           round_to=self.round_to)
+            real = self.probe.damage(trial)
+            if abs(masked - real) > 1e-4 * max(abs(real), 1e-6):
+                return False
+        return True
 
 
 @contextlib.contextmanager

@@ -41,12 +41,12 @@ from norton.compression.selection import (
     set_global_targets,
     set_zoo_targets,
 )
-from norton.core import count_macs, parse_compress_rate
+from norton.core import ChannelPadShortcut, count_macs, parse_compress_rate
 from norton.core.surgery import as_args, output_shapes, unchanged_on_error
 from norton.errors import NortonError
 
 __all__ = ["GroupPruning", "PruneReport", "build_graph", "collect_groups", "prune", "prune_in_place", "restructure",
-           "zeroed_equivalent"]
+           "zero_channels", "zeroed_equivalent"]
 
 
 @dataclass
@@ -309,26 +309,48 @@ def zeroed_equivalent(model: nn.Module, report: PruneReport, example_inputs,
     kept = {g.root: set(g.kept) for g in report.groups}
     for root, channels in (also_removed or {}).items():
         kept[root] -= set(channels)
-    silenced: dict[nn.Module, set[int]] = {}
     for name, attention in window_attentions(zeroed).items():  # narrowed heads: zero rows of q, k, v
         if name in kept:
             zero_positions(attention, set(range(attention.qkv.out_features // 3)) - kept[name])
+    zero_channels(groups, kept)
+    return zeroed
+
+
+def zero_channels(groups, kept: Mapping[str, set[int]]) -> list:
+    """Forward hooks on the layers of ``groups`` (collected on the model they
+    belong to) that make every channel outside ``kept[root]`` exactly zero where
+    it is produced and after every BatchNorm of its group — what pruning those
+    channels computes, without surgery.  Groups not in ``kept`` are left alone.
+    Returns the hook handles (``handle.remove()`` undoes them).  A cut group that
+    passes through a normalisation across channels has no such form: NortonError."""
+    silenced: dict[nn.Module, set[int]] = {}
     for g in groups:
         if g.info.root not in kept:
             continue
-        removed = set(range(g.info.total)) - kept[g.info.root]
+        removed = set(range(g.info.total)) - set(kept[g.info.root])
         across = [type(m).__name__ for m, *_ in g.members if isinstance(m, _ACROSS_CHANNELS)]
         if removed and across:
             raise NortonError(f"no zeroed equivalent: group {g.info.root} lost {len(removed)} of {g.info.total} channels "
                               f"and passes through a {across[0]}, which normalises across them")
         for module, is_out, idxs, root_idxs in g.members:
-            if isinstance(module, _PER_CHANNEL_NORMS) or (is_out and isinstance(module, ROOT_TYPES)):
+            # where the group's channels are produced — by its layers, or copied in from another group by an
+            # option-A shortcut — and after each of its BatchNorms
+            if isinstance(module, _PER_CHANNEL_NORMS) or (is_out and isinstance(module, (*ROOT_TYPES, ChannelPadShortcut))):
                 # one group channel may be several of a layer's (a concatenation of copies)
                 silenced.setdefault(module, set()).update(i for i, r in zip(idxs, root_idxs) if r in removed)
-    for module, channels in silenced.items():
-        if channels:
-            module.register_forward_hook(_ZeroChannels(sorted(channels), -1 if isinstance(module, nn.Linear) else 1))
-    return zeroed
+    return [_Hooked(module, module.register_forward_hook(
+                _ZeroChannels(sorted(channels), -1 if isinstance(module, nn.Linear) else 1)))
+            for module, channels in silenced.items() if channels]
+
+
+class _Hooked:
+    """A hook's handle and the layer it is on."""
+
+    def __init__(self, module: nn.Module, handle) -> None:
+        self.module, self.handle = module, handle
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 class _ZeroChannels:
