@@ -175,6 +175,9 @@ def format_summary(summary: dict) -> str:
         recal = s.get("recalibrated")
         rows.append(f"| {stage} | {s['top1']:.2f} | {recal['top1']:.2f} |" if recal else f"| {stage} | {s['top1']:.2f} | — |")
         rows[-1] += f" {s['macs']:,} | {s['params']:,} |"
+    planned = summary.get("plan") or {}
+    if planned.get("seconds") is not None:
+        rows.append(f"planned in {planned['seconds']:.1f} s ({planned['allocation']})")
     return "\n".join(rows)
 
 

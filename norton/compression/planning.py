@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -113,6 +114,7 @@ class Plan:
     alternatives: dict[str, dict] = field(default_factory=dict)
     selection: dict[str, float] = field(default_factory=dict)  # norton.select_plan: validation top-1 per candidate
     round_to: int | None = None  # every pruned group keeps a multiple of this many filters
+    seconds: float | None = None  # wall-clock time the planning took
 
     def alternative(self, name: str) -> Plan:
         """The candidate plan ``name`` of ``alternatives``, as a Plan (its own alternatives: the same)."""
@@ -154,7 +156,8 @@ class Plan:
                      + (f", predicted latency {self.latency_before_ms:.2f} -> {self.latency_after_ms:.2f} ms "
                         f"({self.latency_before_ms / self.latency_after_ms:.2f}×)" if timed else "")
                      + (f", measured deployed {self.measured_speedup:.2f}×" if self.measured_speedup else "")
-                     + f"; predicted damage {self.damage:.4f} ({self.allocation}, {self.criterion} selection)")
+                     + f"; predicted damage {self.damage:.4f} ({self.allocation}, {self.criterion} selection)"
+                     + (f"; planned in {self.seconds:.1f} s" if self.seconds is not None else ""))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -267,6 +270,7 @@ def plan(
     0 compares them as built, on all the images.
     The model is not changed.
     """
+    started = time.perf_counter()
     if (target_macs is None) == (target_speedup is None):
         raise NortonError("give exactly one of target_macs or target_speedup")
     if target_macs is not None and (isinstance(target_macs, bool) or not isinstance(target_macs, (int, float))
@@ -496,6 +500,7 @@ def plan(
 
     chosen_state = state
     result = as_plan(state, chosen if allocation == "best" else allocation)
+    result.seconds = time.perf_counter() - started
     if measure == "macs":  # every distinct whole candidate, as a plan of its own (for a selection after fine-tuning)
         seen_states: set[tuple[int, ...]] = set()
         for name, candidate in last_candidates.items():

@@ -133,7 +133,8 @@ def compress(
         with open(plan_path) as f:
             plan = Plan.from_dict(json.load(f))
         summary["plan"] = {"target": plan.target, "value": plan.value, "ranks": plan.ranks, "keep": plan.keep,
-                           "macs_reduction": plan.macs_reduction, "damage": plan.damage, "allocation": plan.allocation}
+                           "macs_reduction": plan.macs_reduction, "damage": plan.damage, "allocation": plan.allocation,
+                           "seconds": plan.seconds, "round_to": plan.round_to}
     stage_extra = {"plan": plan.to_dict()} if planned else {}
 
     # ① decompose
