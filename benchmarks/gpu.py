@@ -195,7 +195,8 @@ def detector(results: Results, device, quick: bool, repeats: int) -> None:
         decompose(body, max([1, *made.ranks.values()]), layer_ranks=made.ranks, progress=False)
         images = [torch.rand(3, size, size, device=device)]
         keep = {f"body.{root}": k for root, k in made.keep.items() if k < made.totals[root] and not root.startswith("fc")}
-        prune(planned.backbone, keep=keep, example_inputs=backbone_batch(planned, images), round_to=made.round_to)
+        prune(planned.backbone, keep=keep, example_inputs=backbone_batch(planned, images), round_to=made.round_to,
+              criterion=made.criterion)
         models["backbone planned for 2× (on resnet_50, 224 px)"] = planned
     except Exception as err:
         models["backbone planned for 2× (on resnet_50, 224 px)"] = f"{type(err).__name__}: {str(err)[:200]}"
