@@ -21,6 +21,7 @@ from norton.compression import build_base
 from norton.errors import NortonError
 from norton.models import create_model
 from norton.training import (
+    BAD_IMAGE_CHOICES,
     DATASETS,
     Distributed,
     TrainConfig,
@@ -28,6 +29,7 @@ from norton.training import (
     limit,
     load_dataset,
     resolve_device,
+    folder_splits,
     split_validation,
 )
 
@@ -218,6 +220,25 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subset", type=int, default=None, help="use only this many training images (fixed shuffle)")
     g.add_argument("--val-size", type=int, default=None, help="held-out validation images from the training set (default 10%%, at most 5000)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_folder_args(g)
+
+
+def add_folder_args(g) -> None:
+    """``--data folder``'s settings; a command reading the same folder again takes the same values."""
+    g.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="--data folder: the side images are resized and centre-cropped to (default: their median "
+                        "shorter side, at most 224)")
+    g.add_argument("--on-bad-image", choices=BAD_IMAGE_CHOICES, default="error",
+                   help="--data folder: an unreadable image stops the run (error, default) or is left out (skip)")
+    g.add_argument("--no-augment", action="store_true", help="--data folder: train without random crops and flips")
+
+
+def folder_options(args: argparse.Namespace) -> dict:
+    """The image-folder settings of the command line (only ``--data folder`` reads them)."""
+    if getattr(args, "data", None) != "folder":
+        return {}
+    return {"input_size": getattr(args, "image_size", None), "on_bad_image": getattr(args, "on_bad_image", "error"),
+            "augment": not getattr(args, "no_augment", False)}
 
 
 def add_train_args(p: argparse.ArgumentParser, *, epochs: int = 400, lr: float = 0.05, warmup: int = 5) -> None:
@@ -249,12 +270,25 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_splits(args: argparse.Namespace):
-    """(train, validation, test) of ``--data``; the validation split is held out of train."""
+    """(train, validation, test) of ``--data``; the validation split is held out of train (an image
+    folder brings its own: its val/ folder, or a stratified share of the images)."""
+    if args.data == "folder":
+        train, val, test = folder_splits(args.data_dir or _missing_folder(), **folder_options(args))
+        train = limit(train, args.subset, args.seed)
+        if val is not None and args.val_size is None:
+            return train, val, test
+        val_size = args.val_size if args.val_size is not None else max(1, len(train) // 10)
+        train, val = split_validation(train, val_size, args.seed)
+        return train, val, test
     train = limit(load_dataset(args.data, args.data_dir, "train"), args.subset, args.seed)
     test = load_dataset(args.data, args.data_dir, "test")
     val_size = args.val_size if args.val_size is not None else min(5000, max(1, len(train) // 10))
     train, val = split_validation(train, val_size, args.seed)
     return train, val, test
+
+
+def _missing_folder():
+    raise NortonError("--data folder needs --data-dir (a folder of class folders, or of train/ and test/ holding them)")
 
 
 def device_and_processes(args: argparse.Namespace) -> tuple[torch.device, Distributed]:

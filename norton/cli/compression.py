@@ -11,9 +11,11 @@ from norton.checkpoints import atomic_write_text, read_checkpoint, save_checkpoi
 from norton.cli.common import (
     add_command,
     add_data_args,
+    add_folder_args,
     add_train_args,
     check_out,
     device_and_processes,
+    folder_options,
     fraction,
     human,
     key_value,
@@ -72,7 +74,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = model_from_args(args, rank=args.rank, compress_rate=None).model.to(device)
     rates = layer_rates(args)
-    test = load_dataset(args.data, args.data_dir, "test") if args.data else None
+    test = load_dataset(args.data, args.data_dir, "test", **folder_options(args)) if args.data else None
     before = evaluate(model, test, device=device) if test is not None else None
     round_to = measure_round_to(device) if args.round_to == "auto" else args.round_to
     report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
@@ -112,7 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         check_out(args)
     device = resolve_device(args.device)
     model = model_from_args(args).model.to(device)
-    train = load_dataset(args.data, args.data_dir, "train")
+    train = load_dataset(args.data, args.data_dir, "train", **folder_options(args))
     batches = calibration_batches(train, args.calibration_images, seed=args.seed)
     result = plan(model, [b.to(device) for b in batches], target_macs=args.target_macs,
                   target_speedup=args.target_speedup, criterion=args.criterion, allocation=args.allocation,
@@ -279,6 +281,7 @@ def register(sub) -> None:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--ckpt", default=None, help="the model to prune: norton checkpoint or state dict")
     p.add_argument("--data", default=None, help="print test accuracy before and right after pruning on this dataset")
+    add_folder_args(p)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None,
@@ -296,6 +299,7 @@ def register(sub) -> None:
     p.add_argument("--allocation", choices=("best", "greedy", "lagrangian"), default="best",
                    help="how the options are combined (best: both, the smaller predicted damage)")
     p.add_argument("--data", required=True, choices=DATASETS, help="calibration images come from its training split")
+    add_folder_args(p)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)

@@ -11,8 +11,10 @@ from norton.checkpoints import save_checkpoint
 from norton.cli.common import (
     add_command,
     add_data_args,
+    add_folder_args,
     add_train_args,
     device_and_processes,
+    folder_options,
     load_splits,
     model_from_args,
     rank,
@@ -77,7 +79,7 @@ def _fit_and_save(args: argparse.Namespace, model, splits, device, ddp, *, stage
 def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = model_from_args(args, rank=args.rank, compress_rate=args.compress_rate, research=True).model.to(device)
-    test = load_dataset(args.data, args.data_dir, "test")
+    test = load_dataset(args.data, args.data_dir, "test", **folder_options(args))
     metrics = evaluate(model, test, device=device)
     if args.json:
         print(json.dumps(metrics))
@@ -114,6 +116,7 @@ def register(sub) -> None:
     p.add_argument("-cpr", "--compress-rate", default=None, help="research-code files: compress rate")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--data", required=True)
+    add_folder_args(p)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")

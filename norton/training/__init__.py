@@ -24,11 +24,13 @@ from norton.training.data import (
     split_validation,
 )
 from norton.training.distributed import Distributed, init_distributed, resolve_device
+from norton.training.folders import BAD_IMAGE_CHOICES, folder_splits
 from norton.training.engine import TrainingRun
 from norton.training.pipeline import CompressConfig, calibration_batches, compress
 from norton.training.candidates import apply_plan, select_plan
 
 __all__ = [
+    "BAD_IMAGE_CHOICES",
     "DATASETS",
     "ArrayDataset",
     "CompressConfig",
@@ -44,6 +46,7 @@ __all__ = [
     "epoch_batches",
     "evaluate",
     "fit",
+    "folder_splits",
     "held_out",
     "init_distributed",
     "input_size_of",

@@ -17,8 +17,6 @@ import gzip
 import os
 import pickle
 import struct
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,42 +24,14 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from norton.errors import NortonError
+from norton.training.arrays import ArrayDataset
+from norton.training.folders import BAD_IMAGE_CHOICES, folder_splits
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
 DIGITS_MEAN, DIGITS_STD = (0.3051,), (0.3834,)
-
-
-@dataclass
-class ArrayDataset:
-    """Images ``(n, C, H, W)`` uint8 and labels ``(n,)`` int64, with the
-    normalisation and augmentation that go with them."""
-
-    images: Tensor
-    labels: Tensor
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_padding: int = 0  # random crop of the original size after zero-padding by this much
-    flip: bool = False
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.labels.max()) + 1 if len(self) else 0
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-    def subset(self, index: Tensor) -> "ArrayDataset":
-        return ArrayDataset(self.images[index], self.labels[index], self.mean, self.std, self.crop_padding, self.flip)
-
-    def without_augmentation(self) -> "ArrayDataset":
-        return ArrayDataset(self.images, self.labels, self.mean, self.std, 0, False)
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -200,13 +170,20 @@ def load_digits(split: str, seed: int = 0) -> ArrayDataset:
     return ArrayDataset(images[index], labels[index], DIGITS_MEAN, DIGITS_STD, crop_padding=1 if train else 0, flip=False)
 
 
-DATASETS = ("cifar10", "fashion-mnist", "digits", "imagenet")
+DATASETS = ("cifar10", "fashion-mnist", "digits", "imagenet", "folder")
 
 
-def load_dataset(name: str, root: str | None, split: str):
-    """``split``: "train" or "test".  ImageNet returns an ImageFolder dataset."""
+def load_dataset(name: str, root: str | None, split: str, **folder_options):
+    """``split``: "train" or "test".  ImageNet returns an ImageFolder dataset;
+    ``folder`` (a user's class folders, ``norton.training.folders``) takes
+    ``folder_options``: input_size, on_bad_image, augment."""
     if split not in ("train", "test"):
         raise NortonError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "folder":
+        if not root:
+            raise NortonError("folder needs --data-dir (a folder of class folders, or of train/ and test/ holding them)")
+        train, _, test = folder_splits(root, **folder_options)
+        return train if split == "train" else test
     if name == "cifar10":
         if not root:
             raise NortonError("cifar10 needs --data-dir (the folder holding cifar-10-batches-py)")
@@ -297,7 +274,7 @@ def joined(first, second):
     """Two datasets of the same kind as one (validation splits: no augmentation)."""
     if isinstance(first, ArrayDataset) and isinstance(second, ArrayDataset):
         return ArrayDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]),
-                            first.mean, first.std, first.crop_padding, first.flip)
+                            first.mean, first.std, first.crop_padding, first.flip, first.classes)
     return ConcatDataset([first, second])
 
 

@@ -1,0 +1,179 @@
+"""A user's own images: a folder of class folders, decoded once into memory.
+
+Layouts (torchvision's ``ImageFolder`` convention, classes = sorted folder names):
+
+- ``DIR/train/<class>/*``, ``DIR/test/<class>/*`` and optionally ``DIR/val/<class>/*``;
+- ``DIR/<class>/*``: split per class with a fixed seed (stratified) into
+  ``TEST_FRACTION`` test and ``VAL_FRACTION`` validation images, the rest train.
+
+Every image is decoded once per process (PIL), made grayscale when every image of
+the folder is, resized so its shorter side is the input size and centre-cropped
+to a square, and kept as uint8 — an epoch then costs no decoding.  The input size
+defaults to the median shorter side of the images, capped at ``MAX_SIZE``.  The
+normalisation is the per-channel mean and std of the training split; training
+augmentation is a padded random crop (an eighth of the side) and, for colour
+images, a horizontal flip.  An unreadable image stops with its path named, or is
+skipped with a warning (``on_bad_image="skip"``).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import warnings
+
+import numpy as np
+import torch
+
+from norton.errors import NortonError
+from norton.training.arrays import ArrayDataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MAX_SIZE = 224
+TEST_FRACTION, VAL_FRACTION = 0.2, 0.1
+BAD_IMAGE_CHOICES = ("error", "skip")
+
+
+def _class_folders(folder: str) -> list[str]:
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+
+
+def _files(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+
+
+def _listing(root: str) -> dict[str, list[tuple[str, int]]]:
+    """{split: [(path, class index)]} and the classes, from either layout."""
+    if not os.path.isdir(root):
+        raise NortonError(f"image folder {root!r} does not exist")
+    top = _class_folders(root)
+    split_layout = "train" in top and "test" in top
+    if split_layout:
+        classes = _class_folders(os.path.join(root, "train"))
+        splits = [s for s in ("train", "val", "test") if s in top]
+    else:
+        classes, splits = top, [None]
+    if len(classes) < 2:
+        where = os.path.join(root, "train") if split_layout else root
+        raise NortonError(f"image folder {where!r} has {len(classes)} class folder(s); a classifier needs at least 2 "
+                          "(one folder of images per class)")
+    listing = {}
+    for split in splits:
+        base = os.path.join(root, split) if split else root
+        if split and _class_folders(base) != classes:
+            raise NortonError(f"{base!r} has the classes {_class_folders(base)}, not those of train/: {classes}")
+        items = []
+        for index, name in enumerate(classes):
+            files = _files(os.path.join(base, name))
+            if not files:
+                raise NortonError(f"class folder {os.path.join(base, name)!r} holds no images "
+                                  f"({', '.join(IMAGE_EXTENSIONS)})")
+            items += [(path, index) for path in files]
+        listing[split or "all"] = items
+    return {"classes": classes, **listing}
+
+
+def _decode(path: str, on_bad_image: str):
+    """The image as a PIL image in L or RGB mode, or None (skipped)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            gray = image.mode in ("1", "L", "I", "I;16", "F", "LA") or (
+                image.mode == "P" and all(r == g == b for r, g, b in _palette(image)))
+            return image.convert("L" if gray else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        message = f"cannot read image {path!r}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        if on_bad_image == "error":
+            raise NortonError(message + " (pass --on-bad-image skip to leave such files out)") from None
+        warnings.warn(message + "; skipped", stacklevel=3)
+        return None
+
+
+def _palette(image):
+    values = image.getpalette() or []
+    return zip(values[0::3], values[1::3], values[2::3])
+
+
+def _square(image, size: int) -> np.ndarray:
+    """Shorter side to ``size``, centre crop: (size, size) or (size, size, 3) uint8."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
+    left, top = (resized.size[0] - size) // 2, (resized.size[1] - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded(root: str, input_size: int | None, on_bad_image: str, stamp: float):
+    """Every image of the folder decoded, resized and split: {split: (images, labels)} and the setting."""
+    listing = _listing(root)
+    classes = listing.pop("classes")
+    opened = {split: [(path, label, _decode(path, on_bad_image)) for path, label in items]
+              for split, items in listing.items()}
+    opened = {split: [x for x in items if x[2] is not None] for split, items in opened.items()}
+    everything = [image for items in opened.values() for _, _, image in items]
+    if not everything:
+        raise NortonError(f"image folder {root!r}: no readable image")
+    gray = all(image.mode == "L" for image in everything)
+    size = input_size or min(MAX_SIZE, int(statistics.median(min(image.size) for image in everything)))
+    if size < 1:
+        raise NortonError(f"input size must be at least 1 pixel, got {size}")
+    arrays = {}
+    for split, items in opened.items():
+        pixels = [_square(image.convert("L" if gray else "RGB"), size) for _, _, image in items]
+        images = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, size, size, dtype=torch.uint8)
+        images = images.unsqueeze(1) if gray else images.permute(0, 3, 1, 2).contiguous()
+        arrays[split] = (images, torch.tensor([label for _, label, _ in items], dtype=torch.int64))
+    if "all" in arrays:
+        arrays = _stratified(*arrays.pop("all"), seed=0)
+    return classes, arrays, size
+
+
+def _stratified(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
+    """Per class, a fixed shuffle: the first ``TEST_FRACTION`` to test, the next ``VAL_FRACTION`` to val."""
+    generator = torch.Generator().manual_seed(seed + 31337)
+    parts = {"train": [], "val": [], "test": []}
+    for label in labels.unique().tolist():
+        index = (labels == label).nonzero().flatten()
+        index = index[torch.randperm(len(index), generator=generator)]
+        n_test, n_val = round(TEST_FRACTION * len(index)), round(VAL_FRACTION * len(index))
+        parts["test"].append(index[:n_test])
+        parts["val"].append(index[n_test:n_test + n_val])
+        parts["train"].append(index[n_test + n_val:])
+    return {split: (images[torch.cat(ix).sort().values], labels[torch.cat(ix).sort().values])
+            for split, ix in parts.items()}
+
+
+def folder_splits(root: str, *, input_size: int | None = None, on_bad_image: str = "error", augment: bool = True):
+    """(train, validation or None, test) ``ArrayDataset``s of an image folder (see the module text)."""
+    if on_bad_image not in BAD_IMAGE_CHOICES:
+        raise NortonError(f"on_bad_image must be {' or '.join(BAD_IMAGE_CHOICES)}, got {on_bad_image!r}")
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
+        raise NortonError(f"input size must be a positive number of pixels, got {input_size!r}")
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise NortonError(f"image folder {root!r} does not exist")
+    classes, arrays, size = _decoded(root, input_size, on_bad_image, os.stat(root).st_mtime)
+    train_images, train_labels = arrays["train"]
+    for split in ("train", "val", "test"):
+        if split in arrays:
+            missing = sorted(set(range(len(classes))) - set(arrays[split][1].tolist()))
+            if missing:
+                raise NortonError(f"image folder {root!r}: the {split} split has no image of class "
+                                  f"{classes[missing[0]]!r} (too few images in that class for a "
+                                  f"{TEST_FRACTION:.0%} test / {VAL_FRACTION:.0%} validation split?)")
+    pixels = train_images.float().div(255).transpose(0, 1).flatten(1)
+    mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist())
+    padding = max(1, size // 8) if augment else 0
+
+    def dataset(split: str, train: bool):
+        images, labels = arrays[split]
+        return ArrayDataset(images, labels, mean, std, crop_padding=padding if train else 0,
+                            flip=augment and train and images.shape[1] == 3, classes=tuple(classes))
+
+    return dataset("train", True), (dataset("val", False) if "val" in arrays else None), dataset("test", False)

@@ -1,0 +1,113 @@
+"""A user's own images: class folders (PNG and JPEG, grayscale and RGB, uneven classes, a corrupt file)
+through the commands, with splits, sizes and normalisation that follow the data."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from norton import NortonError
+from norton.cli import main
+from norton.training import folder_splits, load_dataset
+
+COUNTS = {"cat": 40, "dog": 25, "bird": 15}  # uneven classes
+
+
+def make_folder(root, *, rgb: bool, split_layout: bool, corrupt: bool = True, counts=COUNTS):
+    rng = np.random.default_rng(0)
+    for c, (name, n) in enumerate(counts.items()):
+        for i in range(n):
+            split = ("test" if i % 5 == 0 else "train") if split_layout else None
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            width, height = 20 + i % 7, 18 + i % 5
+            pixels = np.clip(c * 80 + rng.integers(0, 60, (height, width, 3 if rgb else 1)), 0, 255).astype(np.uint8)
+            image = Image.fromarray(pixels if rgb else pixels[..., 0], "RGB" if rgb else "L")
+            image.save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    if corrupt:
+        bad = (root / "train" / "cat") if split_layout else (root / "cat")
+        (bad / "broken.png").write_bytes(b"\x89PNG but not an image")
+    return root
+
+
+def test_a_flat_folder_is_split_per_class_reproducibly(tmp_path):
+    root = make_folder(tmp_path / "photos", rgb=True, split_layout=False)
+    train, val, test = folder_splits(str(root), on_bad_image="skip")
+    again = folder_splits(str(root), on_bad_image="skip")
+    for a, b in zip((train, val, test), again):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert train.classes == ("bird", "cat", "dog") and train.num_classes == 3
+    sizes = {split: torch.bincount(d.labels, minlength=3).tolist() for split, d in
+             (("train", train), ("val", val), ("test", test))}
+    # per class: 20 % test, 10 % validation, the rest train (cat lost its corrupt file: 40 readable)
+    assert sizes["test"] == [3, 8, 5] and sizes["val"] == [2, 4, 2] and sizes["train"] == [10, 28, 18]
+    assert train.images.shape[1:] == (3, 20, 20)  # RGB; the median shorter side of the images
+    assert train.flip and train.crop_padding == 2 and not test.flip and test.crop_padding == 0
+    expected = train.images.float().div(255).transpose(0, 1).flatten(1)
+    assert train.mean == pytest.approx(expected.mean(1).tolist()) and train.std == pytest.approx(expected.std(1).tolist())
+    assert test.mean == train.mean and val.std == train.std  # every split normalised as the training split
+
+
+def test_a_split_folder_keeps_its_splits_and_grayscale_stays_one_channel(tmp_path):
+    root = make_folder(tmp_path / "scans", rgb=False, split_layout=True)
+    train, val, test = folder_splits(str(root), input_size=12, on_bad_image="skip", augment=False)
+    assert val is None and len(test) == 16 and len(train) == 64
+    assert train.images.shape[1:] == (1, 12, 12) and not train.flip and train.crop_padding == 0
+    assert torch.equal(load_dataset("folder", str(root), "test", input_size=12, on_bad_image="skip").labels, test.labels)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda root: root.mkdir(), r"has 0 class folder\(s\)"),
+    (lambda root: make_folder(root, rgb=True, split_layout=False, corrupt=False, counts={"only": 5}), r"has 1 class folder\(s\)"),
+    (lambda root: (make_folder(root, rgb=True, split_layout=False, corrupt=False), (root / "empty").mkdir()),
+     "class folder '.*empty' holds no images"),
+    (lambda root: make_folder(root, rgb=True, split_layout=False, corrupt=False, counts={"a": 9, "b": 2}),
+     "the val split has no image of class 'b'"),
+    (lambda root: None, "does not exist"),
+])
+def test_bad_folders_are_one_clear_line_and_nothing_is_written(tmp_path, capsys, build, message):
+    import re
+
+    root = tmp_path / "data"
+    build(root)
+    with pytest.raises(NortonError, match=message):
+        folder_splits(str(root))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--arch", "resnet_20", "--data", "folder", "--data-dir", str(root), "--epochs", "1",
+                 "--run-dir", str(run_dir), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]) and not run_dir.exists()
+
+
+def test_a_corrupt_image_is_named_or_skipped(tmp_path, capsys):
+    root = make_folder(tmp_path / "photos", rgb=True, split_layout=False)
+    run_dir = tmp_path / "run"
+    args = ["train", "--arch", "resnet_20", "--data", "folder", "--data-dir", str(root), "--epochs", "1",
+            "--batch-size", "32", "--run-dir", str(run_dir), "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "--on-bad-image skip" in err and not run_dir.exists()
+    assert main(args + ["--on-bad-image", "skip"]) == 0
+    assert "broken.png" in capsys.readouterr().err  # said, and left out
+
+
+@pytest.mark.slow
+def test_a_folder_through_train_evaluate_plan_and_compress(tmp_path, capsys):
+    root = make_folder(tmp_path / "scans", rgb=False, split_layout=True)
+    folder = ["--data", "folder", "--data-dir", str(root), "--on-bad-image", "skip", "--image-size", "16"]
+    assert main(["train", "--arch", "resnet_20", *folder, "--epochs", "1", "--batch-size", "32",
+                 "--run-dir", str(tmp_path / "base"), "--device", "cpu"]) == 0
+    ckpt = str(tmp_path / "base" / "model.pt")
+    capsys.readouterr()
+    assert main(["evaluate", "--ckpt", ckpt, *folder, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 16
+    assert main(["plan", "--ckpt", ckpt, *folder, "--target-macs", "0.5", "--calibration-images", "16",
+                 "--ranks", "1,2", "--keep-steps", "2", "--out", str(tmp_path / "plan.json")]) == 0
+    assert main(["compress", "--ckpt", ckpt, *folder, "--plan", str(tmp_path / "plan.json"), "--epochs", "1",
+                 "--batch-size", "32", "--run-dir", str(tmp_path / "c"), "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    # MACs counted at the data's size: 16×16 grayscale, not the zoo's 32×32
+    assert summary["baseline"]["macs"] == pytest.approx(10_064_064, rel=0.01)
+    assert os.path.exists(tmp_path / "c" / "final.pt")
