@@ -244,3 +244,23 @@ def test_the_header_counts_each_build_once_and_every_fine_tuning():
         in render_table(summary)
     del runs[0]["run_seconds"]  # recorded before run_seconds existed: no claim
     assert "as recorded" not in render_table(summary)
+
+
+def test_budgets_fit_a_small_dataset_and_leave_fashion_mnist_alone():
+    from norton.evidence.compare import BUDGETS, scale_budget
+
+    for name, budget in BUDGETS.items():  # Fashion-MNIST: what the budgets were sized for
+        assert scale_budget(budget, 60_000, 10_000, name) == budget
+    small = scale_budget(BUDGETS["small"], 1437, 360, "small")  # scikit-learn's digits
+    assert small.train_images is None and small.test_images == 360
+    assert small.val_images == round(2000 / 12000 * 1437) and small.extra_val_images == 0
+    # about as many SGD steps as on the 10,000 training images the budget was sized for
+    steps = lambda budget, images, config: config.epochs * images / config.batch_size  # noqa: E731
+    for config in ("baseline", "finetune"):
+        got = steps(small, 1437 - small.val_images, getattr(small, config))
+        want = steps(BUDGETS["small"], 10_000, getattr(BUDGETS["small"], config))
+        assert want <= got <= want * 1.2, config
+    medium = scale_budget(BUDGETS["medium"], 2000, 500, "medium")  # a 2,500-image folder
+    assert medium.extra_val_images == 0 and medium.val_images == 333 and medium.test_images == 500
+    with pytest.raises(NortonError, match="budget 'small' needs at least 100 training images; this dataset has 60"):
+        scale_budget(BUDGETS["small"], 60, 20, "small")

@@ -95,19 +95,28 @@ def test_a_corrupt_image_is_named_or_skipped(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_folder_through_train_evaluate_plan_and_compress(tmp_path, capsys):
+    """train reads the folder with its flags; every later command given the checkpoint reads it the same way
+    without them (the checkpoint records how the folder was read)."""
+    from norton.checkpoints import load_checkpoint
+
     root = make_folder(tmp_path / "scans", rgb=False, split_layout=True)
-    folder = ["--data", "folder", "--data-dir", str(root), "--on-bad-image", "skip", "--image-size", "16"]
-    assert main(["train", "--arch", "resnet_20", *folder, "--epochs", "1", "--batch-size", "32",
-                 "--run-dir", str(tmp_path / "base"), "--device", "cpu"]) == 0
+    data = ["--data", "folder", "--data-dir", str(root)]
+    assert main(["train", "--arch", "resnet_20", *data, "--on-bad-image", "skip", "--image-size", "16", "--epochs", "1",
+                 "--batch-size", "32", "--run-dir", str(tmp_path / "base"), "--device", "cpu"]) == 0
     ckpt = str(tmp_path / "base" / "model.pt")
+    source = load_checkpoint(ckpt)["extra"]["data_source"]
+    assert source["image_size"] == 16 and source["on_bad_image"] == "skip" and source["classes"] == ["bird", "cat", "dog"]
     capsys.readouterr()
-    assert main(["evaluate", "--ckpt", ckpt, *folder, "--json"]) == 0
+    assert main(["evaluate", "--ckpt", ckpt, *data, "--json"]) == 0  # no flags: the corrupt file is skipped again
     assert json.loads(capsys.readouterr().out)["images"] == 16
-    assert main(["plan", "--ckpt", ckpt, *folder, "--target-macs", "0.5", "--calibration-images", "16",
+    assert main(["plan", "--ckpt", ckpt, *data, "--target-macs", "0.5", "--calibration-images", "16",
                  "--ranks", "1,2", "--keep-steps", "2", "--out", str(tmp_path / "plan.json")]) == 0
-    assert main(["compress", "--ckpt", ckpt, *folder, "--plan", str(tmp_path / "plan.json"), "--epochs", "1",
+    assert main(["compress", "--ckpt", ckpt, *data, "--plan", str(tmp_path / "plan.json"), "--epochs", "1",
                  "--batch-size", "32", "--run-dir", str(tmp_path / "c"), "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     # MACs counted at the data's size: 16×16 grayscale, not the zoo's 32×32
     assert summary["baseline"]["macs"] == pytest.approx(10_064_064, rel=0.01)
-    assert os.path.exists(tmp_path / "c" / "final.pt")
+    assert load_checkpoint(tmp_path / "c" / "final.pt")["extra"]["data_source"] == source
+    capsys.readouterr()
+    assert main(["evaluate", "--ckpt", ckpt, *data, "--on-bad-image", "error"]) == 2  # a flag given wins
+    assert "broken.png" in capsys.readouterr().err

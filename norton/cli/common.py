@@ -228,17 +228,23 @@ def add_folder_args(g) -> None:
     g.add_argument("--image-size", type=int, default=None, metavar="PX",
                    help="--data folder: the side images are resized and centre-cropped to (default: their median "
                         "shorter side, at most 224)")
-    g.add_argument("--on-bad-image", choices=BAD_IMAGE_CHOICES, default="error",
-                   help="--data folder: an unreadable image stops the run (error, default) or is left out (skip)")
+    g.add_argument("--on-bad-image", choices=BAD_IMAGE_CHOICES, default=None,
+                   help="--data folder: an unreadable image stops the run (error, default) or is left out (skip); "
+                        "commands given a checkpoint default to what it was trained with, as for --image-size")
     g.add_argument("--no-augment", action="store_true", help="--data folder: train without random crops and flips")
 
 
-def folder_options(args: argparse.Namespace) -> dict:
-    """The image-folder settings of the command line (only ``--data folder`` reads them)."""
+def folder_options(args: argparse.Namespace, checkpoint: dict | None = None) -> dict:
+    """The image-folder settings (only ``--data folder`` reads them): those given on the command line,
+    else those the checkpoint's model was trained with (so evaluate, plan and compress read the folder
+    as train did without repeating them), else the defaults."""
     if getattr(args, "data", None) != "folder":
         return {}
-    return {"input_size": getattr(args, "image_size", None), "on_bad_image": getattr(args, "on_bad_image", "error"),
-            "augment": not getattr(args, "no_augment", False)}
+    stored = ((checkpoint or {}).get("extra") or {}).get("data_source") or {}
+    size = getattr(args, "image_size", None) or stored.get("image_size")
+    bad = getattr(args, "on_bad_image", None) or stored.get("on_bad_image") or "error"
+    augment = False if getattr(args, "no_augment", False) else stored.get("augment", True)
+    return {"input_size": size, "on_bad_image": bad, "augment": augment}
 
 
 def add_train_args(p: argparse.ArgumentParser, *, epochs: int = 400, lr: float = 0.05, warmup: int = 5) -> None:
@@ -269,11 +275,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        temperature=args.temperature, channels_last=args.channels_last)
 
 
-def load_splits(args: argparse.Namespace):
+def load_splits(args: argparse.Namespace, checkpoint: dict | None = None):
     """(train, validation, test) of ``--data``; the validation split is held out of train (an image
     folder brings its own: its val/ folder, or a stratified share of the images)."""
     if args.data == "folder":
-        train, val, test = folder_splits(args.data_dir or _missing_folder(), **folder_options(args))
+        train, val, test = folder_splits(args.data_dir or _missing_folder(), **folder_options(args, checkpoint))
         train = limit(train, args.subset, args.seed)
         if val is not None and args.val_size is None:
             return train, val, test

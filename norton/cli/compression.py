@@ -72,9 +72,10 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     check_out(args)
     device = resolve_device(args.device)
-    model = model_from_args(args, rank=args.rank, compress_rate=None).model.to(device)
+    loaded = model_from_args(args, rank=args.rank, compress_rate=None)
+    model = loaded.model.to(device)
     rates = layer_rates(args)
-    test = load_dataset(args.data, args.data_dir, "test", **folder_options(args)) if args.data else None
+    test = load_dataset(args.data, args.data_dir, "test", **folder_options(args, loaded.checkpoint)) if args.data else None
     before = evaluate(model, test, device=device) if test is not None else None
     round_to = measure_round_to(device) if args.round_to == "auto" else args.round_to
     report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
@@ -113,8 +114,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         check_out(args)
     device = resolve_device(args.device)
-    model = model_from_args(args).model.to(device)
-    train = load_dataset(args.data, args.data_dir, "train", **folder_options(args))
+    loaded = model_from_args(args)
+    model = loaded.model.to(device)
+    train = load_dataset(args.data, args.data_dir, "train", **folder_options(args, loaded.checkpoint))
     batches = calibration_batches(train, args.calibration_images, seed=args.seed)
     result = plan(model, [b.to(device) for b in batches], target_macs=args.target_macs,
                   target_speedup=args.target_speedup, criterion=args.criterion, allocation=args.allocation,
@@ -146,9 +148,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if planned and (args.compress_rate or args.layer_rate or args.amount is not None or args.global_ranking):
         raise NortonError("-cpr, --layer-rate, --amount and --global prune a model decomposed at one rank: give -r RANK")
     saved_plan = read_plan(args.plan) if args.plan else None
-    model = model_from_args(args).model
+    loaded = model_from_args(args)
+    model = loaded.model
     rates = layer_rates(args)
-    train, val, test = load_splits(args)
+    train, val, test = load_splits(args, loaded.checkpoint)
     round_to = args.round_to
     if not planned and round_to == "auto":
         round_to = measure_round_to(device)

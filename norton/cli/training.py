@@ -46,9 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     device, ddp = device_and_processes(args)
-    model = model_from_args(args).model
-    train, val, test = load_splits(args)
-    _fit_and_save(args, model, (train, val, test), device, ddp, stage="finetune", teacher=_teacher(args))
+    loaded = model_from_args(args)
+    train, val, test = load_splits(args, loaded.checkpoint)
+    _fit_and_save(args, loaded.model, (train, val, test), device, ddp, stage="finetune", teacher=_teacher(args))
     return 0
 
 
@@ -62,8 +62,9 @@ def _teacher(args: argparse.Namespace):
 def _fit_and_save(args: argparse.Namespace, model, splits, device, ddp, *, stage: str, teacher=None) -> None:
     """Train, keep the best validation epoch, evaluate on the test set, write model.pt."""
     train, val, test = splits
+    extra = {"stage": stage, "data": args.data, **({"data_source": train.source} if getattr(train, "source", None) else {})}
     result = fit(model, train, val, train_config(args), args.run_dir, device=device, resume=args.resume,
-                 overwrite=args.overwrite, extra={"stage": stage, "data": args.data}, ddp=ddp, teacher=teacher)
+                 overwrite=args.overwrite, extra=extra, ddp=ddp, teacher=teacher)
     load_best(model, args.run_dir)
     metrics = evaluate(model, test, device=device, ddp=ddp)
     if ddp.main:
@@ -71,15 +72,16 @@ def _fit_and_save(args: argparse.Namespace, model, splits, device, ddp, *, stage
         cx = complexity(model, list(input_size_of(train)))
         save_checkpoint(path, model, metrics={"test": metrics, "val_top1": result.best_val["top1"],
                                               "best_epoch": result.best_epoch, "macs": cx.macs, "params": cx.params},
-                        extra={"stage": stage, "data": args.data})
+                        extra=extra)
         print(f"best epoch {result.best_epoch}: val top-1 {result.best_val['top1']:.2f}%; "
               f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    model = model_from_args(args, rank=args.rank, compress_rate=args.compress_rate, research=True).model.to(device)
-    test = load_dataset(args.data, args.data_dir, "test", **folder_options(args))
+    loaded = model_from_args(args, rank=args.rank, compress_rate=args.compress_rate, research=True)
+    model = loaded.model.to(device)
+    test = load_dataset(args.data, args.data_dir, "test", **folder_options(args, loaded.checkpoint))
     metrics = evaluate(model, test, device=device)
     if args.json:
         print(json.dumps(metrics))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -119,6 +120,41 @@ MEDIUM = CompareBudget(
     speedup_targets=(1.8, 3.0),
 )
 BUDGETS = {"small": SMALL, "medium": MEDIUM, "full": FULL}
+MAX_EPOCH_SCALE = 50  # a small dataset's epochs are scaled up at most this much
+MIN_TRAIN_IMAGES = 100
+
+
+def scale_budget(budget: CompareBudget, train_available: int, test_available: int, name: str = "custom") -> CompareBudget:
+    """The budget fitted to a dataset smaller than it was sized for (Fashion-MNIST's 60,000 + 10,000).
+
+    Where the training images the budget asks for (with its extra validation
+    images) are there, it is unchanged.  Otherwise every training image is used,
+    the validation split keeps the budget's share of them (at most its size), the
+    extra validation images are dropped, the test split is what there is (at most
+    the budget's), and the baseline's and fine-tuning's epochs are scaled by how
+    much smaller the training split is, so that they take about as many SGD steps
+    as on the data the budget was sized for (at most ``MAX_EPOCH_SCALE`` times
+    as many epochs).  Too few images for any comparison: one clear error."""
+    wanted = (budget.train_images or train_available) + budget.extra_val_images
+    test_images = budget.test_images if budget.test_images is None or budget.test_images <= test_available else test_available
+    if train_available >= wanted:
+        return replace(budget, test_images=test_images) if test_images != budget.test_images else budget
+    if train_available < MIN_TRAIN_IMAGES:
+        raise NortonError(f"budget {name!r} needs at least {MIN_TRAIN_IMAGES} training images; this dataset has "
+                          f"{train_available} (and {test_available} test images)")
+    reference = budget.train_images or train_available
+    share = budget.val_images / reference
+    val_images = max(1, min(budget.val_images, round(share * train_available)))
+    scale = min(MAX_EPOCH_SCALE, (reference - budget.val_images) / (train_available - val_images))
+
+    def scaled(config: TrainConfig) -> TrainConfig:
+        return replace(config, epochs=max(config.epochs, math.ceil(config.epochs * scale)),
+                       warmup_epochs=math.ceil(config.warmup_epochs * scale) if config.warmup_epochs else 0)
+
+    return replace(budget, train_images=None, val_images=val_images, extra_val_images=0, test_images=test_images,
+                   baseline=scaled(budget.baseline), finetune=scaled(budget.finetune),
+                   recalibration_images=min(budget.recalibration_images, train_available - val_images),
+                   calibration_images=min(budget.calibration_images, train_available - val_images))
 
 
 # -- the methods ------------------------------------------------------------------------------
@@ -383,11 +419,13 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         if not isinstance(getattr(budget, key), int) or getattr(budget, key) < 1:
             raise NortonError(f"{key} must be an integer >= 1, got {getattr(budget, key)!r}")
     device = device or torch.device("cpu")
-    _check_setup(out_dir, arch, data, resume, _shared_settings(budget))  # before any work: the run directory must fit
     started = time.perf_counter()
     full = load_dataset(data, data_dir, "train")
+    full_test = load_dataset(data, data_dir, "test")
+    budget = scale_budget(budget, len(full), len(full_test), budget_name)
+    _check_setup(out_dir, arch, data, resume, _shared_settings(budget))  # before any work: the run directory must fit
     train = limit(full, budget.train_images)
-    test = limit(load_dataset(data, data_dir, "test"), budget.test_images)
+    test = limit(full_test, budget.test_images)
     train, val = split_validation(train, budget.val_images)
     if budget.extra_val_images:
         val = joined(val, held_out(full, budget.train_images or len(full), budget.extra_val_images))

@@ -18,6 +18,7 @@ class ArrayDataset:
     crop_padding: int = 0  # random crop of the original size after zero-padding by this much
     flip: bool = False
     classes: tuple[str, ...] | None = None  # class names, where the data has them (image folders)
+    source: dict | None = None  # how an image folder was read (norton.training.folders): kept in checkpoints
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -34,7 +35,7 @@ class ArrayDataset:
 
     def subset(self, index: Tensor) -> "ArrayDataset":
         return ArrayDataset(self.images[index], self.labels[index], self.mean, self.std, self.crop_padding, self.flip,
-                            self.classes)
+                            self.classes, self.source)
 
     def without_augmentation(self) -> "ArrayDataset":
-        return ArrayDataset(self.images, self.labels, self.mean, self.std, 0, False, self.classes)
+        return ArrayDataset(self.images, self.labels, self.mean, self.std, 0, False, self.classes, self.source)

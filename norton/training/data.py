@@ -274,7 +274,7 @@ def joined(first, second):
     """Two datasets of the same kind as one (validation splits: no augmentation)."""
     if isinstance(first, ArrayDataset) and isinstance(second, ArrayDataset):
         return ArrayDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]),
-                            first.mean, first.std, first.crop_padding, first.flip, first.classes)
+                            first.mean, first.std, first.crop_padding, first.flip, first.classes, first.source)
     return ConcatDataset([first, second])
 
 

@@ -170,10 +170,12 @@ def folder_splits(root: str, *, input_size: int | None = None, on_bad_image: str
     pixels = train_images.float().div(255).transpose(0, 1).flatten(1)
     mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist())
     padding = max(1, size // 8) if augment else 0
+    source = {"kind": "folder", "root": root, "image_size": size, "on_bad_image": on_bad_image, "augment": augment,
+              "classes": list(classes), "mean": list(mean), "std": list(std)}
 
     def dataset(split: str, train: bool):
         images, labels = arrays[split]
         return ArrayDataset(images, labels, mean, std, crop_padding=padding if train else 0,
-                            flip=augment and train and images.shape[1] == 3, classes=tuple(classes))
+                            flip=augment and train and images.shape[1] == 3, classes=tuple(classes), source=source)
 
     return dataset("train", True), (dataset("val", False) if "val" in arrays else None), dataset("test", False)

@@ -136,6 +136,8 @@ def compress(
                            "macs_reduction": plan.macs_reduction, "damage": plan.damage, "allocation": plan.allocation,
                            "seconds": plan.seconds, "round_to": plan.round_to}
     stage_extra = {"plan": plan.to_dict()} if planned else {}
+    if getattr(train, "source", None):  # how an image folder was read: commands reading it again take it from here
+        stage_extra["data_source"] = train.source
 
     # ① decompose
     if resume and os.path.exists(stage_files["decomposed"]):
