@@ -126,3 +126,20 @@ def test_registry_rejects_duplicates():
 def test_none_arguments_do_not_override_defaults():
     model = create_model("vgg_19_bn", num_classes=None, rank=None)
     assert model.classifier.linear2.out_features == 100
+
+
+@pytest.mark.parametrize("arch", ["torchvision/resnet18", "timm/resnet18"])
+def test_library_classifiers_take_grayscale_data_and_rebuild_from_their_checkpoint(arch, tmp_path):
+    from norton.checkpoints import load_model, save_checkpoint
+
+    model = create_model(arch, num_classes=3, in_channels=1, rank=2).eval()
+    x = torch.randn(2, 1, 32, 32)
+    assert model(x).shape == (2, 3) and model.default_input_size[0] == 1
+    save_checkpoint(tmp_path / "m.pt", model)
+    again, _ = load_model(tmp_path / "m.pt")
+    torch.testing.assert_close(again.eval()(x), model(x))
+
+
+def test_an_unknown_library_model_is_named():
+    with pytest.raises(NortonError, match="timm model 'no_such_net' cannot be built"):
+        create_model("timm/no_such_net")

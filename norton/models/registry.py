@@ -20,13 +20,15 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def _torchvision_model_builder(name: str) -> Callable[..., nn.Module]:
-    tv_name = name.split("/", 1)[1]
+def _external_model_builder(name: str) -> Callable[..., nn.Module]:
+    """``torchvision/<name>`` or ``timm/<name>``: a classifier of that library, randomly initialised."""
+    library, model_name = name.split("/", 1)
 
     def build(rank: int = 0, compress_rate=None, **kwargs) -> nn.Module:
         if compress_rate is not None:
             raise NortonError(f"{name}: compress-rate lists are for zoo models; prune with norton.prune instead")
-        return _torchvision_model(tv_name, rank=rank, **kwargs)
+        make = _torchvision_model if library == "torchvision" else _timm_model
+        return make(model_name, rank=rank, **kwargs)
 
     return build
 
@@ -41,7 +43,8 @@ def get_model_builder(name: str) -> Callable[..., nn.Module]:
     return _MODELS[name]
 
 
-def _torchvision_model(name: str, rank: int = 0, num_classes: int | None = None, **kwargs) -> nn.Module:
+def _torchvision_model(name: str, rank: int = 0, num_classes: int | None = None, in_channels: int | None = None,
+                       **kwargs) -> nn.Module:
     """A torchvision classifier by name (no weights), with CPDBlocks at rank > 0."""
     import torchvision
 
@@ -49,7 +52,33 @@ def _torchvision_model(name: str, rank: int = 0, num_classes: int | None = None,
         model = torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
     except (ValueError, TypeError) as err:
         raise NortonError(f"torchvision model {name!r} cannot be built: {err}") from None
-    model.default_input_size = (3, 224, 224)
+    if in_channels not in (None, 3):  # grayscale data: the stem takes that many channels
+        stem_name, stem = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        replace_module(model, stem_name, nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride,
+                                                   stem.padding, stem.dilation, stem.groups, stem.bias is not None,
+                                                   stem.padding_mode))
+    model.default_input_size = (in_channels or 3, 224, 224)
+    return _decomposed(model, rank)
+
+
+def _timm_model(name: str, rank: int = 0, num_classes: int | None = None, in_channels: int | None = None,
+                **kwargs) -> nn.Module:
+    """A timm classifier by name (no weights), with CPDBlocks at rank > 0; needs timm installed."""
+    try:
+        import timm
+    except ImportError:
+        raise NortonError(f"timm/{name} needs timm (pip install timm); zoo and torchvision/<name> models do not") from None
+    options = {**({"num_classes": num_classes} if num_classes else {}), **({"in_chans": in_channels} if in_channels else {})}
+    try:
+        model = timm.create_model(name, pretrained=False, **options, **kwargs)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise NortonError(f"timm model {name!r} cannot be built: {str(err).splitlines()[0][:200]}") from None
+    size = model.default_cfg.get("input_size", (3, 224, 224)) if hasattr(model, "default_cfg") else (3, 224, 224)
+    model.default_input_size = (in_channels or size[0], *size[1:])
+    return _decomposed(model, rank)
+
+
+def _decomposed(model: nn.Module, rank: int) -> nn.Module:
     if rank:
         for conv_name, conv in [(n, m) for n, m in model.named_modules() if is_decomposable(m)]:
             replace_module(model, conv_name, CPDBlock.like_conv(conv, rank))
@@ -62,10 +91,12 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
     Common keywords: ``rank`` (0 = plain convs), ``compress_rate`` (list or the
     published string form), ``num_classes``, ``in_channels``.
-    ``"torchvision/<name>"`` builds a torchvision classifier (no weights).
+    ``"torchvision/<name>"`` and ``"timm/<name>"`` build that library's
+    classifier (random weights; ``in_channels`` replaces a torchvision stem).
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    builder = _torchvision_model_builder(name) if name.startswith("torchvision/") else get_model_builder(name)
+    builder = (_external_model_builder(name) if name.startswith(("torchvision/", "timm/"))
+               else get_model_builder(name))
     rank = kwargs.get("rank", 0)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise NortonError(f"rank must be an integer >= 0 (0 = plain convolutions), got {rank!r}")
