@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench gpu-bench compare zoo fashion-mnist clean
+.PHONY: test demo docs bench gpu-bench compare zoo fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ fashion-mnist:
 		  $$SUDO apt-get update -q >/dev/null && \
 		  $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
 		echo "could not install dataset-fashion-mnist: $(FASHION_MNIST) stays missing"
+
+# the documentation site into site/: the generated references first, then a strict build
+docs: $(STAMP)
+	$(VENV)/bin/python docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 demo: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton demo $(DEMO_ARGS)
@@ -69,4 +74,4 @@ gpu-bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/gpu.py --resume
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

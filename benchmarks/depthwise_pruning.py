@@ -1,6 +1,6 @@
 """MACs removed by 50 % filter pruning of torchvision models with depthwise
 convolutions (random weights, 1×3×64×64 input, l2 selection), and whether the
-output keeps its shape.  The README's depthwise figures come from this script:
+output keeps its shape.  The pruning guide's (docs/guides/pruning.md) depthwise figures come from this script:
 
     .venv/bin/python benchmarks/depthwise_pruning.py
 """

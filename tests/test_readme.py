@@ -1,4 +1,4 @@
-"""Every Python block of the README runs as written, in a fresh interpreter."""
+"""Every Python block of the README and of the documentation pages runs as written, in a fresh interpreter."""
 import pathlib
 import re
 import subprocess
@@ -6,17 +6,20 @@ import sys
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+BLOCKS = [(page.relative_to(ROOT).as_posix(), block) for page in PAGES
+          for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
 
 
-def test_the_readme_has_python_blocks():
-    assert len(BLOCKS) >= 2
+def test_the_readme_and_the_guides_have_python_blocks():
+    pages = {page for page, _ in BLOCKS}
+    assert "README.md" in pages and "docs/index.md" in pages and len(BLOCKS) >= 4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_block_runs(index, tmp_path):
-    result = subprocess.run([sys.executable, "-c", BLOCKS[index]], cwd=tmp_path, capture_output=True, text=True,
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"{page}-{i}" for i, (page, _) in enumerate(BLOCKS)])
+def test_python_block_runs(index, tmp_path):
+    result = subprocess.run([sys.executable, "-c", BLOCKS[index][1]], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
