@@ -120,3 +120,18 @@ def test_a_folder_through_train_evaluate_plan_and_compress(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--ckpt", ckpt, *data, "--on-bad-image", "error"]) == 2  # a flag given wins
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_every_command_counts_macs_at_the_size_of_the_data(tmp_path, capsys):
+    """A ResNet-20 trained on digits (16×16): its checkpoint records that size, and prune counts MACs there
+    (as compress does), not at the zoo's 32×32."""
+    from norton.checkpoints import load_model
+
+    assert main(["train", "--arch", "resnet_20", "--data", "digits", "--subset", "300", "--epochs", "1",
+                 "--run-dir", str(tmp_path / "base"), "--device", "cpu"]) == 0
+    model, _ = load_model(tmp_path / "base" / "model.pt")
+    assert tuple(model.default_input_size) == (1, 16, 16)
+    capsys.readouterr()
+    assert main(["prune", "--ckpt", str(tmp_path / "base" / "model.pt"), "--target-macs", "0.6", "--criterion", "l2",
+                 "--out", str(tmp_path / "pruned.pt"), "--device", "cpu"]) == 0
+    assert "MACs 10,064,512 ->" in capsys.readouterr().out

@@ -45,6 +45,7 @@ from norton.training import (
     calibration_batches,
     compress,
     evaluate,
+    input_size_of,
     load_dataset,
     resolve_device,
 )
@@ -78,15 +79,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     test = load_dataset(args.data, args.data_dir, "test", **folder_options(args, loaded.checkpoint)) if args.data else None
     before = evaluate(model, test, device=device) if test is not None else None
     round_to = measure_round_to(device) if args.round_to == "auto" else args.round_to
+    size = tuple(input_size_of(test)) if test is not None else tuple(model.default_input_size)  # MACs at the data's size
     report = prune(model, rates or args.compress_rate, amount=args.amount, target_macs=args.target_macs,
-                   example_inputs=torch.zeros(1, *model.default_input_size, device=device), criterion=args.criterion,
+                   example_inputs=torch.zeros(1, *size, device=device), criterion=args.criterion,
                    global_ranking=args.global_ranking, round_to=round_to, seed=args.seed, progress=True)
     print(report.table())
     if test is not None:
         after = evaluate(model, test, device=device)
         print(f"test top-1 before pruning {before['top1']:.2f}%, right after pruning (no fine-tuning) {after['top1']:.2f}%")
     save_checkpoint(args.out, model, metrics={"macs": report.macs_after, "params": report.params_after},
-                    extra={"stage": "prune", "criterion": args.criterion, "kept": {g.root: g.kept for g in report.groups}})
+                    input_size=list(size), extra={"stage": "prune", "criterion": args.criterion, "kept": {g.root: g.kept for g in report.groups}})
     print(f"saved {args.out}")
     return 0
 

@@ -72,7 +72,7 @@ def _fit_and_save(args: argparse.Namespace, model, splits, device, ddp, *, stage
         cx = complexity(model, list(input_size_of(train)))
         save_checkpoint(path, model, metrics={"test": metrics, "val_top1": result.best_val["top1"],
                                               "best_epoch": result.best_epoch, "macs": cx.macs, "params": cx.params},
-                        extra=extra)
+                        input_size=list(input_size_of(train)), extra=extra)
         print(f"best epoch {result.best_epoch}: val top-1 {result.best_val['top1']:.2f}%; "
               f"test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% -> {path}")
 

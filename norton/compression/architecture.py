@@ -62,6 +62,8 @@ def rebuild(description: dict[str, Any], base_model: nn.Module | None = None) ->
                 ranks = ranks if isinstance(ranks, int) else tuple(ranks)  # a CP rank, or Tucker-2's pair
                 block = block_type.like_conv(conv, ranks).requires_grad_(conv.weight.requires_grad)  # frozen stays frozen
                 replace_module(model, name, block)
+    if description.get("input_size"):  # the size the model was made for (a dataset's, not the zoo default)
+        model.default_input_size = tuple(int(v) for v in description["input_size"])
     widths = description.get("widths", {})
     current = {n: out_width(m) for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)}
     if widths and widths != current:
