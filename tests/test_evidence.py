@@ -76,6 +76,11 @@ def test_compare_writes_the_measured_table_and_plot(compared):
         assert abs(1 - runs[0]["macs"] / saved["baseline"]["macs"] - 0.85) <= TOLERANCE
         assert runs[0]["latency_ms"] > 0
     assert f"Baseline ResNet-20: {saved['baseline']['top1']:.2f} %" in table
+    base = saved["baseline"]  # how far its training went, and whether its validation curve settled
+    assert base["epochs"] == TINY.baseline.epochs == len(base["val_curve"])
+    curve = base["val_curve"]
+    assert base["converged"] == (len(curve) >= 3 and max(curve[-3:]) - min(curve[-3:]) <= 0.2)
+    assert f"trained {base['epochs']} epochs, {'converged' if base['converged'] else 'not converged'}" in table
     assert "median of 3 round-robin passes of a batch of 16" in table  # the budget's latency settings
     assert all(r["run_seconds"] > 0 for r in saved["runs"]) and "min as recorded)" in table
     for label in ("NORTON (pabs)", "NORTON-auto (planner, MACs target)"):  # each NORTON row against the best peer

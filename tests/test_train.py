@@ -335,3 +335,47 @@ def test_cuda_evaluation_is_reproducible_and_training_plans_are_tuned_on_the_dev
         assert evaluate(loaded.to(cuda), test, device=cuda) == first
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+@pytest.mark.parametrize("curve,patience,stops", [
+    ([50, 60, 70, 69, 68], 2, True),  # two epochs without a new best
+    ([50, 60, 70, 69, 71], 2, False),  # the last one improved
+    ([50, 60, 70, 70, 70], 2, True),  # equal is not better
+    ([50, 60, 70, 69], 3, False),  # not enough epochs since the best yet
+    ([50, 40, 30], 0, False),  # patience 0: never
+])
+def test_the_early_stopping_rule(curve, patience, stops):
+    from norton.training import stops_early
+
+    assert stops_early(curve, patience) is stops
+
+
+@pytest.mark.parametrize("curve,settled", [
+    ([80.0, 84.9, 85.0, 85.1], True), ([84.9, 85.0, 85.2], False), ([85.0, 85.1], False), ([85.0] * 3, True)])
+def test_convergence_is_the_last_three_within_two_tenths(curve, settled):
+    from norton.training import converged
+
+    assert converged(curve) is settled
+
+
+def test_fit_stops_early_and_a_resume_keeps_it_stopped(digits, tmp_path, monkeypatch):
+    import norton.training.classification as classification
+
+    train, val, _ = digits
+    scripted = iter([60.0, 70.0, 65.0, 66.0, 90.0, 91.0])  # a validation curve that stalls after epoch 2
+    real = classification.evaluate
+
+    def fake_evaluate(model, data, **kwargs):
+        result = real(model, data, **kwargs)
+        return {**result, "top1": next(scripted)}
+
+    monkeypatch.setattr(classification, "evaluate", fake_evaluate)
+    torch.manual_seed(0)
+    model = create_model("resnet_20", num_classes=10, in_channels=1)
+    config = TrainConfig(epochs=6, batch_size=128, patience=2)
+    result = fit(model, train, val, config, str(tmp_path / "run"), device=CPU, progress=False)
+    assert result.epochs == 4 and result.stopped_early and result.best_epoch == 2 and not result.converged
+    again = fit(model, train, val, config, str(tmp_path / "run"), device=CPU, progress=False, resume=True)
+    assert again.epochs == 4 and again.stopped_early  # a stopped run stays stopped
+    with pytest.raises(NortonError, match="patience must be an integer >= 0"):
+        TrainConfig(patience=-1).validate()

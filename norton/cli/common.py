@@ -262,6 +262,8 @@ def add_train_args(p: argparse.ArgumentParser, *, epochs: int = 400, lr: float =
     g.add_argument("--channels-last", action="store_true",
                    help="train in the channels-last memory format: often faster on CPUs (benchmarks/train_layout.py), the same results up "
                         "to float rounding; a run resumes only in the layout it started in")
+    g.add_argument("--patience", type=int, default=0, metavar="P",
+                   help="stop once validation top-1 has not improved for P epochs (default 0: train every epoch)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--run-dir", required=True, help="where checkpoints and metrics.jsonl go")
     g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -272,7 +274,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        label_smoothing=args.label_smoothing, seed=args.seed, distill=args.distill,
-                       temperature=args.temperature, channels_last=args.channels_last)
+                       temperature=args.temperature, channels_last=args.channels_last, patience=args.patience)
 
 
 def load_splits(args: argparse.Namespace, checkpoint: dict | None = None):

@@ -39,8 +39,11 @@ from norton.errors import NortonError
 from norton.evidence.plotting import pyplot, save
 from norton.models import create_model
 from norton.training import (
+    CONVERGED_SPREAD,
+    CONVERGED_WINDOW,
     TrainConfig,
     calibration_batches,
+    converged,
     dataset_shape,
     evaluate,
     fit,
@@ -458,6 +461,10 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     baseline.to(device).eval()
     base_cx = complexity(baseline, list(input_size))
     base_test = evaluate(baseline, test, device=device)
+    curve = _validation_curve(base_dir)
+    print(f"baseline: {len(curve)} epochs, validation top-1 {' '.join(f'{v:.2f}' for v in curve[-5:])} (last 5); "
+          f"{'converged' if converged(curve) else 'not converged'} (last {CONVERGED_WINDOW} within "
+          f"{CONVERGED_SPREAD} points)")
     teacher = copy.deepcopy(baseline) if budget.finetune.distill > 0 else None  # the same teacher for every method
     ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *input_size), budget=budget, input_size=input_size,
                   calibration=calibration_batches(train, budget.calibration_images, seed=0), train=train, val=val,
@@ -510,7 +517,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     summary = {
         "budget": budget_name, "setup": setup, "arch": arch, "data": data,
         "baseline": {"top1": base_test["top1"], "macs": base_cx.macs, "params": base_cx.params,
-                     "latency_ms": latency["baseline"]},
+                     "latency_ms": latency["baseline"], "epochs": len(curve), "val_curve": curve,
+                     "converged": converged(curve)},
         "runs": results, "budget_settings": _budget_dict(budget),
         "minutes": (time.perf_counter() - started) / 60,
     }
@@ -540,6 +548,24 @@ def _baseline_model(arch: str, classes: int, channels: int, input_size) -> nn.Mo
 # what every run of a comparison must share: a resumed run with other data or training would mix tables
 _SHARED = ("train_images", "val_images", "extra_val_images", "test_images", "baseline", "finetune",
            "recalibration_images", "calibration_images")
+
+
+def _validation_curve(run_dir: str) -> list[float]:
+    """Validation top-1 per epoch of a finished fit run (its metrics.jsonl)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["val_top1"] for line in f if line.strip()]
+
+
+def _convergence(base: dict) -> str:
+    """What a summary says of its baseline's training (older summaries do not record it)."""
+    if "epochs" not in base:
+        return ""
+    state = "converged" if base["converged"] else "not converged"
+    return (f"; trained {base['epochs']} epochs, {state} (validation top-1 of the last {CONVERGED_WINDOW} epochs "
+            f"{'within' if base['converged'] else 'not within'} {CONVERGED_SPREAD} points)")
 
 
 def _shared_settings(budget: CompareBudget) -> dict:
@@ -720,7 +746,7 @@ def render_table(summary: dict) -> str:
         "to quote).",
         "",
         f"Baseline {_model_name(summary)}: {base['top1']:.2f} %, {base['macs'] / 1e6:.2f}M MACs, {base['params'] / 1e3:.1f}K params, "
-        f"{base['latency_ms']:.1f} ms.",
+        f"{base['latency_ms']:.1f} ms" + _convergence(base) + ".",
         "",
         "| MACs target | method | configuration | MACs ↓ | params ↓ | before fine-tuning | + BN recalibration "
         "| after fine-tuning | vs baseline | latency (speed-up) |",

@@ -1,14 +1,18 @@
 """Stage ③: datasets in their on-disk formats, the one training engine, the
 classification loop, and ``compress`` (decompose → prune → fine-tune)."""
 from norton.training.classification import (
+    CONVERGED_SPREAD,
+    CONVERGED_WINDOW,
     FitResult,
     TrainConfig,
     classification_loss,
+    converged,
     evaluate,
     fit,
     load_best,
     lr_factor,
     recalibrate_bn,
+    stops_early,
 )
 from norton.training.data import (
     DATASETS,
@@ -31,6 +35,8 @@ from norton.training.candidates import apply_plan, select_plan
 
 __all__ = [
     "BAD_IMAGE_CHOICES",
+    "CONVERGED_SPREAD",
+    "CONVERGED_WINDOW",
     "DATASETS",
     "ArrayDataset",
     "CompressConfig",
@@ -42,6 +48,7 @@ __all__ = [
     "calibration_batches",
     "classification_loss",
     "compress",
+    "converged",
     "dataset_shape",
     "epoch_batches",
     "evaluate",
@@ -60,4 +67,5 @@ __all__ = [
     "resolve_device",
     "select_plan",
     "split_validation",
+    "stops_early",
 ]

@@ -45,6 +45,9 @@ class TrainConfig:
     distill: float = 0.0  # weight of the distillation term (0: plain cross-entropy; needs a teacher)
     temperature: float = 4.0  # of the distillation softmaxes
     channels_last: bool = False  # train in the channels-last memory format (often faster on CPUs; same numbers up to rounding)
+    # stop once validation top-1 has not improved for this many epochs (0: train every epoch); the learning-rate
+    # schedule still spans ``epochs``, so a run that stops early stops at a higher learning rate than the last epoch's
+    patience: int = 0
 
     def validate(self) -> None:
         checks = [
@@ -58,6 +61,8 @@ class TrainConfig:
             (0 <= self.distill <= 1, "the distillation weight must be in [0, 1]"),
             (self.temperature > 0 and math.isfinite(self.temperature), "the distillation temperature must be > 0"),
             (isinstance(self.channels_last, bool), "channels_last must be True or False"),
+            (isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 0,
+             "patience must be an integer >= 0 (0: no early stopping)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -75,6 +80,23 @@ def classification_loss(logits: Tensor, labels: Tensor, config: TrainConfig, tea
     kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                   reduction="batchmean", log_target=True)
     return (1.0 - config.distill) * ce + config.distill * t * t * kl
+
+
+CONVERGED_WINDOW, CONVERGED_SPREAD = 3, 0.2  # the last 3 validation top-1 values within 0.2 points
+
+
+def converged(val_top1: list[float], window: int = CONVERGED_WINDOW, spread: float = CONVERGED_SPREAD) -> bool:
+    """Whether a validation curve has settled: its last ``window`` values lie within ``spread`` points."""
+    tail = val_top1[-window:]
+    return len(tail) == window and max(tail) - min(tail) <= spread
+
+
+def stops_early(val_top1: list[float], patience: int) -> bool:
+    """Whether training stops after the last of these epochs: none of the last ``patience`` epochs improved on
+    the best before them (``patience`` 0: never)."""
+    if patience <= 0 or len(val_top1) <= patience:
+        return False
+    return max(val_top1[-patience:]) <= max(val_top1[:-patience])
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_start: float) -> float:
@@ -142,6 +164,9 @@ class FitResult:
     best_val: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     run_dir: str = ""
+    epochs: int = 0  # epochs run (fewer than configured when it stopped early)
+    converged: bool = False  # the last 3 validation top-1 values within 0.2 points
+    stopped_early: bool = False
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -188,6 +213,8 @@ def fit(
     start_epoch, best_epoch, best_val = 0, -1, {"top1": -1.0}
     if run.state:
         start_epoch, best_epoch, best_val = run.state["epoch"] + 1, run.state["best_epoch"], run.state["best_val"]
+        if run.state.get("stopped_early"):  # a run that stopped early is finished
+            start_epoch = config.epochs
     history = run.logged(lambda row: row["epoch"] <= start_epoch)
     if device.type == "cuda" and start_epoch < config.epochs:  # the CPU-fitted cost model of plan "auto" is no guide here
         tune_training_plans(model, train_data, config, device, layout)
@@ -240,16 +267,23 @@ def fit(
         metrics = {"val": val, "epoch": epoch + 1}
         if improved and ddp.main:
             save_checkpoint(os.path.join(run_dir, "best.pt"), model, metrics=metrics, extra=extra)
-        run.save(finished=epoch + 1 == config.epochs, metrics=metrics, extra=extra,
-                 position={"epoch": epoch, "best_epoch": best_epoch, "best_val": best_val})
+        stop = stops_early([r["val_top1"] for r in history], config.patience)
+        run.save(finished=epoch + 1 == config.epochs or stop, metrics=metrics, extra=extra,
+                 position={"epoch": epoch, "best_epoch": best_epoch, "best_val": best_val, "stopped_early": stop})
         if progress and ddp.main:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  val top-1 "
-                       f"{val['top1']:.2f}%  ({record['images_per_s']:.0f} img/s)")
+                       f"{val['top1']:.2f}%  ({record['images_per_s']:.0f} img/s)"
+                       + (f"; no improvement for {config.patience} epochs: stopped" if stop else ""))
         ddp.barrier()
+        if stop:
+            break
     for m in (model, teacher) if config.channels_last else ():
         if m is not None:
             m.to(memory_format=torch.contiguous_format)
-    return FitResult(best_epoch=best_epoch + 1, best_val=best_val, history=history, run_dir=run_dir)
+    curve = [r["val_top1"] for r in history]
+    return FitResult(best_epoch=best_epoch + 1, best_val=best_val, history=history, run_dir=run_dir,
+                     epochs=len(history), converged=converged(curve),
+                     stopped_early=stops_early(curve, config.patience))
 
 
 def tune_training_plans(model: nn.Module, train_data: ArrayDataset, config: TrainConfig, device: torch.device,
