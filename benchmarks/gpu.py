@@ -84,12 +84,13 @@ class Results:
         print(f"{key}: " + json.dumps({k: v for k, v in row.items() if k not in ("layers",)}), flush=True)
 
 
-def variants(arch: str, size: int, batch: int, device, quick: bool) -> dict:
-    """The compressed models of one architecture, by row name, with how each was made."""
+def variants(arch: str, size: int, batch: int, device, quick: bool):
+    """(the compressed models of one architecture by row name — or why one was not built —, what each row
+    records of how it was made: MACs removed, planning seconds, round_to; the dense model)."""
     dense = build(arch).to(device)
     x1 = torch.zeros(1, 3, size, size, device=device)
     dense_macs = count_macs(dense, x1)
-    out = {}
+    out, made_by = {}, {}
     if arch in PAPER:
         rank, rate = PAPER[arch]
         out[f"paper r{rank}" + (f" {rate}" if rate else "")] = build(arch, rank, rate).to(device)
@@ -108,13 +109,12 @@ def variants(arch: str, size: int, batch: int, device, quick: bool) -> dict:
                             latency_dtype=torch.bfloat16 if device.type == "cuda" else None, **options)
             model = copy.deepcopy(dense)
             made.apply(model, x1)
-            model.planning_seconds = time.perf_counter() - started
-            model.round_to = round_to
             out[name] = model
+            made_by[name] = {"planning_seconds": time.perf_counter() - started, "round_to": round_to}
         except Exception as err:  # a target out of reach is a row that says so
             out[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    references = [k for k in out if not isinstance(out[k], str) and not k.startswith("planner") or
-                  k in ("planner 60% fewer MACs", "planner 85% fewer MACs") and not isinstance(out[k], str)]
+    # Torch-Pruning at the MACs of the paper's config and the planner's MACs-target plans
+    references = [k for k, m in out.items() if not isinstance(m, str) and (not k.startswith("planner") or "MACs" in k)]
     for reference in references[:1] if quick else references:
         macs = 1 - count_macs(out[reference], x1) / dense_macs
         if macs <= 0.01:
@@ -130,7 +130,10 @@ def variants(arch: str, size: int, batch: int, device, quick: bool) -> dict:
                 out[name] = model
             except Exception as err:
                 out[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    return out, dense, dense_macs
+    for name, model in out.items():
+        if not isinstance(model, str):
+            made_by.setdefault(name, {})["macs_reduction"] = 1 - count_macs(model, x1) / dense_macs
+    return out, made_by, dense
 
 
 def inference(results: Results, device, quick: bool, repeats: int) -> None:
@@ -145,7 +148,7 @@ def inference(results: Results, device, quick: bool, repeats: int) -> None:
                     continue
                 if made is None:
                     made = variants(arch, size, batches[-1] if not quick else batch, device, quick)
-                models, dense, dense_macs = made
+                models, made_by, dense = made
                 x = torch.randn(batch, 3, size, size, device=device)
                 options = dict(device=device, dtype=dtype, cuda_graph=graph, memory_format="channels_last"
                                if dtype != torch.float32 else "contiguous")
@@ -158,11 +161,9 @@ def inference(results: Results, device, quick: bool, repeats: int) -> None:
                     deployed[name], report = deploy(model, x, **options)
                     layers[name] = {"forms": report.layers, "chosen_whole": report.chosen_whole}
                 lat = compare_latency(deployed, x, repeats=repeats)
-                x1 = torch.zeros(1, 3, size, size, device=device)
                 rows = {name: {"median_ms": v.median_ms, "speedup": lat["dense"].median_ms / v.median_ms,
-                               "macs_reduction": 0.0 if name == "dense" else 1 - count_macs(models[name], x1) / dense_macs,
-                               "planning_seconds": getattr(models.get(name), "planning_seconds", None),
-                               "round_to": getattr(models.get(name), "round_to", None)}
+                               "macs_reduction": 0.0, "planning_seconds": None, "round_to": None,
+                               **made_by.get(name, {})}
                         for name, v in lat.items()}
                 results.add(key, {"arch": arch, "batch": batch, "input": size, "mode": mode, "models": rows,
                                   "failed": failed, "layers": layers})

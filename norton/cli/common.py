@@ -281,7 +281,7 @@ def load_splits(args: argparse.Namespace, checkpoint: dict | None = None):
     """(train, validation, test) of ``--data``; the validation split is held out of train (an image
     folder brings its own: its val/ folder, or a stratified share of the images)."""
     if args.data == "folder":
-        train, val, test = folder_splits(args.data_dir or _missing_folder(), **folder_options(args, checkpoint))
+        train, val, test = folder_splits(args.data_dir, **folder_options(args, checkpoint))
         train = limit(train, args.subset, args.seed)
         if val is not None and args.val_size is None:
             return train, val, test
@@ -293,10 +293,6 @@ def load_splits(args: argparse.Namespace, checkpoint: dict | None = None):
     val_size = args.val_size if args.val_size is not None else min(5000, max(1, len(train) // 10))
     train, val = split_validation(train, val_size, args.seed)
     return train, val, test
-
-
-def _missing_folder():
-    raise NortonError("--data folder needs --data-dir (a folder of class folders, or of train/ and test/ holding them)")
 
 
 def device_and_processes(args: argparse.Namespace) -> tuple[torch.device, Distributed]:

@@ -13,7 +13,7 @@ import torch
 from norton.checkpoints import atomic_save, atomic_write_text
 from norton.cli.common import add_command, model_from_args, rank
 from norton.core import DTYPE_NAMES, device_name, resolve_device, resolve_dtype
-from norton.deployment import compare_latency, deploy, export_onnx, onnx_latency_ms
+from norton.deployment import Latency, compare_latency, deploy, export_onnx, onnx_latency_ms
 from norton.detection import backbone_batch, deploy_detector, is_detector
 from norton.errors import NortonError
 
@@ -98,10 +98,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                     path = export_onnx(m, example, f"{tmp}/m.onnx").path
                     times = onnx_latency_ms(path, example, repeats=args.repeats, threads=torch.get_num_threads())
                     q = statistics.quantiles(times, n=10)
-                    median = statistics.median(times)
-                    rows[name] = {"median_ms": median, "p10_ms": q[0], "p90_ms": q[-1],
-                                  "images_per_s": batch * 1000 / median,
-                                  "speedup_vs_dense_deployed": reference / median if reference else None}
+                    rows[name] = _row(Latency(statistics.median(times), q[0], q[-1], len(times)), batch, reference)
         record["results"][str(batch)] = rows
     if args.json:
         print(json.dumps(record))

@@ -3,6 +3,7 @@ constant plus one term per conv and linear layer, for any choice of ranks
 (dense, CP, Tucker-2) and kept filters — without building the model."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -137,21 +138,25 @@ class CostModel:
                                     (max(1, full_n // 4), max(1, full_c // 4))])
             features = [[1.0, float(layer_macs(m, rank, w_n, w_c, layer.in_size)),
                          float(layer_elements(m, w_n, w_c, layer.in_size))] for w_n, w_c in widths]
-            self._fits[shape_key] = fit_nonnegative(features, [self._time(layer, rank, w_n, w_c) for w_n, w_c in widths])
+            seconds = [self._time(layer, rank, w_n, w_c, shape_key) for w_n, w_c in widths]
+            self._fits[shape_key] = fit_nonnegative(features, seconds)
         a, b, d = self._fits[shape_key]
         return a + b * macs + d * float(layer_elements(m, n, c, layer.in_size))
 
-    def _time(self, layer: PlanLayer, rank: int, n: int, c: int) -> float:
+    def _time(self, layer: PlanLayer, rank: int, n: int, c: int, shape_key: tuple) -> float:
         """Seconds per call of the layer's fastest deployed form at these widths, timed once per process
         for each device name and dtype (``_LATENCY_CACHE``)."""
         m = layer.module
-        key = (device_name(self.device or "cpu"), str(self.dtype), self.batch, type(m).__name__, n, c, rank,
-               tuple(layer.in_size), getattr(m, "kernel_size", None), getattr(m, "stride", None),
-               getattr(m, "padding", None), getattr(m, "dilation", None), getattr(m, "groups", None),
-               m.bias is not None, getattr(m, "padding_mode", None), is_depthwise(m) if isinstance(m, nn.Conv2d) else False)
+        grouping = (m.groups, is_depthwise(m)) if isinstance(m, nn.Conv2d) else ()
+        key = (self.device_key, str(self.dtype), self.batch, shape_key, grouping, n, c)
         if key not in _LATENCY_CACHE:
             _LATENCY_CACHE[key] = self._time_once(layer, rank, n, c)
         return _LATENCY_CACHE[key]
+
+    @functools.cached_property
+    def device_key(self) -> str:
+        """The hardware the timings are of (read once: it reads /proc/cpuinfo on a CPU)."""
+        return device_name(self.device or "cpu")
 
     def _time_once(self, layer: PlanLayer, rank: int, n: int, c: int) -> float:
         m = layer.module

@@ -393,7 +393,7 @@ def plan(
                 u.damage.append(probe.damage(trial))
             bar.update(1)
     bar.close()
-    del in_place
+    probe.cached = in_place = None  # the cached activations are not needed past this point
 
     for u in units:  # between measured counts, any count: damage interpolated, so the budget can be met closely
         if u.kind == "keep":
@@ -527,9 +527,7 @@ class _InPlace:
         self.dense, self.cached, self.probe, self.groups = dense, cached, probe, groups
         self.criterion, self.seed, self.round_to = criterion, seed, round_to
         self.masks = True
-        self.names = {}
-        for g in groups:
-            self.names[g.info.root] = g
+        self.names = {m: n for n, m in cached.module.named_modules()}  # layers of the traced model by object
 
     @classmethod
     def make(cls, dense: nn.Module, batches, probe: Probe, groups, criterion: str, seed: int, round_to, example,
@@ -559,9 +557,7 @@ class _InPlace:
         kept = self._kept(root, count)
         handles = zero_channels(self.groups, kept)
         try:
-            names = {m: n for n, m in self.cached.module.named_modules()}
-            hooked = [h.module for h in handles]
-            changed = [names.get(m) for m in hooked]
+            changed = [self.names.get(h.module) for h in handles]
             if any(name not in self.cached.first_call for name in changed):  # a hooked layer the trace does not call
                 return self.probe.damage(self.dense)
             return self.probe.damage(None, changed)

@@ -81,7 +81,7 @@ class CachedForward:
             if node.op != "get_attr":
                 live.add(node)
             live = {n for n in live if last_use.get(n, -1) > i}
-            if live == {node} and isinstance(node, fx.Node) and node.op != "placeholder":
+            if live == {node} and node.op != "placeholder":
                 cuts.append(node)
         return cuts
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.fx as fx
@@ -181,7 +181,7 @@ class DeployReport:
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return asdict(self)
 
 
 Timer = Callable[[Callable[[], object], Tensor, int], float]
@@ -251,7 +251,7 @@ def deploy(model: nn.Module, example_inputs, *, device: str | torch.device | Non
     model.train(was_training)
     with torch.no_grad():
         reference = original(x32)
-    deployed = original if dtype == torch.float32 else copy.deepcopy(original).to(dtype)
+    deployed = original.to(dtype)  # the reference is computed: the copy can change from here on
     report = DeployReport(device=str(device), dtype=DTYPE_NAMES[dtype], cuda_graph=cuda_graph)
     if fold_bn:
         try:
@@ -276,24 +276,27 @@ def deploy(model: nn.Module, example_inputs, *, device: str | torch.device | Non
         elif choice != "factored":
             module.set_plan(choice)
 
-    def layout(net: nn.Module) -> nn.Module:
-        return ChannelsLast(copy.deepcopy(net)).eval() if report.channels_last else net
-
-    if memory_format == "channels_last" or (memory_format == "auto" and x.dim() == 4):
+    layout_ms = {}  # whole-model timings of the two memory formats, kept for the comparison below
+    if memory_format == "auto" and x.dim() == 4:
         candidate = ChannelsLast(copy.deepcopy(deployed)).eval()
-        report.channels_last = (memory_format == "channels_last"
-                                or _whole(candidate, x, repeats, timer) < _whole(deployed, x, repeats, timer))
+        layout_ms = {True: 1000 * _whole(candidate, x, repeats, timer), False: 1000 * _whole(deployed, x, repeats, timer)}
+        report.channels_last = layout_ms[True] < layout_ms[False]
         if report.channels_last:
             deployed = candidate
-    if any(c != "conv" for c in report.layers.values()):  # the assembled choice against the dense form, as a whole
-        dense = layout(_dense_form(deployed.model if report.channels_last else deployed))
-        report.whole_ms = {"per layer": 1000 * _whole(deployed, x, repeats, timer),
+    elif memory_format == "channels_last":
+        deployed, report.channels_last = ChannelsLast(deployed).eval(), True
+    if any(c != "conv" for c in report.layers.values()):
+        # the assembled choice against the dense form, as a whole
+        dense = _dense_form(deployed.model if report.channels_last else deployed)
+        dense = ChannelsLast(dense).eval() if report.channels_last else dense
+        report.whole_ms = {"per layer": layout_ms.get(report.channels_last) or 1000 * _whole(deployed, x, repeats, timer),
                            "dense form": 1000 * _whole(dense, x, repeats, timer)}
         if report.whole_ms["dense form"] < report.whole_ms["per layer"]:
             deployed, report.chosen_whole = dense, "dense form"
             report.layers = dict.fromkeys(report.layers, "conv")
 
-    if dtype != torch.float32 or x.dtype != as_args(example_inputs)[0].dtype or device != as_args(example_inputs)[0].device:
+    given = as_args(example_inputs)[0]
+    if dtype != torch.float32 or x.dtype != given.dtype or device != given.device:
         deployed = CastInputs(deployed, device, dtype).eval()
     if cuda_graph:
         deployed = CUDAGraphed(deployed).eval()

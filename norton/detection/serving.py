@@ -45,6 +45,7 @@ def deploy_detector(model: nn.Module, images: list[Tensor], *, device=None, dtyp
     batch = backbone_batch(model, list(images))
     backbone, report = deploy(model.backbone, batch, device=device, dtype=dtype, cuda_graph=cuda_graph,
                               repeats=repeats, timer=timer)
-    deployed = copy.deepcopy(model).eval().to(torch.device(report.device))
-    deployed.backbone = Float32Outputs(backbone, model.backbone.out_channels)
+    # copied with the deployed backbone in place of the original one (which is not copied for nothing)
+    wrapped = Float32Outputs(backbone, model.backbone.out_channels)
+    deployed = copy.deepcopy(model, {id(model.backbone): wrapped}).eval().to(torch.device(report.device))
     return deployed, report

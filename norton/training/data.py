@@ -180,8 +180,6 @@ def load_dataset(name: str, root: str | None, split: str, **folder_options):
     if split not in ("train", "test"):
         raise NortonError(f"split must be 'train' or 'test', got {split!r}")
     if name == "folder":
-        if not root:
-            raise NortonError("folder needs --data-dir (a folder of class folders, or of train/ and test/ holding them)")
         train, _, test = folder_splits(root, **folder_options)
         return train if split == "train" else test
     if name == "cifar10":

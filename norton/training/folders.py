@@ -149,8 +149,10 @@ def _stratified(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
             for split, ix in parts.items()}
 
 
-def folder_splits(root: str, *, input_size: int | None = None, on_bad_image: str = "error", augment: bool = True):
+def folder_splits(root: str | None, *, input_size: int | None = None, on_bad_image: str = "error", augment: bool = True):
     """(train, validation or None, test) ``ArrayDataset``s of an image folder (see the module text)."""
+    if not root:
+        raise NortonError("folder needs --data-dir (a folder of class folders, or of train/ and test/ holding them)")
     if on_bad_image not in BAD_IMAGE_CHOICES:
         raise NortonError(f"on_bad_image must be {' or '.join(BAD_IMAGE_CHOICES)}, got {on_bad_image!r}")
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
