@@ -1,0 +1,62 @@
+"""How long the planner takes, and what measuring its options in place buys.
+
+    .venv/bin/python benchmarks/planner_speed.py                  # ResNet-20 and ResNet-56, both ways
+    .venv/bin/python benchmarks/planner_speed.py --costs          # ResNet-20 at 128/256/512 images, 8 and 4 keep steps
+
+``norton.plan(model, digits calibration images, target_macs=0.6)`` on a
+randomly initialised zoo model (the damages it measures need no training to
+cost what they cost): once with the options measured in place from the
+changed layer on (the planner as it is), once on the surgery path (every
+pruning option on a pruned copy, every probe a whole forward: what the planner
+did before), one after the other in this process; then whether the two plans
+are the same and how far their damages are apart.  ``--costs`` times the
+trade-off of ``--calibration-images`` and ``--keep-steps``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import torch
+
+from norton import create_model
+from norton.compression import plan, planning
+from norton.training import calibration_batches, load_dataset
+
+
+def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = True):
+    warnings.simplefilter("ignore")
+    batches = calibration_batches(load_dataset("digits", None, "train"), images, seed=0)
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, in_channels=1).eval()
+    make = planning._InPlace.make
+    if not in_place:
+        planning._InPlace.make = classmethod(lambda cls, *args, **kwargs: None)
+    try:
+        return plan(model, batches, target_macs=0.6, keep_steps=keep_steps, seed=0)
+    finally:
+        planning._InPlace.make = make
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", default="resnet_20,resnet_56")
+    parser.add_argument("--costs", action="store_true", help="ResNet-20's planning time by calibration images and keep steps")
+    args = parser.parse_args()
+    if args.costs:
+        for images, steps in ((128, 8), (256, 8), (512, 8), (512, 4)):
+            p = timed_plan("resnet_20", images, steps)
+            print(json.dumps({"calibration_images": images, "keep_steps": steps, "seconds": round(p.seconds, 1),
+                              "damage": round(p.damage, 4)}), flush=True)
+        return
+    for arch in args.archs.split(","):
+        fast, slow = timed_plan(arch, 512), timed_plan(arch, 512, in_place=False)
+        same = (fast.ranks, fast.keep, fast.tucker) == (slow.ranks, slow.keep, slow.tucker)
+        print(json.dumps({"arch": arch, "in_place_s": round(fast.seconds, 1), "surgery_s": round(slow.seconds, 1),
+                          "same_plan": same, "damage_rel_diff": abs(fast.damage - slow.damage) / slow.damage}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
