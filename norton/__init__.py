@@ -34,6 +34,7 @@ from norton.deployment import DeployReport, compare_latency, deploy, export_onnx
 from norton.detection import (  # also registers the detectors in the model registry
     deploy_detector,
     detector_complexity,
+    load_deployed,
 )
 from norton.errors import NortonError
 from norton.models import create_model, list_models, register_model
@@ -78,6 +79,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "load_dataset",
+    "load_deployed",
     "load_model",
     "measure_round_to",
     "nmse",

@@ -258,20 +258,44 @@ def test_export_refuses_a_dtype_onnx_runtime_does_not_check(tmp_path, capsys):
     assert "ONNX export writes float32" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
 
 
-def test_deploy_cli_writes_the_deployed_model_and_its_report(tmp_path, capsys):
+def test_deploy_cli_writes_a_safe_file_that_loads_deployed(tmp_path, capsys):
     import json
+
+    import norton
 
     out = tmp_path / "deployed.pt"
     assert main(["deploy", "--arch", "vgg_16_bn", "-r", "1", "-cpr", "[0.6]*6+[0.8]*7", "--dtype", "bf16",
                  "--batch-size", "4", "--out", str(out)]) == 0
     assert "deployed for cpu, bfloat16" in capsys.readouterr().out
-    deployed = torch.load(out, weights_only=False)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(out)) == []  # tensors and plain values only
     record = json.loads((tmp_path / "deployed.deploy.json").read_text())
     assert record["dtype"] == "bfloat16" and record["batch"] == 4 and record["report"]["folded_batchnorms"] == 13
+    deployed, report = norton.load_deployed(str(out))  # the recorded forms, nothing timed again
+    assert report.layers == record["report"]["layers"] and report.dtype == "bfloat16"
+    assert report.channels_last == record["report"]["channels_last"]
+    assert all(times == {} for times in report.timings_ms.values())
     with torch.no_grad():
-        assert deployed(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        y = deployed(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 10) and y.dtype == torch.bfloat16
     assert main(["deploy", "--arch", "resnet_20", "--out", str(out)]) == 2  # never overwritten unasked
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_recorded_deployment_must_fit_the_model(tmp_path):
+    import norton
+    from norton.checkpoints import save_checkpoint
+
+    model = build("resnet_20", 2)
+    x = torch.randn(2, 3, 32, 32)
+    _, report = deploy(model, x, memory_format="contiguous")
+    with pytest.raises(NortonError, match="give its memory_format too"):
+        deploy(model, x, layer_forms=report.layers)
+    wrong = dict(report.layers, **{next(iter(report.layers)): "tucker"})
+    with pytest.raises(NortonError, match="it was made for another model"):
+        deploy(model, x, layer_forms=wrong, memory_format="contiguous")
+    save_checkpoint(tmp_path / "plain.pt", model)
+    with pytest.raises(NortonError, match="holds no deployment"):
+        norton.load_deployed(str(tmp_path / "plain.pt"))
 
 
 def test_detector_backbone_deploys_with_its_frozen_batchnorms_folded():
@@ -315,3 +339,16 @@ def test_cuda_deploy_of_a_cpu_model():
     assert next(model.parameters()).device.type == "cpu"
     with torch.no_grad():
         assert deployed(torch.randn(2, 3, 32, 32)).device.type == "cuda"  # CPU input moved in
+
+
+def test_a_deployed_detector_is_saved_safely_and_loads_deployed(tmp_path):
+    import norton
+
+    out = tmp_path / "detector.pt"
+    assert main(["deploy", "--arch", "fasterrcnn_resnet50_fpn", "-r", "1", "-cpr", "[0.]+[0.1]*2+[0.4]*5+[0.75]*12",
+                 "--input-size", "128", "--out", str(out)]) == 0
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(out)) == []
+    detector, report = norton.load_deployed(str(out))
+    assert report.folded_batchnorms == 53
+    with torch.no_grad():
+        assert set(detector([torch.rand(3, 128, 128)])[0]) >= {"boxes", "labels", "scores"}

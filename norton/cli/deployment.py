@@ -10,11 +10,11 @@ import tempfile
 
 import torch
 
-from norton.checkpoints import atomic_save, atomic_write_text
+from norton.checkpoints import atomic_write_text
 from norton.cli.common import add_command, model_from_args, rank
 from norton.core import DTYPE_NAMES, device_name, resolve_device, resolve_dtype
 from norton.deployment import Latency, compare_latency, deploy, export_onnx, onnx_latency_ms
-from norton.detection import backbone_batch, deploy_detector, is_detector
+from norton.detection import backbone_batch, deploy_detector, is_detector, save_deployed
 from norton.errors import NortonError
 
 
@@ -162,21 +162,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise NortonError(f"{args.out!r} exists; pass --overwrite to replace it")
     model, _, shape = _model_and_baseline(args)
+    batch = args.batch_size[0]
     if is_detector(model):
         size = args.input_size or 800
         model.transform.min_size, model.transform.max_size = (size,), size
-        images = [torch.rand(3, size, size, device=device) for _ in range(args.batch_size[0])]
-        deployed, report = deploy_detector(model, images, device=device, dtype=dtype, cuda_graph=args.cuda_graph)
+        images = [torch.rand(3, size, size, device=device) for _ in range(batch)]
+        _, report = deploy_detector(model, images, device=device, dtype=dtype, cuda_graph=args.cuda_graph)
+        saved = dict(image_size=size)
     else:
-        deployed, report = deploy(model, _example(args.batch_size[0], shape, device), device=device, dtype=dtype,
-                                  cuda_graph=args.cuda_graph)
+        _, report = deploy(model, _example(batch, shape, device), device=device, dtype=dtype, cuda_graph=args.cuda_graph)
+        saved = dict(input_size=list(shape))
     print(report.table())
-    # a CUDA graph is captured afresh in the process that runs the model: the file holds the model inside it
-    saved = deployed.model if args.cuda_graph and not is_detector(model) else deployed
-    atomic_save(saved, args.out)
+    # the model's tensors and the forms chosen for it, no pickled module; a CUDA graph is captured where it is loaded
+    save_deployed(args.out, model.cpu(), report, batch=batch, **saved)
     atomic_write_text(os.path.splitext(args.out)[0] + ".deploy.json", json.dumps(
-        {**_setting(args, device, dtype), "batch": args.batch_size[0], "report": report.to_dict()}, indent=1))
-    print(f"wrote {args.out} (load with torch.load(path, weights_only=False) where norton is installed)")
+        {**_setting(args, device, dtype), "batch": batch, "report": report.to_dict()}, indent=1))
+    print(f"wrote {args.out}: load it deployed with norton.load_deployed(path) (device=, cuda_graph= to change where "
+          "and how it runs)")
     return 0
 
 
@@ -227,7 +229,8 @@ def register(sub) -> None:
             p.add_argument("--onnx", action="store_true", help="also time ONNX Runtime (CPU, float32)")
             p.add_argument("--json", action="store_true")
         elif name == "deploy":
-            p.add_argument("--out", required=True, help="file for the deployed model (torch.save of the module)")
+            p.add_argument("--out", required=True, help="file for the deployment: a norton checkpoint of the model with "
+                                                        "the forms chosen for it (norton.load_deployed rebuilds it)")
             p.add_argument("--overwrite", action="store_true")
         else:
             p.add_argument("--onnx", required=True, help="output .onnx file")

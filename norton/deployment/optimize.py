@@ -14,7 +14,7 @@ the two is kept: a deployed model is never slower than its dense form there.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 from torchvision.ops import FrozenBatchNorm2d
 
 from norton.core import DTYPE_NAMES, CPDBlock, TuckerBlock, as_args, replace_module, resolve_device, resolve_dtype
-from norton.core.plans import block_inputs, time_call, time_plans
+from norton.core.plans import FACTORED_PLANS, block_inputs, time_call, time_plans
 from norton.core.surgery import flatten_tensors
 from norton.errors import NortonError
 
@@ -216,7 +216,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def deploy(model: nn.Module, example_inputs, *, device: str | torch.device | None = None,
            dtype: str | torch.dtype | None = None, fold_bn: bool = True, repeats: int = 3,
            memory_format: str = "auto", cuda_graph: bool = False, tolerance: float | None = None,
-           timer: Timer | None = None) -> tuple[nn.Module, DeployReport]:
+           timer: Timer | None = None, layer_forms: Mapping[str, str] | None = None) -> tuple[nn.Module, DeployReport]:
     """An inference copy of ``model`` as fast as ``device`` allows in ``dtype``.
 
     ``device``: cpu, cuda or cuda:N (default: where the model's parameters
@@ -227,6 +227,9 @@ def deploy(model: nn.Module, example_inputs, *, device: str | torch.device | Non
     (CUDA devices only; fixed shapes are what it is for).  ``timer(fn, x,
     repeats)`` returns seconds per call of ``fn`` (default: the best of
     ``repeats`` wall-clock runs after a warm-up, synchronised on CUDA).
+    ``layer_forms`` (a ``DeployReport.layers`` recorded earlier, with its
+    memory format given as ``memory_format``) applies those forms without
+    timing anything: a deployment made once, rebuilt where it is served.
     Raises if the deployed outputs differ from the float32 original's by more
     than ``tolerance`` relative to their scale (default by dtype:
     ``TOLERANCES``).  The original model is not changed.
@@ -239,6 +242,8 @@ def deploy(model: nn.Module, example_inputs, *, device: str | torch.device | Non
     dtype = resolve_dtype(dtype, device)
     if cuda_graph and device.type != "cuda":
         raise NortonError(f"cuda_graph needs a CUDA device; this model is deployed for {device}")
+    if layer_forms is not None and memory_format == "auto":
+        raise NortonError("layer_forms applies a recorded deployment: give its memory_format too")
     timer = timer or time_call
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     x32 = as_args(example_inputs)[0].to(device)
@@ -264,12 +269,19 @@ def deploy(model: nn.Module, example_inputs, *, device: str | torch.device | Non
     for name, module in list(deployed.named_modules()):
         if not isinstance(module, (CPDBlock, TuckerBlock)) or name not in inputs:
             continue
-        if isinstance(module, TuckerBlock):
-            times = time_tucker(module, inputs[name], repeats, timer)
+        if layer_forms is not None:
+            choice = layer_forms.get(name)
+            if choice not in ("conv", *(("factored",) if isinstance(module, TuckerBlock) else FACTORED_PLANS)):
+                raise NortonError(f"the recorded deployment gives layer {name!r} the form {choice!r}; it was made for "
+                                  "another model")
+            report.timings_ms[name] = {}
         else:
-            times = time_plans(module, inputs[name], repeats=repeats, with_conv=True, timer=timer)
-        choice = min(times, key=times.get)
-        report.timings_ms[name] = {k: 1000 * v for k, v in times.items()}
+            if isinstance(module, TuckerBlock):
+                times = time_tucker(module, inputs[name], repeats, timer)
+            else:
+                times = time_plans(module, inputs[name], repeats=repeats, with_conv=True, timer=timer)
+            choice = min(times, key=times.get)
+            report.timings_ms[name] = {k: 1000 * v for k, v in times.items()}
         report.layers[name] = choice
         if choice == "conv":
             replace_module(deployed, name, module.to_conv().eval())
@@ -285,7 +297,7 @@ def deploy(model: nn.Module, example_inputs, *, device: str | torch.device | Non
             deployed = candidate
     elif memory_format == "channels_last":
         deployed, report.channels_last = ChannelsLast(deployed).eval(), True
-    if any(c != "conv" for c in report.layers.values()):
+    if layer_forms is None and any(c != "conv" for c in report.layers.values()):
         # the assembled choice against the dense form, as a whole
         dense = _dense_form(deployed.model if report.channels_last else deployed)
         dense = ChannelsLast(dense).eval() if report.channels_last else dense

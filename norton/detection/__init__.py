@@ -8,9 +8,10 @@ from norton.detection.builders import (
            is_detector,
 )
 from norton.detection.coco import CocoData, coco_stats, stats_table
-from norton.detection.serving import backbone_batch, deploy_detector
+from norton.detection.serving import backbone_batch, deploy_detector, load_deployed, save_deployed
 from norton.detection.drawing import draw_detections
 from norton.detection.engine import DetectTrainConfig, evaluate_detector, train_detector
 
 __all__ = ["DETECTORS", "CocoData", "DetectTrainConfig", "Detector", "backbone_batch", "coco_stats", "deploy_detector",
-           "detector_complexity", "draw_detections", "evaluate_detector", "freeze_batchnorm", "is_detector", "stats_table", "train_detector"]
+           "detector_complexity", "draw_detections", "evaluate_detector", "freeze_batchnorm", "is_detector", "load_deployed",
+           "save_deployed", "stats_table", "train_detector"]
