@@ -475,3 +475,21 @@ def test_the_plan_is_the_plan_of_the_surgery_path(monkeypatch):
     slow = plan(model, x, target_macs=0.6, **SMALL, seed=1)
     assert (fast.ranks, fast.keep, fast.tucker) == (slow.ranks, slow.keep, slow.tucker)
     assert fast.damage == pytest.approx(slow.damage, rel=1e-5)
+
+
+def test_the_probe_layout_keeps_what_the_model_computes():
+    from norton.compression.probing import probe_layout
+    from norton.core import batch_statistics
+    torch.manual_seed(0)
+    model = create_model("resnet_20", num_classes=10, in_channels=1).eval()
+    batches = [torch.randn(16, 1, 16, 16), torch.randn(16, 1, 16, 16)]
+    laid, laid_batches = probe_layout(model, batches)
+    last = laid is not model  # the given model is never converted in place: channels-last is a copy
+    weight = laid.get_submodule("layer1.0.conv1").weight
+    assert weight.is_contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
+    assert all(b.is_contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
+               for b in laid_batches)
+    assert model.get_submodule("layer1.0.conv1").weight.is_contiguous()
+    with torch.no_grad(), batch_statistics(model), batch_statistics(laid):
+        for x, y in zip(batches, laid_batches):
+            torch.testing.assert_close(laid(y), model(x), atol=1e-4, rtol=1e-4)

@@ -7,7 +7,7 @@ from torch import nn
 
 from norton import CPDBlock, NortonError, create_model, decompose, prune
 from norton.compression import recover
-from norton.core import reestimate_bn
+from norton.core import batch_statistics, reestimate_bn
 
 
 class Linear2(nn.Module):
@@ -117,3 +117,23 @@ def test_bad_arguments_are_named_and_a_failure_leaves_the_model_alone():
         recover(model, reference, [x], report)
     handle.remove()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_batch_statistics_normalises_with_the_batch_and_restores_every_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU())
+    model[1].running_mean.fill_(5.0)
+    model.eval()
+    model[2].train()  # a mixed mode must come back as it was
+    x = torch.randn(8, 3, 6, 6)
+    stats = [t.clone() for t in (model[1].running_mean, model[1].running_var)]
+    with torch.no_grad(), batch_statistics(model):
+        assert model[1].training and not model[2].training and not model.training
+        got = model(x)
+    y = model[0](x)
+    want = torch.relu((y - y.mean((0, 2, 3), keepdim=True)) / torch.sqrt(y.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+                      * model[1].weight[:, None, None] + model[1].bias[:, None, None])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert [m.training for m in model] == [False, False, True, False] and not model.training
+    assert model[1].track_running_stats
+    assert all(torch.equal(a, b) for a, b in zip(stats, (model[1].running_mean, model[1].running_var)))

@@ -41,7 +41,7 @@ from norton.compression.decomposition import (
 )
 from norton.compression.graph import build_graph, collect_groups, is_depthwise
 from norton.compression.attention import window_attentions
-from norton.compression.probing import CachedForward, Probe
+from norton.compression.probing import CachedForward, Probe, probe_layout
 from norton.compression.pruning import PruneReport, check_round_to, prune, prune_in_place, zero_channels
 from norton.compression.recovery import recover as refit
 from norton.compression.search import Search, Unit, only_option, refine_counts, uniform_pruning
@@ -304,8 +304,8 @@ def plan(
     if round_to == "auto":
         round_to = measure_round_to(device or torch.device("cpu"), timed_dtype)
     multiple = round_to or 1
-    dense = copy.deepcopy(model).eval()
     try:
+        dense, batches = probe_layout(copy.deepcopy(model).eval(), batches)  # the layout probes run fastest in
         probe = Probe(dense, batches)
     except Exception as err:
         raise NortonError(f"calibration images of shape {tuple(batches[0].shape)} do not fit the model "
@@ -380,8 +380,9 @@ def plan(
         u.damage = [0.0]
         for option in u.options[1:]:
             if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
-                u.damage.append(in_place.rank_damage(u.name, blocks[(u.name, option)].to_conv()) if in_place
-                                else _swapped_damage(probe, dense, u.name, blocks[(u.name, option)].to_conv()))
+                conv = _in_layout(blocks[(u.name, option)].to_conv(), dense.get_submodule(u.name))
+                u.damage.append(in_place.rank_damage(u.name, conv) if in_place
+                                else _swapped_damage(probe, dense, u.name, conv))
             elif in_place and in_place.masks:
                 u.damage.append(in_place.keep_damage(u.name, option))
             else:
@@ -508,6 +509,13 @@ def plan(
                 seen_states.add(tuple(candidate))
                 result.alternatives[name] = as_plan(candidate, name).to_dict()
     return result
+
+
+def _in_layout(conv: nn.Conv2d, like: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` with its weight in the memory layout of ``like``'s (the layout the probes run in)."""
+    if like.weight.is_contiguous(memory_format=torch.channels_last) and not like.weight.is_contiguous():
+        return conv.to(memory_format=torch.channels_last)
+    return conv
 
 
 def _swapped_damage(probe: Probe, model: nn.Module, name: str, new: nn.Module) -> float:

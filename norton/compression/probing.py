@@ -14,6 +14,7 @@ operations on the same values.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from norton.core import ChannelPadShortcut, CPDBlock, TuckerBlock, batch_statistics, replace_module
+from norton.core.plans import time_call
 from norton.core.surgery import flatten_tensors
 
 CACHE_BYTES = 2 << 30  # activations kept for skipping the unchanged front of the network
@@ -166,14 +168,31 @@ class Probe:
     def damage(self, model: nn.Module | None, changed: Iterable[str] = ()) -> float:
         total = 0.0
         changed = list(changed)
-        for i, (x, ref) in enumerate(zip(self.batches, self.reference)):
-            if model is None:
-                with batch_statistics(self.cached.module):
-                    got = [t.detach().to(torch.float64) for t in flatten_tensors(self.cached.run(i, changed))]
-            else:
-                got = self._outputs(model, x)
-            total += divergence(got, ref)
+        with batch_statistics(self.cached.module if model is None else model):
+            for i, (x, ref) in enumerate(zip(self.batches, self.reference)):
+                out = self.cached.run(i, changed) if model is None else model(x)
+                total += divergence([t.detach().to(torch.float64) for t in flatten_tensors(out)], ref)
         return total / len(self.batches)
+
+
+def probe_layout(model: nn.Module, batches: list[Tensor], repeats: int = 3) -> tuple[nn.Module, list[Tensor]]:
+    """``model`` and ``batches`` in the memory layout its probes run fastest in
+    on their device: channels-last when one batch-statistics forward of the
+    first batch is faster so (best of ``repeats``) than contiguous, else as
+    given.  The same values either way, up to float rounding; every probe of a
+    plan then runs in the one layout, its reference included."""
+    if batches[0].dim() != 4 or not any(p.dim() == 4 for p in model.parameters()):
+        return model, batches
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x, x_last = batches[0], batches[0].contiguous(memory_format=torch.channels_last)
+
+    def seconds(m: nn.Module, images: Tensor) -> float:
+        with torch.no_grad(), batch_statistics(m):
+            return time_call(lambda: m(images), images, repeats)
+
+    if seconds(last, x_last) < seconds(model, x):
+        return last, [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    return model, batches
 
 
 def divergence(got: list[Tensor], want: list[Tensor]) -> float:

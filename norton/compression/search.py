@@ -33,6 +33,11 @@ class Search:
         self._groups = {name: tuple(dict.fromkeys(g for g, _ in layer.out_groups + layer.in_groups))
                         for name, layer in costs.layers.items()}
         self._raw: dict[tuple, float] = {}  # (layer, rank, its groups' filter counts) -> cost before the form scales
+        # what a unit's option costs depend on: the ranks and the groups' filter counts of its layers
+        self._depends = [(tuple(n for n in u.layers if n != u.name or u.kind != "rank"),
+                          tuple(dict.fromkeys(g for n in u.layers for g in self._groups[n] if g != u.name or u.kind != "keep")))
+                         for u in units]
+        self._options: dict[tuple, list[float]] = {}
 
     def config(self, state: Sequence[int]) -> tuple[dict[str, int], dict[str, int]]:
         ranks = {u.name: u.options[i] for u, i in zip(self.units, state) if u.kind == "rank"}
@@ -57,6 +62,12 @@ class Search:
         """The summed cost of unit ``k``'s layers at each of its options, the
         other units as in ``ranks`` / ``keep`` (restored on return)."""
         u = self.units[k]
+        layers, groups = self._depends[k]
+        key = (k, tuple(u.options), tuple(self.costs.scales.values()), *[ranks.get(n, 0) for n in layers],
+               *[keep[g] for g in groups])
+        out = self._options.get(key)
+        if out is not None:
+            return out
         table = ranks if u.kind == "rank" else keep
         saved = table[u.name]
         out = []
@@ -66,6 +77,7 @@ class Search:
                 out.append(sum(self._layer_cost(name, ranks, keep) for name in u.layers))
         finally:
             table[u.name] = saved
+        self._options[key] = out
         return out
 
     def cost(self, state: Sequence[int]) -> float:

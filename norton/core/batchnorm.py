@@ -44,16 +44,22 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode except that every BatchNorm normalises with
     the statistics of the batch it sees (its running statistics are neither
     used nor updated).  On a large calibration batch this is what re-estimating
-    the statistics on that batch and then evaluating gives, in one pass."""
-    norms = batchnorms(model)
-    was_training = model.training
-    model.eval()
+    the statistics on that batch and then evaluating gives, in one pass.  Every
+    module's mode is restored on exit (set directly: the planner enters this
+    once per probe, and ``Module.train``'s recursion would cost more than a
+    small probe)."""
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in modules:
+        object.__setattr__(m, "training", False)
     try:
         for m in norms:
-            m.train()
+            object.__setattr__(m, "training", True)
             m.track_running_stats = False
         yield model
     finally:
         for m in norms:
             m.track_running_stats = True
-        model.train(was_training)
+        for m, mode in zip(modules, modes):
+            object.__setattr__(m, "training", mode)
