@@ -11,6 +11,8 @@ import torch
 from conftest import write_fashion_mnist
 from PIL import Image
 
+from norton import prune
+from norton.checkpoints import save_checkpoint
 from norton.errors import NortonError
 from norton.evidence import ReportPlan, run_report
 from norton.evidence.compare import (
@@ -84,13 +86,18 @@ def test_compare_writes_the_measured_table_and_plot(compared):
     assert "median of 3 round-robin passes of a batch of 16" in table  # the budget's latency settings
     assert all(r["run_seconds"] > 0 for r in saved["runs"]) and "min as recorded)" in table
     for label in ("NORTON (pabs)", "NORTON-auto (planner, MACs target)"):  # each NORTON row against the best peer
-        assert (f"{label} beats the best other method, L1-norm pruning" in table) != (
-            f"{label} does **not** win: L1-norm pruning" in table)
+        verdicts = [f"{label} **{word}** {joint} the best other method, L1-norm pruning: "
+                    for word, joint in (("wins", "against"), ("loses", "to"), ("ties", "with"))]
+        assert sum(v in table for v in verdicts) == 1, table
+    assert "paired over 2 seeds, 95 % interval" in table
+    assert saved["machine"]["threads"] == torch.get_num_threads() and saved["machine"]["blas"]
+    assert f"Ran on CPU {saved['machine']['cpu']}" in table
     assert re.search(r"planned 19 layers: [^|]*; fpgm prunes \d+% of filters", table)  # the plan in one line
     for figure in ("accuracy_vs_macs.png", "accuracy_vs_latency.png"):
         with Image.open(os.path.join(out, figure)) as png:
             assert png.size[0] > 400 and png.size[1] > 300
-    assert os.path.exists(os.path.join(out, "norton-auto_85", "plan.json"))  # a resumed run rebuilds this plan
+    for seed in (0, 1):  # each seed plans on its own calibration images; a resumed run rebuilds these plans
+        assert os.path.exists(os.path.join(out, "norton-auto_85", f"plan_seed{seed}.json"))
 
 
 def run(method, family, kind, target, latency, top1s):
@@ -113,12 +120,14 @@ def test_speedup_rows_and_the_latency_verdicts(tmp_path):
             "NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, 87.20 %)") not in table  # l1 is slower: no claim
     summary["runs"] = [dict(r, latency_ms=45.0) if r["method"] == "l1" else r for r in summary["runs"]]
     table = write_report(summary, str(tmp_path))
+    # paired differences 0.5 and 0.3: mean 0.4 ± t(0.975, 1) 12.706 × sd 0.1414 / √2 = ± 1.27
     assert ("- accuracy vs deployed latency: L1 at 60% (45.0 ms, 87.60 %) is both faster and more accurate than "
-            "NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, 87.20 %), by 0.40 points and 5.0 ms.") in table
-    close = dict(summary, runs=[dict(r, top1=r["top1"] - 0.3) if r["method"] == "l1" else r for r in summary["runs"]])
-    assert ("(45.0 ms, 87.30 %) is both faster and more accurate than NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, "
-            "87.20 %), by 0.10 points and 5.0 ms (the accuracy difference is within the larger std over seeds).") in \
-        render_table(close)  # 0.10 points < the std of 87.0 / 87.4
+            "NORTON-AUTO-SPEED at 1.8× faster (50.0 ms, 87.20 %), by +0.40 points (paired over 2 seeds, 95 % interval "
+            "-0.87 to +1.67) and 5.0 ms; the accuracy difference is a tie, its interval includes 0.") in table
+    steady = dict(summary, runs=[dict(r, top1=r["top1"] + 0.1 * r["seed"]) if r["method"] == "norton-auto-speed" else r
+                                 for r in summary["runs"]])  # differences 0.5 and 0.2
+    assert "by +0.35 points (paired over 2 seeds, 95 % interval -1.56 to +2.26) and 5.0 ms; the accuracy" in \
+        render_table(steady)
     assert dominated_by(summary, "norton-auto") == []  # l1 is faster, not more accurate
     assert [(ours[0]["method"], other[0]["method"]) for ours, other in dominated_by(summary, "norton-auto-speed")] == [
         ("norton-auto-speed", "l1")]
@@ -269,3 +278,72 @@ def test_budgets_fit_a_small_dataset_and_leave_fashion_mnist_alone():
     assert medium.extra_val_images == 0 and medium.val_images == 333 and medium.test_images == 500
     with pytest.raises(NortonError, match="budget 'small' needs at least 100 training images; this dataset has 60"):
         scale_budget(BUDGETS["small"], 60, 20, "small")
+
+
+def test_a_win_needs_a_paired_interval_that_excludes_zero():
+    from norton.evidence.verdicts import paired_difference
+
+    def runs(top1s, seeds=(0, 1, 2)):
+        return [{"seed": s, "top1": t} for s, t in zip(seeds, top1s)]
+
+    # differences 0.3, 0.4, 0.5: mean 0.4, sd 0.1, t(0.975, 2) = 4.303 -> ± 0.248
+    d = paired_difference(runs([80.3, 81.4, 79.5]), runs([80.0, 81.0, 79.0]))
+    assert (round(d.low, 3), round(d.high, 3), d.verdict) == (0.152, 0.648, "wins")
+    assert d.text() == "+0.40 points (paired over 3 seeds, 95 % interval +0.15 to +0.65)"
+    assert paired_difference(runs([80.0, 81.0, 79.0]), runs([80.3, 81.4, 79.5])).verdict == "loses"
+    # the same means, but the seeds disagree: a tie
+    assert paired_difference(runs([81.0, 80.4, 79.8]), runs([80.0, 81.0, 79.0])).verdict == "tie"
+    # pairs are made by seed, not by position; a seed only one method has is left out
+    d = paired_difference(runs([1.0, 2.0], seeds=(5, 7)), runs([2.0, 0.0, 9.0], seeds=(7, 5, 6)))
+    assert d.seeds == (5, 7) and d.mean == 0.5
+    one = paired_difference(runs([2.0]), runs([1.0]))
+    assert one.verdict == "tie" and one.text() == "+1.00 points (one seed: no interval)"
+
+
+def test_compare_takes_a_trained_baseline_and_refuses_another_model(compared, tmp_path):
+    data, out, summary = compared
+    given = os.path.join(out, "baseline", "best.pt")
+    one_seed = CompareBudget(**{**TINY.__dict__, "seeds": (0,)})
+    again = run_compare(str(tmp_path / "given"), budget=one_seed, methods=["l1"], data_dir=data, progress=False,
+                        baseline_ckpt=given)
+    assert again["baseline"]["given"] == given and again["baseline"]["top1"] == summary["baseline"]["top1"]
+    assert again["baseline"]["val_curve"] == summary["baseline"]["val_curve"]  # read from its run directory
+    assert not os.path.exists(tmp_path / "given" / "baseline" / "last.pt")  # nothing trained
+    assert f"baseline given ({given})" in open(tmp_path / "given" / "results.md").read()
+
+    other = tmp_path / "other.pt"
+    save_checkpoint(str(other), create_model("resnet_56", in_channels=1, num_classes=10))
+    with pytest.raises(NortonError, match=r"--baseline '.*other.pt' is a resnet_56, not the comparison's --arch "
+                                          r"resnet_20; give --arch resnet_56 or another checkpoint"):
+        run_compare(str(tmp_path / "a"), budget=one_seed, methods=["l1"], data_dir=data, baseline_ckpt=str(other))
+    save_checkpoint(str(other), create_model("resnet_20", in_channels=1, num_classes=7))
+    with pytest.raises(NortonError, match=r"--baseline '.*other.pt' has 7 classes; the data has 10"):
+        run_compare(str(tmp_path / "b"), budget=one_seed, methods=["l1"], data_dir=data, baseline_ckpt=str(other))
+    pruned = create_model("resnet_20", in_channels=1, num_classes=10)
+    prune(pruned, target_macs=0.3, example_inputs=torch.zeros(1, 1, 28, 28), criterion="l2")
+    save_checkpoint(str(other), pruned)
+    with pytest.raises(NortonError, match=r"is a compressed or differently shaped resnet_20 .* the comparison starts "
+                                          r"from the uncompressed model"):
+        run_compare(str(tmp_path / "c"), budget=one_seed, methods=["l1"], data_dir=data, baseline_ckpt=str(other))
+    for name in ("a", "b", "c"):
+        assert not os.path.exists(tmp_path / name)  # refused before anything was written
+    with pytest.raises(NortonError, match="holds a comparison run with baseline_checkpoint="):
+        run_compare(str(tmp_path / "given"), budget=one_seed, methods=["l1"], data_dir=data, progress=False,
+                    resume=True)  # a resumed run must use the baseline it started with
+
+
+def test_a_run_from_before_per_seed_calibration_is_not_resumed_with_it(tmp_path):
+    out = tmp_path / "old"
+    (out / "baseline").mkdir(parents=True)
+    settings = {"train_images": TINY.train_images, "val_images": TINY.val_images}  # recorded without the new keys
+    (out / "compare.json").write_text(json.dumps({"arch": "resnet_20", "data": "fashion-mnist", "settings": settings}))
+    with pytest.raises(NortonError, match="holds a comparison run with seeded_calibration=False, not True"):
+        run_compare(str(out), budget=TINY, methods=["l1"], resume=True)
+
+
+def test_compare_cli_takes_the_baseline_patience(tmp_path, capsys):
+    from norton.cli import main
+
+    assert main(["compare", "--patience", "-1", "--out", str(tmp_path / "c")]) == 2
+    assert "patience must be an integer >= 0" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "c")

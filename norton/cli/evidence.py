@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from norton.cli.common import add_command, rank_list
 from norton.evidence import ReportPlan, run_compare, run_demo, run_report, run_showcase
-from norton.evidence.compare import DEFAULT_ARCH, DEFAULT_DATA
+from norton.evidence.compare import BUDGETS, DEFAULT_ARCH, DEFAULT_DATA
 from norton.evidence.compare import METHODS as COMPARE_METHODS
 from norton.training import DATASETS, resolve_device
 
@@ -13,8 +14,12 @@ from norton.training import DATASETS, resolve_device
 def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    run_compare(args.out, budget=args.budget, methods=methods, resume=args.resume, data_dir=args.data_dir,
-                device=resolve_device(args.device), arch=args.arch, data=args.data)
+    budget = BUDGETS[args.budget]
+    if args.patience is not None:
+        budget = replace(budget, baseline=replace(budget.baseline, patience=args.patience))
+    run_compare(args.out, budget=budget, budget_name=args.budget, methods=methods, resume=args.resume,
+                data_dir=args.data_dir, device=resolve_device(args.device), arch=args.arch, data=args.data,
+                baseline_ckpt=args.baseline)
     return 0
 
 
@@ -42,12 +47,16 @@ def register(sub) -> None:
                     "NORTON vs pruning and decomposition baselines on Fashion-MNIST, side by side",
                     "norton compare                   # --budget small: about 30 min on 2 CPU cores\n"
                     "  norton compare --resume          # continue an interrupted comparison\n"
-                    "  norton compare --budget medium --out runs/compare_medium --resume   # 53 min on 2 CPU cores\n"
+                    "  norton compare --budget medium --out runs/compare_medium --resume   # 3 seeds; about 80 min on 2 cores\n"
+                    "  norton compare --baseline runs/base/best.pt --budget medium   # a trained baseline, not retrained\n"
+                    "  norton compare --budget gpu --device cuda --out runs/compare_gpu\n"
                     "  norton compare --budget full --device cuda --out runs/compare_full\n"
                     "  norton compare --methods norton,l1,fpgm\n"
                     "  norton compare --arch resnet_56 --data cifar10 --data-dir ~/data/cifar-10-batches-py --out runs/c32")
-    p.add_argument("--budget", choices=("small", "medium", "full"), default="small",
-                   help="small: 1 fine-tuning epoch, every MACs-target method; medium: 3 epochs, the main methods and NORTON-auto at speed-up targets; full: the paper's")
+    p.add_argument("--budget", choices=("small", "medium", "full", "gpu"), default="small",
+                   help="small: 1 fine-tuning epoch, every MACs-target method; medium: 3 epochs, the main methods and "
+                        "NORTON-auto at speed-up targets, 3 seeds; full: the paper's; gpu: all 60,000 images, the main "
+                        "methods, fine-tuning until validation stops improving (--device cuda)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(COMPARE_METHODS)}")
     p.add_argument("--arch", default=DEFAULT_ARCH,
                    help="the baseline every method compresses: a zoo model or torchvision/<name> that runs on the data")
@@ -56,6 +65,12 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir", default=None, help="dataset folder (Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--baseline", default=None, metavar="CKPT",
+                   help="a norton checkpoint of the trained, uncompressed --arch for the data's classes: used instead "
+                        "of training one (its validation curve is read from its run directory, if there)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="the baseline's training stops when validation top-1 has not improved for this many epochs "
+                        "(default: the budget's; 0 trains every epoch of the budget)")
 
     p = add_command(sub, "report", cmd_report,
                     "rank sweep, rank × pruning grid, Pareto curve and Grad-CAM figures (Markdown + PNG)",

@@ -23,6 +23,7 @@ from norton.core.devices import (
     DTYPES,
     deterministic_numerics,
     device_name,
+    machine_record,
     resolve_device,
     resolve_dtype,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "cp_decompose",
     "deterministic_numerics",
     "device_name",
+    "machine_record",
     "fit_compress_rate",
     "format_compress_rate",
     "is_decomposable",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 
 import torch
 
@@ -76,6 +77,23 @@ def device_name(device: torch.device | str) -> str:
     except OSError:
         pass
     return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def machine_record(device: torch.device | str = "cpu") -> dict[str, str | int]:
+    """What a recorded result ran on: CPU model and threads, the BLAS and
+    convolution libraries torch was built with, the GPU (if ``device`` is one)
+    and the library versions."""
+    device = torch.device(device)
+    blas = re.search(r"\bBLAS_INFO=([^,\s]+)", torch.__config__.show())
+    record: dict[str, str | int] = {
+        "cpu": device_name("cpu"), "threads": torch.get_num_threads(), "blas": blas[1] if blas else "unknown",
+        "onednn": str(torch.backends.mkldnn.is_available()).lower(), "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        record["gpu"] = device_name(device)
+        record["cuda"] = str(torch.version.cuda)
+    return record
 
 
 @contextlib.contextmanager

@@ -32,11 +32,13 @@ from norton.core import (
     complexity,
     count_macs,
     is_decomposable,
+    machine_record,
     replace_module,
 )
 from norton.deployment import compare_latency, deploy
 from norton.errors import NortonError
 from norton.evidence.plotting import pyplot, save
+from norton.evidence.verdicts import paired_difference
 from norton.models import create_model
 from norton.training import (
     CONVERGED_SPREAD,
@@ -93,6 +95,9 @@ class CompareBudget:
     # fixed shuffle), so the training split stays the same and the validation split resolves smaller
     # differences; 0 = none
     extra_val_images: int = 0
+    # each seed draws its own calibration images (the planner's, and every refit's), so a seed varies the data
+    # order, the calibration images and the fine-tuning, and every method is built again for each seed
+    seeded_calibration: bool = True
     # deployed latency: the batch it is measured on (and the speed-up targets planned at), round-robin passes
     latency_batch: int = LATENCY_BATCH
     latency_repeats: int = LATENCY_REPEATS
@@ -109,20 +114,33 @@ FULL = CompareBudget(
     finetune=TrainConfig(epochs=60, batch_size=128, lr=0.02, warmup_epochs=0),
     seeds=(0, 1, 2),
 )
-# several fine-tuning epochs, the methods that matter; 53 min on 2 CPU cores (docs/scoreboard.md).  The
-# speed-up targets are what pruning alone reached at 60 % and 85 % fewer MACs in a
-# small comparison (docs/compare_small.md), fixed before this budget's runs.  Validation: the
-# 2,000 images split from the 12,000 and 8,000 more that the budget leaves unused (10,000 in all,
-# so the best epoch and the planner's choices are made on a split that resolves ~0.5 points)
+# several fine-tuning epochs, the methods that matter, three seeds, and a baseline trained until its validation
+# top-1 stops improving (up to 30 epochs: 15 cosine epochs left it still rising, 89.72 / 90.47 / 90.24 % over the
+# last three on the 10,000 validation images).  The speed-up targets are what pruning alone reached at 60 % and
+# 85 % fewer MACs in a small comparison (docs/compare_small.md), fixed before this budget's runs.  Validation: the
+# 2,000 images split from the 12,000 and 8,000 more that the budget leaves unused (10,000 in all, so the best
+# epoch and the planner's choices are made on a split that resolves ~0.5 points).  The ablations
+# (norton-auto-cp, norton-l2) run with --methods.
 MEDIUM = CompareBudget(
     train_images=12_000, val_images=2_000, test_images=5_000, extra_val_images=8_000,
-    baseline=TrainConfig(epochs=6, batch_size=128, lr=0.1, warmup_epochs=1),
+    baseline=TrainConfig(epochs=30, batch_size=128, lr=0.1, warmup_epochs=1, patience=5),
     finetune=TrainConfig(epochs=3, batch_size=128, lr=0.02, warmup_epochs=0),
-    methods=("norton-auto", "norton-auto-speed", "norton-auto-cp", "norton", "norton-l2", "cp-only", "l1", "fpgm",
-             "tltorch-tucker2"),
+    seeds=(0, 1, 2),
+    methods=("norton-auto", "norton-auto-speed", "norton", "cp-only", "l1", "fpgm", "tltorch-tucker2"),
     speedup_targets=(1.8, 3.0),
 )
-BUDGETS = {"small": SMALL, "medium": MEDIUM, "full": FULL}
+# one GPU (``--device cuda``): every Fashion-MNIST training image, the baseline trained until it stops
+# improving, the main methods at both targets with fine-tuning that stops when validation stops improving;
+# sized to finish in about 12 minutes on one H200 (an estimate from the epoch times of the GPU benchmark,
+# not yet timed whole)
+GPU = CompareBudget(
+    train_images=None, val_images=5_000, test_images=None,
+    baseline=TrainConfig(epochs=30, batch_size=256, lr=0.2, warmup_epochs=1, patience=4),
+    finetune=TrainConfig(epochs=8, batch_size=256, lr=0.04, warmup_epochs=0, patience=2),
+    seeds=(0, 1), methods=("norton-auto", "norton", "cp-only", "l1", "fpgm"),
+    calibration_images=512, latency_batch=256,
+)
+BUDGETS = {"small": SMALL, "medium": MEDIUM, "full": FULL, "gpu": GPU}
 MAX_EPOCH_SCALE = 50  # a small dataset's epochs are scaled up at most this much
 MIN_TRAIN_IMAGES = 100
 
@@ -224,7 +242,8 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
     timings would now choose another."""
 
     def build(base: nn.Module, target: float, seed: int, ctx: Context):
-        saved = os.path.join(ctx.cell_dir, "plan.json") if ctx.cell_dir else None
+        name = f"plan_seed{seed}.json" if ctx.budget.seeded_calibration else "plan.json"
+        saved = os.path.join(ctx.cell_dir, name) if ctx.cell_dir else None
         if saved and os.path.exists(saved):
             with open(saved) as f:
                 chosen = Plan.from_dict(json.load(f))
@@ -402,15 +421,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = "small",
                 methods: list[str] | None = None, resume: bool = False, data_dir: str | None = None,
                 device: torch.device | None = None, progress: bool = True, arch: str = DEFAULT_ARCH,
-                data: str = DEFAULT_DATA) -> dict:
+                data: str = DEFAULT_DATA, baseline_ckpt: str | None = None, budget_name: str | None = None) -> dict:
     """Compare the methods on ``arch`` (a zoo name or ``torchvision/<name>``)
-    trained on ``data`` (any dataset ``norton train`` reads, from ``data_dir``)."""
+    trained on ``data`` (any dataset ``norton train`` reads, from ``data_dir``).
+    The baseline is trained until its validation top-1 stops improving (the
+    budget's ``baseline`` patience), or given: ``baseline_ckpt``, a norton
+    checkpoint of the uncompressed ``arch`` for the data's classes (its
+    validation curve is read from the run directory it was written in, if it
+    has one)."""
     if isinstance(budget, str):
         if budget not in BUDGETS:
             raise NortonError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
         budget_name, budget = budget, BUDGETS[budget]
     else:
-        budget_name = "custom"
+        budget_name = budget_name or "custom"
+    budget.baseline.validate()
+    budget.finetune.validate()
     chosen = methods
     methods = list(methods or budget.methods or METHODS)
     _check(methods, budget.seeds, budget.targets, budget.speedup_targets)
@@ -426,7 +452,9 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     full = load_dataset(data, data_dir, "train")
     full_test = load_dataset(data, data_dir, "test")
     budget = scale_budget(budget, len(full), len(full_test), budget_name)
-    _check_setup(out_dir, arch, data, resume, _shared_settings(budget))  # before any work: the run directory must fit
+    given = load_checkpoint(baseline_ckpt) if baseline_ckpt is not None else None
+    settings = {**_shared_settings(budget), "baseline_checkpoint": given["sha256"] if given else None}
+    _check_setup(out_dir, arch, data, resume, settings)  # before any work: the run directory must fit
     train = limit(full, budget.train_images)
     test = limit(full_test, budget.test_images)
     train, val = split_validation(train, budget.val_images)
@@ -436,12 +464,19 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     input_size = tuple(input_size_of(test))
     torch.manual_seed(budget.baseline.seed)
     baseline = _baseline_model(arch, classes, channels, input_size)
+    if given is not None:
+        baseline = _given_baseline(given, baseline_ckpt, baseline, arch, classes)
     os.makedirs(out_dir, exist_ok=True)  # recorded once the model is known to run on the data
     atomic_write_text(os.path.join(out_dir, "compare.json"),
-                      json.dumps({"arch": arch, "data": data, "settings": _shared_settings(budget)}))
+                      json.dumps({"arch": arch, "data": data, "settings": settings}))
     model_text = f"{_model_name({'arch': arch})} ({'×'.join(map(str, input_size))})"
     setup = (f"{DATA_NAMES.get(data, data)}: {len(train)} training + {len(val)} validation images (held out), "
-             f"{len(test)} test images; {model_text}; baseline {budget.baseline.epochs} epochs; every compressed model: BN recalibration on "
+             f"{len(test)} test images; {model_text}; "
+             + (f"baseline given ({baseline_ckpt})" if given else
+                f"baseline trained up to {budget.baseline.epochs} epochs"
+                + (f", stopped when validation top-1 has not improved for {budget.baseline.patience}"
+                   if budget.baseline.patience else ""))
+             + "; every compressed model: BN recalibration on "
              f"{budget.recalibration_images} training images, then {budget.finetune.epochs} fine-tuning epoch(s) "
              f"(SGD lr {budget.finetune.lr}, cosine, batch {budget.finetune.batch_size}, best validation epoch); "
              f"seeds {list(budget.seeds)}; {torch.get_num_threads()} CPU threads"
@@ -454,14 +489,18 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     # the shared baseline
     base_dir = os.path.join(out_dir, "baseline")
     last = os.path.join(base_dir, "last.pt")
-    if not _finished(last):
-        fit(baseline, train, val, budget.baseline, base_dir, device=device, resume=os.path.exists(last),
-            progress=progress, extra={"stage": "compare baseline"})
-    load_best(baseline, base_dir)
+    if given is None:
+        if not _finished(last):
+            fit(baseline, train, val, budget.baseline, base_dir, device=device, resume=os.path.exists(last),
+                progress=progress, extra={"stage": "compare baseline"})
+        load_best(baseline, base_dir)
+        curve = _validation_curve(base_dir)
+    else:
+        os.makedirs(base_dir, exist_ok=True)  # marks the run directory as holding a comparison
+        curve = _validation_curve(os.path.dirname(os.path.abspath(baseline_ckpt)))
     baseline.to(device).eval()
     base_cx = complexity(baseline, list(input_size))
     base_test = evaluate(baseline, test, device=device)
-    curve = _validation_curve(base_dir)
     print(f"baseline: {len(curve)} epochs, validation top-1 {' '.join(f'{v:.2f}' for v in curve[-5:])} (last 5); "
           f"{'converged' if converged(curve) else 'not converged'} (last {CONVERGED_WINDOW} within "
           f"{CONVERGED_SPREAD} points)")
@@ -479,6 +518,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
             built = None
             ctx.cell_dir = os.path.join(out_dir, f"{name}_{round(100 * target)}" if kind == "macs" else f"{name}_x{target:g}")
             for seed in budget.seeds:
+                if budget.seeded_calibration:
+                    ctx.calibration = calibration_batches(train, budget.calibration_images, seed=seed)
                 run_dir = os.path.join(ctx.cell_dir, f"seed{seed}")
                 result_path = os.path.join(run_dir, "result.json")
                 done = resume and os.path.exists(result_path)
@@ -487,7 +528,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                                                   f"{name}'s fine-tuned model in {run_dir!r}",
                                                   base_model=copy.deepcopy(baseline).cpu()).to(device)
                 else:
-                    if built is None or method.seeded:
+                    if built is None or method.seeded or budget.seeded_calibration:
                         t0 = time.perf_counter()
                         built = method.build(baseline.cpu(), target, seed, ctx)
                         build_seconds = time.perf_counter() - t0
@@ -518,8 +559,9 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         "budget": budget_name, "setup": setup, "arch": arch, "data": data,
         "baseline": {"top1": base_test["top1"], "macs": base_cx.macs, "params": base_cx.params,
                      "latency_ms": latency["baseline"], "epochs": len(curve), "val_curve": curve,
-                     "converged": converged(curve)},
-        "runs": results, "budget_settings": _budget_dict(budget),
+                     "converged": converged(curve), "given": baseline_ckpt,
+                     "val_top1": evaluate(baseline, val, device=device)["top1"]},
+        "runs": results, "budget_settings": _budget_dict(budget), "machine": machine_record(device),
         "minutes": (time.perf_counter() - started) / 60,
     }
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=1))
@@ -545,9 +587,31 @@ def _baseline_model(arch: str, classes: int, channels: int, input_size) -> nn.Mo
     return model
 
 
+def _given_baseline(ckpt: dict, path: str, fresh: nn.Module, arch: str, classes: int) -> nn.Module:
+    """The trained baseline of a checkpoint, checked to be the uncompressed
+    ``arch`` for the data's ``classes`` (``fresh``: that model, untrained)."""
+    base = ckpt["architecture"].get("base") or {}
+    if base.get("arch") != arch:
+        raise NortonError(f"--baseline {path!r} is a {base.get('arch') or 'model from outside the norton zoo'}, not the "
+                          f"comparison's --arch {arch}; give --arch {base.get('arch') or 'of its model'} or another checkpoint")
+    if base.get("num_classes") != classes:
+        raise NortonError(f"--baseline {path!r} has {base.get('num_classes')} classes; the data has {classes}")
+    model = model_from_checkpoint(ckpt, f"--baseline {path!r}", base_model=copy.deepcopy(fresh))
+    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    other = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if shapes != other:
+        different = next(k for k in sorted(set(shapes) | set(other)) if shapes.get(k) != other.get(k))
+        raise NortonError(f"--baseline {path!r} is a compressed or differently shaped {arch} ({different}: "
+                          f"{other.get(different)} where the uncompressed model has {shapes.get(different)}); "
+                          "the comparison starts from the uncompressed model")
+    return model
+
+
 # what every run of a comparison must share: a resumed run with other data or training would mix tables
 _SHARED = ("train_images", "val_images", "extra_val_images", "test_images", "baseline", "finetune",
-           "recalibration_images", "calibration_images")
+           "recalibration_images", "calibration_images", "seeded_calibration", "baseline_checkpoint")
+# what a run recorded before a shared setting existed did
+_BEFORE_SETTING = {"seeded_calibration": False, "baseline_checkpoint": None}
 
 
 def _validation_curve(run_dir: str) -> list[float]:
@@ -563,14 +627,17 @@ def _convergence(base: dict) -> str:
     """What a summary says of its baseline's training (older summaries do not record it)."""
     if "epochs" not in base:
         return ""
+    given = f"; given ({base['given']})" if base.get("given") else ""
+    if not base["epochs"]:
+        return given + ", no validation curve recorded with it"
     state = "converged" if base["converged"] else "not converged"
-    return (f"; trained {base['epochs']} epochs, {state} (validation top-1 of the last {CONVERGED_WINDOW} epochs "
+    return (f"{given}; trained {base['epochs']} epochs, {state} (validation top-1 of the last {CONVERGED_WINDOW} epochs "
             f"{'within' if base['converged'] else 'not within'} {CONVERGED_SPREAD} points)")
 
 
 def _shared_settings(budget: CompareBudget) -> dict:
     settings = _budget_dict(budget)
-    return {k: settings[k] for k in _SHARED}
+    return {k: settings[k] for k in _SHARED if k in settings}
 
 
 def _check_setup(out_dir: str, arch: str, data: str, resume: bool, settings: dict) -> None:
@@ -591,10 +658,14 @@ def _check_setup(out_dir: str, arch: str, data: str, resume: bool, settings: dic
     if (recorded["arch"], recorded["data"]) != (arch, data):
         raise NortonError(f"{out_dir!r} holds a comparison of {recorded['arch']} on {recorded['data']}, not {arch} on "
                           f"{data}; choose another --out")
-    differ = [k for k in _SHARED if k in recorded.get("settings", {}) and recorded["settings"][k] != settings[k]]
+    before = recorded.get("settings")
+    if before is None:
+        return
+    before = {**_BEFORE_SETTING, **before}
+    differ = [k for k in _SHARED if k in before and before[k] != settings[k]]
     if differ:
         k = differ[0]
-        raise NortonError(f"{out_dir!r} holds a comparison run with {k}={recorded['settings'][k]!r}, not {settings[k]!r}; "
+        raise NortonError(f"{out_dir!r} holds a comparison run with {k}={before[k]!r}, not {settings[k]!r}; "
                           "resume it with the budget it was run with, or choose another --out")
 
 
@@ -700,23 +771,20 @@ def _recorded_minutes(summary: dict) -> str:
     runs = summary["runs"]
     if not runs or any("run_seconds" not in r for r in runs):
         return ""
-    builds = {(r["method"], r["target"], r["seed"] if getattr(METHODS.get(r["method"]), "seeded", False) else None):
+    per_seed = summary.get("budget_settings", {}).get("seeded_calibration", False)
+    builds = {(r["method"], r["target"],
+               r["seed"] if per_seed or getattr(METHODS.get(r["method"]), "seeded", False) else None):
               r["build_seconds"] for r in runs}
     total = (sum(builds.values()) + sum(r["run_seconds"] for r in runs)) / 60
     return f" (this invocation; building and fine-tuning the compressed models took {total:.1f} min as recorded)"
 
 
-def _larger_std(a: list[dict], b: list[dict]) -> float:
-    """The larger std over seeds of two points' test top-1: differences within it are ties."""
-    return max(_mean_std([r["top1"] for r in a])[1], _mean_std([r["top1"] for r in b])[1])
-
-
 def _margins(ours: list[dict], other: list[dict]) -> str:
-    """By how much ``other`` is more accurate and faster, and whether the accuracy
-    margin is within the larger std over seeds of the two."""
-    accuracy = _mean_top1(other) - _mean_top1(ours)
-    tie = " (the accuracy difference is within the larger std over seeds)" if accuracy <= _larger_std(ours, other) else ""
-    return f"by {accuracy:.2f} points and {ours[0]['latency_ms'] - other[0]['latency_ms']:.1f} ms{tie}"
+    """By how much ``other`` is more accurate (paired over seeds, with its
+    interval: a tie when it includes 0) and faster."""
+    difference = paired_difference(other, ours)
+    tie = "; the accuracy difference is a tie, its interval includes 0" if difference.verdict == "tie" else ""
+    return f"by {difference.text()} and {ours[0]['latency_ms'] - other[0]['latency_ms']:.1f} ms{tie}"
 
 
 def _point_text(runs: list[dict]) -> str:
@@ -773,20 +841,19 @@ def render_table(summary: dict) -> str:
                 continue
             ours_runs = dict(rows)[ours_name]
             label = ours_runs[0]["label"]
-            ours = statistics.fmean(r["top1"] for r in ours_runs)
             peers = [(m, runs) for m, runs in ranked if m not in METHODS or METHODS[m].family not in ("NORTON", "ablation")]
             if not peers:
                 continue
-            peer_name, peer_runs = peers[0]
-            peer = statistics.fmean(r["top1"] for r in peer_runs)
-            spread = _larger_std(ours_runs, peer_runs)
-            if ours >= peer:
-                verdicts.append(f"- at {target:.0%} fewer MACs {label} beats the best other method, "
-                                f"{peer_runs[0]['label']}, by {ours - peer:.2f} points ({ours:.2f} % vs {peer:.2f} %).")
+            peer_runs = peers[0][1]
+            difference = paired_difference(ours_runs, peer_runs)
+            peer_text = f"the best other method, {peer_runs[0]['label']}"
+            if difference.verdict == "wins":
+                verdicts.append(f"- at {target:.0%} fewer MACs {label} **wins** against {peer_text}: {difference.text()}.")
+            elif difference.verdict == "loses":
+                verdicts.append(f"- at {target:.0%} fewer MACs {label} **loses** to {peer_text}: {difference.text()}.")
             else:
-                tie = " — within the larger std over seeds" if peer - ours <= spread else ""
-                verdicts.append(f"- at {target:.0%} fewer MACs {label} does **not** win: {peer_runs[0]['label']} is "
-                                f"{peer - ours:.2f} points better ({peer:.2f} % vs {ours:.2f} %){tie}.")
+                verdicts.append(f"- at {target:.0%} fewer MACs {label} **ties** with {peer_text}: {difference.text()}; "
+                                "the interval includes 0.")
     for name in ("norton-auto", "norton-auto-speed"):
         runs = [r for r in summary["runs"] if r["method"] == name]
         if not runs:
@@ -797,7 +864,18 @@ def render_table(summary: dict) -> str:
                             f"any {runs[0]['label']} model.")
         verdicts += [f"- accuracy vs deployed latency: {_point_text(other)} is both faster and more accurate than "
                      f"{_point_text(ours)}, {_margins(ours, other)}." for ours, other in beaten]
-    return "\n".join(lines + [""] + verdicts) + "\n"
+    machine = summary.get("machine")
+    ran_on = [f"Ran on {_machine_text(machine)}.", ""] if machine else []
+    rule = ("Verdicts: each method's difference to the best other method, paired by seed (the same seed gives both "
+            "the same data order, calibration images and fine-tuning), with its 95 % interval; a win or a loss only "
+            "where the interval excludes 0, otherwise a tie.")
+    return "\n".join(lines + [""] + ran_on + [rule, ""] + verdicts) + "\n"
+
+
+def _machine_text(machine: dict) -> str:
+    gpu = f", GPU {machine['gpu']} (CUDA {machine.get('cuda')})" if machine.get("gpu") else ""
+    return (f"CPU {machine['cpu']}, BLAS {machine['blas']}{gpu}, torch {machine['torch']}, "
+            f"Python {machine['python']}")
 
 
 def _ceiling(summary: dict) -> float:
