@@ -135,3 +135,30 @@ def test_every_command_counts_macs_at_the_size_of_the_data(tmp_path, capsys):
     assert main(["prune", "--ckpt", str(tmp_path / "base" / "model.pt"), "--target-macs", "0.6", "--criterion", "l2",
                  "--out", str(tmp_path / "pruned.pt"), "--device", "cpu"]) == 0
     assert "MACs 10,064,512 ->" in capsys.readouterr().out
+
+
+def test_compare_runs_on_an_image_folder_and_resumes_only_as_it_was_read(tmp_path, capsys):
+    from norton.evidence.compare import CompareBudget, run_compare
+    from norton.training import TrainConfig
+
+    root = make_folder(tmp_path / "photos", rgb=True, split_layout=False)
+    budget = CompareBudget(train_images=None, val_images=12, test_images=None,
+                           baseline=TrainConfig(epochs=1, batch_size=32, lr=0.05, warmup_epochs=0),
+                           finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01, warmup_epochs=0),
+                           seeds=(0,), targets=(0.6,), recalibration_images=16, calibration_images=16,
+                           latency_batch=8, latency_repeats=2)
+    read = {"input_size": 16, "on_bad_image": "skip", "augment": True}
+    out = str(tmp_path / "c")
+    summary = run_compare(out, budget=budget, methods=["l1"], data="folder", data_dir=str(root), folder_options=read,
+                          progress=False)
+    train, val, test = folder_splits(str(root), **read)
+    assert summary["setup"].startswith(f"image folder {root}: {len(train) + len(val) - 12} training + 12 validation")
+    assert f"{len(test)} test images" in summary["setup"] and "(3×16×16)" in summary["setup"]
+    assert summary["budget_settings"]["val_images"] == 12
+    with pytest.raises(NortonError, match="holds a comparison run with folder="):
+        run_compare(out, budget=budget, methods=["l1"], data="folder", data_dir=str(root), resume=True,
+                    folder_options={**read, "input_size": 20}, progress=False)
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", "--data", "folder", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "e").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from norton.cli.common import add_command, rank_list
+from norton.cli.common import add_command, add_folder_args, folder_options, rank_list
 from norton.evidence import ReportPlan, run_compare, run_demo, run_report, run_showcase
 from norton.evidence.compare import BUDGETS, DEFAULT_ARCH, DEFAULT_DATA
 from norton.evidence.compare import METHODS as COMPARE_METHODS
@@ -19,7 +19,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         budget = replace(budget, baseline=replace(budget.baseline, patience=args.patience))
     run_compare(args.out, budget=budget, budget_name=args.budget, methods=methods, resume=args.resume,
                 data_dir=args.data_dir, device=resolve_device(args.device), arch=args.arch, data=args.data,
-                baseline_ckpt=args.baseline)
+                baseline_ckpt=args.baseline, folder_options=folder_options(args))
     return 0
 
 
@@ -48,8 +48,9 @@ def register(sub) -> None:
                     "norton compare                   # --budget small: about 30 min on 2 CPU cores\n"
                     "  norton compare --resume          # continue an interrupted comparison\n"
                     "  norton compare --budget medium --out runs/compare_medium --resume   # 3 seeds; about 80 min on 2 cores\n"
-                    "  norton compare --baseline runs/base/best.pt --budget medium   # a trained baseline, not retrained\n"
+                    "  norton compare --baseline runs/base/model.pt --budget medium   # a trained baseline, not retrained\n"
                     "  norton compare --budget gpu --device cuda --out runs/compare_gpu\n"
+                    "  norton compare --data folder --data-dir ~/images --image-size 64 --out runs/mine\n"
                     "  norton compare --budget full --device cuda --out runs/compare_full\n"
                     "  norton compare --methods norton,l1,fpgm\n"
                     "  norton compare --arch resnet_56 --data cifar10 --data-dir ~/data/cifar-10-batches-py --out runs/c32")
@@ -68,6 +69,7 @@ def register(sub) -> None:
     p.add_argument("--baseline", default=None, metavar="CKPT",
                    help="a norton checkpoint of the trained, uncompressed --arch for the data's classes: used instead "
                         "of training one (its validation curve is read from its run directory, if there)")
+    add_folder_args(p)
     p.add_argument("--patience", type=int, default=None,
                    help="the baseline's training stops when validation top-1 has not improved for this many epochs "
                         "(default: the budget's; 0 trains every epoch of the budget)")

@@ -49,6 +49,7 @@ from norton.training import (
     dataset_shape,
     evaluate,
     fit,
+    folder_splits,
     held_out,
     input_size_of,
     joined,
@@ -421,14 +422,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = "small",
                 methods: list[str] | None = None, resume: bool = False, data_dir: str | None = None,
                 device: torch.device | None = None, progress: bool = True, arch: str = DEFAULT_ARCH,
-                data: str = DEFAULT_DATA, baseline_ckpt: str | None = None, budget_name: str | None = None) -> dict:
+                data: str = DEFAULT_DATA, baseline_ckpt: str | None = None, budget_name: str | None = None,
+                folder_options: dict | None = None) -> dict:
     """Compare the methods on ``arch`` (a zoo name or ``torchvision/<name>``)
     trained on ``data`` (any dataset ``norton train`` reads, from ``data_dir``).
     The baseline is trained until its validation top-1 stops improving (the
     budget's ``baseline`` patience), or given: ``baseline_ckpt``, a norton
     checkpoint of the uncompressed ``arch`` for the data's classes (its
     validation curve is read from the run directory it was written in, if it
-    has one)."""
+    has one).  ``data`` "folder": a user's class folders at ``data_dir``, read
+    with ``folder_options`` (input_size, on_bad_image, augment; see
+    ``norton.training.folder_splits``); its training and validation images
+    are pooled and split as the budget says, its test images kept."""
     if isinstance(budget, str):
         if budget not in BUDGETS:
             raise NortonError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
@@ -449,11 +454,16 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
             raise NortonError(f"{key} must be an integer >= 1, got {getattr(budget, key)!r}")
     device = device or torch.device("cpu")
     started = time.perf_counter()
-    full = load_dataset(data, data_dir, "train")
-    full_test = load_dataset(data, data_dir, "test")
+    if data == "folder":  # a user's class folders: their training and validation images are the pool to split
+        folder_train, folder_val, full_test = folder_splits(data_dir, **(folder_options or {}))
+        full = joined(folder_train, folder_val) if folder_val is not None else folder_train
+    else:
+        full = load_dataset(data, data_dir, "train")
+        full_test = load_dataset(data, data_dir, "test")
     budget = scale_budget(budget, len(full), len(full_test), budget_name)
     given = load_checkpoint(baseline_ckpt) if baseline_ckpt is not None else None
-    settings = {**_shared_settings(budget), "baseline_checkpoint": given["sha256"] if given else None}
+    settings = {**_shared_settings(budget), "baseline_checkpoint": given["sha256"] if given else None,
+                "folder": _folder_record(full) if data == "folder" else None}
     _check_setup(out_dir, arch, data, resume, settings)  # before any work: the run directory must fit
     train = limit(full, budget.train_images)
     test = limit(full_test, budget.test_images)
@@ -470,7 +480,8 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     atomic_write_text(os.path.join(out_dir, "compare.json"),
                       json.dumps({"arch": arch, "data": data, "settings": settings}))
     model_text = f"{_model_name({'arch': arch})} ({'×'.join(map(str, input_size))})"
-    setup = (f"{DATA_NAMES.get(data, data)}: {len(train)} training + {len(val)} validation images (held out), "
+    data_text = f"image folder {full.source['root']}" if data == "folder" else DATA_NAMES.get(data, data)
+    setup = (f"{data_text}: {len(train)} training + {len(val)} validation images (held out), "
              f"{len(test)} test images; {model_text}; "
              + (f"baseline given ({baseline_ckpt})" if given else
                 f"baseline trained up to {budget.baseline.epochs} epochs"
@@ -587,6 +598,11 @@ def _baseline_model(arch: str, classes: int, channels: int, input_size) -> nn.Mo
     return model
 
 
+def _folder_record(data) -> dict:
+    """How an image folder was read: a resumed comparison must read it the same way."""
+    return {k: data.source[k] for k in ("root", "image_size", "on_bad_image", "augment", "classes")}
+
+
 def _given_baseline(ckpt: dict, path: str, fresh: nn.Module, arch: str, classes: int) -> nn.Module:
     """The trained baseline of a checkpoint, checked to be the uncompressed
     ``arch`` for the data's ``classes`` (``fresh``: that model, untrained)."""
@@ -609,9 +625,9 @@ def _given_baseline(ckpt: dict, path: str, fresh: nn.Module, arch: str, classes:
 
 # what every run of a comparison must share: a resumed run with other data or training would mix tables
 _SHARED = ("train_images", "val_images", "extra_val_images", "test_images", "baseline", "finetune",
-           "recalibration_images", "calibration_images", "seeded_calibration", "baseline_checkpoint")
+           "recalibration_images", "calibration_images", "seeded_calibration", "baseline_checkpoint", "folder")
 # what a run recorded before a shared setting existed did
-_BEFORE_SETTING = {"seeded_calibration": False, "baseline_checkpoint": None}
+_BEFORE_SETTING = {"seeded_calibration": False, "baseline_checkpoint": None, "folder": None}
 
 
 def _validation_curve(run_dir: str) -> list[float]:
