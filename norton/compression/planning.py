@@ -305,7 +305,7 @@ def plan(
         round_to = measure_round_to(device or torch.device("cpu"), timed_dtype)
     multiple = round_to or 1
     try:
-        dense, batches = probe_layout(copy.deepcopy(model).eval(), batches)  # the layout probes run fastest in
+        dense, batches = probe_layout(copy.deepcopy(model).eval(), batches)  # channels-last: probes run faster
         probe = Probe(dense, batches)
     except Exception as err:
         raise NortonError(f"calibration images of shape {tuple(batches[0].shape)} do not fit the model "
