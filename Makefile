@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo docs bench gpu-bench compare zoo fashion-mnist clean
+.PHONY: test demo docs docs-check bench gpu-bench compare zoo fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ fashion-mnist:
 docs: $(STAMP)
 	$(VENV)/bin/python docs/generate.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# the documentation's long commands (the tutorial's comparison: minutes of CPU), run as written
+docs-check: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m benchmark tests/test_tutorial.py
 
 demo: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton demo $(DEMO_ARGS)
