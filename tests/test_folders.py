@@ -162,3 +162,48 @@ def test_compare_runs_on_an_image_folder_and_resumes_only_as_it_was_read(tmp_pat
     assert main(["compare", "--data", "folder", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "empty" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+
+
+def test_predict_reads_new_images_as_the_checkpoint_saw_its_folder(tmp_path, capsys):
+    root = make_folder(tmp_path / "scans", rgb=False, split_layout=True, corrupt=False)
+    assert main(["train", "--arch", "resnet_20", "--data", "folder", "--data-dir", str(root), "--image-size", "16",
+                 "--epochs", "1", "--batch-size", "32", "--run-dir", str(tmp_path / "base"), "--device", "cpu"]) == 0
+    ckpt = str(tmp_path / "base" / "model.pt")
+    # a new image of another size and in colour: read in the checkpoint's size, channels and normalisation
+    new = tmp_path / "new.jpg"
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8), "RGB").save(new)
+    files = [str(root / "test" / "dog" / "0.jpg"), str(new)]
+    capsys.readouterr()
+    assert main(["predict", "--ckpt", ckpt, *files, "--top", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in rows] == files
+    for r in rows:
+        assert len(r["predictions"]) == 2 and {p["class"] for p in r["predictions"]} <= {"bird", "cat", "dog"}
+        assert r["predictions"][0]["probability"] >= r["predictions"][1]["probability"]
+    # the same as the model's output on the test split's tensor of that image
+    from norton.checkpoints import load_checkpoint, model_from_checkpoint
+    from norton.training import read_images
+    from norton.training.data import normalize
+
+    checkpoint = load_checkpoint(ckpt)
+    model = model_from_checkpoint(checkpoint, ckpt).eval()
+    _, _, test = folder_splits(str(root), input_size=16)
+    dog = test.classes.index("dog")
+    first_dog = test.images[test.labels == dog][0:1]  # the test split keeps the listing's order: 0.jpg first
+    x = read_images(files[:1], checkpoint["extra"]["data_source"])
+    torch.testing.assert_close(x, normalize(first_dog, test.mean, test.std))
+    with torch.no_grad():
+        best = model(x).softmax(1)[0].max().item()
+    assert rows[0]["predictions"][0]["probability"] == pytest.approx(best, abs=1e-6)
+    assert main(["predict", "--ckpt", ckpt, str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert main(["predict", "--ckpt", ckpt, str(broken)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    torch.manual_seed(0)
+    from norton import create_model
+    from norton.checkpoints import save_checkpoint
+    save_checkpoint(str(tmp_path / "zoo.pt"), create_model("resnet_20", num_classes=10))
+    assert main(["predict", "--ckpt", str(tmp_path / "zoo.pt"), str(new)]) == 2
+    assert "not trained on an image folder" in capsys.readouterr().err

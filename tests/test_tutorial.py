@@ -23,7 +23,7 @@ def commands() -> list[str]:
 def run_tutorial(root: Path, monkeypatch, capsys, *, compare: bool) -> dict[str, str]:
     lines = commands()
     assert [line.split()[1] for line in lines] == ["train", "evaluate", "plan", "compress", "deploy", "benchmark",
-                                                   "export", "compare"]
+                                                   "export", "predict", "compare"]
     make_folder(root / "images", rgb=True, split_layout=False, counts={"cat": 70, "dog": 50, "bird": 40})
     monkeypatch.chdir(root)
     printed = {}
@@ -40,6 +40,7 @@ def test_the_tutorial_commands_run_as_written(tmp_path, monkeypatch, capsys):
     source = load_checkpoint("runs/base/model.pt")["extra"]["data_source"]
     assert source["classes"] == ["bird", "cat", "dog"] and source["image_size"] == 32
     assert "MACs" in printed["compress"] and "1.00×" in printed["benchmark"]
+    assert [line.split(":")[0] for line in printed["predict"].splitlines()] == ["images/cat/1.png", "images/dog/2.jpg"]
     assert os.path.getsize("runs/small/model.onnx") > 0 and os.path.exists("runs/small/deployed.pt")
     assert torch.load("runs/small/final.pt", weights_only=True)["format"]  # a norton checkpoint, loaded safely
 

@@ -21,6 +21,7 @@ from norton.cli.common import (
     train_config,
 )
 from norton.core import complexity
+from norton.errors import NortonError
 from norton.models import create_model
 from norton.training import (
     dataset_shape,
@@ -29,6 +30,7 @@ from norton.training import (
     input_size_of,
     load_best,
     load_dataset,
+    read_images,
     resolve_device,
 )
 
@@ -90,6 +92,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise NortonError(f"--top must be at least 1, got {args.top}")
+    device = resolve_device(args.device)
+    loaded = model_from_args(args)
+    source = ((loaded.checkpoint or {}).get("extra") or {}).get("data_source") or {}
+    images = read_images(args.images, source).to(device)
+    model = loaded.model.to(device).eval()
+    with torch.no_grad():
+        probabilities = model(images).softmax(1).cpu()
+    top = min(args.top, probabilities.shape[1])
+    values, indices = probabilities.topk(top, dim=1)
+    classes = source["classes"]
+    rows = [{"image": path, "predictions": [{"class": classes[i], "probability": round(float(p), 6)}
+                                            for p, i in zip(v.tolist(), idx.tolist())]}
+            for path, v, idx in zip(args.images, values, indices)]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(f"{row['image']}: " + ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in row["predictions"]))
+    return 0
+
+
 def register(sub) -> None:
     p = add_command(sub, "train", cmd_train, "train a zoo model (the baseline)",
                     "norton train --arch resnet_20 --data fashion-mnist --epochs 30 --run-dir runs/base\n"
@@ -108,6 +134,17 @@ def register(sub) -> None:
     p.add_argument("--teacher", default=None, help="norton checkpoint of the uncompressed model, for --distill")
     add_data_args(p)
     add_train_args(p)
+
+    p = add_command(sub, "predict", cmd_predict,
+                    "classify image files with a checkpoint trained on an image folder (no data flags: the size, "
+                    "normalisation and class names come from the checkpoint)",
+                    "norton predict --ckpt runs/small/final.pt photo.jpg scan.png\n"
+                    "  norton predict --ckpt runs/base/model.pt images/cat/*.png --top 3 --json")
+    p.add_argument("--ckpt", required=True, help="norton checkpoint of a model trained with --data folder")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("--top", type=int, default=1, help="the most probable classes to print per image (default 1)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
 
     p = add_command(sub, "evaluate", cmd_evaluate, "top-1/top-5 and loss of a checkpoint on a test set",
                     "norton evaluate --ckpt runs/ft/model.pt --data cifar10 --data-dir ~/data\n"

@@ -28,7 +28,7 @@ from norton.training.data import (
     split_validation,
 )
 from norton.training.distributed import Distributed, init_distributed, resolve_device
-from norton.training.folders import BAD_IMAGE_CHOICES, folder_splits
+from norton.training.folders import BAD_IMAGE_CHOICES, folder_splits, read_images
 from norton.training.engine import TrainingRun
 from norton.training.pipeline import CompressConfig, calibration_batches, compress
 from norton.training.candidates import apply_plan, select_plan
@@ -54,6 +54,7 @@ __all__ = [
     "evaluate",
     "fit",
     "folder_splits",
+    "read_images",
     "held_out",
     "init_distributed",
     "input_size_of",

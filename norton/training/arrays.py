@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -39,3 +40,11 @@ class ArrayDataset:
 
     def without_augmentation(self) -> "ArrayDataset":
         return ArrayDataset(self.images, self.labels, self.mean, self.std, 0, False, self.classes, self.source)
+
+
+def normalize(images: Tensor, mean, std) -> Tensor:
+    """uint8 images (N, C, H, W) as float, scaled to [0, 1] and normalised per channel."""
+    x = images.float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s

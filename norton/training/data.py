@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from norton.errors import NortonError
-from norton.training.arrays import ArrayDataset
+from norton.training.arrays import ArrayDataset, normalize
 from norton.training.folders import BAD_IMAGE_CHOICES, folder_splits
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -286,13 +286,6 @@ def dataset_shape(train) -> tuple[int, int]:
 
 def input_size_of(data) -> tuple[int, int, int]:
     return data.input_size if isinstance(data, ArrayDataset) else (3, 224, 224)
-
-
-def normalize(images: Tensor, mean, std) -> Tensor:
-    x = images.float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 def augment(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:

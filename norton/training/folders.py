@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from norton.errors import NortonError
-from norton.training.arrays import ArrayDataset
+from norton.training.arrays import ArrayDataset, normalize
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_SIZE = 224
@@ -181,3 +181,27 @@ def folder_splits(root: str | None, *, input_size: int | None = None, on_bad_ima
                             flip=augment and train and images.shape[1] == 3, classes=tuple(classes), source=source)
 
     return dataset("train", True), (dataset("val", False) if "val" in arrays else None), dataset("test", False)
+
+
+def read_images(paths: list[str], source: dict) -> torch.Tensor:
+    """New images as a model trained on a folder saw its test images: decoded,
+    in its number of channels, resized and centre-cropped to its size and
+    normalised with its training split's mean and std — all from ``source``
+    (the ``data_source`` a checkpoint records).  An unreadable file or a
+    missing one is a clear error naming it."""
+    if not paths:
+        raise NortonError("give at least one image file")
+    if source.get("kind") != "folder":
+        raise NortonError("this checkpoint was not trained on an image folder (--data folder): it records no image "
+                          "size, normalisation or class names to read a new image with")
+    gray = len(source["mean"]) == 1
+    pixels = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise NortonError(f"image {path!r} does not exist or is not a file")
+        image = _decode(path, "error")
+        pixels.append(_square(image.convert("L" if gray else "RGB"), source["image_size"]))
+    images = torch.from_numpy(np.stack(pixels))
+    images = images.unsqueeze(1) if gray else images.permute(0, 3, 1, 2)
+    return normalize(images, source["mean"], source["std"])
+
