@@ -491,3 +491,13 @@ def test_the_probe_layout_keeps_what_the_model_computes():
     with torch.no_grad(), batch_statistics(model), batch_statistics(laid):
         for x, y in zip(batches, laid_batches):
             torch.testing.assert_close(laid(y), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_cost_model_tells_a_depthwise_conv_from_a_plain_one_of_the_same_shape():
+    from norton.compression.costs import CostModel, PlanLayer
+
+    plain, depthwise = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    layers = {"plain": PlanLayer("plain", plain, (16, 8, 8)), "dw": PlanLayer("dw", depthwise, (16, 8, 8))}
+    costs = CostModel(layers, "macs", 1, None, torch.float32)
+    assert costs.layer_cost(layers["plain"], 0, 16, 16) == 16 * 16 * 9 * 64
+    assert costs.layer_cost(layers["dw"], 0, 16, 16) == 16 * 9 * 64  # not the plain conv's memoised cost

@@ -121,7 +121,7 @@ class CostModel:
             key = ("linear", n, c, layer.in_size[:-1], m.bias is not None)
         else:
             key = ("conv", n, c, m.kernel_size, m.stride, m.padding, m.dilation, m.bias is not None, m.padding_mode,
-                   layer.in_size[1:], rank, type(m).__name__)
+                   layer.in_size[1:], rank, type(m).__name__, "depthwise" if is_depthwise(m) else m.groups)
         if key not in self._memo:
             self._memo[key] = self._estimate(key, layer, rank, n, c)
         return self._memo[key]
