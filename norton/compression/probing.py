@@ -161,7 +161,7 @@ class Probe:
     @torch.no_grad()
     def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
         with batch_statistics(model):
-            return [t.detach().to(torch.float64) for t in flatten_tensors(model(x))]
+            return _float64(model(x))
 
     @torch.no_grad()
     def damage(self, model: nn.Module | None, changed: Iterable[str] = ()) -> float:
@@ -170,8 +170,13 @@ class Probe:
         with batch_statistics(self.cached.module if model is None else model):
             for i, (x, ref) in enumerate(zip(self.batches, self.reference)):
                 out = self.cached.run(i, changed) if model is None else model(x)
-                total += divergence([t.detach().to(torch.float64) for t in flatten_tensors(out)], ref)
+                total += divergence(_float64(out), ref)
         return total / len(self.batches)
+
+
+def _float64(outputs) -> list[Tensor]:
+    """A model's outputs as a flat list of float64 tensors, the form divergences are taken in."""
+    return [t.detach().to(torch.float64) for t in flatten_tensors(outputs)]
 
 
 def probe_layout(model: nn.Module, batches: list[Tensor]) -> tuple[nn.Module, list[Tensor]]:

@@ -50,7 +50,7 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     small probe)."""
     modules = list(model.modules())
     modes = [m.training for m in modules]
-    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = batchnorms(model)
     for m in modules:
         object.__setattr__(m, "training", False)
     try:
