@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/planner_speed.py                  # ResNet-20 and ResNet-56, both ways
     .venv/bin/python benchmarks/planner_speed.py --costs          # ResNet-20 at 128/256/512 images, 8 and 4 keep steps
+    .venv/bin/python benchmarks/planner_speed.py --layout         # one probe forward, channels-last vs contiguous
 
 ``norton.plan(model, digits calibration images, target_macs=0.6)`` on a
 randomly initialised zoo model (the damages it measures need no training to
@@ -15,6 +16,7 @@ trade-off of ``--calibration-images`` and ``--keep-steps``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import warnings
 
@@ -39,11 +41,40 @@ def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = Tru
         planning._InPlace.make = make
 
 
+def layout_ms(repeats: int = 20) -> dict[str, float]:
+    """A batch-statistics forward of ResNet-20 on 256 16×16 images, as the probes run it, in both layouts
+    (alternating rounds, median ms)."""
+    import statistics
+    import time
+
+    from norton.core import batch_statistics
+
+    torch.manual_seed(0)
+    model = create_model("resnet_20", num_classes=10, in_channels=1).eval()
+    x = torch.randn(256, 1, 16, 16)
+    layouts = {"contiguous": (model, x),
+               "channels_last": (copy.deepcopy(model).to(memory_format=torch.channels_last),
+                                 x.contiguous(memory_format=torch.channels_last))}
+    times = {name: [] for name in layouts}
+    with torch.no_grad():
+        for _ in range(repeats + 3):
+            for name, (m, images) in layouts.items():
+                with batch_statistics(m):
+                    started = time.perf_counter()
+                    m(images)
+                    times[name].append(1000 * (time.perf_counter() - started))
+    return {name: round(statistics.median(t[3:]), 1) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="resnet_20,resnet_56")
     parser.add_argument("--costs", action="store_true", help="ResNet-20's planning time by calibration images and keep steps")
+    parser.add_argument("--layout", action="store_true", help="one probe forward in each memory layout")
     args = parser.parse_args()
+    if args.layout:
+        print(json.dumps(layout_ms()))
+        return
     if args.costs:
         for images, steps in ((128, 8), (256, 8), (512, 8), (512, 4)):
             p = timed_plan("resnet_20", images, steps)

@@ -183,7 +183,8 @@ def probe_layout(model: nn.Module, batches: list[Tensor]) -> tuple[nn.Module, li
     """``model`` (a copy) and ``batches`` in channels-last memory layout, the
     layout the planner's probes run in whenever the images are 4-D and the
     model has convolutions: a batch-statistics forward of ResNet-20 on 256
-    16×16 images took 45 ms against 64 ms contiguous on 2 CPU cores.  A fixed
+    16×16 images took 47.7 ms against 58.7 ms contiguous on 2 CPU cores
+    (``benchmarks/planner_speed.py --layout``).  A fixed
     rule, not a timing: the same call gives the same damages to the last
     digit (the values differ from contiguous only by float rounding)."""
     if batches[0].dim() != 4 or not any(p.dim() == 4 for p in model.parameters()):

@@ -117,7 +117,7 @@ FULL = CompareBudget(
 )
 # several fine-tuning epochs, the methods that matter, three seeds, and a baseline trained until its validation
 # top-1 stops improving (up to 30 epochs: 15 cosine epochs left it still rising, 89.72 / 90.47 / 90.24 % over the
-# last three on the 10,000 validation images; 30 converged, 91.71 / 91.62 / 91.57 %).  The speed-up targets are what pruning alone reached at 60 % and
+# last three on the 10,000 validation images; 30 converged, 91.71 / 91.62 / 91.57 %: benchmarks/baseline_schedule.py).  The speed-up targets are what pruning alone reached at 60 % and
 # 85 % fewer MACs in a small comparison (docs/compare_small.md), fixed before this budget's runs.  Validation: the
 # 2,000 images split from the 12,000 and 8,000 more that the budget leaves unused (10,000 in all, so the best
 # epoch and the planner's choices are made on a split that resolves ~0.5 points).  The ablations
