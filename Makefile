@@ -36,9 +36,9 @@ docs: $(STAMP)
 	$(VENV)/bin/python docs/generate.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# the documentation's long commands (the tutorial's comparison: minutes of CPU), run as written
+# the documentation's long commands (the tutorial's comparison, the guides' benchmarks and torchrun runs), run as written
 docs-check: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m benchmark tests/test_tutorial.py
+	$(VENV)/bin/python -m pytest -q -m benchmark tests/test_tutorial.py tests/test_doc_blocks.py
 
 demo: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton demo $(DEMO_ARGS)

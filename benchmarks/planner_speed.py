@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/planner_speed.py                  # ResNet-20 and ResNet-56, both ways
     .venv/bin/python benchmarks/planner_speed.py --costs          # ResNet-20 at 128/256/512 images, 8 and 4 keep steps
     .venv/bin/python benchmarks/planner_speed.py --layout         # one probe forward, channels-last vs contiguous
+    .venv/bin/python benchmarks/planner_speed.py --recover        # recover=True: refits from input sums vs per option
 
 ``norton.plan(model, digits calibration images, target_macs=0.6)`` on a
 randomly initialised zoo model (the damages it measures need no training to
@@ -11,7 +12,10 @@ changed layer on (the planner as it is), once on the surgery path (every
 pruning option on a pruned copy, every probe a whole forward: what the planner
 did before), one after the other in this process; then whether the two plans
 are the same and how far their damages are apart.  ``--costs`` times the
-trade-off of ``--calibration-images`` and ``--keep-steps``.
+trade-off of ``--calibration-images`` and ``--keep-steps``.  ``--recover``
+plans with ``recover=True`` (what ``compare`` plans with): in place, every
+pruning option's readers refitted from input sums gathered once per group;
+on the surgery path, a pruned copy refitted by ``norton.recover`` per option.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from norton.compression import plan, planning
 from norton.training import calibration_batches, load_dataset
 
 
-def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = True):
+def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = True, recover: bool = False):
     warnings.simplefilter("ignore")
     batches = calibration_batches(load_dataset("digits", None, "train"), images, seed=0)
     torch.manual_seed(0)
@@ -36,7 +40,7 @@ def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = Tru
     if not in_place:
         planning._InPlace.make = classmethod(lambda cls, *args, **kwargs: None)
     try:
-        return plan(model, batches, target_macs=0.6, keep_steps=keep_steps, seed=0)
+        return plan(model, batches, target_macs=0.6, keep_steps=keep_steps, seed=0, recover=recover)
     finally:
         planning._InPlace.make = make
 
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--archs", default="resnet_20,resnet_56")
     parser.add_argument("--costs", action="store_true", help="ResNet-20's planning time by calibration images and keep steps")
     parser.add_argument("--layout", action="store_true", help="one probe forward in each memory layout")
+    parser.add_argument("--recover", action="store_true", help="plan with recover=True, both ways")
     args = parser.parse_args()
     if args.layout:
         print(json.dumps(layout_ms()))
@@ -82,9 +87,10 @@ def main() -> None:
                               "damage": round(p.damage, 4)}), flush=True)
         return
     for arch in args.archs.split(","):
-        fast, slow = timed_plan(arch, 512), timed_plan(arch, 512, in_place=False)
+        fast = timed_plan(arch, 512, recover=args.recover)
+        slow = timed_plan(arch, 512, in_place=False, recover=args.recover)
         same = (fast.ranks, fast.keep, fast.tucker) == (slow.ranks, slow.keep, slow.tucker)
-        print(json.dumps({"arch": arch, "in_place_s": round(fast.seconds, 1), "surgery_s": round(slow.seconds, 1),
+        print(json.dumps({"arch": arch, "recover": args.recover, "in_place_s": round(fast.seconds, 1), "surgery_s": round(slow.seconds, 1),
                           "same_plan": same, "damage_rel_diff": abs(fast.damage - slow.damage) / slow.damage}),
               flush=True)
 

@@ -143,3 +143,13 @@ def test_library_classifiers_take_grayscale_data_and_rebuild_from_their_checkpoi
 def test_an_unknown_library_model_is_named():
     with pytest.raises(NortonError, match="timm model 'no_such_net' cannot be built"):
         create_model("timm/no_such_net")
+
+
+def test_vgg_runs_at_any_input_size_and_pools_as_published_at_32():
+    model = create_model("vgg_16_bn", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        published = model.classifier(torch.nn.functional.avg_pool2d(model.features(x), 2).flatten(1))
+        assert torch.equal(model(x), published)
+        for size in (28, 64, 96):
+            assert model(torch.randn(2, 3, size, size)).shape == (2, 10)

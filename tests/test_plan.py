@@ -285,27 +285,78 @@ def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
     assert costs.scales == pytest.approx(truth, rel=1e-6)
 
 
-def test_with_recover_every_pruning_option_is_measured_after_the_refit(monkeypatch):
+def test_with_recover_pruning_options_are_refitted_from_input_sums_and_candidates_by_recover(monkeypatch):
     from norton.compression import planning
-    calls = []
-    real = planning.refit
+    calls, sums = [], []
+    real, real_sums = planning.refit, planning.input_sums
 
     def spy(trial, reference, batches, kept, **kwargs):
         calls.append(sorted(g.root for g in kept if g.width < g.total))
         return real(trial, reference, batches, kept, **kwargs)
 
+    def spy_sums(model, modules, data, **kwargs):
+        sums.append(len(modules))
+        return real_sums(model, modules, data, **kwargs)
+
     monkeypatch.setattr(planning, "refit", spy)
+    monkeypatch.setattr(planning, "input_sums", spy_sums)
     model = create_model("resnet_20").eval()
     x = images(8, size=16)
     p = plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), recover=True, allocation="greedy")
-    assert len(calls) == len(p.totals) and all(len(c) == 1 for c in calls)  # one option (1/2) per group
-    calls.clear()  # "best" also measures whole candidate plans after the refit
+    assert not calls  # no copy pruned and refitted per option: one pass of input sums per group
+    assert len(sums) == len(p.totals) and all(n >= 1 for n in sums)
+    sums.clear()  # "best" measures whole candidate plans after the real refit
     plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), recover=True)
-    assert len(calls) > len(p.totals) and any(len(c) > 1 for c in calls)
+    assert calls and any(len(c) > 1 for c in calls)
     assert p.recover and "measured after least-squares recovery" in p.table()
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))).recover
-    calls.clear()
-    assert not plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",)).recover and not calls
+    calls.clear(), sums.clear()
+    assert not plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",)).recover
+    assert not calls and not sums
+
+
+def test_a_refit_from_input_sums_is_the_refit_of_recover_where_one_layer_reads_the_group():
+    """A pruning option measured in place with its readers refitted from cached input sums gives the damage of
+    the pruned copy refitted by norton.recover (float64) when one layer reads the group; where several do,
+    recover refits them one after the other and the in-place value stays close."""
+    from norton.compression import planning
+    from norton.compression.graph import build_graph, collect_groups
+    from norton.compression.probing import Probe
+    from norton.compression.pruning import prune_in_place
+    from norton.compression.recovery import recover
+
+    torch.manual_seed(0)
+    model = create_model("resnet_20").eval().double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    batches = [images(8).double(), images(8, seed=1).double()]
+    example = batches[0][:1]
+    groups, _ = collect_groups(model, build_graph(model, example), example, [])
+    probe = Probe(model, batches)
+    in_place = planning._InPlace.make(model, batches, probe, groups, "fpgm", 0, None, example, surgery_only=False,
+                                      recover=True)
+    assert in_place.masks
+    seen = {"one reader": 0, "several": 0}
+    for g in groups:
+        count = max(1, g.info.total // 3)
+        readers = in_place._readers(g.info.root)
+        refitted = in_place.keep_damage(g.info.root, count)
+        trial = copy.deepcopy(model)
+        kept, _ = prune_in_place(trial, example, keep={g.info.root: count}, criterion="fpgm")
+        report = recover(trial, model, batches, kept)
+        real = probe.damage(trial)
+        assert real > 0
+        if len(readers) == 1:
+            assert refitted == pytest.approx(real, rel=1e-6), g.info.root
+            seen["one reader"] += 1
+        else:
+            assert len(report.layers) == len(readers)
+            assert refitted == pytest.approx(real, rel=0.1), g.info.root  # within 4 % on these three groups
+            seen["several"] += 1
+    assert seen["one reader"] >= 6 and seen["several"] >= 2
+    assert probe.damage(None, ["conv1"]) == 0.0  # every refit and mask undone
 
 
 def test_best_allocation_measures_whole_candidate_plans():

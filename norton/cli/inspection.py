@@ -35,7 +35,11 @@ def cmd_complexity(args: argparse.Namespace) -> int:
     if is_detector(model):
         return _detector_complexity(args, model, baseline)
     size = args.input_size
-    result, base = complexity(model, size), complexity(baseline, size)
+    try:
+        result, base = complexity(model, size), complexity(baseline, size)
+    except RuntimeError as err:
+        raise NortonError(f"--input-size {'x'.join(map(str, size or ()))} does not fit {args.arch} "
+                          f"({str(err).splitlines()[0][:160]}); give H, HxW or CxHxW it accepts") from None
     record = {
         "arch": args.arch,
         "rank": args.rank,

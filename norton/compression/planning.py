@@ -43,6 +43,7 @@ from norton.compression.graph import build_graph, collect_groups, is_depthwise
 from norton.compression.attention import window_attentions
 from norton.compression.probing import CachedForward, Probe, probe_layout
 from norton.compression.pruning import PruneReport, check_round_to, prune, prune_in_place, zero_channels
+from norton.compression.recovery import InputSums, input_sums, refit_weight
 from norton.compression.recovery import recover as refit
 from norton.compression.search import Search, Unit, only_option, refine_counts, uniform_pruning
 from norton.compression.selection import nearest_multiple, plan_selection, round_to_blocks
@@ -373,7 +374,7 @@ def plan(
     # pruning options by zeroing the channels they would remove (surgery where that is not exact, or with recover)
     blocks = _decompositions(dense, [u for u in units if u.kind == "rank"], seed, progress)
     in_place = _InPlace.make(dense, batches, probe, groups, criterion, seed, round_to, example,
-                             surgery_only=recover or bool(window_attentions(dense)))
+                             surgery_only=bool(window_attentions(dense)), recover=recover)
     trials = sum(len(u.options) - 1 for u in units)
     bar = tqdm(total=trials, desc="plan: damage of each option", unit="option", disable=not progress)
     for u in units:
@@ -424,7 +425,8 @@ def plan(
             return best, candidates[best]
         # the summed damages of single options miss how they interact: each candidate
         # plan is built whole (with the refit, if any) and its damage measured
-        for state in candidates.values():
+        for state in tqdm(candidates.values(), desc="plan: measure whole candidates", unit="plan", leave=False,
+                          disable=not progress):
             key = tuple(state)
             if key not in whole_damage:
                 whole_damage[key] = measure_whole(build(state, refit_pruned=recover))
@@ -528,18 +530,23 @@ class _InPlace:
     conv into the traced model, a pruning option by zeroing (forward hooks) the
     channels its selection would remove — what pruning computes, up to float
     rounding (checked once against real surgery: ``masks`` is False when the
-    two disagree, and pruning options then take the surgery path)."""
+    two disagree, and pruning options then take the surgery path).  With
+    ``recover``, the layers that read a pruned group's channels take their
+    least-squares refit for the option too, solved from their input sums
+    (``input_sums``: one pass over the calibration images per group, not one
+    refit per option) and put in place while the option is measured."""
 
     def __init__(self, dense: nn.Module, cached: CachedForward, probe: Probe, groups, criterion: str, seed: int,
-                 round_to):
+                 round_to, recover: bool = False):
         self.dense, self.cached, self.probe, self.groups = dense, cached, probe, groups
-        self.criterion, self.seed, self.round_to = criterion, seed, round_to
+        self.criterion, self.seed, self.round_to, self.recover = criterion, seed, round_to, recover
         self.masks = True
         self.names = {m: n for n, m in cached.module.named_modules()}  # layers of the traced model by object
+        self._sums: tuple[str, list[tuple[InputSums, list[int], list[int]]]] | None = None  # one group's, at a time
 
     @classmethod
     def make(cls, dense: nn.Module, batches, probe: Probe, groups, criterion: str, seed: int, round_to, example,
-             surgery_only: bool) -> _InPlace | None:
+             surgery_only: bool, recover: bool = False) -> _InPlace | None:
         """The in-place measurement of ``dense``, or None where it cannot be traced."""
         try:
             cached = CachedForward(dense, batches)
@@ -548,6 +555,7 @@ class _InPlace:
         probe.cached = cached
         made = cls(dense, cached, probe, groups, criterion, seed, round_to)
         made.masks = not surgery_only and made._agrees_with_surgery(dense, example)
+        made.recover = recover
         return made
 
     def rank_damage(self, name: str, conv: nn.Module) -> float:
@@ -564,6 +572,7 @@ class _InPlace:
     def keep_damage(self, root: str, count: int) -> float:
         kept = self._kept(root, count)
         handles = zero_channels(self.groups, kept)
+        restore = self._refits(root, kept[root]) if self.recover else []
         try:
             changed = [self.names.get(h.module) for h in handles]
             if any(name not in self.cached.first_call for name in changed):  # a hooked layer the trace does not call
@@ -572,6 +581,44 @@ class _InPlace:
         finally:
             for h in handles:
                 h.remove()
+            for param, weight in restore:
+                param.data.copy_(weight)
+
+    def _readers(self, root: str) -> list[tuple[InputSums, list[int], list[int]]]:
+        """The layers a cut of group ``root`` refits (those ``recover`` refits: convs with one group
+        and linear layers that read its channels), in the order the model runs them, with their input sums and,
+        per input channel they read from the group, the group's channel."""
+        if self._sums is not None and self._sums[0] == root:
+            return self._sums[1]
+        group = next(g for g in self.groups if g.info.root == root)
+        readers: dict[nn.Module, tuple[list[int], list[int]]] = {}
+        for module, is_out, idxs, root_idxs in group.members:
+            if not is_out and (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+                mine = readers.setdefault(module, ([], []))
+                mine[0].extend(idxs)
+                mine[1].extend(root_idxs)
+        order = sorted(readers, key=lambda m: self.cached.first_call.get(self.names.get(m), len(self.cached.nodes)))
+        sums = input_sums(self.dense, order, self.probe.batches, seed=self.seed) if order else []
+        self._sums = (root, [(s, *readers[s.module]) for s in sums])
+        return self._sums[1]
+
+    def _refits(self, root: str, kept: set[int]) -> list[tuple[nn.Parameter, Tensor]]:
+        """Each reader's refit for keeping ``kept`` of group ``root`` put in its weight; the old weights."""
+        restore = []
+        try:
+            for sums, idxs, root_idxs in self._readers(root):
+                weight = sums.module.weight
+                keep = sorted({i for i, r in zip(idxs, root_idxs) if r in kept}
+                              | (set(range(weight.shape[1] // _per_channel(sums.module))) - set(idxs)))
+                fitted = refit_weight(sums, weight.flatten(1), keep)
+                if fitted is not None:
+                    restore.append((weight, weight.detach().clone()))
+                    weight.data.copy_(fitted.reshape(weight.shape).to(weight.dtype))
+        except BaseException:
+            for param, old in restore:
+                param.data.copy_(old)
+            raise
+        return restore
 
     def _agrees_with_surgery(self, dense: nn.Module, example) -> bool:
         """A pruning option of one group of every kind (the layer types it couples) measured both ways."""
@@ -592,6 +639,11 @@ class _InPlace:
             if abs(masked - real) > 1e-4 * max(abs(real), 1e-6):
                 return False
         return True
+
+
+def _per_channel(module: nn.Module) -> int:
+    """Columns of a layer's weight matrix per input channel."""
+    return 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
 
 
 @contextlib.contextmanager

@@ -252,6 +252,18 @@ def _refit(model: nn.Module, reference: nn.Module, ref_module: nn.Module, stage:
         cross += xs.T @ ys
         energy += float((ys ** 2).sum())
         used += xs.shape[0]
+    fitted, before, after = _solve(gram, cross, energy, w0, ridge)
+    if fitted is not None:
+        stage.pruned.data.copy_(fitted.reshape(stage.pruned.shape).to(stage.pruned.dtype))
+    return LayerRecovery(stage.name, stage.kind, (_in_channels(ref_module), _in_channels(stage.module)), used,
+                         before, after)
+
+
+def _solve(gram: Tensor, cross: Tensor, energy: float, w0: Tensor, ridge: float
+           ) -> tuple[Tensor | None, float, float]:
+    """The ridge least-squares fit from the sums XᵀX (``gram``), XᵀY (``cross``) and ‖Y‖²: the fitted
+    weight (None where it does not lower the error on these positions: the pruned weights stay), the
+    relative error before and after."""
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     fitted = torch.linalg.solve(gram + lam * eye, cross + lam * w0.T).T
@@ -261,12 +273,104 @@ def _refit(model: nn.Module, reference: nn.Module, ref_module: nn.Module, stage:
         return max(residual, 0.0) / max(energy, 1e-30)
 
     before, after = error(w0), error(fitted)
-    if after < before:
-        stage.pruned.data.copy_(fitted.reshape(stage.pruned.shape).to(stage.pruned.dtype))
-    else:  # nothing to gain on these images: the pruned weights stay
-        after = before
-    return LayerRecovery(stage.name, stage.kind, (_in_channels(ref_module), _in_channels(stage.module)), used,
-                         before, after)
+    return (fitted, before, after) if after < before else (None, before, before)
+
+
+@dataclass
+class InputSums:
+    """Sums over sampled positions of one layer's linear-stage inputs, for
+    refits of any subset of its input channels without running the model again:
+    ``gram`` = X'ᵀX' (X' what the layer sees with every BatchNorm on batch
+    statistics, as the pruned model is measured), ``cross`` = X'ᵀX and
+    ``energy`` = XᵀX (X what it sees in the reference, eval mode)."""
+
+    module: nn.Module
+    gram: Tensor
+    cross: Tensor
+    energy: Tensor
+    rows: int
+
+
+@torch.no_grad()
+def input_sums(model: nn.Module, modules: Sequence[nn.Module], data: Sequence[Tensor], *, rows: int = ROWS,
+               seed: int = 0) -> list[InputSums]:
+    """``InputSums`` of each of ``modules`` (layers of ``model``, given in the
+    order the model runs them) on the calibration batches ``data``: the same
+    positions ``recover`` samples when these layers are the ones a pruning cut
+    (the i-th with seed ``seed + 7919·i``), so that ``refit_weight`` on a
+    subset of the input channels is the refit ``recover`` computes for a model
+    pruned only there — when no layer before it was refitted.  One forward per
+    batch in each mode, not one per layer or per pruning option."""
+    images = sum(b.shape[0] for b in data)
+    generators = [torch.Generator().manual_seed(seed + 7919 * i) for i in range(len(modules))]
+    sums: list[InputSums | None] = [None] * len(modules)
+    was_training = model.training
+    model.eval()
+    try:
+        for x in data:
+            reference = _inputs(model, modules, x)
+            with batch_statistics(model):
+                seen = _inputs(model, modules, x)
+            for i, (module, got, ref) in enumerate(zip(modules, seen, reference)):
+                total = _positions(module, got) * x.shape[0]
+                share = max(1, -(-rows * x.shape[0] // images))
+                index = torch.randperm(total, generator=generators[i])[:share].sort().values.to(got.device)
+                xs = _rows(module, got, index).to(torch.float64)
+                xr = _rows(module, ref, index).to(torch.float64)
+                if sums[i] is None:
+                    zero = xs.new_zeros(xs.shape[1], xs.shape[1])
+                    sums[i] = InputSums(module, zero, zero.clone(), zero.clone(), 0)
+                sums[i].gram += xs.T @ xs
+                sums[i].cross += xs.T @ xr
+                sums[i].energy += xr.T @ xr
+                sums[i].rows += xs.shape[0]
+    finally:
+        model.train(was_training)
+    return sums
+
+
+def _inputs(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
+    """The input each of ``modules`` sees first when ``model`` runs on ``x``."""
+    seen: dict[nn.Module, Tensor] = {}
+
+    def hook(module, inputs):
+        seen.setdefault(module, inputs[0].detach())
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [m for m in modules if m not in seen]
+    if missing:
+        raise NortonError(f"recover: a layer whose inputs were pruned ({type(missing[0]).__name__}) does not run "
+                          "in the model's forward")
+    return [seen[m] for m in modules]
+
+
+def refit_weight(sums: InputSums, weight: Tensor, kept_inputs: Sequence[int], ridge: float = RIDGE,
+                 outputs: Sequence[int] | None = None) -> Tensor | None:
+    """The refit of a layer (weight as a matrix, outputs × inputs·k²) that keeps
+    the input channels ``kept_inputs`` (and the outputs ``outputs``; default
+    all), from its ``InputSums``: the new matrix with zero columns where inputs
+    were removed, or None where the fit does not lower the error (the weights
+    then stay as they are, which is what ``recover`` does too)."""
+    module = sums.module
+    per_channel = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
+    kept = torch.as_tensor(sorted(kept_inputs), dtype=torch.long, device=sums.gram.device)
+    columns = (kept[:, None] * per_channel + torch.arange(per_channel, device=kept.device)).flatten()
+    w = weight.detach().to(torch.float64)
+    if outputs is not None:
+        w = w[list(outputs)]
+    cross = sums.cross[columns] @ w.T
+    energy = float(((w @ sums.energy) * w).sum())
+    fitted, _, _ = _solve(sums.gram[columns][:, columns], cross, energy, w[:, columns], ridge)
+    if fitted is None:
+        return None
+    full = torch.zeros_like(w)
+    full[:, columns] = fitted
+    return full
 
 
 def _in_channels(module: nn.Module) -> int:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from norton.compression.criteria import (
     get_criterion,
     greedy_eliminate,
+    list_criteria,
     normalized_mean,
     top_scores,
 )
@@ -190,7 +191,8 @@ def _group_scores(g: CoupledGroup, criterion_name: str, seed: int):
             raise NortonError(
                 f"criterion {criterion.name!r} needs CP factors but layer {plain[0][0]!r} is a plain "
                 f"{plain[0][1].kernel_size[0]}×{plain[0][1].kernel_size[1]} conv; decompose the model "
-                "first (norton.decompose) or use criterion 'l2' or 'random'"
+                "first (norton.decompose) or use a criterion of the dense weights: "
+                + ", ".join(repr(c) for c in list_criteria() if not get_criterion(c).needs_factors)
             )
         criterion = get_criterion("l2")  # 1×1 and depthwise convs have no CP factors: L2 norm, as in the paper
         label = "l2 (no CP factors)"

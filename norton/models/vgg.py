@@ -1,4 +1,5 @@
-"""VGG-16/19 with BatchNorm for 32×32 inputs (the CIFAR variant of the published configs).
+"""VGG-16/19 with BatchNorm for 32×32 inputs (the CIFAR variant of the published configs); the last
+pool averages whatever the features leave (2×2 at 32×32, as published), so other sizes run too.
 
 Module names follow the published checkpoints: ``features.conv{i}`` /
 ``features.norm{i}`` with ``i`` the position in the layer config (pools
@@ -37,7 +38,7 @@ class VGG(nn.Module):
             layers[f"relu{i}"] = nn.ReLU(inplace=True)
             channels = out
         self.features = nn.Sequential(layers)
-        self.avgpool = nn.AvgPool2d(2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # = the published 2×2 average pool at 32×32, and fits any size
         self.classifier = nn.Sequential(
             OrderedDict(
                 linear1=nn.Linear(channels, 512),
