@@ -7,7 +7,8 @@ diagrams: never a command).  The blocks of a page run in order in one sandbox â€
 a temporary directory that is both the working directory and ``$HOME``, holding
 small generated datasets in their standard formats: ``images/`` and
 ``~/images`` (class folders, RGB), ``~/scans`` (grayscale, one corrupt file),
-``~/data/cifar-10-batches-py``, ``~/coco`` (COCO json and images).  A block
+``~/data/cifar-10-batches-py``, ``~/coco`` (COCO json and images),
+``checkpoints/`` (a stand-in for a published research checkpoint).  A block
 after ``<!-- long -->`` runs only with ``-m benchmark`` (``make docs-check``);
 a line that needs CUDA is skipped with that reason where none is present.
 The tutorial has its own test (tests/test_tutorial.py) and is left out here."""
@@ -22,6 +23,7 @@ import pytest
 import torch
 from conftest import write_cifar10, write_coco
 from test_folders import make_folder
+from test_research import research_state_dict
 
 from norton.cli import main
 
@@ -83,6 +85,9 @@ def sandbox(tmp_path, monkeypatch):
     make_folder(tmp_path / "scans", rgb=False, split_layout=False, corrupt=True, counts=counts)
     (tmp_path / "data").mkdir()
     write_cifar10(tmp_path / "data", per_batch=40)
+    (tmp_path / "checkpoints").mkdir()  # a stand-in for a published checkpoint: its keys and shapes
+    torch.save({"state_dict": research_state_dict("resnet_56", 1, "[0.]+[0.18]*29"), "rank": 1},
+               tmp_path / "checkpoints" / "resnet_56_[0.]+[0.18]*29_1_93.1.pt")
     coco = tmp_path / "coco"  # the COCO-2017 layout
     (coco / "annotations").mkdir(parents=True)
     for split, seed in (("train2017", 0), ("val2017", 1)):
