@@ -15,7 +15,8 @@ passes through a LayerNorm or GroupNorm, which normalises across the channels
 that went (then the pruned model is another function and the column says so).  Each (model, mode) runs in its
 own subprocess with a time limit; its row is kept in ``--cache`` as soon as it
 ends, so an interrupted run continues where it stopped (``--resume``).  The
-table goes to ``--out``.
+record is the site's source: ``docs/generate.py`` renders ``docs/results/zoo.md``
+(``zoo_timm.md``) from it; ``--out`` also writes the table to a file of your own.
 
     .venv/bin/python benchmarks/zoo.py [--models resnet18 mobilenet_v2 ...] [--size 224] [--timeout 900]
 """
@@ -144,14 +145,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=None, help="torchvision model names (default: every classifier)")
     parser.add_argument("--timm", action="store_true", help="the timm models of TIMM_MODELS instead (rows named timm/<name>; "
-                        "default cache docs/zoo_timm.json, table docs/zoo_timm.md)")
+                        "default record docs/zoo_timm.json)")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--cache", default=None, help="rows kept here as they finish (committed: a run continues across "
                         "sessions; default docs/zoo.json)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --cache")
-    parser.add_argument("--out", default=None, help="the table (default docs/zoo.md)")
+    parser.add_argument("--out", default=None, help="also write the summary and table here (the site's page, "
+                        "docs/results/zoo*.md, is rendered from the record by docs/generate.py)")
     parser.add_argument("--report", action="store_true", help="only write --out from the rows in --cache")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -165,7 +167,7 @@ def main() -> None:
     from norton.checkpoints import atomic_write_text
 
     stem = "docs/zoo_timm" if args.timm else "docs/zoo"
-    args.cache, args.out = args.cache or f"{stem}.json", args.out or f"{stem}.md"
+    args.cache = args.cache or f"{stem}.json"
     if args.timm:
         names = [f"timm/{n}" for n in (args.models or TIMM_MODELS)]
     else:
@@ -184,22 +186,27 @@ def main() -> None:
                   f"{row.get('error', '')}", flush=True)
             atomic_write_text(args.cache, json.dumps(list(rows.values()), indent=1))
     ordered = [rows[(n, m)] for n in names for m in args.modes if (n, m) in rows]
-    passed = sum(r["ok"] for r in ordered)
-    deep = sum(r["ok"] and r["macs_after"] <= 0.6 * r["macs_before"] for r in ordered)
-    exact = sum(r["ok"] and isinstance(r.get("zeroed_max_abs_diff"), float) for r in ordered)
     missing = [n for n in names if not any((n, m) in rows for m in args.modes)]
-    text = (f"# {'timm' if args.timm else 'torchvision'} classifiers through norton\n\n"
-            f"`.venv/bin/python benchmarks/zoo.py --size {args.size}{' --timm' if args.timm else ''}` "
-            f"(random weights, 1×3×{args.size}×{args.size}, classifier left whole, 50 % of every prunable group, "
-            f"l2 selection; decompose+prune = CP rank 8 where cheaper, then pruning): {passed} of {len(ordered)} "
+    print(summary(ordered, args.size, args.timm)
+          + (f" Not run yet (continue with `--resume`): {', '.join(missing)}." if missing else ""))
+    if args.out:
+        atomic_write_text(args.out, f"{summary(ordered, args.size, args.timm)}\n\n{table(ordered)}\n")
+        print(f"written: {args.out}")
+    print(f"recorded in {args.cache}; the site's page is rendered from it by docs/generate.py")
+
+
+def summary(rows: list[dict], size: int, timm: bool) -> str:
+    """What the recorded rows say, in one paragraph (the page's text above the table)."""
+    passed = sum(r["ok"] for r in rows)
+    deep = sum(r["ok"] and r["macs_after"] <= 0.6 * r["macs_before"] for r in rows)
+    exact = sum(r["ok"] and isinstance(r.get("zeroed_max_abs_diff"), float) for r in rows)
+    return (f"`.venv/bin/python benchmarks/zoo.py --size {size}{' --timm' if timm else ''}` "
+            f"(random weights, 1×3×{size}×{size}, classifier left whole, 50 % of every prunable group, "
+            f"l2 selection; decompose+prune = CP rank 8 where cheaper, then pruning): {passed} of {len(rows)} "
             f"(model, mode) pairs keep the output's shape, deploy and export exactly and compute what the model "
             f"before pruning computes with the removed channels zeroed (errors relative to the largest output, at "
             f"most {TOLERANCE:g}; \"n/a\" where a cut group passes through a LayerNorm or GroupNorm: no such copy "
-            f"exists); {exact} pairs checked that way; {deep} of the ok pairs lose at least 40 % of their MACs."
-            + (f" Not run yet (continue with `--resume`): {', '.join(missing)}." if missing else "")
-            + f"\n\n{table(ordered)}\n")
-    atomic_write_text(args.out, text)
-    print(f"written: {args.out} ({passed}/{len(ordered)} ok)")
+            f"exists); {exact} pairs checked that way; {deep} of the ok pairs lose at least 40 % of their MACs.")
 
 
 if __name__ == "__main__":

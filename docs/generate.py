@@ -92,7 +92,7 @@ def compare_small_page() -> str:
         "compare_small.json", "norton compare --budget small", render_table(summary))
 
 
-def _zoo_page(source: str, title: str, command: str):
+def _zoo_page(source: str, title: str, command: str, timm: bool):
     def page() -> str:
         import json
 
@@ -100,7 +100,8 @@ def _zoo_page(source: str, title: str, command: str):
         import zoo
 
         rows = json.loads((HERE / source).read_text())
-        return f"# {title}, as recorded\n\n" + _recorded(source, command, zoo.table(rows))
+        return f"# {title}, as recorded\n\n" + _recorded(source, command,
+                                                          f"{zoo.summary(rows, 224, timm)}\n\n{zoo.table(rows)}")
 
     return page
 
@@ -109,9 +110,9 @@ PAGES = {
     "reference/cli.md": cli_page, "reference/api.md": api_page,
     "results/scoreboard.md": scoreboard_page, "results/compare_small.md": compare_small_page,
     "results/zoo.md": _zoo_page("zoo.json", "torchvision classifiers through norton",
-                                ".venv/bin/python benchmarks/zoo.py --size 224"),
+                                ".venv/bin/python benchmarks/zoo.py --size 224", False),
     "results/zoo_timm.md": _zoo_page("zoo_timm.json", "timm classifiers through norton",
-                                     ".venv/bin/python benchmarks/zoo.py --size 224 --timm"),
+                                     ".venv/bin/python benchmarks/zoo.py --size 224 --timm", True),
 }
 
 

@@ -596,7 +596,7 @@ def test_swin_prunes_its_mlps_and_the_width_of_its_attention_heads():
     assert attention.qkv.out_features == 3 * 3 * 16 and attention.proj.in_features == 48
     groups = {g.root: g for g in report.groups}
     assert groups["features.1.0.attn"].width == 48 and "each of 3 heads" in groups["features.1.0.attn"].criterion
-    assert report.macs_after < 0.6 * report.macs_before  # 49 % fewer at 224 × 224 (docs/zoo.md); 31 % without heads
+    assert report.macs_after < 0.6 * report.macs_before  # 49 % fewer at 224 × 224 (docs/results/zoo.md); 31 % without heads
 
 
 def test_pruned_swin_v2_attention_rebuilds_from_its_description(tmp_path):
@@ -664,7 +664,7 @@ def test_dual_path_concatenations_are_sized_from_the_trace():
 def test_concatenations_are_sized_from_the_trace_on_their_channel_dimension():
     """Swin-S's patch merging concatenates channels-last features on dim -1,
     which torch-pruning read as a huge dimension and then failed to size (a
-    TypeError in its tracer, docs/zoo.md); norton sizes every concatenation of
+    TypeError in its tracer, docs/results/zoo.md); norton sizes every concatenation of
     channels from the trace and traces one along another dimension (a ViT's
     class token joining the patch tokens) as element-wise."""
     import torch_pruning as tp
@@ -864,7 +864,7 @@ def test_a_group_channel_that_is_two_channels_of_a_layer_goes_with_both():
     channel j and the depthwise conv of it: the group is the primary conv's 4
     channels, each one two channels of the stem.  Pruning removes both, and the
     zeroed equivalent zeroes both (it zeroed one: GhostNet was reported 1e-3 off
-    the original, docs/zoo_timm.md)."""
+    the original, docs/results/zoo_timm.md)."""
     torch.manual_seed(0)
     model = GhostResidual().eval()
     _random_bn_statistics(model)
@@ -900,7 +900,7 @@ def test_a_ghost_module_writing_the_stream_is_cut_at_the_same_channels_in_both_h
     """The stream's channels j and 4 + j are one channel of ghost2's primary conv;
     torch-pruning lists that conv at one and its BatchNorm at the other, so a free
     choice cut them at different channels (GhostNet 4e-4 off its zeroed original,
-    docs/zoo_timm.md).  The tie makes the stream two blocks pruned alike."""
+    docs/results/zoo_timm.md).  The tie makes the stream two blocks pruned alike."""
     torch.manual_seed(0)
     model = GhostStream().eval()
     _random_bn_statistics(model)

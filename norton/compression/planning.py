@@ -218,7 +218,7 @@ def _batches(data, device: torch.device | None) -> list[Tensor]:
 
 # -- the entry point -----------------------------------------------------------------------
 # how the planner ranks a pruned group's filters by default: FPGM ranking beat L2 on 10,000 held-out
-# validation images at both targets of the medium comparison (docs/compare_heldout.md)
+# validation images at both targets of the medium comparison (docs/guides/comparison.md, the defaults' studies)
 PLANNER_CRITERION = "fpgm"
 
 

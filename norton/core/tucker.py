@@ -4,7 +4,7 @@
 of the kernel are factored, the spatial ones stay in the core.  Not part of the
 published method: the budget planner offers it per layer next to CP ranks,
 dense and pruning, because at high compression it keeps more of a layer than a
-per-filter CP of the same cost (see docs/compare_medium.md).
+per-filter CP of the same cost (see the comparison guide).
 
 ``TuckerBlock`` is an ``nn.Sequential`` of three plain ``nn.Conv2d``, so the
 dependency graph, BatchNorm folding, MACs counting and ONNX export treat it as

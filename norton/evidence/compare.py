@@ -87,7 +87,7 @@ class CompareBudget:
     calibration_images: int = 256  # NORTON-auto's planner measures damage on these training images
     plan_options: dict = field(default_factory=dict)  # other norton.plan arguments (ranks, keep_steps, ...)
     # every method that prunes refits the layers pruning cut on the calibration images (norton.recover);
-    # on by default since the recovery ablation (docs/compare_medium.md)
+    # on by default since the recovery ablation (docs/guides/comparison.md, the defaults' studies)
     recover: bool = True
     # NORTON-auto (MACs targets): every whole candidate plan fine-tuned this many epochs and the one of best
     # validation top-1 kept (norton.select_plan); 0 keeps the planner's pick by damage
@@ -118,7 +118,7 @@ FULL = CompareBudget(
 # several fine-tuning epochs, the methods that matter, three seeds, and a baseline trained until its validation
 # top-1 stops improving (up to 30 epochs: 15 cosine epochs left it still rising, 89.72 / 90.47 / 90.24 % over the
 # last three on the 10,000 validation images; 30 converged, 91.71 / 91.62 / 91.57 %: benchmarks/baseline_schedule.py).  The speed-up targets are what pruning alone reached at 60 % and
-# 85 % fewer MACs in a small comparison (docs/compare_small.md), fixed before this budget's runs.  Validation: the
+# 85 % fewer MACs in a small comparison (docs/results/compare_small.md), fixed before this budget's runs.  Validation: the
 # 2,000 images split from the 12,000 and 8,000 more that the budget leaves unused (10,000 in all, so the best
 # epoch and the planner's choices are made on a split that resolves ~0.5 points).  The ablations
 # (norton-auto-cp, norton-l2) run with --methods.
@@ -384,7 +384,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("norton-auto-cp", "NORTON-auto, CP ranks only (the paper's forms)", "ablation", _auto("macs", ("cp",))),
     Method("norton-auto-damage", "NORTON-auto, candidate of least damage (no selection)", "ablation",
            _auto("macs", select=False)),
-    Method("norton-auto-l2", "NORTON-auto, L2 ranking (the default before docs/compare_heldout.md)", "ablation",
+    Method("norton-auto-l2", "NORTON-auto, L2 ranking (the default before the held-out study)", "ablation",
            _auto("macs", select=False, criterion="l2")),
     Method("norton", "NORTON (pabs)", "NORTON", _norton("pabs")),
     Method("norton-random", "NORTON, random selection", "ablation", _norton("random"), seeded=True),

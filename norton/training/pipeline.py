@@ -56,7 +56,7 @@ class CompressConfig:
     # after pruning, refit the layers that lost input channels to the unpruned model's outputs on
     # ``calibration_images`` training images (least squares, ``norton.recover``); the planner then
     # measures its pruning options with the refit too (a plan made so is always applied with it)
-    recover: bool = True  # on by default: the medium comparison's ablation (docs/compare_medium.md)
+    recover: bool = True  # on by default: the medium comparison's ablation (docs/guides/comparison.md, the defaults' studies)
     # prune in this many steps toward the final widths, fine-tuning epochs / steps after each
     iterative_steps: int = 1
     # planner, MACs target: fine-tune each whole candidate plan this many epochs and keep the one of best
