@@ -158,6 +158,18 @@ def test_compare_runs_on_an_image_folder_and_resumes_only_as_it_was_read(tmp_pat
     with pytest.raises(NortonError, match="holds a comparison run with folder="):
         run_compare(out, budget=budget, methods=["l1"], data="folder", data_dir=str(root), resume=True,
                     folder_options={**read, "input_size": 20}, progress=False)
+    # the report takes the comparison's folder, read as the comparison read it, and the same splits
+    from norton.evidence import ReportPlan, run_report
+
+    plan = ReportPlan(ranks=(1, 2), grid=(2, 3), gradcam_images=2, gradcam_ranks=(1,))
+    report = run_report(str(tmp_path / "r"), compare_dir=out, budget=budget, plan=plan, progress=False)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.startswith(f"# NORTON analyses on the image folder {root} (ResNet-20)")
+    assert report["budget"]["train_images"] == len(train) + len(val) - 12 and report["budget"]["val_images"] == 12
+    assert report["baseline"]["top1"] == summary["baseline"]["top1"]  # the same test images, the same model
+    assert report["baseline"]["macs"] == summary["baseline"]["macs"]  # counted at the folder's 3×16×16
+    with Image.open(tmp_path / "r" / "gradcam.png") as image:
+        assert image.size[0] > 400
     (tmp_path / "empty").mkdir()
     assert main(["compare", "--data", "folder", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err

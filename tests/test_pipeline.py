@@ -4,6 +4,7 @@ import pytest
 from conftest import write_fashion_mnist
 
 from norton.checkpoints import load_checkpoint, load_model
+from norton import complexity, create_model
 from norton.cli import main
 from norton.evidence import DemoBudget, run_demo
 from norton.training import TrainConfig
@@ -92,6 +93,27 @@ def test_demo_runs_through_the_same_code_on_tiny_data(tmp_path):
     assert level["final"]["macs"] < level["baseline"]["macs"]
     assert f"{level['final']['top1']:.2f} %" in table  # the table holds the measured numbers
     assert (tmp_path / "demo" / "accuracy_vs_macs.png").stat().st_size > 10_000
+
+
+def test_demo_runs_on_an_image_folder_with_its_classes_and_channels(tmp_path, capsys):
+    from test_folders import make_folder
+
+    root = make_folder(tmp_path / "photos", rgb=True, split_layout=False, corrupt=False,
+                       counts={"cat": 50, "dog": 40, "bird": 40})
+    tiny = DemoBudget(train_images=None, val_images=12,
+                      baseline=TrainConfig(epochs=1, batch_size=32, lr=0.05, warmup_epochs=0),
+                      finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01, warmup_epochs=0),
+                      levels=(("NORTON rank 2, prune 50%", 2, 0.5),))
+    table = run_demo(str(tmp_path / "demo"), budget=tiny, data="folder", data_dir=str(root),
+                     folder_options={"input_size": 16, "on_bad_image": "error", "augment": True})
+    assert f"image folder {root}: " in capsys.readouterr().out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["data"] == f"image folder {root}" and "| baseline ResNet-20 |" in table
+    level = results["levels"]["NORTON rank 2, prune 50%"]
+    assert level["baseline"]["macs"] == complexity(create_model("resnet_20", num_classes=3), [3, 16, 16]).macs
+    assert main(["demo", "--data", "folder", "--data-dir", str(tmp_path / "missing"),
+                 "--out-dir", str(tmp_path / "d2")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "d2").exists()
 
 
 def test_prune_prints_accuracy_when_given_data(baseline, tmp_path, capsys):

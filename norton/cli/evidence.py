@@ -28,7 +28,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     plan = ReportPlan(ranks=args.ranks, grid=args.grid, gradcam_images=args.gradcam_images)
     plan.gradcam_ranks = tuple(r for r in (1, 2, 4) if r in plan.ranks) or plan.ranks[:1]
     run_report(args.out, baseline_ckpt=args.baseline, compare_dir=args.compare, budget=args.budget, plan=plan,
-               resume=args.resume, data_dir=args.data_dir, device=resolve_device(args.device))
+               resume=args.resume, data=args.data, data_dir=args.data_dir,
+               folder_options=folder_options(args) or None, device=resolve_device(args.device))
     return 0
 
 
@@ -38,7 +39,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.showcase:
         run_showcase()
         return 0
-    run_demo(args.out_dir, full=args.full, resume=args.resume, data_dir=args.data_dir, device=resolve_device(args.device))
+    run_demo(args.out_dir, full=args.full, resume=args.resume, data=args.data, data_dir=args.data_dir,
+             folder_options=folder_options(args) or None, device=resolve_device(args.device))
     return 0
 
 
@@ -78,26 +80,35 @@ def register(sub) -> None:
                     "rank sweep, rank × pruning grid, Pareto curve and Grad-CAM figures (Markdown + PNG)",
                     "norton report --compare runs/compare            # baseline + methods of a comparison\n"
                     "  norton report --baseline best.pt --ranks 1-4 --grid 2,3,4 --out runs/report_small\n"
-                    "  norton report --compare runs/compare --resume   # reuse finished runs, redraw")
+                    "  norton report --compare runs/compare --resume   # reuse finished runs, redraw\n"
+                    "  norton report --baseline runs/base/model.pt --data folder --data-dir ~/images --out runs/rep")
     p.add_argument("--compare", default=None, help="a norton compare run: its baseline and models join the report")
-    p.add_argument("--baseline", default=None, help="norton checkpoint of the trained ResNet-20 (default: the comparison's)")
+    p.add_argument("--baseline", default=None, help="norton checkpoint of the trained zoo ResNet (default: the comparison's)")
     p.add_argument("--budget", choices=("small", "full"), default="small", help="data subset and fine-tuning schedule")
     p.add_argument("--ranks", type=rank_list, default=tuple(range(1, 9)), help="rank sweep (default 1-8)")
     p.add_argument("--grid", type=rank_list, default=(3, 4, 6, 8), help="first unpruned, the rest pruned to its MACs")
     p.add_argument("--gradcam-images", type=int, default=6)
     p.add_argument("--out", default="runs/report")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--data", default=None, choices=DATASETS,
+                   help="the images the analyses train and test on (default: the comparison's, read as it read "
+                        "them; without --compare, fashion-mnist)")
     p.add_argument("--data-dir", default=None)
+    add_folder_args(p)
     p.add_argument("--device", default="cpu")
 
     p = add_command(sub, "demo", cmd_demo,
                     "NORTON end to end on Fashion-MNIST: baseline, two compression levels, table and plot",
                     "norton demo                      # ~15 min on 2 CPU cores\n"
                     "  norton demo --resume             # continue an interrupted run\n"
-                    "  norton demo --full --device cuda # all 60k images, published schedules")
+                    "  norton demo --full --device cuda # all 60k images, published schedules\n"
+                    "  norton demo --data folder --data-dir ~/images --out-dir runs/demo_mine   # your own images")
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--full", action="store_true", help="all 60k images and the published 400-epoch schedules")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--data", default="fashion-mnist", choices=DATASETS,
+                   help="the images (the budget is fitted to a smaller dataset as compare's are)")
+    p.add_argument("--data-dir", default=None, help="the dataset's folder (Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
+    add_folder_args(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--showcase", action="store_true", help="instead: complexity of the paper's configs and decomposition speed")

@@ -453,22 +453,11 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
             raise NortonError(f"{key} must be an integer >= 1, got {getattr(budget, key)!r}")
     device = device or torch.device("cpu")
     started = time.perf_counter()
-    if data == "folder":  # a user's class folders: their training and validation images are the pool to split
-        folder_train, folder_val, full_test = folder_splits(data_dir, **(folder_options or {}))
-        full = joined(folder_train, folder_val) if folder_val is not None else folder_train
-    else:
-        full = load_dataset(data, data_dir, "train")
-        full_test = load_dataset(data, data_dir, "test")
-    budget = scale_budget(budget, len(full), len(full_test), budget_name)
+    budget, full, train, val, test = comparison_splits(data, data_dir, budget, budget_name, folder_options)
     given = load_checkpoint(baseline_ckpt) if baseline_ckpt is not None else None
     settings = {**_shared_settings(budget), "baseline_checkpoint": given["sha256"] if given else None,
                 "folder": _folder_record(full) if data == "folder" else None}
     _check_setup(out_dir, arch, data, resume, settings)  # before any work: the run directory must fit
-    train = limit(full, budget.train_images)
-    test = limit(full_test, budget.test_images)
-    train, val = split_validation(train, budget.val_images)
-    if budget.extra_val_images:
-        val = joined(val, held_out(full, budget.train_images or len(full), budget.extra_val_images))
     classes, channels = dataset_shape(train)
     input_size = tuple(input_size_of(test))
     torch.manual_seed(budget.baseline.seed)
@@ -578,6 +567,27 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     print("\n" + table)
     print(f"written: {out_dir}/results.md, results.json, accuracy_vs_macs.png, accuracy_vs_latency.png")
     return summary
+
+
+def comparison_splits(data: str, data_dir: str | None, budget: CompareBudget, budget_name: str,
+                      folder_options: dict | None = None):
+    """(the budget scaled to the data, the full training pool, train, validation, test) as a comparison
+    splits ``data`` — ``norton report`` takes the same splits.  ``data`` "folder": a user's class folders at
+    ``data_dir``, read with ``folder_options``; its training and validation images are the pool to split, its
+    test images kept."""
+    if data == "folder":
+        folder_train, folder_val, full_test = folder_splits(data_dir, **(folder_options or {}))
+        full = joined(folder_train, folder_val) if folder_val is not None else folder_train
+    else:
+        full = load_dataset(data, data_dir, "train")
+        full_test = load_dataset(data, data_dir, "test")
+    budget = scale_budget(budget, len(full), len(full_test), budget_name)
+    train = limit(full, budget.train_images)
+    test = limit(full_test, budget.test_images)
+    train, val = split_validation(train, budget.val_images)
+    if budget.extra_val_images:
+        val = joined(val, held_out(full, budget.train_images or len(full), budget.extra_val_images))
+    return budget, full, train, val, test
 
 
 def _baseline_model(arch: str, classes: int, channels: int, input_size) -> nn.Module:

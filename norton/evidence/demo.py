@@ -1,23 +1,28 @@
-"""`make demo`: NORTON end to end on real data (Fashion-MNIST), measured in the run.
+"""`make demo`: NORTON end to end on real data (Fashion-MNIST, or a user's image folder), measured in the run.
 
 Trains a ResNet-20 baseline, compresses it at two levels (decompose → prune →
 fine-tune), and writes a Markdown table and an accuracy-vs-MACs plot to the run
 directory.  The default budget fits in about 15 minutes on 2 CPU cores: a
 subset of the training images and few epochs (printed with the results);
 ``--full`` uses all 60,000 images and the published schedule (400 + 400 epochs),
-for users with time or a GPU.  Every stage is resumable (``--resume``).
+for users with time or a GPU.  Every stage is resumable (``--resume``).  On
+another dataset (``data``: any ``norton train`` reads, an image folder too) the
+budget is fitted to it as ``norton compare``'s are (``scale_budget``: every
+training image when there are fewer, epochs scaled to about the same number of
+steps).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from norton.checkpoints import load_checkpoint, load_model
 from norton.deployment import compare_latency
+from norton.evidence.compare import DATA_NAMES, CompareBudget, comparison_splits
 from norton.evidence.plotting import accuracy_vs_macs_axes, pyplot, save
 from norton.models import create_model
 from norton.training import (
@@ -25,11 +30,9 @@ from norton.training import (
     TrainConfig,
     compress,
     evaluate,
+    dataset_shape,
     fit,
-    limit,
     load_best,
-    load_dataset,
-    split_validation,
 )
 
 
@@ -57,22 +60,27 @@ FULL = DemoBudget(
 
 
 def run_demo(out_dir: str = "runs/demo", *, full: bool = False, resume: bool = False, data_dir: str | None = None,
-             device: torch.device | None = None, budget: DemoBudget | None = None) -> str:
+             device: torch.device | None = None, budget: DemoBudget | None = None, data: str = "fashion-mnist",
+             folder_options: dict | None = None) -> str:
     budget = budget or (FULL if full else SMALL)
     device = device or torch.device("cpu")
     started = time.perf_counter()
+    sized = CompareBudget(train_images=budget.train_images, val_images=budget.val_images, test_images=None,
+                          baseline=budget.baseline, finetune=budget.finetune)
+    sized, _, train, val, test = comparison_splits(data, data_dir, sized, "full" if full else "demo", folder_options)
+    budget = replace(budget, baseline=sized.baseline, finetune=sized.finetune)
     os.makedirs(out_dir, exist_ok=True)
-    train = limit(load_dataset("fashion-mnist", data_dir, "train"), budget.train_images)
-    test = load_dataset("fashion-mnist", data_dir, "test")
-    train, val = split_validation(train, budget.val_images)
-    print(f"Fashion-MNIST: {len(train)} training, {len(val)} validation (held out from training), {len(test)} test images; "
-          f"ResNet-20, 1×28×28 input; baseline {budget.baseline.epochs} epochs, fine-tuning {budget.finetune.epochs} epochs "
-          f"per level; {torch.get_num_threads()} CPU threads")
+    classes, channels = dataset_shape(train)
+    size = "×".join(map(str, test.input_size))
+    data_text = f"image folder {test.source['root']}" if data == "folder" else DATA_NAMES.get(data, data)
+    print(f"{data_text}: {len(train)} training, {len(val)} validation (held out from training), {len(test)} test "
+          f"images; ResNet-20, {size} input; baseline {budget.baseline.epochs} epochs, fine-tuning "
+          f"{budget.finetune.epochs} epochs per level; {torch.get_num_threads()} CPU threads")
 
     # the baseline
     base_dir = os.path.join(out_dir, "baseline")
     torch.manual_seed(budget.baseline.seed)
-    model = create_model("resnet_20", in_channels=1, num_classes=10)
+    model = create_model("resnet_20", in_channels=channels, num_classes=classes)
     last = os.path.join(base_dir, "last.pt")
     if not (resume and os.path.exists(last) and load_checkpoint(last)["train_state"].get("finished")):
         fit(model, train, val, budget.baseline, base_dir, device=device, resume=resume and os.path.exists(last),
@@ -99,18 +107,18 @@ def run_demo(out_dir: str = "runs/demo", *, full: bool = False, resume: bool = F
 
     table = _table(baseline_test, summaries, latency)
     minutes = (time.perf_counter() - started) / 60
-    header = (f"NORTON on Fashion-MNIST (ResNet-20), measured by `make demo` in {minutes:.1f} min on "
+    header = (f"NORTON on {data_text} (ResNet-20), measured by `norton demo` in {minutes:.1f} min on "
               f"{torch.get_num_threads()} CPU threads.\nTraining subset: {len(train)} images (+{len(val)} validation), "
               f"baseline {budget.baseline.epochs} epochs, fine-tuning {budget.finetune.epochs} epochs; "
               f"accuracy on the {len(test)} test images; latency = median of 15 forward passes of a batch of 128.\n")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(header + "\n" + table + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"baseline": baseline_test, "levels": summaries,
+        json.dump({"data": data_text, "baseline": baseline_test, "levels": summaries,
                    "latency_ms": {k: v.median_ms for k, v in latency.items()},
                    "budget": {"train_images": len(train), "val_images": len(val),
                               "baseline": asdict(budget.baseline), "finetune": asdict(budget.finetune)}}, f, indent=1)
-    _plot(baseline_test, summaries, os.path.join(out_dir, "accuracy_vs_macs.png"))
+    _plot(baseline_test, summaries, os.path.join(out_dir, "accuracy_vs_macs.png"), data_text)
     print("\n" + header + "\n" + table)
     print(f"\nwritten: {out_dir}/results.md, results.json, accuracy_vs_macs.png")
     return table
@@ -135,7 +143,7 @@ def _table(baseline, summaries, latency) -> str:
     return "\n".join(rows)
 
 
-def _plot(baseline, summaries, path: str) -> None:
+def _plot(baseline, summaries, path: str, data_text: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     base = next(iter(summaries.values()))["baseline"]
@@ -147,6 +155,6 @@ def _plot(baseline, summaries, path: str) -> None:
         line = ax.plot([p[0] / 1e6 for p in points], [p[1] for p in points], marker=marker, linestyle=":", label=name)[0]
         ax.annotate("fine-tuned", (points[-1][0] / 1e6, points[-1][1]), textcoords="offset points", xytext=(6, -10),
                     fontsize=8, color=line.get_color())
-    accuracy_vs_macs_axes(ax, "NORTON on Fashion-MNIST, ResNet-20\n(each level: decomposed → pruned → fine-tuned; "
+    accuracy_vs_macs_axes(ax, f"NORTON on {data_text}, ResNet-20\n(each level: decomposed → pruned → fine-tuned; "
                               "BN recalibrated)", legend="lower right", fontsize=9)
     save(fig, path)

@@ -33,8 +33,10 @@ from norton.core import complexity
 from norton.errors import NortonError
 from norton.evidence.compare import (
     BUDGETS,
+    DATA_NAMES,
     CompareBudget,
     Context,
+    comparison_splits,
     cp_reduction,
     decomposable_layers,
 )
@@ -43,13 +45,9 @@ from norton.training import (
     CompressConfig,
     compress,
     evaluate,
-    limit,
-    load_dataset,
-    split_validation,
+    input_size_of,
 )
 from norton.training.data import normalize
-
-INPUT = (1, 28, 28)  # the report studies ResNet-20 on Fashion-MNIST
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
@@ -78,13 +76,20 @@ def _grid_names(grid: tuple[int, ...]) -> list[str]:
 
 def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: str | None = None,
                budget: CompareBudget | str = "small", plan: ReportPlan | None = None, resume: bool = False,
-               data_dir: str | None = None, device: torch.device | None = None, progress: bool = True) -> dict:
+               data: str | None = None, data_dir: str | None = None, folder_options: dict | None = None,
+               device: torch.device | None = None, progress: bool = True) -> dict:
+    """The paper's analyses of a trained baseline (``baseline_ckpt``, or the baseline of the comparison
+    ``compare_dir``) on ``data`` — by default the comparison's data read as the comparison read it (its
+    image folder with the same size, bad-image policy and augmentation), else Fashion-MNIST — split as
+    ``norton compare`` splits it under ``budget``."""
     plan = plan or ReportPlan()
     plan.validate()
     if isinstance(budget, str):
         if budget not in BUDGETS:
             raise NortonError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
-        budget = BUDGETS[budget]
+        budget_name, budget = budget, BUDGETS[budget]
+    else:
+        budget_name = "custom"
     if baseline_ckpt is None:
         if compare_dir is None:
             raise NortonError("give --baseline (a norton checkpoint of the trained model) or --compare (a norton compare run)")
@@ -95,15 +100,17 @@ def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: s
         raise NortonError(f"{compare_dir!r} holds no finished comparison (results.json); run norton compare first")
     if os.path.exists(os.path.join(out_dir, "report.json")) and not resume:
         raise NortonError(f"{out_dir!r} already holds a report; pass --resume to rebuild it from its runs")
+    if data is None:
+        data, data_dir, folder_options = _compared_data(compare_dir, data_dir, folder_options)
     device = device or torch.device("cpu")
+    budget, _, train, val, test = comparison_splits(data, data_dir, budget, budget_name, folder_options)
     os.makedirs(out_dir, exist_ok=True)
-
-    train = limit(load_dataset("fashion-mnist", data_dir, "train"), budget.train_images)
-    test = limit(load_dataset("fashion-mnist", data_dir, "test"), budget.test_images)
-    train, val = split_validation(train, budget.val_images)
-    baseline, _ = load_model(baseline_ckpt)
+    size = tuple(input_size_of(test))
+    baseline, checkpoint = load_model(baseline_ckpt)
+    arch = ((checkpoint.get("architecture") or {}).get("base") or {}).get("arch")
     baseline.to(device).eval()
-    base = {**asdict(complexity(baseline, list(INPUT))), "top1": evaluate(baseline, test, device=device)["top1"]}
+    base = {**asdict(complexity(baseline, list(size))), "top1": evaluate(baseline, test, device=device)["top1"]}
+    names_of_classes = list(getattr(test, "classes", None) or (FASHION_CLASSES if data == "fashion-mnist" else ()))
 
     def run(name: str, config: CompressConfig) -> dict:
         run_dir = os.path.join(out_dir, name)
@@ -117,7 +124,7 @@ def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: s
 
     names = _grid_names(plan.grid)
     layers = decomposable_layers(baseline)
-    ctx = Context(base_macs=base["macs"], example=torch.zeros(1, *INPUT), budget=budget)
+    ctx = Context(base_macs=base["macs"], example=torch.zeros(1, *size), budget=budget, input_size=size)
     target = cp_reduction(baseline.cpu(), dict.fromkeys(layers, plan.grid[0]), ctx)
     grid = {names[0]: sweep.get(plan.grid[0]) or run(f"rank{plan.grid[0]}", CompressConfig(rank=plan.grid[0], amount=0.0, **common))}
     for name, rank in zip(names[1:], plan.grid[1:]):
@@ -133,10 +140,11 @@ def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: s
                                        "finetune_epochs": budget.finetune.epochs}}
     points = _points(report, compare_dir)
     report["pareto"] = points
-    cams = _gradcam(out_dir, baseline, test, plan, sweep, grid, names, device)
+    cams = _gradcam(out_dir, baseline, test, plan, sweep, grid, names, device, size, names_of_classes)
     report["gradcam_agreement"] = cams
     sections = [
-        f"# NORTON analyses on Fashion-MNIST (ResNet-20)\n\nMeasured by `norton report`: {len(train)} training images "
+        f"# NORTON analyses on {_data_text(data, test)} ({'ResNet-20' if arch == 'resnet_20' else arch or 'the baseline'})\n\n"
+        f"Measured by `norton report`: {len(train)} training images "
         f"(+{len(val)} validation), {len(test)} test images, {budget.finetune.epochs} fine-tuning epoch(s) per model, BN "
         f"recalibration on {budget.recalibration_images} images. Baseline: {base['top1']:.2f} %, {base['macs'] / 1e6:.2f}M "
         f"MACs, {base['params'] / 1e3:.1f}K params.\n",
@@ -150,6 +158,28 @@ def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: s
     print("\n".join(sections))
     print(f"written: {out_dir}/report.md, report.json, rank_sweep.png, grid.png, pareto.png, gradcam.png")
     return report
+
+
+def _compared_data(compare_dir: str | None, data_dir: str | None, folder_options: dict | None):
+    """(data, data_dir, folder options) of the comparison in ``compare_dir`` (Fashion-MNIST without one):
+    the same images, read the same way; a ``data_dir`` given wins."""
+    record_path = os.path.join(compare_dir, "compare.json") if compare_dir else None
+    if not record_path or not os.path.isfile(record_path):
+        return "fashion-mnist", data_dir, folder_options
+    with open(record_path) as f:
+        record = json.load(f)
+    folder = (record.get("settings") or {}).get("folder")
+    if record.get("data") != "folder" or not folder:
+        return record.get("data", "fashion-mnist"), data_dir, folder_options
+    options = folder_options or {"input_size": folder["image_size"], "on_bad_image": folder["on_bad_image"],
+                                 "augment": folder["augment"]}
+    return "folder", data_dir or folder["root"], options
+
+
+def _data_text(data: str, test) -> str:
+    if data == "folder":
+        return f"the image folder {test.source['root']}"
+    return DATA_NAMES.get(data, data)
 
 
 def _down(value: float, reference: float) -> str:
@@ -312,14 +342,13 @@ def _last_stage_block(model: nn.Module) -> nn.Module:
     return blocks[-1]
 
 
-def _gradcam(out_dir, baseline, test, plan, sweep, grid, grid_names, device) -> dict:
+def _gradcam(out_dir, baseline, test, plan, sweep, grid, grid_names, device, size, class_names) -> dict:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-
     labels = test.labels
     chosen = []
-    for cls in range(10):
+    for cls in range(int(labels.max()) + 1):  # one image of each class, in class order
         where = (labels == cls).nonzero().flatten()
         if len(where):
             chosen.append(int(where[0]))
@@ -338,15 +367,16 @@ def _gradcam(out_dir, baseline, test, plan, sweep, grid, grid_names, device) -> 
         model.to(device).eval()
         with GradCAM(model=model, target_layers=[_last_stage_block(model)]) as cam:
             cams[name] = cam(input_tensor=images, targets=targets)
-        macs[name] = complexity(model, list(INPUT)).macs
+        macs[name] = complexity(model, list(size)).macs
     agreement = {name: float(np.mean([np.corrcoef(cams["baseline"][i].ravel(), cams[name][i].ravel())[0, 1]
                                       for i in range(len(chosen))])) for name in cams if name != "baseline"}
-    _plot_gradcam(images.cpu(), [int(labels[i]) for i in chosen], cams, macs, agreement, os.path.join(out_dir, "gradcam.png"))
+    _plot_gradcam(images.cpu(), [int(labels[i]) for i in chosen], cams, macs, agreement, os.path.join(out_dir, "gradcam.png"),
+                  class_names)
     return {"images": chosen, "target_layer": "last block of the last stage", "correlation_with_baseline": agreement,
             "macs": macs}
 
 
-def _plot_gradcam(images, labels, cams, macs, agreement, path) -> None:
+def _plot_gradcam(images, labels, cams, macs, agreement, path, class_names) -> None:
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     plt = pyplot()
@@ -355,11 +385,11 @@ def _plot_gradcam(images, labels, cams, macs, agreement, path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.75 * rows + 0.6), dpi=120, squeeze=False)
     base_macs = macs["baseline"]
     for i in range(rows):
-        picture = images[i, 0].numpy()
+        picture = images[i].permute(1, 2, 0).numpy()  # H, W, channels
         picture = (picture - picture.min()) / max(picture.max() - picture.min(), 1e-8)
-        rgb = np.repeat(picture[..., None], 3, axis=2).astype(np.float32)
-        axes[i, 0].imshow(picture, cmap="gray")
-        axes[i, 0].set_ylabel(FASHION_CLASSES[labels[i]] if labels[i] < 10 else str(labels[i]), fontsize=8)
+        rgb = (picture if picture.shape[2] == 3 else np.repeat(picture[..., :1], 3, axis=2)).astype(np.float32)
+        axes[i, 0].imshow(rgb)
+        axes[i, 0].set_ylabel(class_names[labels[i]] if labels[i] < len(class_names) else str(labels[i]), fontsize=8)
         for j, name in enumerate(names, start=1):
             axes[i, j].imshow(show_cam_on_image(rgb, cams[name][i], use_rgb=True))
     for j, name in enumerate(["input", *names]):
