@@ -219,3 +219,31 @@ def test_predict_reads_new_images_as_the_checkpoint_saw_its_folder(tmp_path, cap
     save_checkpoint(str(tmp_path / "zoo.pt"), create_model("resnet_20", num_classes=10))
     assert main(["predict", "--ckpt", str(tmp_path / "zoo.pt"), str(new)]) == 2
     assert "not trained on an image folder" in capsys.readouterr().err
+
+
+def test_a_truncated_image_whose_header_reads_is_named_or_skipped(tmp_path):
+    root = make_folder(tmp_path / "photos", rgb=True, split_layout=False, corrupt=False)
+    whole = (root / "dog" / "2.jpg").read_bytes()
+    (root / "dog" / "truncated.jpg").write_bytes(whole[: len(whole) // 3])  # the header is whole, the pixels not
+    with pytest.raises(NortonError, match=r"cannot read image .*truncated\.jpg.*--on-bad-image skip"):
+        folder_splits(str(root))
+    with pytest.warns(UserWarning, match="truncated.jpg"):
+        train, val, test = folder_splits(str(root), on_bad_image="skip")
+    assert len(train) + len(val) + len(test) == sum(COUNTS.values())
+
+
+def test_a_folder_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+    from norton.training import folders
+
+    root = make_folder(tmp_path / "photos", rgb=True, split_layout=False, corrupt=False)
+    decoded = []
+    monkeypatch.setattr(folders, "_decode", lambda *args: decoded.append(args))
+    monkeypatch.setenv("NORTON_FOLDER_MEMORY_GB", str(50_000 / 2**30))  # 80 images × 3×32×32 = 245,760 bytes
+    assert main(["train", "--arch", "resnet_20", "--data", "folder", "--data-dir", str(root), "--image-size", "32",
+                 "--epochs", "1", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "80 images of 32×32 take 0.0 GiB decoded" in err and "--image-size" in err
+    assert not decoded and not (tmp_path / "run").exists()
+    monkeypatch.setenv("NORTON_FOLDER_MEMORY_GB", "lots")
+    with pytest.raises(NortonError, match="NORTON_FOLDER_MEMORY_GB must be a positive number of GiB, got 'lots'"):
+        folders.memory_budget()

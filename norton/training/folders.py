@@ -8,7 +8,9 @@ Layouts (torchvision's ``ImageFolder`` convention, classes = sorted folder names
 
 Every image is decoded once per process (PIL), made grayscale when every image of
 the folder is, resized so its shorter side is the input size and centre-cropped
-to a square, and kept as uint8 — an epoch then costs no decoding.  The input size
+to a square, and kept as uint8 — an epoch then costs no decoding.  A folder
+whose decoded images would not fit in memory (half of it, or
+``NORTON_FOLDER_MEMORY_GB``) is refused before any decoding, naming the size.  The input size
 defaults to the median shorter side of the images, capped at ``MAX_SIZE``.  The
 normalisation is the per-channel mean and std of the training split; training
 augmentation is a padded random crop (an eighth of the side) and, for colour
@@ -74,9 +76,34 @@ def _listing(root: str) -> dict[str, list[tuple[str, int]]]:
     return {"classes": classes, **listing}
 
 
+def _bad(path: str, err: Exception, on_bad_image: str) -> None:
+    """An unreadable image: stop naming it, or warn and go on (``on_bad_image`` skip)."""
+    message = f"cannot read image {path!r}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    if on_bad_image == "error":
+        raise NortonError(message + " (pass --on-bad-image skip to leave such files out)") from None
+    warnings.warn(message + "; skipped", stacklevel=4)
+
+
+_UNREADABLE = (OSError, ValueError, SyntaxError)  # PIL's UnidentifiedImageError is an OSError
+
+
+def _header(path: str, on_bad_image: str) -> tuple[tuple[int, int], bool] | None:
+    """The image's size and whether it is grayscale, from its header (no pixels decoded), or None (skipped)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            gray = image.mode in ("1", "L", "I", "I;16", "F", "LA") or (
+                image.mode == "P" and all(r == g == b for r, g, b in _palette(image)))
+            return image.size, gray
+    except _UNREADABLE as err:
+        _bad(path, err, on_bad_image)
+        return None
+
+
 def _decode(path: str, on_bad_image: str):
     """The image as a PIL image in L or RGB mode, or None (skipped)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
@@ -84,11 +111,8 @@ def _decode(path: str, on_bad_image: str):
             gray = image.mode in ("1", "L", "I", "I;16", "F", "LA") or (
                 image.mode == "P" and all(r == g == b for r, g, b in _palette(image)))
             return image.convert("L" if gray else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        message = f"cannot read image {path!r}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-        if on_bad_image == "error":
-            raise NortonError(message + " (pass --on-bad-image skip to leave such files out)") from None
-        warnings.warn(message + "; skipped", stacklevel=3)
+    except _UNREADABLE as err:
+        _bad(path, err, on_bad_image)
         return None
 
 
@@ -110,28 +134,56 @@ def _square(image, size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _decoded(root: str, input_size: int | None, on_bad_image: str, stamp: float):
-    """Every image of the folder decoded, resized and split: {split: (images, labels)} and the setting."""
+    """Every image of the folder decoded, resized and split: {split: (images, labels)} and the setting.
+    The headers are read first (size, grayscale: no pixels), then each image is decoded and shrunk to
+    the input size on its own, so memory holds the uint8 arrays and one full-size image at a time."""
     listing = _listing(root)
     classes = listing.pop("classes")
-    opened = {split: [(path, label, _decode(path, on_bad_image)) for path, label in items]
-              for split, items in listing.items()}
-    opened = {split: [x for x in items if x[2] is not None] for split, items in opened.items()}
-    everything = [image for items in opened.values() for _, _, image in items]
+    headers = {split: [(path, label, _header(path, on_bad_image)) for path, label in items]
+               for split, items in listing.items()}
+    headers = {split: [x for x in items if x[2] is not None] for split, items in headers.items()}
+    everything = [header for items in headers.values() for _, _, header in items]
     if not everything:
         raise NortonError(f"image folder {root!r}: no readable image")
-    gray = all(image.mode == "L" for image in everything)
-    size = input_size or min(MAX_SIZE, int(statistics.median(min(image.size) for image in everything)))
+    gray = all(is_gray for _, is_gray in everything)
+    size = input_size or min(MAX_SIZE, int(statistics.median(min(shape) for shape, _ in everything)))
     if size < 1:
         raise NortonError(f"input size must be at least 1 pixel, got {size}")
+    needed = len(everything) * (1 if gray else 3) * size * size
+    if needed > memory_budget():
+        raise NortonError(f"image folder {root!r}: {len(everything):,} images of {size}×{size} take {needed / 2**30:.1f} "
+                          f"GiB decoded, more than the {memory_budget() / 2**30:.1f} GiB norton keeps in memory "
+                          "(NORTON_FOLDER_MEMORY_GB); pass a smaller --image-size, or use --data imagenet, which "
+                          "reads train/ and val/ class folders from disk batch by batch")
     arrays = {}
-    for split, items in opened.items():
-        pixels = [_square(image.convert("L" if gray else "RGB"), size) for _, _, image in items]
+    for split, items in headers.items():
+        pixels, labels = [], []
+        for path, label, _ in items:
+            image = _decode(path, on_bad_image)  # a header can read while its pixels do not
+            if image is not None:
+                pixels.append(_square(image.convert("L" if gray else "RGB"), size))
+                labels.append(label)
         images = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, size, size, dtype=torch.uint8)
         images = images.unsqueeze(1) if gray else images.permute(0, 3, 1, 2).contiguous()
-        arrays[split] = (images, torch.tensor([label for _, label, _ in items], dtype=torch.int64))
+        arrays[split] = (images, torch.tensor(labels, dtype=torch.int64))
     if "all" in arrays:
         arrays = _stratified(*arrays.pop("all"), seed=0)
     return classes, arrays, size
+
+
+def memory_budget() -> int:
+    """Bytes of decoded images a folder may take in memory: ``NORTON_FOLDER_MEMORY_GB``, else half of the
+    machine's physical memory."""
+    given = os.environ.get("NORTON_FOLDER_MEMORY_GB")
+    if given:
+        try:
+            value = float(given)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise NortonError(f"NORTON_FOLDER_MEMORY_GB must be a positive number of GiB, got {given!r}")
+        return int(value * 2**30)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 def _stratified(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
