@@ -197,3 +197,12 @@ def test_prune_rejects_checkpoint_of_another_architecture(tmp_path, capsys):
     save_checkpoint(path, create_model("resnet_20", rank=1))
     assert main(["prune", "--arch", "vgg_16_bn", "--ckpt", str(path), "--amount", "0.5", "--out", str(tmp_path / "o.pt")]) == 2
     assert "holds a resnet_20, not a vgg_16_bn" in capsys.readouterr().err
+
+
+def test_the_command_line_is_kept_for_the_records(monkeypatch):
+    from norton import cli
+
+    seen = {}
+    monkeypatch.setattr(cli.evidence, "run_compare", lambda *a, **kw: seen.update(kw))
+    assert cli.main(["compare", "--budget", "small", "--out", "runs/x y"]) == 0
+    assert seen["command"] == "norton compare --budget small --out 'runs/x y'"

@@ -59,7 +59,8 @@ def compared(tmp_path_factory):
     data = str(root / "fashion")
     write_fashion_mnist(data, n_train=160, n_test=48)
     out = str(root / "compare")
-    summary = run_compare(out, budget=TINY, methods=["norton-auto", "norton", "l1"], data_dir=data, progress=False)
+    summary = run_compare(out, budget=TINY, methods=["norton-auto", "norton", "l1"], data_dir=data, progress=False,
+                          command="norton compare --tiny")
     return data, out, summary
 
 
@@ -78,6 +79,13 @@ def test_compare_writes_the_measured_table_and_plot(compared):
         assert abs(1 - runs[0]["macs"] / saved["baseline"]["macs"] - 0.85) <= TOLERANCE
         assert runs[0]["latency_ms"] > 0
     assert f"Baseline ResNet-20: {saved['baseline']['top1']:.2f} %" in table
+    # the record says what produced it: command, date, commit, machine
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__)).stdout.strip()
+    assert saved["command"] == "norton compare --tiny" and saved["commit"].split("+")[0] == (head or "unknown")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", saved["date"]) and saved["machine"]["threads"] >= 1
     base = saved["baseline"]  # how far its training went, and whether its validation curve settled
     assert base["epochs"] == TINY.baseline.epochs == len(base["val_curve"])
     curve = base["val_curve"]

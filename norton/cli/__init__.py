@@ -3,6 +3,7 @@ the library; nothing more.  Every error a user can cause ends with one line on
 stderr and exit status 2."""
 from __future__ import annotations
 
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["norton", *(sys.argv[1:] if argv is None else argv)])  # kept in records
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

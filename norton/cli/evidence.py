@@ -19,7 +19,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         budget = replace(budget, baseline=replace(budget.baseline, patience=args.patience))
     run_compare(args.out, budget=budget, budget_name=args.budget, methods=methods, resume=args.resume,
                 data_dir=args.data_dir, device=resolve_device(args.device), arch=args.arch, data=args.data,
-                baseline_ckpt=args.baseline, folder_options=folder_options(args))
+                baseline_ckpt=args.baseline, folder_options=folder_options(args), command=args.command_line)
     return 0
 
 
@@ -29,7 +29,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     plan.gradcam_ranks = tuple(r for r in (1, 2, 4) if r in plan.ranks) or plan.ranks[:1]
     run_report(args.out, baseline_ckpt=args.baseline, compare_dir=args.compare, budget=args.budget, plan=plan,
                resume=args.resume, data=args.data, data_dir=args.data_dir,
-               folder_options=folder_options(args) or None, device=resolve_device(args.device))
+               folder_options=folder_options(args) or None, device=resolve_device(args.device),
+               command=args.command_line)
     return 0
 
 
@@ -40,7 +41,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_showcase()
         return 0
     run_demo(args.out_dir, full=args.full, resume=args.resume, data=args.data, data_dir=args.data_dir,
-             folder_options=folder_options(args) or None, device=resolve_device(args.device))
+             folder_options=folder_options(args) or None, device=resolve_device(args.device),
+             command=args.command_line)
     return 0
 
 

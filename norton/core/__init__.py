@@ -24,6 +24,7 @@ from norton.core.devices import (
     deterministic_numerics,
     device_name,
     machine_record,
+    provenance,
     resolve_device,
     resolve_dtype,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "deterministic_numerics",
     "device_name",
     "machine_record",
+    "provenance",
     "fit_compress_rate",
     "format_compress_rate",
     "is_decomposable",

@@ -96,6 +96,30 @@ def machine_record(device: torch.device | str = "cpu") -> dict[str, str | int]:
     return record
 
 
+def provenance(command: str | None = None) -> dict[str, str | None]:
+    """When and from which code a recorded result was produced: the UTC date and
+    time, the git commit of the norton checkout it ran from (``+changes`` when
+    its files differ from that commit; "unknown" outside a checkout) and the
+    command that produced it."""
+    import datetime
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", os.path.dirname(here)):
+        commit += "+changes"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit or "unknown", "command": command}
+
+
 @contextlib.contextmanager
 def deterministic_numerics(device: torch.device | str | None = None):
     """Reproducible float32 arithmetic while inside: on CUDA, cuDNN's

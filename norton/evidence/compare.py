@@ -33,6 +33,7 @@ from norton.core import (
     count_macs,
     is_decomposable,
     machine_record,
+    provenance,
     replace_module,
 )
 from norton.deployment import compare_latency, deploy
@@ -422,7 +423,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                 methods: list[str] | None = None, resume: bool = False, data_dir: str | None = None,
                 device: torch.device | None = None, progress: bool = True, arch: str = DEFAULT_ARCH,
                 data: str = DEFAULT_DATA, baseline_ckpt: str | None = None, budget_name: str | None = None,
-                folder_options: dict | None = None) -> dict:
+                folder_options: dict | None = None, command: str | None = None) -> dict:
     """Compare the methods on ``arch`` (a zoo name or ``torchvision/<name>``)
     trained on ``data`` (any dataset ``norton train`` reads, from ``data_dir``).
     The baseline is trained until its validation top-1 stops improving (the
@@ -432,7 +433,9 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     has one).  ``data`` "folder": a user's class folders at ``data_dir``, read
     with ``folder_options`` (input_size, on_bad_image, augment; see
     ``norton.training.folder_splits``); its training and validation images
-    are pooled and split as the budget says, its test images kept."""
+    are pooled and split as the budget says, its test images kept.  The
+    record (results.json) states the machine, the date, the commit and
+    ``command``, the command line that ran it."""
     if isinstance(budget, str):
         if budget not in BUDGETS:
             raise NortonError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
@@ -560,6 +563,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                      "latency_ms": latency["baseline"], "epochs": len(curve), "val_curve": curve,
                      "converged": converged(curve), "given": baseline_ckpt},
         "runs": results, "budget_settings": _budget_dict(budget), "machine": machine_record(device),
+        **provenance(command),
         "minutes": (time.perf_counter() - started) / 60,
     }
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=1))

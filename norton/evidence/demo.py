@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from norton.checkpoints import load_checkpoint, load_model
+from norton.core import machine_record, provenance
 from norton.deployment import compare_latency
 from norton.evidence.compare import DATA_NAMES, CompareBudget, comparison_splits
 from norton.evidence.plotting import accuracy_vs_macs_axes, pyplot, save
@@ -61,7 +62,7 @@ FULL = DemoBudget(
 
 def run_demo(out_dir: str = "runs/demo", *, full: bool = False, resume: bool = False, data_dir: str | None = None,
              device: torch.device | None = None, budget: DemoBudget | None = None, data: str = "fashion-mnist",
-             folder_options: dict | None = None) -> str:
+             folder_options: dict | None = None, command: str | None = None) -> str:
     budget = budget or (FULL if full else SMALL)
     device = device or torch.device("cpu")
     started = time.perf_counter()
@@ -114,7 +115,8 @@ def run_demo(out_dir: str = "runs/demo", *, full: bool = False, resume: bool = F
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(header + "\n" + table + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"data": data_text, "baseline": baseline_test, "levels": summaries,
+        json.dump({"data": data_text, **provenance(command), "machine": machine_record(device),
+                   "baseline": baseline_test, "levels": summaries,
                    "latency_ms": {k: v.median_ms for k, v in latency.items()},
                    "budget": {"train_images": len(train), "val_images": len(val),
                               "baseline": asdict(budget.baseline), "finetune": asdict(budget.finetune)}}, f, indent=1)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_model
-from norton.core import complexity
+from norton.core import complexity, machine_record, provenance
 from norton.errors import NortonError
 from norton.evidence.compare import (
     BUDGETS,
@@ -77,7 +77,7 @@ def _grid_names(grid: tuple[int, ...]) -> list[str]:
 def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: str | None = None,
                budget: CompareBudget | str = "small", plan: ReportPlan | None = None, resume: bool = False,
                data: str | None = None, data_dir: str | None = None, folder_options: dict | None = None,
-               device: torch.device | None = None, progress: bool = True) -> dict:
+               device: torch.device | None = None, progress: bool = True, command: str | None = None) -> dict:
     """The paper's analyses of a trained baseline (``baseline_ckpt``, or the baseline of the comparison
     ``compare_dir``) on ``data`` — by default the comparison's data read as the comparison read it (its
     image folder with the same size, bad-image policy and augmentation), else Fashion-MNIST — split as
@@ -136,6 +136,7 @@ def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: s
     baseline.to(device)
 
     report = {"baseline": base, "target_macs_reduction": target, "rank_sweep": {str(r): s for r, s in sweep.items()},
+              **provenance(command), "machine": machine_record(device),
               "grid": grid, "budget": {"train_images": len(train), "val_images": len(val), "test_images": len(test),
                                        "finetune_epochs": budget.finetune.epochs}}
     points = _points(report, compare_dir)
