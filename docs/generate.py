@@ -109,6 +109,40 @@ def _zoo_page(source: str, title: str, command: str, timm: bool):
     return page
 
 
+README_START = "<!-- scoreboard: rendered by docs/generate.py from docs/scoreboard.json; edit the record -->"
+README_END = "<!-- end of scoreboard -->"
+
+
+def readme_scoreboard() -> str:
+    """The README's results table and the sentence that says where it comes from, from docs/scoreboard.json."""
+    import json
+
+    from norton.evidence.compare import DATA_NAMES, headline_table
+
+    summary = json.loads((HERE / "scoreboard.json").read_text())
+    base = summary["baseline"]
+    machine = summary.get("machine") or {}
+    seeds = sorted({r["seed"] for r in summary["runs"]})
+    trained = (f"trained {base['epochs']} epochs, {'converged' if base.get('converged') else 'not converged'}"
+               if base.get("epochs") else "trained")
+    made = ", ".join(x for x in (summary.get("date"), summary.get("commit") and f"commit {summary['commit']}") if x)
+    return (f"`{summary.get('command') or 'norton compare --budget ' + summary['budget']}`"
+            f"{f' ({made})' if made else ''}: {summary['arch'].replace('resnet_20', 'ResNet-20')} on "
+            f"{DATA_NAMES.get(summary['data'], summary['data'])}, {summary['minutes']:.0f} min on {machine.get('threads', '?')} threads of "
+            f"{machine.get('cpu', 'a CPU')}. Baseline {base['top1']:.2f} % ({trained}); every method the same "
+            f"data, recalibration, least-squares recovery and fine-tuning; test top-1 mean ± std over seeds "
+            f"{', '.join(map(str, seeds))}; deployed speed-up against the deployed baseline (batch "
+            f"{summary.get('budget_settings', {}).get('latency_batch', 128)}); verdict: the paired difference to "
+            f"the best other method with its 95 % interval, a win only where it excludes 0.\n\n"
+            + headline_table(summary))
+
+
+def readme_with_scoreboard(readme: str) -> str:
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{readme_scoreboard()}{README_END}{tail}"
+
+
 PAGES = {
     "reference/cli.md": cli_page, "reference/api.md": api_page,
     "results/scoreboard.md": scoreboard_page, "results/compare_small.md": compare_small_page,
@@ -121,6 +155,9 @@ PAGES = {
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parent))
+    readme = HERE.parent / "README.md"
+    readme.write_text(readme_with_scoreboard(readme.read_text()))
+    print(f"wrote {readme} (its scoreboard)")
     for page, render in PAGES.items():
         path = HERE / page
         path.parent.mkdir(parents=True, exist_ok=True)

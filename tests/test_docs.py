@@ -22,6 +22,13 @@ def test_generated_pages_are_what_the_code_generates(page):
         f"docs/{page} is stale: run .venv/bin/python docs/generate.py"
 
 
+def test_the_readme_scoreboard_is_what_the_record_renders():
+    readme = (ROOT / "README.md").read_text()
+    assert readme == generate.readme_with_scoreboard(readme), \
+        "the README's scoreboard is stale: run .venv/bin/python docs/generate.py"
+    assert "| target | method | MACs ↓ |" in readme
+
+
 def test_every_command_and_flag_is_in_the_cli_reference():
     from norton.cli import build_parser
 

@@ -831,6 +831,45 @@ def _latency_setting(summary: dict, key: str) -> int:
     return summary.get("budget_settings", {}).get(key, getattr(CompareBudget, key))
 
 
+def peer_verdicts(summary: dict) -> dict[tuple[float, str], tuple]:
+    """{(MACs target, NORTON method): (its paired difference to the best other method at that target, that
+    method's label)} — the most accurate method outside the NORTON family and its ablations, by mean top-1."""
+    out = {}
+    groups = _groups(summary)
+    for target in dict.fromkeys(t for k, t, _ in groups if k == "macs"):
+        rows = [(m, runs) for (k, t, m), runs in groups.items() if (k, t) == ("macs", target)]
+        ranked = sorted(rows, key=lambda mr: -statistics.fmean(r["top1"] for r in mr[1]))
+        peers = [(m, runs) for m, runs in ranked if m not in METHODS or METHODS[m].family not in ("NORTON", "ablation")]
+        for ours_name in ("norton-auto", "norton"):
+            if ours_name in dict(rows) and peers:
+                out[(target, ours_name)] = (paired_difference(dict(rows)[ours_name], peers[0][1]), peers[0][1][0]["label"])
+    return out
+
+
+def headline_table(summary: dict) -> str:
+    """The short table of a comparison (the README's): per target and method, MACs removed, test top-1,
+    change against the baseline, deployed speed-up, NORTON's paired verdict, and the command that
+    reproduces the row.  Ablations are left to the full table."""
+    base = summary["baseline"]
+    verdicts = peer_verdicts(summary)
+    budget = summary.get("budget", "medium")
+    lines = ["| target | method | MACs ↓ | test top-1 | vs baseline | deployed speed-up | verdict | reproduce |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (kind, target, method), runs in _groups(summary).items():
+        if method in METHODS and METHODS[method].family == "ablation":
+            continue
+        r0, final = runs[0], [r["top1"] for r in runs]
+        found = verdicts.get((target, method))
+        verdict = (f"{found[0].verdict} vs {found[1]}: {found[0].mean:+.2f} ({found[0].low:+.2f} to "
+                   f"{found[0].high:+.2f})" if found else "")
+        name = f"**{r0['label']}**" if method.startswith("norton") else r0["label"]
+        lines.append(f"| {_target_text(kind, target)} | {name} | {100 * (1 - r0['macs'] / base['macs']):.1f} % "
+                     f"| {_fmt(final)} | {statistics.fmean(final) - base['top1']:+.2f} "
+                     f"| {base['latency_ms'] / r0['latency_ms']:.2f}× | {verdict} "
+                     f"| `norton compare --budget {budget} --methods {method}` |")
+    return "\n".join(lines) + "\n"
+
+
 def render_table(summary: dict) -> str:
     base = summary["baseline"]
     lines = [
@@ -861,27 +900,16 @@ def render_table(summary: dict) -> str:
                 f"| {_fmt([r['top1_recalibrated'] for r in runs])} | **{_fmt(final)}** "
                 f"| {statistics.fmean(final) - base['top1']:+.2f} | {r0['latency_ms']:.1f} ms "
                 f"({base['latency_ms'] / r0['latency_ms']:.2f}×) |")
-        if kind != "macs":
-            continue
-        ranked = sorted(rows, key=lambda mr: -statistics.fmean(r["top1"] for r in mr[1]))
-        for ours_name in ("norton-auto", "norton"):
-            if ours_name not in dict(rows):
-                continue
-            ours_runs = dict(rows)[ours_name]
-            label = ours_runs[0]["label"]
-            peers = [(m, runs) for m, runs in ranked if m not in METHODS or METHODS[m].family not in ("NORTON", "ablation")]
-            if not peers:
-                continue
-            peer_runs = peers[0][1]
-            difference = paired_difference(ours_runs, peer_runs)
-            peer_text = f"the best other method, {peer_runs[0]['label']}"
-            if difference.verdict == "wins":
-                verdicts.append(f"- at {target:.0%} fewer MACs {label} **wins** against {peer_text}: {difference.text()}.")
-            elif difference.verdict == "loses":
-                verdicts.append(f"- at {target:.0%} fewer MACs {label} **loses** to {peer_text}: {difference.text()}.")
-            else:
-                verdicts.append(f"- at {target:.0%} fewer MACs {label} **ties** with {peer_text}: {difference.text()}; "
-                                "the interval includes 0.")
+    for (target, ours_name), (difference, peer_label) in peer_verdicts(summary).items():
+        label = groups[("macs", target, ours_name)][0]["label"]
+        peer_text = f"the best other method, {peer_label}"
+        if difference.verdict == "wins":
+            verdicts.append(f"- at {target:.0%} fewer MACs {label} **wins** against {peer_text}: {difference.text()}.")
+        elif difference.verdict == "loses":
+            verdicts.append(f"- at {target:.0%} fewer MACs {label} **loses** to {peer_text}: {difference.text()}.")
+        else:
+            verdicts.append(f"- at {target:.0%} fewer MACs {label} **ties** with {peer_text}: {difference.text()}; "
+                            "the interval includes 0.")
     for name in ("norton-auto", "norton-auto-speed"):
         runs = [r for r in summary["runs"] if r["method"] == name]
         if not runs:
