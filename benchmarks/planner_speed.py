@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/planner_speed.py --costs          # ResNet-20 at 128/256/512 images, 8 and 4 keep steps
     .venv/bin/python benchmarks/planner_speed.py --layout         # one probe forward, channels-last vs contiguous
     .venv/bin/python benchmarks/planner_speed.py --recover        # recover=True: refits from input sums vs per option
+    .venv/bin/python benchmarks/planner_speed.py --resnet50 300   # ResNet-50 at 224×224, 256 images: stages and ETA
 
 ``norton.plan(model, digits calibration images, target_macs=0.6)`` on a
 randomly initialised zoo model (the damages it measures need no training to
@@ -16,6 +17,9 @@ trade-off of ``--calibration-images`` and ``--keep-steps``.  ``--recover``
 plans with ``recover=True`` (what ``compare`` plans with): in place, every
 pruning option's readers refitted from input sums gathered once per group;
 on the surgery path, a pruned copy refitted by ``norton.recover`` per option.
+``--resnet50 S`` plans a randomly initialised ResNet-50 (ImageNet size) on 256
+random 224×224 images for at most S seconds and prints each stage's last
+progress line — the options measured, their rate and tqdm's ETA for the rest.
 """
 from __future__ import annotations
 
@@ -70,13 +74,41 @@ def layout_ms(repeats: int = 20) -> dict[str, float]:
     return {name: round(statistics.median(t[3:]), 1) for name, t in times.items()}
 
 
+def resnet50_eta(seconds: int) -> None:
+    import re
+    import subprocess
+    import sys
+
+    code = ("import torch, warnings; warnings.simplefilter('ignore'); from norton import create_model, plan; "
+            "torch.manual_seed(0); m = create_model('resnet_50').eval(); "
+            "x = [torch.randn(64, 3, 224, 224) for _ in range(4)]; "
+            "p = plan(m, x, target_macs=0.6, progress=True); print('planned in', round(p.seconds), 's')")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds)
+        out, err = done.stdout, done.stderr
+    except subprocess.TimeoutExpired as stopped:
+        out = (stopped.stdout or b"").decode() if isinstance(stopped.stdout, bytes) else (stopped.stdout or "")
+        err = (stopped.stderr or b"").decode() if isinstance(stopped.stderr, bytes) else (stopped.stderr or "")
+    last = {}
+    for line in re.split(r"[\r\n]", err):
+        match = re.match(r"\s*(plan: [^:]+):", line)
+        if match and "|" in line:
+            last[match[1]] = line.strip()
+    print(json.dumps({"limit_s": seconds, "stages": last, "finished": out.strip() or None}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="resnet_20,resnet_56")
     parser.add_argument("--costs", action="store_true", help="ResNet-20's planning time by calibration images and keep steps")
     parser.add_argument("--layout", action="store_true", help="one probe forward in each memory layout")
     parser.add_argument("--recover", action="store_true", help="plan with recover=True, both ways")
+    parser.add_argument("--resnet50", type=int, default=None, metavar="S",
+                        help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
     args = parser.parse_args()
+    if args.resnet50:
+        resnet50_eta(args.resnet50)
+        return
     if args.layout:
         print(json.dumps(layout_ms()))
         return

@@ -128,8 +128,8 @@ def readme_scoreboard() -> str:
     made = ", ".join(x for x in (summary.get("date"), summary.get("commit") and f"commit {summary['commit']}") if x)
     return (f"`{summary.get('command') or 'norton compare --budget ' + summary['budget']}`"
             f"{f' ({made})' if made else ''}: {summary['arch'].replace('resnet_20', 'ResNet-20')} on "
-            f"{DATA_NAMES.get(summary['data'], summary['data'])}, {summary['minutes']:.0f} min on {machine.get('threads', '?')} threads of "
-            f"{machine.get('cpu', 'a CPU')}. Baseline {base['top1']:.2f} % ({trained}); every method the same "
+            f"{DATA_NAMES.get(summary['data'], summary['data'])}, {summary['minutes']:.0f} min on "
+            f"{machine.get('cpu', 'a CPU')}{' — ' + summary['note'] if summary.get('note') else ''}. Baseline {base['top1']:.2f} % ({trained}); every method the same "
             f"data, recalibration, least-squares recovery and fine-tuning; test top-1 mean ± std over seeds "
             f"{', '.join(map(str, seeds))}; deployed speed-up against the deployed baseline (batch "
             f"{summary.get('budget_settings', {}).get('latency_batch', 128)}); verdict: the paired difference to "
