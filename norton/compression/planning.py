@@ -554,7 +554,7 @@ class _InPlace:
             return None
         probe.cached = cached
         made = cls(dense, cached, probe, groups, criterion, seed, round_to)
-        made.masks = not surgery_only and made._agrees_with_surgery(dense, example)
+        made.masks = not surgery_only and made._agrees_with_surgery(dense, example)  # masks alone, no refits
         made.recover = recover
         return made
 
@@ -572,8 +572,9 @@ class _InPlace:
     def keep_damage(self, root: str, count: int) -> float:
         kept = self._kept(root, count)
         handles = zero_channels(self.groups, kept)
-        restore = self._refits(root, kept[root]) if self.recover else []
+        restore = []
         try:
+            restore = self._refits(root, kept[root]) if self.recover else []
             changed = [self.names.get(h.module) for h in handles]
             if any(name not in self.cached.first_call for name in changed):  # a hooked layer the trace does not call
                 return self.probe.damage(self.dense)
@@ -608,9 +609,7 @@ class _InPlace:
         try:
             for sums, idxs, root_idxs in self._readers(root):
                 weight = sums.module.weight
-                keep = sorted({i for i, r in zip(idxs, root_idxs) if r in kept}
-                              | (set(range(weight.shape[1] // _per_channel(sums.module))) - set(idxs)))
-                fitted = refit_weight(sums, weight.flatten(1), keep)
+                fitted = refit_weight(sums, weight.flatten(1), {i for i, r in zip(idxs, root_idxs) if r not in kept})
                 if fitted is not None:
                     restore.append((weight, weight.detach().clone()))
                     weight.data.copy_(fitted.reshape(weight.shape).to(weight.dtype))
@@ -639,11 +638,6 @@ class _InPlace:
             if abs(masked - real) > 1e-4 * max(abs(real), 1e-6):
                 return False
         return True
-
-
-def _per_channel(module: nn.Module) -> int:
-    """Columns of a layer's weight matrix per input channel."""
-    return 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +107,14 @@ def _positions(module: nn.Module, x: Tensor) -> int:
     if isinstance(module, CPDBlock):
         return x.shape[2] * x.shape[3]
     return math.prod(conv_output_size(module, x.shape))
+
+
+def _sampled(module: nn.Module, x: Tensor, rows: int, images: int, generator: torch.Generator) -> Tensor:
+    """The positions of ``module``'s output sampled from batch ``x``: its share of ``rows`` over the
+    calibration set of ``images`` images, drawn from ``generator``, in order."""
+    total = _positions(module, x) * x.shape[0]
+    share = max(1, -(-rows * x.shape[0] // images))
+    return torch.randperm(total, generator=generator)[:share].sort().values.to(x.device)
 
 
 def _kept_outputs(report: PruneReport | Sequence[GroupPruning]) -> dict[str, list[int]]:
@@ -243,9 +251,7 @@ def _refit(model: nn.Module, reference: nn.Module, ref_module: nn.Module, stage:
         ref_x = _capture(reference, ref_module, x)
         with batch_statistics(model):
             got_x = _capture(model, stage.module, x)
-        total = _positions(stage.module, got_x) * x.shape[0]
-        share = max(1, -(-rows * x.shape[0] // images))  # this batch's share of the rows
-        index = torch.randperm(total, generator=generator)[:share].sort().values.to(got_x.device)
+        index = _sampled(stage.module, got_x, rows, images, generator)
         xs = _rows(stage.module, got_x, index).to(torch.float64)
         ys = _rows(ref_module, ref_x, index).to(torch.float64) @ weight.T
         gram += xs.T @ xs
@@ -288,7 +294,6 @@ class InputSums:
     gram: Tensor
     cross: Tensor
     energy: Tensor
-    rows: int
 
 
 @torch.no_grad()
@@ -312,18 +317,15 @@ def input_sums(model: nn.Module, modules: Sequence[nn.Module], data: Sequence[Te
             with batch_statistics(model):
                 seen = _inputs(model, modules, x)
             for i, (module, got, ref) in enumerate(zip(modules, seen, reference)):
-                total = _positions(module, got) * x.shape[0]
-                share = max(1, -(-rows * x.shape[0] // images))
-                index = torch.randperm(total, generator=generators[i])[:share].sort().values.to(got.device)
+                index = _sampled(module, got, rows, images, generators[i])
                 xs = _rows(module, got, index).to(torch.float64)
                 xr = _rows(module, ref, index).to(torch.float64)
                 if sums[i] is None:
                     zero = xs.new_zeros(xs.shape[1], xs.shape[1])
-                    sums[i] = InputSums(module, zero, zero.clone(), zero.clone(), 0)
+                    sums[i] = InputSums(module, zero, zero.clone(), zero.clone())
                 sums[i].gram += xs.T @ xs
                 sums[i].cross += xs.T @ xr
                 sums[i].energy += xr.T @ xr
-                sums[i].rows += xs.shape[0]
     finally:
         model.train(was_training)
     return sums
@@ -349,20 +351,19 @@ def _inputs(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> list[T
     return [seen[m] for m in modules]
 
 
-def refit_weight(sums: InputSums, weight: Tensor, kept_inputs: Sequence[int], ridge: float = RIDGE,
-                 outputs: Sequence[int] | None = None) -> Tensor | None:
-    """The refit of a layer (weight as a matrix, outputs × inputs·k²) that keeps
-    the input channels ``kept_inputs`` (and the outputs ``outputs``; default
-    all), from its ``InputSums``: the new matrix with zero columns where inputs
-    were removed, or None where the fit does not lower the error (the weights
-    then stay as they are, which is what ``recover`` does too)."""
+def refit_weight(sums: InputSums, weight: Tensor, removed_inputs: Iterable[int], ridge: float = RIDGE
+                 ) -> Tensor | None:
+    """The refit of a layer (weight as a matrix, outputs × inputs·k²) whose
+    input channels ``removed_inputs`` were pruned, from its ``InputSums``: the
+    new matrix with zero columns where inputs were removed, or None where the
+    fit does not lower the error (the weights then stay as they are, which is
+    what ``recover`` does too)."""
     module = sums.module
     per_channel = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
-    kept = torch.as_tensor(sorted(kept_inputs), dtype=torch.long, device=sums.gram.device)
+    kept = torch.as_tensor(sorted(set(range(_in_channels(module))) - set(removed_inputs)), dtype=torch.long,
+                           device=sums.gram.device)
     columns = (kept[:, None] * per_channel + torch.arange(per_channel, device=kept.device)).flatten()
     w = weight.detach().to(torch.float64)
-    if outputs is not None:
-        w = w[list(outputs)]
     cross = sums.cross[columns] @ w.T
     energy = float(((w @ sums.energy) * w).sum())
     fitted, _, _ = _solve(sums.gram[columns][:, columns], cross, energy, w[:, columns], ridge)

@@ -93,9 +93,7 @@ def _header(path: str, on_bad_image: str) -> tuple[tuple[int, int], bool] | None
 
     try:
         with Image.open(path) as image:
-            gray = image.mode in ("1", "L", "I", "I;16", "F", "LA") or (
-                image.mode == "P" and all(r == g == b for r, g, b in _palette(image)))
-            return image.size, gray
+            return image.size, _is_gray(image)
     except _UNREADABLE as err:
         _bad(path, err, on_bad_image)
         return None
@@ -108,12 +106,16 @@ def _decode(path: str, on_bad_image: str):
     try:
         with Image.open(path) as image:
             image.load()
-            gray = image.mode in ("1", "L", "I", "I;16", "F", "LA") or (
-                image.mode == "P" and all(r == g == b for r, g, b in _palette(image)))
-            return image.convert("L" if gray else "RGB")
+            return image.convert("L" if _is_gray(image) else "RGB")
     except _UNREADABLE as err:
         _bad(path, err, on_bad_image)
         return None
+
+
+def _is_gray(image) -> bool:
+    """Whether a PIL image (its header is enough) holds gray values only."""
+    return image.mode in ("1", "L", "I", "I;16", "F", "LA") or (
+        image.mode == "P" and all(r == g == b for r, g, b in _palette(image)))
 
 
 def _palette(image):
@@ -149,10 +151,10 @@ def _decoded(root: str, input_size: int | None, on_bad_image: str, stamp: float)
     size = input_size or min(MAX_SIZE, int(statistics.median(min(shape) for shape, _ in everything)))
     if size < 1:
         raise NortonError(f"input size must be at least 1 pixel, got {size}")
-    needed = len(everything) * (1 if gray else 3) * size * size
-    if needed > memory_budget():
+    needed, allowed = len(everything) * (1 if gray else 3) * size * size, memory_budget()
+    if needed > allowed:
         raise NortonError(f"image folder {root!r}: {len(everything):,} images of {size}×{size} take {needed / 2**30:.1f} "
-                          f"GiB decoded, more than the {memory_budget() / 2**30:.1f} GiB norton keeps in memory "
+                          f"GiB decoded, more than the {allowed / 2**30:.1f} GiB norton keeps in memory "
                           "(NORTON_FOLDER_MEMORY_GB); pass a smaller --image-size, or use --data imagenet, which "
                           "reads train/ and val/ class folders from disk batch by batch")
     arrays = {}
