@@ -232,18 +232,46 @@ def test_a_truncated_image_whose_header_reads_is_named_or_skipped(tmp_path):
     assert len(train) + len(val) + len(test) == sum(COUNTS.values())
 
 
-def test_a_folder_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+def test_a_folder_too_big_for_memory_is_decoded_once_into_a_cache_file(tmp_path, monkeypatch, capsys):
     from norton.training import folders
 
     root = make_folder(tmp_path / "photos", rgb=True, split_layout=False, corrupt=False)
-    decoded = []
-    monkeypatch.setattr(folders, "_decode", lambda *args: decoded.append(args))
+    in_memory = folder_splits(str(root), input_size=32)
     monkeypatch.setenv("NORTON_FOLDER_MEMORY_GB", str(50_000 / 2**30))  # 80 images × 3×32×32 = 245,760 bytes
+    monkeypatch.setenv("NORTON_CACHE_DIR", str(tmp_path / "cache"))
+    folders._decoded.cache_clear()
+    cached = folder_splits(str(root), input_size=32)
+    for a, b in zip(in_memory, cached):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert a.mean == pytest.approx(b.mean) and a.std == pytest.approx(b.std)
+    written = sorted(os.listdir(tmp_path / "cache"))
+    assert len(written) == 2 and written[0].endswith(".json") and written[1].endswith(".npy")  # no .partial left
+    assert isinstance(np.load(tmp_path / "cache" / written[1], mmap_mode="r"), np.memmap)
+
+    # a later process reuses the file: nothing is decoded again, the images are the same
+    folders._decoded.cache_clear()
+    decode = folders._decode
+    monkeypatch.setattr(folders, "_decode", lambda *args: pytest.fail("decoded again"))
+    again = folder_splits(str(root), input_size=32)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(cached, again))
     assert main(["train", "--arch", "resnet_20", "--data", "folder", "--data-dir", str(root), "--image-size", "32",
-                 "--epochs", "1", "--run-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "80 images of 32×32 take 0.0 GiB decoded" in err and "--image-size" in err
-    assert not decoded and not (tmp_path / "run").exists()
+                 "--epochs", "1", "--batch-size", "32", "--run-dir", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert len(os.listdir(tmp_path / "cache")) == 2
+    os.utime(root / "dog" / "3.png", ns=(1, 1))  # a file changed: decoded anew, into a file of its own
+    folders._decoded.cache_clear()
+    monkeypatch.setattr(folders, "_decode", decode)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(cached, folder_splits(str(root), input_size=32)))
+    assert len(os.listdir(tmp_path / "cache")) == 4
+
+    # another input size is another file; no room on the disk is one line naming the sizes, nothing decoded
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**9, 10**9, 1000))
+    folders._decoded.cache_clear()
+    with pytest.raises(NortonError, match=r"80 images of 24×24 take 0\.0 GiB decoded.*free in .*NORTON_CACHE_DIR"):
+        folder_splits(str(root), input_size=24)
+    assert len(os.listdir(tmp_path / "cache")) == 4
     monkeypatch.setenv("NORTON_FOLDER_MEMORY_GB", "lots")
     with pytest.raises(NortonError, match="NORTON_FOLDER_MEMORY_GB must be a positive number of GiB, got 'lots'"):
         folders.memory_budget()

@@ -1,4 +1,4 @@
-"""A user's own images: a folder of class folders, decoded once into memory.
+"""A user's own images: a folder of class folders, decoded once into memory (or a cache file).
 
 Layouts (torchvision's ``ImageFolder`` convention, classes = sorted folder names):
 
@@ -10,7 +10,10 @@ Every image is decoded once per process (PIL), made grayscale when every image o
 the folder is, resized so its shorter side is the input size and centre-cropped
 to a square, and kept as uint8 — an epoch then costs no decoding.  A folder
 whose decoded images would not fit in memory (half of it, or
-``NORTON_FOLDER_MEMORY_GB``) is refused before any decoding, naming the size.  The input size
+``NORTON_FOLDER_MEMORY_GB``) is decoded once into a cache file instead
+(``FolderCache``, under ``NORTON_CACHE_DIR``), memory-mapped, and reused by later
+runs on the same folder; one that would not fit on that disk either is refused
+before any decoding, naming the sizes.  The input size
 defaults to the median shorter side of the images, capped at ``MAX_SIZE``.  The
 normalisation is the per-channel mean and std of the training split; training
 augmentation is a padded random crop (an eighth of the side) and, for colour
@@ -20,13 +23,19 @@ skipped with a warning (``on_bad_image="skip"``).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import math
 import os
+import shutil
 import statistics
 import warnings
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from norton.checkpoints.atomic import atomic_write_text
 from norton.errors import NortonError
 from norton.training.arrays import ArrayDataset, normalize
 
@@ -136,41 +145,128 @@ def _square(image, size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _decoded(root: str, input_size: int | None, on_bad_image: str, stamp: float):
-    """Every image of the folder decoded, resized and split: {split: (images, labels)} and the setting.
-    The headers are read first (size, grayscale: no pixels), then each image is decoded and shrunk to
-    the input size on its own, so memory holds the uint8 arrays and one full-size image at a time."""
+    """Every image of the folder decoded, resized and split: the classes, {split: (images, labels)} and the
+    input size.  The headers are read first (size, grayscale: no pixels) and the split is drawn on the
+    readable ones; then each image is decoded and shrunk to the input size on its own, straight into its
+    split's rows — of an array in memory, or of the folder's cache file when the decoded images would not fit
+    (``memory_budget``), so memory holds at most one full-size image besides."""
     listing = _listing(root)
     classes = listing.pop("classes")
     headers = {split: [(path, label, _header(path, on_bad_image)) for path, label in items]
                for split, items in listing.items()}
-    headers = {split: [x for x in items if x[2] is not None] for split, items in headers.items()}
-    everything = [header for items in headers.values() for _, _, header in items]
+    everything = [header for items in headers.values() for _, _, header in items if header is not None]
     if not everything:
         raise NortonError(f"image folder {root!r}: no readable image")
     gray = all(is_gray for _, is_gray in everything)
     size = input_size or min(MAX_SIZE, int(statistics.median(min(shape) for shape, _ in everything)))
     if size < 1:
         raise NortonError(f"input size must be at least 1 pixel, got {size}")
-    needed, allowed = len(everything) * (1 if gray else 3) * size * size, memory_budget()
-    if needed > allowed:
-        raise NortonError(f"image folder {root!r}: {len(everything):,} images of {size}×{size} take {needed / 2**30:.1f} "
-                          f"GiB decoded, more than the {allowed / 2**30:.1f} GiB norton keeps in memory "
-                          "(NORTON_FOLDER_MEMORY_GB); pass a smaller --image-size, or use --data imagenet, which "
-                          "reads train/ and val/ class folders from disk batch by batch")
-    arrays = {}
-    for split, items in headers.items():
-        pixels, labels = [], []
-        for path, label, _ in items:
+    splits = {split: [(path, label) for path, label, header in items if header is not None]
+              for split, items in headers.items()}
+    if "all" in splits:
+        splits = _stratified(splits.pop("all"), seed=0)
+    shape = (len(everything), 1 if gray else 3, size, size)
+    cache = None
+    if math.prod(shape) > memory_budget():
+        cache = FolderCache(root, splits, shape, on_bad_image)
+        if cache.complete():
+            return classes, cache.arrays(), size
+        store = cache.create()
+    else:
+        store = np.empty(shape, dtype=np.uint8)
+    counts, labels, row = {}, {}, 0
+    for split, items in splits.items():
+        begin, kept = row, []
+        for path, label in tqdm(items, desc=f"decode {split} images", unit="image", leave=False,
+                                disable=cache is None):
             image = _decode(path, on_bad_image)  # a header can read while its pixels do not
             if image is not None:
-                pixels.append(_square(image.convert("L" if gray else "RGB"), size))
-                labels.append(label)
-        images = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, size, size, dtype=torch.uint8)
-        images = images.unsqueeze(1) if gray else images.permute(0, 3, 1, 2).contiguous()
-        arrays[split] = (images, torch.tensor(labels, dtype=torch.int64))
-    if "all" in arrays:
-        arrays = _stratified(*arrays.pop("all"), seed=0)
-    return classes, arrays, size
+                pixels = _square(image.convert("L" if gray else "RGB"), size)
+                store[row] = pixels[None] if gray else pixels.transpose(2, 0, 1)
+                kept.append(label)
+                row += 1
+        counts[split], labels[split] = row - begin, kept
+        row = begin + len(items)  # a split's rows: as many as it has readable headers; the decoded ones first
+    if cache is not None:
+        return classes, cache.finish(store, counts, labels), size
+    return classes, _split_arrays(torch.from_numpy(store), splits, counts, labels), size
+
+
+def _split_arrays(images: torch.Tensor, splits: dict, counts: dict, labels: dict) -> dict:
+    """{split: (images, labels)}: each split's decoded rows of ``images`` (a view, not a copy)."""
+    arrays, row = {}, 0
+    for split, items in splits.items():
+        arrays[split] = (images[row:row + counts[split]], torch.tensor(labels[split], dtype=torch.int64))
+        row += len(items)
+    return arrays
+
+
+class FolderCache:
+    """A folder's decoded images in one uint8 ``.npy`` file under ``cache_dir()``, for
+    folders too big for memory: named by a digest of what they were decoded
+    from (every file's path, size and modification time, the input size,
+    channels and bad-image policy), written under a temporary name and renamed
+    when whole, with its labels and split sizes beside it in a JSON file, and
+    read back memory-mapped — the operating system pages the images in as
+    batches use them.  A later run on the same folder and settings reuses it."""
+
+    def __init__(self, root: str, splits: dict, shape: tuple[int, ...], on_bad_image: str):
+        self.shape, self.splits = shape, splits
+        digest = hashlib.sha256(json.dumps([root, list(shape[1:]), on_bad_image]).encode())
+        for split, items in splits.items():
+            for path, label in items:
+                info = os.stat(path)
+                digest.update(f"{split}\0{path}\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        folder = cache_dir()
+        self.data = os.path.join(folder, f"folder-{digest.hexdigest()[:24]}.npy")
+        self.meta = self.data[:-4] + ".json"
+
+    def complete(self) -> bool:
+        try:
+            with open(self.meta) as f:
+                meta = json.load(f)
+            return meta["shape"] == list(self.shape) and np.load(self.data, mmap_mode="r").shape == self.shape
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def create(self) -> np.memmap:
+        folder = os.path.dirname(self.data)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+        except OSError as err:
+            raise NortonError(f"cannot write the image cache in {folder!r} ({err.strerror}); set NORTON_CACHE_DIR "
+                              "to a writable folder") from None
+        needed = math.prod(self.shape)
+        if needed > free:
+            raise NortonError(f"{self.shape[0]:,} images of {self.shape[2]}×{self.shape[3]} take {needed / 2**30:.1f} "
+                              f"GiB decoded: more than memory allows (NORTON_FOLDER_MEMORY_GB) and more than the "
+                              f"{free / 2**30:.1f} GiB free in {folder!r} (NORTON_CACHE_DIR); pass a smaller "
+                              "--image-size")
+        return np.lib.format.open_memmap(self.data + ".partial", mode="w+", dtype=np.uint8, shape=self.shape)
+
+    def finish(self, store: np.memmap, counts: dict, labels: dict) -> dict:
+        store.flush()
+        del store
+        os.replace(self.data + ".partial", self.data)
+        atomic_write_text(self.meta, json.dumps({"shape": list(self.shape), "counts": counts, "labels": labels}))
+        return self.arrays()
+
+    def arrays(self) -> dict:
+        with open(self.meta) as f:
+            meta = json.load(f)
+        images = np.lib.format.open_memmap(self.data, mode="c")  # copy-on-write: never changes the file
+        return _split_arrays(torch.from_numpy(images), self.splits, meta["counts"], meta["labels"])
+
+
+def cache_dir() -> str:
+    """Where folders too big for memory keep their decoded images: ``NORTON_CACHE_DIR``, else
+    ``~/.cache/norton`` (``XDG_CACHE_HOME`` when set)."""
+    given = os.environ.get("NORTON_CACHE_DIR")
+    if given:
+        return os.path.abspath(os.path.expanduser(given))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "norton")
 
 
 def memory_budget() -> int:
@@ -188,9 +284,11 @@ def memory_budget() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def _stratified(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
-    """Per class, a fixed shuffle: the first ``TEST_FRACTION`` to test, the next ``VAL_FRACTION`` to val."""
+def _stratified(items: list[tuple[str, int]], seed: int) -> dict[str, list[tuple[str, int]]]:
+    """Per class, a fixed shuffle: the first ``TEST_FRACTION`` to test, the next ``VAL_FRACTION`` to val, the
+    rest to train; each split in the listing's order."""
     generator = torch.Generator().manual_seed(seed + 31337)
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     parts = {"train": [], "val": [], "test": []}
     for label in labels.unique().tolist():
         index = (labels == label).nonzero().flatten()
@@ -199,8 +297,22 @@ def _stratified(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
         parts["test"].append(index[:n_test])
         parts["val"].append(index[n_test:n_test + n_val])
         parts["train"].append(index[n_test + n_val:])
-    return {split: (images[torch.cat(ix).sort().values], labels[torch.cat(ix).sort().values])
-            for split, ix in parts.items()}
+    return {split: [items[i] for i in torch.cat(ix).sort().values.tolist()] for split, ix in parts.items()}
+
+
+def _channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (sample) std of uint8 images in [0, 1], summed in float64 a chunk at a time
+    (a float copy of a large split would take four times its memory)."""
+    channels = images.shape[1]
+    total, squares, n = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0
+    for begin in range(0, images.shape[0], chunk):
+        x = images[begin:begin + chunk].to(torch.float64).div_(255).transpose(0, 1).flatten(1)
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+        n += x.shape[1]
+    mean = total / n
+    var = (squares - n * mean * mean) / max(n - 1, 1)
+    return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())
 
 
 def folder_splits(root: str | None, *, input_size: int | None = None, on_bad_image: str = "error", augment: bool = True):
@@ -223,8 +335,7 @@ def folder_splits(root: str | None, *, input_size: int | None = None, on_bad_ima
                 raise NortonError(f"image folder {root!r}: the {split} split has no image of class "
                                   f"{classes[missing[0]]!r} (too few images in that class for a "
                                   f"{TEST_FRACTION:.0%} test / {VAL_FRACTION:.0%} validation split?)")
-    pixels = train_images.float().div(255).transpose(0, 1).flatten(1)
-    mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist())
+    mean, std = _channel_stats(train_images)
     padding = max(1, size // 8) if augment else 0
     source = {"kind": "folder", "root": root, "image_size": size, "on_bad_image": on_bad_image, "augment": augment,
               "classes": list(classes), "mean": list(mean), "std": list(std)}
