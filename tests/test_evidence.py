@@ -20,6 +20,8 @@ from norton.evidence.compare import (
     TOLERANCE,
     CompareBudget,
     Context,
+    SMALL,
+    default_methods,
     deployed_latencies,
     dominated_by,
     macs_reduction,
@@ -141,6 +143,27 @@ def test_speedup_rows_and_the_latency_verdicts(tmp_path):
         ("norton-auto-speed", "l1")]
     with Image.open(tmp_path / "accuracy_vs_latency.png") as png:
         assert png.size[0] > 400
+
+
+def test_methods_that_plan_alike_share_one_plan_per_seed(tmp_path, monkeypatch):
+    from norton.evidence import compare
+
+    data = str(tmp_path / "fashion")
+    write_fashion_mnist(data, n_train=160, n_test=48)
+    made = []
+    planner = compare.plan
+    monkeypatch.setattr(compare, "plan", lambda *args, **kwargs: made.append(kwargs["seed"]) or planner(*args, **kwargs))
+    out = str(tmp_path / "compare")
+    summary = run_compare(out, budget=TINY, methods=["norton-auto", "norton-auto-damage"], data_dir=data,
+                          progress=False)
+    assert sorted(made) == [0, 1]  # one plan per seed, not one per method and seed
+    plans = {(r["method"], r["seed"]): json.load(open(os.path.join(out, f"{r['method']}_85", f"plan_seed{r['seed']}.json")))
+             for r in summary["runs"]}
+    assert plans[("norton-auto", 0)] == plans[("norton-auto-damage", 0)] != plans[("norton-auto", 1)]
+    assert len(os.listdir(os.path.join(out, "plans"))) == 2
+    # a budget that selects no plan leaves the ablation out of its default methods; one that selects keeps it
+    assert "norton-auto-damage" not in default_methods(SMALL) and "norton-auto" in default_methods(SMALL)
+    assert "norton-auto-damage" in default_methods(CompareBudget(**{**SMALL.__dict__, "selection_epochs": 1}))
 
 
 def test_compare_resumes_and_refuses_to_overwrite(compared, monkeypatch):

@@ -59,9 +59,10 @@ def register(sub) -> None:
                     "  norton compare --methods norton,l1,fpgm\n"
                     "  norton compare --arch resnet_56 --data cifar10 --data-dir ~/data/cifar-10-batches-py --out runs/c32")
     p.add_argument("--budget", choices=("small", "medium", "full", "gpu"), default="small",
-                   help="small: 1 fine-tuning epoch, every MACs-target method; medium: 3 epochs, the main methods and "
-                        "NORTON-auto at speed-up targets, 3 seeds; full: the paper's; gpu: all 60,000 images, the main "
-                        "methods, fine-tuning until validation stops improving (--device cuda)")
+                   help="small: 1 fine-tuning epoch, every MACs-target method (but NORTON-auto's no-selection "
+                        "ablation: the same model there); medium: 3 epochs, the main methods and NORTON-auto at "
+                        "speed-up targets, 3 seeds; full: the paper's; gpu: all 60,000 images, the main methods, "
+                        "fine-tuning until validation stops improving (--device cuda)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(COMPARE_METHODS)}")
     p.add_argument("--arch", default=DEFAULT_ARCH,
                    help="the baseline every method compresses: a zoo model or torchvision/<name> that runs on the data")

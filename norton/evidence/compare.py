@@ -14,6 +14,7 @@ interrupted comparison.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -255,7 +256,7 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
                 options["target_macs"] = target
             else:
                 options.update(target_speedup=target, latency_batch=ctx.budget.latency_batch)
-            chosen = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **options)
+            chosen = _shared_plan(base, seed, ctx, options)
             if select and kind == "macs" and ctx.budget.selection_epochs and chosen.alternatives:
                 chosen = select_plan(base, chosen, ctx.train, ctx.val, epochs=ctx.budget.selection_epochs,
                                      finetune=ctx.budget.finetune, run_dir=os.path.join(ctx.cell_dir, "selection"),
@@ -271,6 +272,24 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
         return model, plan_summary(chosen) + _recovered(model, reference, report, seed, ctx, chosen.recover)
 
     return build
+
+
+def _shared_plan(base: nn.Module, seed: int, ctx: Context, options: dict) -> Plan:
+    """``norton.plan`` of ``base`` on the seed's calibration images with ``options``, made once per
+    comparison: kept under the comparison's ``plans/`` folder by a digest of the options, so methods that
+    plan alike (NORTON-auto and its no-selection ablation) share one plan, and a resumed run reuses it."""
+    path = None
+    if ctx.cell_dir:
+        digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = os.path.join(os.path.dirname(ctx.cell_dir), "plans", f"{digest}_seed{seed}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return Plan.from_dict(json.load(f))
+    chosen = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **options)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_text(path, json.dumps(chosen.to_dict(), indent=1))
+    return chosen
 
 
 def _recovered(model: nn.Module, reference: nn.Module, report: PruneReport, seed: int, ctx: Context,
@@ -445,7 +464,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     budget.baseline.validate()
     budget.finetune.validate()
     chosen = methods
-    methods = list(methods or budget.methods or METHODS)
+    methods = list(methods or budget.methods or default_methods(budget))
     _check(methods, budget.seeds, budget.targets, budget.speedup_targets)
     idle = [m for m in chosen or () if not (budget.targets if METHODS[m].target_kind == "macs" else budget.speedup_targets)]
     if idle:
@@ -571,6 +590,12 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     print("\n" + table)
     print(f"written: {out_dir}/results.md, results.json, accuracy_vs_macs.png, accuracy_vs_latency.png")
     return summary
+
+
+def default_methods(budget: CompareBudget) -> list[str]:
+    """What a budget without its own method list compares: every method, except the no-selection
+    ablation where the budget selects no plan (it would build NORTON-auto's model again)."""
+    return [m for m in METHODS if not (m == "norton-auto-damage" and not budget.selection_epochs)]
 
 
 def comparison_splits(data: str, data_dir: str | None, budget: CompareBudget, budget_name: str,
