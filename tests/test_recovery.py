@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from norton import CPDBlock, NortonError, create_model, decompose, prune
-from norton.compression import recover
+from norton.compression import recover, recovery
 from norton.core import batch_statistics, reestimate_bn
 
 
@@ -64,7 +64,14 @@ def test_recovery_brings_a_pruned_resnet_closer_to_its_reference():
     reference = copy.deepcopy(model)
     report = prune(model, amount=0.5, example_inputs=data[0][:2], criterion="l2")
     unrecovered = copy.deepcopy(model)
+    by_layer = copy.deepcopy(model)
     result = recover(model, reference, data, report)
+    # the reference's rows are gathered in one forward per batch; a budget of 0 runs it to each layer instead:
+    # the same positions, the same fits, to the last bit
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recovery, "REFERENCE_BYTES", 0)
+        recover(by_layer, reference, data, report)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), by_layer.state_dict().values()))
     names = [r.name for r in result.layers]
     assert names[0] == "layer1.0.conv1" and names[-1] == "fc" and len(names) == 19  # every cut layer, in run order
     assert all(r.error_after < r.error_before for r in result.layers)

@@ -228,32 +228,83 @@ def recover(
     was_training = reference.training
     reference.eval()
     try:
+        targets = _reference_rows(reference, [ref_modules[s.name] for s in stages], stages, batches, images, rows,
+                                  [seed + 7919 * i for i in range(len(stages))], REFERENCE_BYTES)
         with unchanged_on_error(model):  # a failure part-way leaves the pruned model as it was
             for i, stage in enumerate(tqdm(stages, desc="recover", disable=not progress, leave=False)):
                 out.layers.append(_refit(model, reference, ref_modules[stage.name], stage, batches, images, rows,
-                                         ridge, seed + 7919 * i))
+                                         ridge, seed + 7919 * i, targets[i]))
     finally:
         reference.train(was_training)
     out.seconds = time.perf_counter() - started
     return out
 
 
+REFERENCE_BYTES = 1 << 30  # reference rows kept from one forward per batch (the layers beyond: one forward each)
+
+
+@torch.no_grad()
+def _reference_rows(reference: nn.Module, modules: Sequence[nn.Module], stages: Sequence[_Stage], batches,
+                    images: int, rows: int, seeds: Sequence[int], budget: int) -> list[list[tuple[Tensor, Tensor]] | None]:
+    """What each stage's refit fits to, per batch — the sampled positions and the reference layer's outputs
+    there (Y = X·Wᵀ, float64) — gathered by one forward of the reference per batch for all stages, instead of
+    one forward per stage: the reference does not change while the pruned model is refitted.  The positions
+    are drawn as ``_refit`` draws them (each stage's generator, batch after batch; a layer's output positions
+    are the same in both models), so the fit is the same.  Stages beyond ``budget`` bytes of rows get None
+    (``_refit`` then runs the reference itself)."""
+    chosen, used = [], 0
+    for stage in stages:
+        size = (-(-rows * batches[0].shape[0] // images)) * len(batches) * stage.weight.shape[0] * 8
+        if used + size > budget:
+            break
+        chosen.append(stage)
+        used += size
+    found: list[list[tuple[Tensor, Tensor]] | None] = [[] for _ in chosen] + [None] * (len(stages) - len(chosen))
+    if not chosen:
+        return found
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds[:len(chosen)]]
+    weights = [stage.weight.to(torch.float64) for stage in chosen]
+    position = {module: i for i, module in enumerate(modules[:len(chosen)])}
+
+    def hook(module, inputs):
+        i = position[module]
+        if len(found[i]) == batch:  # the first call of a module in this forward only
+            index = _sampled(module, inputs[0], rows, images, generators[i])
+            found[i].append((index, _rows(module, inputs[0].detach(), index).to(torch.float64) @ weights[i].T))
+
+    handles = [m.register_forward_pre_hook(hook) for m in position]
+    try:
+        for batch, x in enumerate(batches):
+            reference(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(len(f) != len(batches) for f in found[:len(chosen)]):
+        raise NortonError("recover: a layer whose inputs were pruned does not run in the model's forward")
+    return found
+
+
 @torch.no_grad()
 def _refit(model: nn.Module, reference: nn.Module, ref_module: nn.Module, stage: _Stage, batches, images: int,
-           rows: int, ridge: float, seed: int) -> LayerRecovery:
+           rows: int, ridge: float, seed: int, targets: list[tuple[Tensor, Tensor]] | None = None) -> LayerRecovery:
+    """Refit one stage on the batches; ``targets`` (per batch: sampled positions, reference outputs there),
+    from ``_reference_rows``, or None to run the reference to the layer here."""
     weight = stage.weight.to(torch.float64)
     w0 = stage.pruned.detach().flatten(1).to(torch.float64)
     gram = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64, device=w0.device)
     cross = torch.zeros(w0.shape[1], weight.shape[0], dtype=torch.float64, device=w0.device)
     energy, used = 0.0, 0
     generator = torch.Generator().manual_seed(seed)
-    for x in batches:
-        ref_x = _capture(reference, ref_module, x)
+    for b, x in enumerate(batches):
         with batch_statistics(model):
             got_x = _capture(model, stage.module, x)
-        index = _sampled(stage.module, got_x, rows, images, generator)
+        if targets is None:
+            ref_x = _capture(reference, ref_module, x)
+            index = _sampled(stage.module, got_x, rows, images, generator)
+            ys = _rows(ref_module, ref_x, index).to(torch.float64) @ weight.T
+        else:
+            index, ys = targets[b]
         xs = _rows(stage.module, got_x, index).to(torch.float64)
-        ys = _rows(ref_module, ref_x, index).to(torch.float64) @ weight.T
         gram += xs.T @ xs
         cross += xs.T @ ys
         energy += float((ys ** 2).sum())
@@ -332,15 +383,21 @@ def input_sums(model: nn.Module, modules: Sequence[nn.Module], data: Sequence[Te
 
 
 def _inputs(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
-    """The input each of ``modules`` sees first when ``model`` runs on ``x``."""
+    """The input each of ``modules`` sees first when ``model`` runs on ``x`` (the forward stops once
+    every one of them has been seen)."""
     seen: dict[nn.Module, Tensor] = {}
+    wanted = set(modules)
 
     def hook(module, inputs):
         seen.setdefault(module, inputs[0].detach())
+        if len(seen) == len(wanted):
+            raise _Stop
 
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    handles = [m.register_forward_pre_hook(hook) for m in wanted]
     try:
         model(x)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
