@@ -165,6 +165,7 @@ def main() -> None:
     import torchvision
 
     from norton.checkpoints import atomic_write_text
+    from norton.core.devices import machine_record, provenance
 
     stem = "docs/zoo_timm" if args.timm else "docs/zoo"
     args.cache = args.cache or f"{stem}.json"
@@ -182,6 +183,8 @@ def main() -> None:
             if (name, mode) in rows or args.report:
                 continue
             rows[(name, mode)] = row = run_isolated(name, mode, args.size, args.timeout)
+            made = provenance()  # each row when and from which code it was measured: a run spans sessions
+            row.update(date=made["date"], commit=made["commit"], cpu=machine_record()["cpu"])
             print(f"{name:<24} {mode:<16} {'ok' if row['ok'] else 'FAILED':<7} {row['seconds']:6.0f} s "
                   f"{row.get('error', '')}", flush=True)
             atomic_write_text(args.cache, json.dumps(list(rows.values()), indent=1))

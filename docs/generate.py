@@ -103,8 +103,16 @@ def _zoo_page(source: str, title: str, command: str, timm: bool):
         import zoo
 
         rows = json.loads((HERE / source).read_text())
-        return f"# {title}, as recorded\n\n" + _recorded(source, command,
-                                                          f"{zoo.summary(rows, 224, timm)}\n\n{zoo.table(rows)}")
+        dated = sorted(r["date"] for r in rows if r.get("date"))
+        commits = sorted({r["commit"] for r in rows if r.get("commit")})
+        when = (f"Rows measured {dated[0]}" + (f" to {dated[-1]}" if dated[-1] != dated[0] else "")
+                + f" at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if dated else "")
+        undated = sum(not r.get("date") for r in rows)
+        if undated:
+            when += (f"{'; ' if when else ''}{undated} of {len(rows)} rows were recorded before rows kept their "
+                     "date and commit")
+        return f"# {title}, as recorded\n\n" + _recorded(
+            source, command, f"{zoo.summary(rows, 224, timm)}{f' {when}.' if when else ''}\n\n{zoo.table(rows)}")
 
     return page
 

@@ -244,6 +244,17 @@ def test_a_folder_too_big_for_memory_is_decoded_once_into_a_cache_file(tmp_path,
     for a, b in zip(in_memory, cached):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
         assert a.mean == pytest.approx(b.mean) and a.std == pytest.approx(b.std)
+    # splits of the file pooled and split again (as compare does) stay rows of it, never copied
+    from norton.training import epoch_batches, joined, split_validation
+    from norton.training.arrays import normalize
+
+    pooled = joined(cached[0], cached[1])
+    assert pooled.mapped and pooled.store is cached[0].store is cached[2].store and not in_memory[0].mapped
+    assert torch.equal(pooled.images, torch.cat([in_memory[0].images, in_memory[1].images]))
+    kept, held = split_validation(pooled, 7)
+    assert kept.store is held.store is pooled.store and len(kept) + len(held) == len(pooled)
+    images, labels = next(epoch_batches(held, 7, seed=0, epoch=0, shuffle=False))
+    assert torch.equal(images, normalize(held.images, held.mean, held.std)) and torch.equal(labels, held.labels)
     written = sorted(os.listdir(tmp_path / "cache"))
     assert len(written) == 2 and written[0].endswith(".json") and written[1].endswith(".npy")  # no .partial left
     assert isinstance(np.load(tmp_path / "cache" / written[1], mmap_mode="r"), np.memmap)

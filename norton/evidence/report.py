@@ -355,7 +355,7 @@ def _gradcam(out_dir, baseline, test, plan, sweep, grid, grid_names, device, siz
             chosen.append(int(where[0]))
         if len(chosen) == plan.gradcam_images:
             break
-    images = normalize(test.images[chosen], test.mean, test.std).to(device)
+    images = normalize(test.take(chosen), test.mean, test.std).to(device)
     targets = [ClassifierOutputTarget(int(labels[i])) for i in chosen]
     columns = [("baseline", baseline)]
     for r in plan.gradcam_ranks:

@@ -271,15 +271,14 @@ def held_out(train, count: int, extra: int, seed: int = 0):
 def joined(first, second):
     """Two datasets of the same kind as one (validation splits: no augmentation)."""
     if isinstance(first, ArrayDataset) and isinstance(second, ArrayDataset):
-        return ArrayDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]),
-                            first.mean, first.std, first.crop_padding, first.flip, first.classes, first.source)
+        return first.joined(second)
     return ConcatDataset([first, second])
 
 
 def dataset_shape(train) -> tuple[int, int]:
     """(classes, input channels) of a dataset."""
     if isinstance(train, ArrayDataset):
-        return train.num_classes, train.images.shape[1]
+        return train.num_classes, train.input_size[0]
     base = getattr(train, "dataset", train)
     return len(base.classes), 3
 
@@ -336,7 +335,7 @@ def epoch_batches(data, batch_size: int, *, seed: int, epoch: int, shuffle: bool
         return
     for start in range(0, stop, batch_size):
         index = order[start:start + batch_size]
-        images = data.images[index]
+        images = data.take(index)
         if data.crop_padding or data.flip:
             images = augment(images, data.crop_padding, data.flip, generator)
         labels = data.labels[index]

@@ -192,11 +192,15 @@ def _decoded(root: str, input_size: int | None, on_bad_image: str, stamp: float)
     return classes, _split_arrays(torch.from_numpy(store), splits, counts, labels), size
 
 
-def _split_arrays(images: torch.Tensor, splits: dict, counts: dict, labels: dict) -> dict:
-    """{split: (images, labels)}: each split's decoded rows of ``images`` (a view, not a copy)."""
+def _split_arrays(images: torch.Tensor, splits: dict, counts: dict, labels: dict, mapped: bool = False) -> dict:
+    """{split: (images, rows, labels)}: each split's decoded rows of ``images`` — in memory a view of them
+    (rows None); from a cache file the whole file with the split's row numbers, so that splits of one
+    folder can be pooled without reading them into memory."""
     arrays, row = {}, 0
     for split, items in splits.items():
-        arrays[split] = (images[row:row + counts[split]], torch.tensor(labels[split], dtype=torch.int64))
+        span = slice(row, row + counts[split])
+        arrays[split] = ((images, torch.arange(span.start, span.stop)) if mapped else (images[span], None)) + (
+            torch.tensor(labels[split], dtype=torch.int64),)
         row += len(items)
     return arrays
 
@@ -256,7 +260,7 @@ class FolderCache:
         with open(self.meta) as f:
             meta = json.load(f)
         images = np.lib.format.open_memmap(self.data, mode="c")  # copy-on-write: never changes the file
-        return _split_arrays(torch.from_numpy(images), self.splits, meta["counts"], meta["labels"])
+        return _split_arrays(torch.from_numpy(images), self.splits, meta["counts"], meta["labels"], mapped=True)
 
 
 def cache_dir() -> str:
@@ -327,23 +331,24 @@ def folder_splits(root: str | None, *, input_size: int | None = None, on_bad_ima
     if not os.path.isdir(root):
         raise NortonError(f"image folder {root!r} does not exist")
     classes, arrays, size = _decoded(root, input_size, on_bad_image, os.stat(root).st_mtime)
-    train_images, train_labels = arrays["train"]
+    train_store, train_rows, _ = arrays["train"]
     for split in ("train", "val", "test"):
         if split in arrays:
-            missing = sorted(set(range(len(classes))) - set(arrays[split][1].tolist()))
+            missing = sorted(set(range(len(classes))) - set(arrays[split][2].tolist()))
             if missing:
                 raise NortonError(f"image folder {root!r}: the {split} split has no image of class "
                                   f"{classes[missing[0]]!r} (too few images in that class for a "
                                   f"{TEST_FRACTION:.0%} test / {VAL_FRACTION:.0%} validation split?)")
-    mean, std = _channel_stats(train_images)
+    mean, std = _channel_stats(train_store if train_rows is None else train_store[train_rows[0]:train_rows[-1] + 1])
     padding = max(1, size // 8) if augment else 0
     source = {"kind": "folder", "root": root, "image_size": size, "on_bad_image": on_bad_image, "augment": augment,
               "classes": list(classes), "mean": list(mean), "std": list(std)}
 
     def dataset(split: str, train: bool):
-        images, labels = arrays[split]
-        return ArrayDataset(images, labels, mean, std, crop_padding=padding if train else 0,
-                            flip=augment and train and images.shape[1] == 3, classes=tuple(classes), source=source)
+        store, rows, labels = arrays[split]
+        return ArrayDataset(store, labels, mean, std, crop_padding=padding if train else 0,
+                            flip=augment and train and store.shape[1] == 3, classes=tuple(classes), source=source,
+                            mapped=rows is not None, rows=rows)
 
     return dataset("train", True), (dataset("val", False) if "val" in arrays else None), dataset("test", False)
 
