@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/planner_speed.py --costs          # ResNet-20 at 128/256/512 images, 8 and 4 keep steps
     .venv/bin/python benchmarks/planner_speed.py --layout         # one probe forward, channels-last vs contiguous
     .venv/bin/python benchmarks/planner_speed.py --recover        # recover=True: refits from input sums vs per option
+    .venv/bin/python benchmarks/planner_speed.py --screening      # screened (the default) vs every option on every image
     .venv/bin/python benchmarks/planner_speed.py --resnet50 300   # ResNet-50 at 224×224, 256 images: stages and ETA
 
 ``norton.plan(model, digits calibration images, target_macs=0.6)`` on a
@@ -17,6 +18,10 @@ trade-off of ``--calibration-images`` and ``--keep-steps``.  ``--recover``
 plans with ``recover=True`` (what ``compare`` plans with): in place, every
 pruning option's readers refitted from input sums gathered once per group;
 on the surgery path, a pruned copy refitted by ``norton.recover`` per option.
+``--screening`` plans each model twice in place: screened (every option
+measured on the first 256 of the 512 images, the chosen ones on all of them)
+and with ``screening=False``; it reports both times and the measured damage
+of each chosen plan, built whole, on all 512 images.
 ``--resnet50 S`` plans a randomly initialised ResNet-50 (ImageNet size) on 256
 random 224×224 images for at most S seconds and prints each stage's last
 progress line — the options measured, their rate and tqdm's ETA for the rest.
@@ -35,7 +40,8 @@ from norton.compression import plan, planning
 from norton.training import calibration_batches, load_dataset
 
 
-def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = True, recover: bool = False):
+def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = True, recover: bool = False,
+               screening: bool = True):
     warnings.simplefilter("ignore")
     batches = calibration_batches(load_dataset("digits", None, "train"), images, seed=0)
     torch.manual_seed(0)
@@ -44,7 +50,8 @@ def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = Tru
     if not in_place:
         planning._InPlace.make = classmethod(lambda cls, *args, **kwargs: None)
     try:
-        return plan(model, batches, target_macs=0.6, keep_steps=keep_steps, seed=0, recover=recover)
+        return plan(model, batches, target_macs=0.6, keep_steps=keep_steps, seed=0, recover=recover,
+                    screening=screening)
     finally:
         planning._InPlace.make = make
 
@@ -103,6 +110,7 @@ def main() -> None:
     parser.add_argument("--costs", action="store_true", help="ResNet-20's planning time by calibration images and keep steps")
     parser.add_argument("--layout", action="store_true", help="one probe forward in each memory layout")
     parser.add_argument("--recover", action="store_true", help="plan with recover=True, both ways")
+    parser.add_argument("--screening", action="store_true", help="screened vs every option on every image")
     parser.add_argument("--resnet50", type=int, default=None, metavar="S",
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
     args = parser.parse_args()
@@ -117,6 +125,17 @@ def main() -> None:
             p = timed_plan("resnet_20", images, steps)
             print(json.dumps({"calibration_images": images, "keep_steps": steps, "seconds": round(p.seconds, 1),
                               "damage": round(p.damage, 4)}), flush=True)
+        return
+    if args.screening:
+        for arch in args.archs.split(","):
+            screened, full = timed_plan(arch, 512), timed_plan(arch, 512, screening=False)
+            # the chosen plan, built whole, measured on all the images: the best of the candidates measured whole
+            whole = {name: min(p.candidates.values()) if p.candidates else None for name, p in
+                     (("screened", screened), ("full", full))}
+            print(json.dumps({"arch": arch, "screened_s": round(screened.seconds, 1), "full_s": round(full.seconds, 1),
+                              "screening": screened.screening, "same_plan": (screened.ranks, screened.keep, screened.tucker)
+                              == (full.ranks, full.keep, full.tucker), "whole_damage": whole,
+                              "macs_after": {"screened": screened.macs_after, "full": full.macs_after}}), flush=True)
         return
     for arch in args.archs.split(","):
         fast = timed_plan(arch, 512, recover=args.recover)

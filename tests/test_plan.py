@@ -249,7 +249,18 @@ def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, cap
     assert "drop -r" in capsys.readouterr().err
     assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--amount", "0.5", "--ranks", "1,2", "--data", "digits",
                  "--run-dir", str(tmp_path / "r")]) == 2
-    assert "--ranks, --keep-steps, --forms, --trial-steps, --latency-batch and --latency-dtype steer the planner" in capsys.readouterr().err
+    assert "--ranks, --keep-steps, --forms, --trial-steps, --screening, --latency-batch and --latency-dtype steer the planner" in capsys.readouterr().err
+
+
+def test_the_screening_flags_reach_the_planner(baseline, tmp_path, monkeypatch):
+    import norton.cli.compression as cli
+
+    given = []
+    monkeypatch.setattr(cli, "plan", lambda *args, **kwargs: given.append(kwargs) or plan(*args, **kwargs))
+    for flag, expected in [([], None), (["--no-screening"], False), (["--screening"], True)]:
+        assert main(["plan", "--ckpt", str(baseline), "--data", "digits", "--target-macs", "0.5",
+                     "--calibration-images", "8", "--ranks", "1", "--keep-steps", "2", "--forms", "cp", *flag]) == 0
+        assert given.pop().get("screening") == expected, flag
 
 
 def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
@@ -552,3 +563,78 @@ def test_the_cost_model_tells_a_depthwise_conv_from_a_plain_one_of_the_same_shap
     costs = CostModel(layers, "macs", 1, None, torch.float32)
     assert costs.layer_cost(layers["plain"], 0, 16, 16) == 16 * 16 * 9 * 64
     assert costs.layer_cost(layers["dw"], 0, 16, 16) == 16 * 9 * 64  # not the plain conv's memoised cost
+
+
+# -- screening: every option on the first images, the chosen ones on all of them ------------------------
+def test_screen_batches_leaves_a_batch_to_confirm_on():
+    from norton.compression.planning import SCREEN_IMAGES, screen_batches
+
+    def sizes(*ns):
+        return [torch.zeros(n, 1) for n in ns]
+
+    assert screen_batches(sizes(SCREEN_IMAGES // 2, SCREEN_IMAGES // 2, 64)) == 2
+    assert screen_batches(sizes(SCREEN_IMAGES + 1, 3)) == 1
+    assert screen_batches(sizes(SCREEN_IMAGES)) is None  # one batch: nothing left to confirm on
+    assert screen_batches(sizes(SCREEN_IMAGES // 2, SCREEN_IMAGES // 2)) is None
+    assert screen_batches(sizes(10, 10, 10)) is None  # fewer images than a screen
+
+
+def test_damage_over_batch_subsets_combines_to_the_damage_over_all():
+    from norton.compression.probing import CachedForward, Probe
+
+    model = create_model("resnet_20").eval()
+    batches = [images(8, seed=s) for s in range(3)]
+    probe = Probe(model, batches, CachedForward(model, batches))
+    conv = model.get_submodule("layer2.0.conv2")
+    changed = copy.deepcopy(conv)
+    with torch.no_grad():
+        changed.weight.mul_(0.7)
+    with probe.cached.swapped("layer2.0.conv2", changed):
+        whole = probe.damage(None, ["layer2.0.conv2"])
+        first, rest = probe.damage(None, ["layer2.0.conv2"], [0, 1]), probe.damage(None, ["layer2.0.conv2"], [2])
+    assert whole > 0 and first != rest
+    assert (2 * first + rest) / 3 == pytest.approx(whole, rel=1e-12)
+
+
+def test_a_screened_plan_chooses_options_whose_damages_are_over_every_image(monkeypatch):
+    from norton.compression import planning
+
+    searched = []  # the units of each plan's search, with every option's damage as the allocation saw it
+
+    class Spy(planning.Search):
+        def __init__(self, units, *args):
+            super().__init__(units, *args)
+            if len(searched) < runs:
+                searched.append(units)
+
+    monkeypatch.setattr(planning, "Search", Spy)
+    monkeypatch.setattr(planning, "SCREEN_IMAGES", 16)
+    model = create_model("resnet_20").eval()
+    batches = [images(8, size=16, seed=s) for s in range(3)]
+    runs = 1
+    screened = plan(model, batches, target_macs=0.6, **SMALL, seed=0)
+    runs = 2
+    full = plan(model, batches, target_macs=0.6, **SMALL, seed=0, screening=False)
+    assert screened.screening["images"] == 16 and full.screening is None
+    assert 0 < screened.screening["confirmed"] < screened.screening["options"]
+    assert "screening: " in screened.table() and "screening: " not in full.table()
+    assert Plan.from_dict(json.loads(json.dumps(screened.to_dict()))) == screened
+    # each option the screened plan chose: the damage the full plan measured on all three batches
+    every_image = {(u.name, option): d for u in searched[1] for option, d in zip(u.options, u.damage)}
+    rows = {r.name: r for r in screened.rows}
+    chosen = 0
+    for name, rank in screened.ranks.items():
+        option = tuple(screened.tucker[name]) if name in screened.tucker else rank
+        if option:
+            assert rows[name].damage == pytest.approx(every_image[(name, option)], rel=1e-9), name
+            chosen += 1
+    for root, kept in screened.keep.items():
+        if kept < screened.totals[root]:
+            assert screened.group_damage[root] == pytest.approx(every_image[(root, kept)], rel=1e-9), root
+            chosen += 1
+    assert chosen >= 3
+    # and an option never chosen kept its damage on the first two batches: screening measured less
+    screened_damage = {(u.name, option): d for u in searched[0] for option, d in zip(u.options, u.damage)}
+    assert sum(screened_damage[k] != pytest.approx(every_image[k], rel=1e-9) for k in every_image) > chosen
+    with pytest.raises(NortonError, match="screening must be True or False, got 'yes'"):
+        plan(model, batches, target_macs=0.6, **SMALL, screening="yes")

@@ -35,6 +35,7 @@ from norton.compression.planning import (  # for the help texts and checks
     FORMS,
     KEEP_STEPS,
     RANK_OPTIONS,
+    SCREEN_IMAGES,
     TRIAL_STEPS,
 )
 from norton.core import complexity
@@ -145,8 +146,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not planned and (args.target_speedup is not None or args.plan is not None):
         raise NortonError("--target-speedup and --plan let the planner choose ranks: drop -r")
     if not planned and search_options(args):
-        raise NortonError("--ranks, --keep-steps, --forms, --trial-steps, --latency-batch and --latency-dtype steer the "
-                          "planner: drop -r, or drop them")
+        raise NortonError("--ranks, --keep-steps, --forms, --trial-steps, --screening, --latency-batch and --latency-dtype "
+                          "steer the planner: drop -r, or drop them")
     if planned and (args.compress_rate or args.layer_rate or args.amount is not None or args.global_ranking):
         raise NortonError("-cpr, --layer-rate, --amount and --global prune a model decomposed at one rank: give -r RANK")
     saved_plan = read_plan(args.plan) if args.plan else None
@@ -234,6 +235,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial-steps", type=int, default=None,
                    help=f"planner: distillation steps each whole candidate plan gets before it is measured "
                         f"(0 = measured as built; default {TRIAL_STEPS})")
+    p.add_argument("--screening", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"planner: measure every option on the first {SCREEN_IMAGES} calibration images and the "
+                        "options the allocation chooses on all of them (default: on, when the calibration images "
+                        "are more than one batch); --no-screening measures every option on every image")
 
 
 def form_list(text: str) -> tuple[str, ...]:
@@ -247,7 +252,8 @@ def form_list(text: str) -> tuple[str, ...]:
 def search_options(args: argparse.Namespace) -> dict:
     """The planner arguments given on the command line."""
     given = {"ranks": args.ranks, "keep_steps": args.keep_steps, "latency_batch": args.latency_batch,
-             "forms": args.forms, "trial_steps": args.trial_steps, "latency_dtype": args.latency_dtype}
+             "forms": args.forms, "trial_steps": args.trial_steps, "latency_dtype": args.latency_dtype,
+             "screening": args.screening}
     return {k: v for k, v in given.items() if v is not None}
 
 

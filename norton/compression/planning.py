@@ -69,6 +69,7 @@ KEEP_STEPS = 8  # a group may keep 1/8, 2/8, …, 8/8 of its filters
 ALLOCATIONS = ("best", "greedy", "lagrangian")
 FINE_KEEP_OPTIONS = 64  # per group, for the allocation (damages interpolated between the measured ones)
 TRIAL_STEPS = 0  # distillation steps before a whole candidate's damage is measured (allocation best)
+SCREEN_IMAGES = 256  # screening: every option measured on at least this many calibration images first
 
 
 # -- the value -----------------------------------------------------------------------------
@@ -116,6 +117,9 @@ class Plan:
     selection: dict[str, float] = field(default_factory=dict)  # norton.select_plan: validation top-1 per candidate
     round_to: int | None = None  # every pruned group keeps a multiple of this many filters
     seconds: float | None = None  # wall-clock time the planning took
+    # screening: every option measured on the first calibration images (how many), those the allocations
+    # chose on all of them (how many of the options); None: every option on every image
+    screening: dict[str, int] | None = None
 
     def alternative(self, name: str) -> Plan:
         """The candidate plan ``name`` of ``alternatives``, as a Plan (its own alternatives: the same)."""
@@ -142,6 +146,10 @@ class Plan:
         if pruned:
             lines.append("groups pruned (root: kept/total, damage): " + ", ".join(
                 f"{root} {text} ({self.group_damage.get(root, 0.0):.4f})" for root, text in pruned.items()))
+        if self.screening:
+            lines.append(f"screening: {self.screening['options']} options measured on the first "
+                         f"{self.screening['images']} calibration images, the {self.screening['confirmed']} "
+                         "the allocations chose on all of them")
         if self.recover:
             lines.append("pruning damage measured after least-squares recovery (norton.recover): apply with it")
         if self.selection:
@@ -216,6 +224,18 @@ def _batches(data, device: torch.device | None) -> list[Tensor]:
     return [x.to(device) if device is not None else x for x in items]
 
 
+def screen_batches(batches: Sequence[Tensor]) -> int | None:
+    """How many leading calibration batches screen the planner's options: the
+    fewest that hold ``SCREEN_IMAGES`` images, provided a batch is left over
+    to confirm the chosen options on (None: no screening)."""
+    seen = 0
+    for i, batch in enumerate(batches[:-1]):
+        seen += batch.shape[0]
+        if seen >= SCREEN_IMAGES:
+            return i + 1
+    return None
+
+
 # -- the entry point -----------------------------------------------------------------------
 # how the planner ranks a pruned group's filters by default: FPGM ranking beat L2 on 10,000 held-out
 # validation images at both targets of the medium comparison (docs/guides/comparison.md, the defaults' studies)
@@ -239,6 +259,7 @@ def plan(
     ignored_layers: Sequence[nn.Module] = (),
     recover: bool = False,
     trial_steps: int = TRIAL_STEPS,
+    screening: bool = True,
     seed: int = 0,
     progress: bool = False,
 ) -> Plan:
@@ -269,6 +290,12 @@ def plan(
     calibration images and its damage measured on the other half — candidates
     are compared by where a little training takes them, not where they start;
     0 compares them as built, on all the images.
+    ``screening``: every option is first measured on the fewest leading
+    calibration batches that hold ``SCREEN_IMAGES`` images (when batches are
+    left over); the options an allocation then chooses are measured on the
+    rest as well, and the allocations are run again until every option they
+    choose has been measured on every image (``screen_batches``).  False:
+    every option on every image.
     The model is not changed.
     """
     started = time.perf_counter()
@@ -294,6 +321,8 @@ def plan(
         raise NortonError(f"keep_steps must be a positive integer, got {keep_steps!r}")
     if isinstance(trial_steps, bool) or not isinstance(trial_steps, int) or trial_steps < 0:
         raise NortonError(f"trial_steps must be an integer >= 0, got {trial_steps!r}")
+    if not isinstance(screening, bool):
+        raise NortonError(f"screening must be True or False, got {screening!r}")
     if round_to != "auto":
         check_round_to(round_to)
 
@@ -376,30 +405,68 @@ def plan(
     in_place = _InPlace.make(dense, batches, probe, groups, criterion, seed, round_to, example,
                              surgery_only=bool(window_attentions(dense)), recover=recover)
     trials = sum(len(u.options) - 1 for u in units)
-    bar = tqdm(total=trials, desc="plan: damage of each option", unit="option", disable=not progress)
-    for u in units:
-        u.damage = [0.0]
-        for option in u.options[1:]:
-            if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
-                conv = _in_layout(blocks[(u.name, option)].to_conv(), dense.get_submodule(u.name))
-                u.damage.append(in_place.rank_damage(u.name, conv) if in_place
-                                else _swapped_damage(probe, dense, u.name, conv))
-            elif in_place and in_place.masks:
-                u.damage.append(in_place.keep_damage(u.name, option))
-            else:
-                trial = copy.deepcopy(dense)
-                kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed,
-                                         round_to=round_to)
-                if recover:
-                    refit(trial, dense, batches, kept, seed=seed)
-                u.damage.append(probe.damage(trial))
-            bar.update(1)
-    bar.close()
-    probe.cached = in_place = None  # the cached activations are not needed past this point
+    screen = screen_batches(batches) if screening else None
+    first = range(screen or len(batches))  # the batches every option is measured on
+    rest = range(screen or len(batches), len(batches))  # and those the options an allocation chooses are, too
 
-    for u in units:  # between measured counts, any count: damage interpolated, so the budget can be met closely
-        if u.kind == "keep":
-            refine_counts(u, FINE_KEEP_OPTIONS, multiple)
+    def option_damage_on(u: Unit, option, indices: range) -> float:
+        if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
+            conv = _in_layout(blocks[(u.name, option)].to_conv(), dense.get_submodule(u.name))
+            return (in_place.rank_damage(u.name, conv, indices) if in_place
+                    else _swapped_damage(probe, dense, u.name, conv, indices))
+        if in_place and in_place.masks:
+            return in_place.keep_damage(u.name, option, indices)
+        trial = copy.deepcopy(dense)
+        kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed,
+                                 round_to=round_to)
+        if recover:
+            refit(trial, dense, batches, kept, seed=seed)
+        return probe.damage(trial, batches=indices)
+
+    option_damage: list[tuple[list, list[float]]] = []  # per unit: the options measured and their damages
+    with tqdm(total=trials, desc="plan: damage of each option", unit="option", disable=not progress) as bar:
+        for u in units:
+            damages = [0.0]
+            for option in u.options[1:]:
+                damages.append(option_damage_on(u, option, first))
+                bar.update(1)
+            option_damage.append((list(u.options), damages))
+
+    def fill_in() -> None:  # between measured counts, any count: damage interpolated, so the budget can be met closely
+        for u, (options, damages) in zip(units, option_damage):
+            u.options, u.damage = list(options), list(damages)
+            if u.kind == "keep":
+                refine_counts(u, FINE_KEEP_OPTIONS, multiple)
+
+    fill_in()
+    confirmed: set[tuple[int, int]] = set()  # (unit, measured option) measured on every batch
+
+    def confirm(states: Iterable[Sequence[int]]) -> bool:
+        """Screening: the options ``states`` choose (a filter count between two measured ones: both) measured on
+        the rest of the batches as well; whether there was any to measure."""
+        if not rest:
+            return False
+        wanted = set()
+        for state in states:
+            for k, (u, i) in enumerate(zip(units, state)):
+                if u.kind == "rank":  # its options are those measured
+                    wanted.add((k, i))
+                    continue
+                counts, chosen = option_damage[k][0], u.options[i]
+                for j in range(len(counts)):
+                    if counts[j] == chosen:
+                        wanted.add((k, j))
+                    elif j and counts[j - 1] > chosen > counts[j]:  # interpolated from both
+                        wanted.update({(k, j - 1), (k, j)})
+        new = sorted((k, j) for k, j in wanted - confirmed if j > 0)  # the first option: as it is, damage 0
+        for k, j in tqdm(new, desc="plan: chosen options on every image", unit="option", leave=False,
+                         disable=not progress):
+            options, damages = option_damage[k]
+            damages[j] = (damages[j] * len(first) + option_damage_on(units[k], options[j], rest) * len(rest)) / len(batches)
+            confirmed.add((k, j))
+        if new:
+            fill_in()
+        return bool(new)
 
     # the corners, searched on their own as well: every layer dense (pruning only), every filter kept
     corners = {"pruning only": Search([only_option(u, 0) if u.kind == "rank" else u for u in units], costs, totals),
@@ -407,7 +474,8 @@ def plan(
 
     whole_damage: dict[tuple[int, ...], float] = {}  # of whole candidate plans, kept across budgets
 
-    def allocate(limit: float) -> tuple[str, list[int]]:
+    def allocations(limit: float) -> dict[str, list[int]]:
+        """The candidate plans at a budget, by name."""
         candidates = {}
         if allocation in ("best", "greedy"):
             candidates["greedy"] = search.greedy(limit)
@@ -420,6 +488,12 @@ def plan(
             uniform = uniform_pruning(units, search, limit)
             if uniform is not None:
                 candidates["uniform pruning"] = uniform
+        return candidates
+
+    def allocate(limit: float) -> tuple[str, list[int]]:
+        candidates = allocations(limit)
+        while confirm(candidates.values()):  # screened options chosen: measured on every image, then allocated again
+            candidates = allocations(limit)
         if allocation != "best" or len(candidates) == 1:
             best = min(candidates, key=lambda k: search.damage(candidates[k]))
             return best, candidates[best]
@@ -467,6 +541,7 @@ def plan(
                                                          search.damage, progress)
     else:
         chosen, state = allocate(budget)
+    probe.cached = in_place = None  # the cached activations are not needed past this point
 
     def as_plan(state: Sequence[int], allocated: str) -> Plan:
         ranks_chosen, keep = search.config(state)
@@ -499,6 +574,8 @@ def plan(
             candidates={k: whole_damage[tuple(v)] for k, v in last_candidates.items()},
             trial_steps=trial_steps if trial_images is not None else 0,
             round_to=round_to,
+            screening={"images": sum(batches[i].shape[0] for i in first), "options": trials,
+                       "confirmed": len(confirmed)} if rest else None,
         )
 
     chosen_state = state
@@ -520,9 +597,10 @@ def _in_layout(conv: nn.Conv2d, like: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
-def _swapped_damage(probe: Probe, model: nn.Module, name: str, new: nn.Module) -> float:
+def _swapped_damage(probe: Probe, model: nn.Module, name: str, new: nn.Module,
+                    batches: Sequence[int] | None = None) -> float:
     with _swapped(model, name, new):  # in place: no copy
-        return probe.damage(model)
+        return probe.damage(model, batches=batches)
 
 
 class _InPlace:
@@ -558,9 +636,9 @@ class _InPlace:
         made.recover = recover
         return made
 
-    def rank_damage(self, name: str, conv: nn.Module) -> float:
+    def rank_damage(self, name: str, conv: nn.Module, batches: Sequence[int] | None = None) -> float:
         with self.cached.swapped(name, conv):
-            return self.probe.damage(None, [name])
+            return self.probe.damage(None, [name], batches)
 
     def _kept(self, root: str, count: int) -> dict[str, set[int]]:
         for g in self.groups:
@@ -569,7 +647,7 @@ class _InPlace:
         plan_selection(self.groups, self.criterion, self.seed)
         return {g.info.root: set(g.info.kept) for g in self.groups if g.info.root == root}
 
-    def keep_damage(self, root: str, count: int) -> float:
+    def keep_damage(self, root: str, count: int, batches: Sequence[int] | None = None) -> float:
         kept = self._kept(root, count)
         handles = zero_channels(self.groups, kept)
         restore = []
@@ -577,8 +655,8 @@ class _InPlace:
             restore = self._refits(root, kept[root]) if self.recover else []
             changed = [self.names.get(h.module) for h in handles]
             if any(name not in self.cached.first_call for name in changed):  # a hooked layer the trace does not call
-                return self.probe.damage(self.dense)
-            return self.probe.damage(None, changed)
+                return self.probe.damage(self.dense, batches=batches)
+            return self.probe.damage(None, changed, batches)
         finally:
             for h in handles:
                 h.remove()
@@ -627,14 +705,14 @@ class _InPlace:
                 kinds.setdefault(tuple(sorted({type(m).__name__ for m, *_ in g.members})), g)
         for g in kinds.values():
             count = max(1, g.info.total // 8)
-            try:
-                masked = self.keep_damage(g.info.root, count)
+            try:  # on the first calibration batch: an agreement to float rounding shows on any
+                masked = self.keep_damage(g.info.root, count, [0])
             except NortonError:  # a group through a normalisation across channels
                 return False
             trial = copy.deepcopy(dense)
             prune_in_place(trial, example, keep={g.info.root: count}, criterion=self.criterion, seed=self.seed,
                            round_to=self.round_to)
-            real = self.probe.damage(trial)
+            real = self.probe.damage(trial, batches=[0])
             if abs(masked - real) > 1e-4 * max(abs(real), 1e-6):
                 return False
         return True

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -164,14 +164,17 @@ class Probe:
             return _float64(model(x))
 
     @torch.no_grad()
-    def damage(self, model: nn.Module | None, changed: Iterable[str] = ()) -> float:
+    def damage(self, model: nn.Module | None, changed: Iterable[str] = (), batches: Sequence[int] | None = None
+               ) -> float:
+        """The mean divergence over the calibration batches (over those numbered in ``batches``, if given)."""
         total = 0.0
         changed = list(changed)
+        indices = range(len(self.batches)) if batches is None else batches
         with batch_statistics(self.cached.module if model is None else model):
-            for i, (x, ref) in enumerate(zip(self.batches, self.reference)):
-                out = self.cached.run(i, changed) if model is None else model(x)
-                total += divergence(_float64(out), ref)
-        return total / len(self.batches)
+            for i in indices:
+                out = self.cached.run(i, changed) if model is None else model(self.batches[i])
+                total += divergence(_float64(out), self.reference[i])
+        return total / len(indices)
 
 
 def _float64(outputs) -> list[Tensor]:
