@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/planner_speed.py --recover        # recover=True: refits from input sums vs per option
     .venv/bin/python benchmarks/planner_speed.py --screening      # screened (the default) vs every option on every image
     .venv/bin/python benchmarks/planner_speed.py --resnet50 300   # ResNet-50 at 224×224, 256 images: stages and ETA
+    .venv/bin/python benchmarks/planner_speed.py --targets        # 60 % and 85 % in one plan call vs one call each
 
 ``norton.plan(model, digits calibration images, target_macs=0.6)`` on a
 randomly initialised zoo model (the damages it measures need no training to
@@ -25,6 +26,9 @@ of each chosen plan, built whole, on all 512 images.
 ``--resnet50 S`` plans a randomly initialised ResNet-50 (ImageNet size) on 256
 random 224×224 images for at most S seconds and prints each stage's last
 progress line — the options measured, their rate and tqdm's ETA for the rest.
+``--targets`` plans 60 % and 85 % fewer MACs as ``compare`` does (256 images,
+``recover=True``): in one ``plan`` call (every option measured once) and in
+one call per target; both wall times, and whether the plans are the same.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from norton.training import calibration_batches, load_dataset
 
 
 def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = True, recover: bool = False,
-               screening: bool = True):
+               screening: bool = True, target=0.6):
     warnings.simplefilter("ignore")
     batches = calibration_batches(load_dataset("digits", None, "train"), images, seed=0)
     torch.manual_seed(0)
@@ -50,7 +54,7 @@ def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = Tru
     if not in_place:
         planning._InPlace.make = classmethod(lambda cls, *args, **kwargs: None)
     try:
-        return plan(model, batches, target_macs=0.6, keep_steps=keep_steps, seed=0, recover=recover,
+        return plan(model, batches, target_macs=target, keep_steps=keep_steps, seed=0, recover=recover,
                     screening=screening)
     finally:
         planning._InPlace.make = make
@@ -113,6 +117,7 @@ def main() -> None:
     parser.add_argument("--screening", action="store_true", help="screened vs every option on every image")
     parser.add_argument("--resnet50", type=int, default=None, metavar="S",
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
+    parser.add_argument("--targets", action="store_true", help="two MACs targets in one plan call vs one call each")
     args = parser.parse_args()
     if args.resnet50:
         resnet50_eta(args.resnet50)
@@ -136,6 +141,19 @@ def main() -> None:
                               "screening": screened.screening, "same_plan": (screened.ranks, screened.keep, screened.tucker)
                               == (full.ranks, full.keep, full.tucker), "whole_damage": whole,
                               "macs_after": {"screened": screened.macs_after, "full": full.macs_after}}), flush=True)
+        return
+    if args.targets:
+        import time
+
+        for arch in args.archs.split(","):
+            started = time.perf_counter()
+            jointly = timed_plan(arch, 256, recover=True, target=[0.6, 0.85])
+            middle = time.perf_counter()
+            alone = [timed_plan(arch, 256, recover=True, target=t) for t in (0.6, 0.85)]
+            ended = time.perf_counter()
+            print(json.dumps({"arch": arch, "jointly_s": round(middle - started, 1), "alone_s": round(ended - middle, 1),
+                              "same_plans": [(a.ranks, a.keep, a.tucker) == (b.ranks, b.keep, b.tucker)
+                                             for a, b in zip(jointly, alone)]}), flush=True)
         return
     for arch in args.archs.split(","):
         fast = timed_plan(arch, 512, recover=args.recover)

@@ -378,3 +378,27 @@ def test_compare_cli_takes_the_baseline_patience(tmp_path, capsys):
     assert main(["compare", "--patience", "-1", "--out", str(tmp_path / "c")]) == 2
     assert "patience must be an integer >= 0" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "c")
+
+
+def test_norton_auto_plans_every_macs_target_of_the_budget_in_one_planner_call(tmp_path, monkeypatch):
+    from norton.evidence import compare
+
+    calls = []
+    original = compare.plan
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["target_macs"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "plan", counting)
+    torch.manual_seed(0)
+    base = create_model("resnet_20", in_channels=1, num_classes=10)
+    budget = CompareBudget(**{**TINY.__dict__, "targets": (0.6, 0.85)})
+    ctx = Context(base_macs=30_821_248, example=torch.zeros(1, 1, 28, 28), budget=budget,
+                  calibration=[torch.randn(8, 1, 28, 28)])
+    for target in budget.targets:
+        ctx.cell_dir = str(tmp_path / f"norton-auto_{round(target * 100)}")
+        model, _ = METHODS["norton-auto"].build(base, target, 0, ctx)
+        assert abs(macs_reduction(model, ctx) - target) <= TOLERANCE
+    assert calls == [[0.6, 0.85]]  # the 85 % plan was made with the 60 % one, and read back
+    assert len(os.listdir(tmp_path / "plans")) == 2

@@ -638,3 +638,31 @@ def test_a_screened_plan_chooses_options_whose_damages_are_over_every_image(monk
     assert sum(screened_damage[k] != pytest.approx(every_image[k], rel=1e-9) for k in every_image) > chosen
     with pytest.raises(NortonError, match="screening must be True or False, got 'yes'"):
         plan(model, batches, target_macs=0.6, **SMALL, screening="yes")
+
+
+# -- several MACs targets: every option measured once ----------------------------------------------------
+def test_several_macs_targets_plan_as_each_alone(monkeypatch):
+    from norton.compression import planning
+
+    measured = []
+    original = planning._InPlace.rank_damage
+
+    def counting(self, *args, **kwargs):
+        measured.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(planning._InPlace, "rank_damage", counting)
+    model = create_model("resnet_20").eval()
+    batches = [images(8, size=16, seed=s) for s in range(2)]
+    both = plan(model, batches, target_macs=[0.5, 0.75], **SMALL, seed=1, screening=False)
+    jointly = len(measured)
+    alone = [plan(model, batches, target_macs=t, **SMALL, seed=1, screening=False) for t in (0.5, 0.75)]
+    assert len(measured) == 3 * jointly  # the rank options measured once for both targets
+    assert isinstance(both, list) and [p.value for p in both] == [0.5, 0.75]
+    for joint, single in zip(both, alone):
+        assert {**joint.to_dict(), "seconds": None} == {**single.to_dict(), "seconds": None}
+    assert both[0].macs_reduction < both[1].macs_reduction
+    with pytest.raises(NortonError, match="target_macs is an empty list"):
+        plan(model, batches, target_macs=[], **SMALL)
+    with pytest.raises(NortonError, match=r"in \(0, 1\), or a list of them, got \[0.5, 1.2\]"):
+        plan(model, batches, target_macs=[0.5, 1.2], **SMALL)

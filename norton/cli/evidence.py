@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = add_command(sub, "compare", cmd_compare,
                     "NORTON vs pruning and decomposition baselines on Fashion-MNIST, side by side",
-                    "norton compare                   # --budget small: about 30 min on 2 CPU cores\n"
+                    "norton compare                   # --budget small: about 15 min on 2 CPU cores\n"
                     "  norton compare --resume          # continue an interrupted comparison\n"
                     "  norton compare --budget medium --out runs/compare_medium --resume   # 3 seeds; about 80 min on 2 cores\n"
                     "  norton compare --baseline runs/base/model.pt --budget medium   # a trained baseline, not retrained\n"
@@ -59,8 +59,8 @@ def register(sub) -> None:
                     "  norton compare --methods norton,l1,fpgm\n"
                     "  norton compare --arch resnet_56 --data cifar10 --data-dir ~/data/cifar-10-batches-py --out runs/c32")
     p.add_argument("--budget", choices=("small", "medium", "full", "gpu"), default="small",
-                   help="small: 1 fine-tuning epoch, every MACs-target method (but NORTON-auto's no-selection "
-                        "ablation: the same model there); medium: 3 epochs, the main methods and NORTON-auto at "
+                   help="small: 1 fine-tuning epoch, the main methods (NORTON-auto, NORTON, CP only, L1, FPGM, "
+                        "Tucker-2), 2 seeds; medium: 3 epochs, the main methods and NORTON-auto at "
                         "speed-up targets, 3 seeds; full: the paper's; gpu: all 60,000 images, the main methods, "
                         "fine-tuning until validation stops improving (--device cuda)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(COMPARE_METHODS)}")

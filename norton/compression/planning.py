@@ -246,7 +246,7 @@ def plan(
     model: nn.Module,
     data,
     *,
-    target_macs: float | None = None,
+    target_macs: float | Sequence[float] | None = None,
     target_speedup: float | None = None,
     criterion: str = PLANNER_CRITERION,
     ranks: Sequence[int] = RANK_OPTIONS,
@@ -262,12 +262,14 @@ def plan(
     screening: bool = True,
     seed: int = 0,
     progress: bool = False,
-) -> Plan:
+) -> Plan | list[Plan]:
     """Choose a rank (or dense) for every decomposable conv and a filter count
     for every coupled group of ``model`` so that it meets the target with the
     least damage measured on ``data`` (calibration images: a tensor or batches).
 
-    Give one of ``target_macs`` (fraction of MACs to remove, in (0, 1)) or
+    Give one of ``target_macs`` (fraction of MACs to remove, in (0, 1); a list of
+    fractions gives a list of plans, one per fraction in that order, for the cost of
+    measuring every option once) or
     ``target_speedup`` (> 1, latency of the layers' fastest execution plans
     timed on the model's device on ``latency_batch`` images, deployed in
     ``latency_dtype``: float32, bfloat16 or float16; default the model's).  ``criterion`` selects the filters
@@ -301,9 +303,14 @@ def plan(
     started = time.perf_counter()
     if (target_macs is None) == (target_speedup is None):
         raise NortonError("give exactly one of target_macs or target_speedup")
-    if target_macs is not None and (isinstance(target_macs, bool) or not isinstance(target_macs, (int, float))
-                                    or not 0.0 < target_macs < 1.0):
-        raise NortonError(f"target_macs must be a fraction of the MACs to remove, in (0, 1), got {target_macs!r}")
+    several = isinstance(target_macs, (list, tuple))
+    macs_targets = list(target_macs) if several else [target_macs]
+    if several and not macs_targets:
+        raise NortonError("target_macs is an empty list: give a fraction of the MACs to remove, or a list of them")
+    for value in macs_targets if target_macs is not None else ():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise NortonError(f"target_macs must be a fraction of the MACs to remove, in (0, 1), or a list of them, "
+                              f"got {target_macs!r}")
     if target_speedup is not None and (isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float))
                                        or not target_speedup > 1.0 or not math.isfinite(target_speedup)):
         raise NortonError(f"target_speedup must be a number > 1 (e.g. 2 for twice as fast), got {target_speedup!r}")
@@ -392,7 +399,7 @@ def plan(
     counter.constant = dense_macs - sum(macs_search.layer_costs([0] * len(units)).values())
     if measure == "macs":
         full = search.cost([0] * len(units))
-        budget = full * (1.0 - target_macs)
+        budget = full * (1.0 - max(macs_targets))
         cheapest = search.cost([len(u.options) - 1 for u in units])
         if cheapest > budget:
             raise NortonError(f"the target is out of reach: the planner's cheapest options (forms {', '.join(forms)}, "
@@ -491,6 +498,7 @@ def plan(
         return candidates
 
     def allocate(limit: float) -> tuple[str, list[int]]:
+        last_candidates.clear()
         candidates = allocations(limit)
         while confirm(candidates.values()):  # screened options chosen: measured on every image, then allocated again
             candidates = allocations(limit)
@@ -505,7 +513,6 @@ def plan(
             if key not in whole_damage:
                 whole_damage[key] = measure_whole(build(state, refit_pruned=recover))
         best = min(candidates, key=lambda k: (whole_damage[tuple(candidates[k])], search.damage(candidates[k])))
-        last_candidates.clear()
         last_candidates.update(candidates)
         return f"{best} (measured best of {len(candidates)})", candidates[best]
 
@@ -530,20 +537,7 @@ def plan(
             refit(trial, reference, batches, kept, seed=seed)
         return trial
 
-    measured = None
-    if measure == "seconds":  # the predicted latency steers; the deployed model's timing decides
-        x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=timed_dtype)
-        calibrate_latency(costs, search, build, x, progress)
-        full = search.cost([0] * len(units))
-        cheapest = search.cost(search.cheapest())
-        budget = max(full / target_speedup, cheapest)  # the prediction may call it out of reach; the timing decides
-        chosen, state, measured = meet_measured_speedup(target_speedup, budget, cheapest, allocate, build, dense, x,
-                                                         search.damage, progress)
-    else:
-        chosen, state = allocate(budget)
-    probe.cached = in_place = None  # the cached activations are not needed past this point
-
-    def as_plan(state: Sequence[int], allocated: str) -> Plan:
+    def as_plan(state: Sequence[int], allocated: str, value: float, measured: float | None = None) -> Plan:
         ranks_chosen, keep = search.config(state)
         rank_units = {u.name: (u, i) for u, i in zip(units, state) if u.kind == "rank"}
         macs_per_layer = macs_search.layer_costs(state)
@@ -560,7 +554,7 @@ def plan(
                                  tucker=list(option) if isinstance(option, tuple) else None))
         return Plan(
             target="macs" if target_macs is not None else "speedup",
-            value=float(target_macs if target_macs is not None else target_speedup),
+            value=float(value),
             ranks={n: (o if isinstance(o, int) else 0) for n, o in ranks_chosen.items()},
             tucker={n: list(o) for n, o in ranks_chosen.items() if isinstance(o, tuple)},
             keep=keep, totals=totals, criterion=criterion, allocation=allocated, seed=seed,
@@ -570,7 +564,7 @@ def plan(
             latency_after_ms=1000 * search.cost(state) if measure == "seconds" else None,
             damage=search.damage(state), rows=rows,
             group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
-            measured_speedup=measured if state is chosen_state else None, recover=bool(recover),
+            measured_speedup=measured, recover=bool(recover),
             candidates={k: whole_damage[tuple(v)] for k, v in last_candidates.items()},
             trial_steps=trial_steps if trial_images is not None else 0,
             round_to=round_to,
@@ -578,16 +572,33 @@ def plan(
                        "confirmed": len(confirmed)} if rest else None,
         )
 
-    chosen_state = state
-    result = as_plan(state, chosen if allocation == "best" else allocation)
-    result.seconds = time.perf_counter() - started
-    if measure == "macs":  # every distinct whole candidate, as a plan of its own (for a selection after fine-tuning)
-        seen_states: set[tuple[int, ...]] = set()
-        for name, candidate in last_candidates.items():
+    if measure == "seconds":  # the predicted latency steers; the deployed model's timing decides
+        x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=timed_dtype)
+        calibrate_latency(costs, search, build, x, progress)
+        full = search.cost([0] * len(units))
+        cheapest = search.cost(search.cheapest())
+        budget = max(full / target_speedup, cheapest)  # the prediction may call it out of reach; the timing decides
+        chosen, state, measured = meet_measured_speedup(target_speedup, budget, cheapest, allocate, build, dense, x,
+                                                         search.damage, progress)
+        result = as_plan(state, chosen if allocation == "best" else allocation, target_speedup, measured)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    shared = time.perf_counter() - started  # measuring the options: once for every target
+    results = []
+    for value in macs_targets:
+        begun = time.perf_counter()
+        chosen, state = allocate(full * (1.0 - value))
+        result = as_plan(state, chosen if allocation == "best" else allocation, value)
+        seen_states: set[tuple[int, ...]] = set()  # every distinct whole candidate, as a plan of its own
+        for name, candidate in last_candidates.items():  # (for a selection after fine-tuning)
             if tuple(candidate) not in seen_states:
                 seen_states.add(tuple(candidate))
-                result.alternatives[name] = as_plan(candidate, name).to_dict()
-    return result
+                result.alternatives[name] = as_plan(candidate, name, value).to_dict()
+        result.seconds = shared + time.perf_counter() - begun
+        results.append(result)
+    probe.cached = in_place = None  # the cached activations are not needed past this point
+    return results if several else results[0]
 
 
 def _in_layout(conv: nn.Conv2d, like: nn.Conv2d) -> nn.Conv2d:
@@ -621,6 +632,7 @@ class _InPlace:
         self.masks = True
         self.names = {m: n for n, m in cached.module.named_modules()}  # layers of the traced model by object
         self._sums: tuple[str, list[tuple[InputSums, list[int], list[int]]]] | None = None  # one group's, at a time
+        self._scores: dict = {}  # each group's criterion scores: computed once, for every filter count
 
     @classmethod
     def make(cls, dense: nn.Module, batches, probe: Probe, groups, criterion: str, seed: int, round_to, example,
@@ -644,7 +656,7 @@ class _InPlace:
         for g in self.groups:
             g.target = count if g.info.root == root else g.info.total
         round_to_blocks(self.groups, self.round_to)
-        plan_selection(self.groups, self.criterion, self.seed)
+        plan_selection(self.groups, self.criterion, self.seed, scores=self._scores)  # the weights stay as they are
         return {g.info.root: set(g.info.kept) for g in self.groups if g.info.root == root}
 
     def keep_damage(self, root: str, count: int, batches: Sequence[int] | None = None) -> float:

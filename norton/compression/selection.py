@@ -244,10 +244,16 @@ def _fold_blocks(kind: str, values: Tensor, blocks: int) -> Tensor:
     return values.reshape(blocks, size, blocks, size).diagonal(dim1=0, dim2=2).sum(-1)
 
 
-def _select(g: CoupledGroup, criterion: str, seed: int, *, protected=(), allowed=None) -> tuple[list[int], str]:
+def _select(g: CoupledGroup, criterion: str, seed: int, *, protected=(), allowed=None, scores: dict | None = None
+            ) -> tuple[list[int], str]:
     if g.target == g.info.total and not protected and allowed is None:
         return list(range(g.info.total)), "unpruned"
-    kind, values, label = _group_scores(g, criterion, seed)
+    if scores is None:
+        kind, values, label = _group_scores(g, criterion, seed)
+    else:
+        if g.info.root not in scores:
+            scores[g.info.root] = _group_scores(g, criterion, seed)
+        kind, values, label = scores[g.info.root]
     if g.blocks > 1:  # the same positions go from every block (torch-pruning's rule for grouped convs)
         if protected or allowed is not None:
             raise NortonError(f"group {g.info.root}: a grouped convolution and a fixed channel placement together "
@@ -273,8 +279,13 @@ def _shortcut_edges(groups: list[CoupledGroup]) -> list[tuple[ChannelPadShortcut
     return [(s, where_in[s], where_out[s]) for s in where_out if s in where_in]
 
 
-def plan_selection(groups: list[CoupledGroup], criterion: str, seed: int = 0, progress: bool = False) -> None:
+def plan_selection(groups: list[CoupledGroup], criterion: str, seed: int = 0, progress: bool = False,
+                   scores: dict | None = None) -> None:
     """Fill every group's ordered ``kept`` list.
+
+    ``scores``: a dict that keeps each group's criterion scores (by root) from one
+    call to the next — for many selections of the same unchanged groups at other
+    filter counts (the planner's options).
 
     Across an option-A shortcut P -> Q (fixed offset ``off`` of P's channels
     inside Q), the pruned shortcut places P's kept channels centred in Q, so:
@@ -290,7 +301,7 @@ def plan_selection(groups: list[CoupledGroup], criterion: str, seed: int = 0, pr
     for g in tqdm(groups, desc="select", unit="group", disable=not progress):
         edge = incoming.get(id(g))
         if edge is None:
-            g.info.kept, g.info.criterion = _select(g, criterion, seed)
+            g.info.kept, g.info.criterion = _select(g, criterion, seed, scores=scores)
             continue
         shortcut, p = edge
         off = shortcut.before
@@ -301,12 +312,12 @@ def plan_selection(groups: list[CoupledGroup], criterion: str, seed: int = 0, pr
             raise NortonError(f"shortcut into {g.info.root}: channels do not fit the original placement")
         pinned_order.add(id(g))
         if w_q >= w_p:
-            kept, label = _select(g, criterion, seed, protected=shifted)
+            kept, label = _select(g, criterion, seed, protected=shifted, scores=scores)
             free = [k for k in kept if k not in set(shifted)]
             g.info.kept = free[:before] + shifted + free[before:]
             g.info.criterion = label + " (+ shortcut placement)"
         elif id(p) not in pinned_order:
-            chosen, label = _select(g, criterion, seed, allowed=shifted)
+            chosen, label = _select(g, criterion, seed, allowed=shifted, scores=scores)
             sources = [c - off for c in chosen]
             rest = [k for k in p.info.kept if k not in set(sources)]
             crop = -before

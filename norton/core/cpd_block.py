@@ -25,6 +25,8 @@ from norton.core.cp import Factors, cp_decompose
 from norton.errors import NortonError
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# how forward may compute the block: "auto" and each ``forward_<plan>`` method below (a new execution plan is a
+# method and its name here; norton.tune_plans and norton.deploy time every one but auto)
 PLANS = ("auto", "separable", "depthwise", "dense")
 # Depthwise convolutions run far below a dense conv's MACs/s on CPUs; the cost
 # model charges each depthwise MAC this many dense MACs.
@@ -155,12 +157,7 @@ class CPDBlock(nn.Module):
         return "separable" if separable < dense else "dense"
 
     def forward(self, x: Tensor) -> Tensor:
-        plan = self.resolved_plan()
-        if plan == "dense":
-            return self.forward_dense(x)
-        if plan == "depthwise":
-            return self.forward_depthwise(x)
-        return self.forward_separable(x)
+        return getattr(self, f"forward_{self.resolved_plan()}")(x)
 
     def _rank_sum(self, y: Tensor) -> Tensor:
         if self.rank > 1:
