@@ -307,6 +307,17 @@ def test_budgets_fit_a_small_dataset_and_leave_fashion_mnist_alone():
         assert want <= got <= want * 1.2, config
     medium = scale_budget(BUDGETS["medium"], 2000, 500, "medium")  # a 2,500-image folder
     assert medium.extra_val_images == 0 and medium.val_images == 333 and medium.test_images == 500
+    # of 64×64 images: about the budget's work (images × pixels per epoch), not its steps
+    work = lambda budget, images, pixels, config: getattr(budget, config).epochs * images * pixels  # noqa: E731
+    larger = scale_budget(BUDGETS["medium"], 2000, 500, "medium", 64 * 64)
+    for config in ("baseline", "finetune"):
+        got = work(larger, 2000 - larger.val_images, 64 * 64, config)
+        want = work(BUDGETS["medium"], 10_000, 28 * 28, config)
+        assert want <= got <= want * 1.2, (config, got / want)
+        assert getattr(larger, config).epochs < getattr(medium, config).epochs
+    photos = scale_budget(BUDGETS["medium"], 2000, 500, "medium", 224 * 224)  # never below the budget's epochs
+    assert (photos.baseline.epochs, photos.finetune.epochs) == (BUDGETS["medium"].baseline.epochs,
+                                                                BUDGETS["medium"].finetune.epochs)
     with pytest.raises(NortonError, match="budget 'small' needs at least 100 training images; this dataset has 60"):
         scale_budget(BUDGETS["small"], 60, 20, "small")
 

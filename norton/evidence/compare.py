@@ -149,9 +149,11 @@ GPU = CompareBudget(
 BUDGETS = {"small": SMALL, "medium": MEDIUM, "full": FULL, "gpu": GPU}
 MAX_EPOCH_SCALE = 50  # a small dataset's epochs are scaled up at most this much
 MIN_TRAIN_IMAGES = 100
+REFERENCE_PIXELS = 28 * 28  # the image size the budgets were sized for (Fashion-MNIST)
 
 
-def scale_budget(budget: CompareBudget, train_available: int, test_available: int, name: str = "custom") -> CompareBudget:
+def scale_budget(budget: CompareBudget, train_available: int, test_available: int, name: str = "custom",
+                 pixels: int = REFERENCE_PIXELS) -> CompareBudget:
     """The budget fitted to a dataset smaller than it was sized for (Fashion-MNIST's 60,000 + 10,000).
 
     Where the training images the budget asks for (with its extra validation
@@ -161,7 +163,11 @@ def scale_budget(budget: CompareBudget, train_available: int, test_available: in
     the budget's), and the baseline's and fine-tuning's epochs are scaled by how
     much smaller the training split is, so that they take about as many SGD steps
     as on the data the budget was sized for (at most ``MAX_EPOCH_SCALE`` times
-    as many epochs).  Too few images for any comparison: one clear error."""
+    as many epochs) — but no more work: images of more than 28×28 ``pixels``
+    (height × width) cost more per step, and the scale shrinks by as much (never
+    below the budget's own epochs), so a folder of larger images takes about the
+    budget's compute, not its steps.  Too few images for any comparison: one
+    clear error."""
     wanted = (budget.train_images or train_available) + budget.extra_val_images
     test_images = budget.test_images if budget.test_images is None or budget.test_images <= test_available else test_available
     if train_available >= wanted:
@@ -172,7 +178,8 @@ def scale_budget(budget: CompareBudget, train_available: int, test_available: in
     reference = budget.train_images or train_available
     share = budget.val_images / reference
     val_images = max(1, min(budget.val_images, round(share * train_available)))
-    scale = min(MAX_EPOCH_SCALE, (reference - budget.val_images) / (train_available - val_images))
+    scale = (min(MAX_EPOCH_SCALE, (reference - budget.val_images) / (train_available - val_images))
+             * min(1.0, REFERENCE_PIXELS / pixels))
 
     def scaled(config: TrainConfig) -> TrainConfig:
         return replace(config, epochs=max(config.epochs, math.ceil(config.epochs * scale)),
@@ -626,7 +633,8 @@ def comparison_splits(data: str, data_dir: str | None, budget: CompareBudget, bu
     else:
         full = load_dataset(data, data_dir, "train")
         full_test = load_dataset(data, data_dir, "test")
-    budget = scale_budget(budget, len(full), len(full_test), budget_name)
+    _, height, width = input_size_of(full)
+    budget = scale_budget(budget, len(full), len(full_test), budget_name, height * width)
     train = limit(full, budget.train_images)
     test = limit(full_test, budget.test_images)
     train, val = split_validation(train, budget.val_images)
