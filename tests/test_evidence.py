@@ -1,6 +1,7 @@
 """`norton compare` and `norton report` built from tiny runs on Fashion-MNIST-format files."""
 import copy
 import json
+import math
 import os
 import re
 import statistics
@@ -315,6 +316,8 @@ def test_budgets_fit_a_small_dataset_and_leave_fashion_mnist_alone():
         want = work(BUDGETS["medium"], 10_000, 28 * 28, config)
         assert want <= got <= want * 1.2, (config, got / want)
         assert getattr(larger, config).epochs < getattr(medium, config).epochs
+    # early stopping waits as many SGD steps as the budget's does
+    assert larger.baseline.patience == medium.baseline.patience == math.ceil(5 * 10_000 / (2000 - 333))
     photos = scale_budget(BUDGETS["medium"], 2000, 500, "medium", 224 * 224)  # never below the budget's epochs
     assert (photos.baseline.epochs, photos.finetune.epochs) == (BUDGETS["medium"].baseline.epochs,
                                                                 BUDGETS["medium"].finetune.epochs)

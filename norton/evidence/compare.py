@@ -166,8 +166,8 @@ def scale_budget(budget: CompareBudget, train_available: int, test_available: in
     as many epochs) — but no more work: images of more than 28×28 ``pixels``
     (height × width) cost more per step, and the scale shrinks by as much (never
     below the budget's own epochs), so a folder of larger images takes about the
-    budget's compute, not its steps.  Too few images for any comparison: one
-    clear error."""
+    budget's compute, not its steps.  A patience (early stopping) is scaled to
+    the budget's steps.  Too few images for any comparison: one clear error."""
     wanted = (budget.train_images or train_available) + budget.extra_val_images
     test_images = budget.test_images if budget.test_images is None or budget.test_images <= test_available else test_available
     if train_available >= wanted:
@@ -178,12 +178,15 @@ def scale_budget(budget: CompareBudget, train_available: int, test_available: in
     reference = budget.train_images or train_available
     share = budget.val_images / reference
     val_images = max(1, min(budget.val_images, round(share * train_available)))
-    scale = (min(MAX_EPOCH_SCALE, (reference - budget.val_images) / (train_available - val_images))
-             * min(1.0, REFERENCE_PIXELS / pixels))
+    steps = min(MAX_EPOCH_SCALE, (reference - budget.val_images) / (train_available - val_images))
+    scale = steps * min(1.0, REFERENCE_PIXELS / pixels)
 
     def scaled(config: TrainConfig) -> TrainConfig:
+        # patience stays the budget's in SGD steps: on a small split, a few epochs are a few steps, and the
+        # validation top-1 of a model still training at a high learning rate swings by tens of points
         return replace(config, epochs=max(config.epochs, math.ceil(config.epochs * scale)),
-                       warmup_epochs=math.ceil(config.warmup_epochs * scale) if config.warmup_epochs else 0)
+                       warmup_epochs=math.ceil(config.warmup_epochs * scale) if config.warmup_epochs else 0,
+                       patience=math.ceil(config.patience * steps) if config.patience else config.patience)
 
     return replace(budget, train_images=None, val_images=val_images, extra_val_images=0, test_images=test_images,
                    baseline=scaled(budget.baseline), finetune=scaled(budget.finetune),
