@@ -725,7 +725,10 @@ class _InPlace:
             prune_in_place(trial, example, keep={g.info.root: count}, criterion=self.criterion, seed=self.seed,
                            round_to=self.round_to)
             real = self.probe.damage(trial, batches=[0])
-            if abs(masked - real) > 1e-4 * max(abs(real), 1e-6):
+            # float32 rounding differs between the full and the pruned convolutions (other kernels for other
+            # widths): 0.02 % of a damage of 0.003 on 256 images of 64×64 — a mask that computes something
+            # else than the pruned model is off by far more
+            if abs(masked - real) > 1e-3 * abs(real) + 1e-7:
                 return False
         return True
 
