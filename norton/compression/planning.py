@@ -597,7 +597,6 @@ def plan(
                 result.alternatives[name] = as_plan(candidate, name, value).to_dict()
         result.seconds = shared + time.perf_counter() - begun
         results.append(result)
-    probe.cached = in_place = None  # the cached activations are not needed past this point
     return results if several else results[0]
 
 

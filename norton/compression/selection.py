@@ -248,12 +248,10 @@ def _select(g: CoupledGroup, criterion: str, seed: int, *, protected=(), allowed
             ) -> tuple[list[int], str]:
     if g.target == g.info.total and not protected and allowed is None:
         return list(range(g.info.total)), "unpruned"
-    if scores is None:
-        kind, values, label = _group_scores(g, criterion, seed)
-    else:
-        if g.info.root not in scores:
-            scores[g.info.root] = _group_scores(g, criterion, seed)
-        kind, values, label = scores[g.info.root]
+    scores = {} if scores is None else scores
+    if g.info.root not in scores:
+        scores[g.info.root] = _group_scores(g, criterion, seed)
+    kind, values, label = scores[g.info.root]
     if g.blocks > 1:  # the same positions go from every block (torch-pruning's rule for grouped convs)
         if protected or allowed is not None:
             raise NortonError(f"group {g.info.root}: a grouped convolution and a fixed channel placement together "
