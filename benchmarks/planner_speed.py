@@ -20,9 +20,10 @@ plans with ``recover=True`` (what ``compare`` plans with): in place, every
 pruning option's readers refitted from input sums gathered once per group;
 on the surgery path, a pruned copy refitted by ``norton.recover`` per option.
 ``--screening`` plans each model twice in place: screened (every option
-measured on the first 256 of the 512 images, the chosen ones on all of them)
-and with ``screening=False``; it reports both times and the measured damage
-of each chosen plan, built whole, on all 512 images.
+measured on the first 256 of the 512 images — with ``--images 256``, on the
+first 128 of 256 — the chosen ones on all of them) and with
+``screening=False``; it reports both times and the measured damage of each
+chosen plan, built whole, on all the images.
 ``--resnet50 S`` plans a randomly initialised ResNet-50 (ImageNet size) on 256
 random 224×224 images for at most S seconds and prints each stage's last
 progress line — the options measured, their rate and tqdm's ETA for the rest.
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--layout", action="store_true", help="one probe forward in each memory layout")
     parser.add_argument("--recover", action="store_true", help="plan with recover=True, both ways")
     parser.add_argument("--screening", action="store_true", help="screened vs every option on every image")
+    parser.add_argument("--images", type=int, default=512, help="--screening: calibration images (default 512)")
     parser.add_argument("--resnet50", type=int, default=None, metavar="S",
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
     parser.add_argument("--targets", action="store_true", help="two MACs targets in one plan call vs one call each")
@@ -133,11 +135,11 @@ def main() -> None:
         return
     if args.screening:
         for arch in args.archs.split(","):
-            screened, full = timed_plan(arch, 512), timed_plan(arch, 512, screening=False)
+            screened, full = timed_plan(arch, args.images), timed_plan(arch, args.images, screening=False)
             # the chosen plan, built whole, measured on all the images: the best of the candidates measured whole
             whole = {name: min(p.candidates.values()) if p.candidates else None for name, p in
                      (("screened", screened), ("full", full))}
-            print(json.dumps({"arch": arch, "screened_s": round(screened.seconds, 1), "full_s": round(full.seconds, 1),
+            print(json.dumps({"arch": arch, "images": args.images, "screened_s": round(screened.seconds, 1), "full_s": round(full.seconds, 1),
                               "screening": screened.screening, "same_plan": (screened.ranks, screened.keep, screened.tucker)
                               == (full.ranks, full.keep, full.tucker), "whole_damage": whole,
                               "macs_after": {"screened": screened.macs_after, "full": full.macs_after}}), flush=True)

@@ -575,8 +575,22 @@ def test_screen_batches_leaves_a_batch_to_confirm_on():
     assert screen_batches(sizes(SCREEN_IMAGES // 2, SCREEN_IMAGES // 2, 64)) == 2
     assert screen_batches(sizes(SCREEN_IMAGES + 1, 3)) == 1
     assert screen_batches(sizes(SCREEN_IMAGES)) is None  # one batch: nothing left to confirm on
-    assert screen_batches(sizes(SCREEN_IMAGES // 2, SCREEN_IMAGES // 2)) is None
-    assert screen_batches(sizes(10, 10, 10)) is None  # fewer images than a screen
+    assert screen_batches(sizes(SCREEN_IMAGES // 2, SCREEN_IMAGES // 2)) == 1  # 256 images: screened on half
+    assert screen_batches(sizes(64, 64, 64, 64)) == 2
+    assert screen_batches(sizes(64, 64)) is None  # fewer images than two screens of SCREEN_MIN_IMAGES
+    assert screen_batches(sizes(10, 10, 10)) is None
+
+
+def test_calibration_batch_size_splits_256_to_512_images_in_two():
+    from norton.compression import calibration_batch_size
+    from norton.compression.planning import screen_batches
+
+    assert [calibration_batch_size(n) for n in (1, 100, 255, 256, 301, 512, 513, 2048)] == [
+        1, 100, 255, 128, 151, 256, 256, 256]
+    for n in (256, 301, 512, 2048):  # every such calibration is screened
+        size = calibration_batch_size(n)
+        batches = [torch.zeros(min(size, n - i), 1) for i in range(0, n, size)]
+        assert screen_batches(batches) is not None, n
 
 
 def test_damage_over_batch_subsets_combines_to_the_damage_over_all():
@@ -609,6 +623,7 @@ def test_a_screened_plan_chooses_options_whose_damages_are_over_every_image(monk
 
     monkeypatch.setattr(planning, "Search", Spy)
     monkeypatch.setattr(planning, "SCREEN_IMAGES", 16)
+    monkeypatch.setattr(planning, "SCREEN_MIN_IMAGES", 8)
     model = create_model("resnet_20").eval()
     batches = [images(8, size=16, seed=s) for s in range(3)]
     runs = 1
@@ -633,8 +648,21 @@ def test_a_screened_plan_chooses_options_whose_damages_are_over_every_image(monk
             assert screened.group_damage[root] == pytest.approx(every_image[(root, kept)], rel=1e-9), root
             chosen += 1
     assert chosen >= 3
-    # and an option never chosen kept its damage on the first two batches: screening measured less
+    # the next option each way of a chosen one was measured on every image too (an overrated neighbour is not lost)
     screened_damage = {(u.name, option): d for u in searched[0] for option, d in zip(u.options, u.damage)}
+    neighbours = 0
+    for u in searched[0]:
+        if u.kind == "rank" and u.name in screened.ranks:
+            name = u.name
+            option = tuple(screened.tucker[name]) if name in screened.tucker else screened.ranks[name]
+            i = u.options.index(option)
+            for j in (i - 1, i + 1):
+                if 0 < j < len(u.options):
+                    assert screened_damage[(name, u.options[j])] == pytest.approx(every_image[(name, u.options[j])],
+                                                                                   rel=1e-9), (name, j)
+                    neighbours += 1
+    assert neighbours >= 3
+    # and an option never chosen kept its damage on the first two batches: screening measured less
     assert sum(screened_damage[k] != pytest.approx(every_image[k], rel=1e-9) for k in every_image) > chosen
     with pytest.raises(NortonError, match="screening must be True or False, got 'yes'"):
         plan(model, batches, target_macs=0.6, **SMALL, screening="yes")

@@ -36,6 +36,7 @@ from norton.compression.planning import (  # for the help texts and checks
     KEEP_STEPS,
     RANK_OPTIONS,
     SCREEN_IMAGES,
+    SCREEN_MIN_IMAGES,
     TRIAL_STEPS,
 )
 from norton.core import complexity
@@ -236,9 +237,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help=f"planner: distillation steps each whole candidate plan gets before it is measured "
                         f"(0 = measured as built; default {TRIAL_STEPS})")
     p.add_argument("--screening", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"planner: measure every option on the first {SCREEN_IMAGES} calibration images and the "
-                        "options the allocation chooses on all of them (default: on, when the calibration images "
-                        "are more than one batch); --no-screening measures every option on every image")
+                   help=f"planner: measure every option on the first {SCREEN_IMAGES} calibration images (on half of "
+                        f"them from {2 * SCREEN_MIN_IMAGES} to {2 * SCREEN_IMAGES}) and the options the allocation "
+                        f"chooses on all of them (default: on, from {2 * SCREEN_MIN_IMAGES} calibration images); "
+                        "--no-screening measures every option on every image")
 
 
 def form_list(text: str) -> tuple[str, ...]:

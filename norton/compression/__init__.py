@@ -15,11 +15,11 @@ from norton.compression.decomposition import (
     decompose,
 )
 from norton.compression.costs import measure_round_to
-from norton.compression.planning import PLANNER_CRITERION, Plan, plan
+from norton.compression.planning import PLANNER_CRITERION, Plan, calibration_batch_size, plan
 from norton.compression.pruning import GroupPruning, PruneReport, check_round_to, prune
 from norton.compression.recovery import RecoveryReport, recover
 
 __all__ = [
-    "PLANNER_CRITERION", "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "Plan", "PruneReport", "RecoveryReport", "build_base",
+    "PLANNER_CRITERION", "Criterion", "DecompositionReport", "GroupPruning", "LayerDecomposition", "Plan", "PruneReport", "RecoveryReport", "build_base", "calibration_batch_size",
     "check_round_to", "decompose", "describe", "get_criterion", "list_criteria", "measure_round_to", "plan", "prune", "rebuild", "recover", "register_criterion",
 ]

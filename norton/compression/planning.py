@@ -69,7 +69,8 @@ KEEP_STEPS = 8  # a group may keep 1/8, 2/8, …, 8/8 of its filters
 ALLOCATIONS = ("best", "greedy", "lagrangian")
 FINE_KEEP_OPTIONS = 64  # per group, for the allocation (damages interpolated between the measured ones)
 TRIAL_STEPS = 0  # distillation steps before a whole candidate's damage is measured (allocation best)
-SCREEN_IMAGES = 256  # screening: every option measured on at least this many calibration images first
+SCREEN_IMAGES = 256  # screening: every option measured on at least this many calibration images first,
+SCREEN_MIN_IMAGES = 128  # or on half of them where that is fewer, but never on fewer than this many
 
 
 # -- the value -----------------------------------------------------------------------------
@@ -226,14 +227,28 @@ def _batches(data, device: torch.device | None) -> list[Tensor]:
 
 def screen_batches(batches: Sequence[Tensor]) -> int | None:
     """How many leading calibration batches screen the planner's options: the
-    fewest that hold ``SCREEN_IMAGES`` images, provided a batch is left over
-    to confirm the chosen options on (None: no screening)."""
+    fewest that hold ``SCREEN_IMAGES`` images, or half of all the images where
+    that is fewer (but at least ``SCREEN_MIN_IMAGES``), provided a batch is left
+    over to confirm the chosen options on (None: no screening)."""
+    total = sum(batch.shape[0] for batch in batches)
+    wanted = max(SCREEN_MIN_IMAGES, min(SCREEN_IMAGES, total / 2))
     seen = 0
     for i, batch in enumerate(batches[:-1]):
         seen += batch.shape[0]
-        if seen >= SCREEN_IMAGES:
+        if seen >= wanted:
             return i + 1
     return None
+
+
+def calibration_batch_size(images: int) -> int:
+    """The batch size calibration images are probed in: 256, or half of them
+    when there are 256–512, so that the first half screens the options
+    (``screen_batches``); fewer than 256 in one batch, which is not screened.
+    Each probe re-estimates BatchNorm on its batch, so a batch is never smaller
+    than 128."""
+    if images < 2 * SCREEN_MIN_IMAGES:
+        return images
+    return min(SCREEN_IMAGES, math.ceil(images / 2))
 
 
 # -- the entry point -----------------------------------------------------------------------
@@ -293,11 +308,13 @@ def plan(
     are compared by where a little training takes them, not where they start;
     0 compares them as built, on all the images.
     ``screening``: every option is first measured on the fewest leading
-    calibration batches that hold ``SCREEN_IMAGES`` images (when batches are
-    left over); the options an allocation then chooses are measured on the
-    rest as well, and the allocations are run again until every option they
-    choose has been measured on every image (``screen_batches``).  False:
-    every option on every image.
+    calibration batches that hold ``SCREEN_IMAGES`` images, or half of the
+    images where that is fewer (at least ``SCREEN_MIN_IMAGES``; when batches
+    are left over: ``calibration_batch_size`` splits 256–512 images in two);
+    the options an allocation then chooses, and the next option each way in
+    their layers, are measured on the rest as well, and the allocations are
+    run again until every option they choose has been measured on every image
+    (``screen_batches``).  False: every option on every image.
     The model is not changed.
     """
     started = time.perf_counter()
@@ -449,8 +466,8 @@ def plan(
     confirmed: set[tuple[int, int]] = set()  # (unit, measured option) measured on every batch
 
     def confirm(states: Iterable[Sequence[int]]) -> bool:
-        """Screening: the options ``states`` choose (a filter count between two measured ones: both) measured on
-        the rest of the batches as well; whether there was any to measure."""
+        """Screening: the options ``states`` choose (a filter count between two measured ones: both) and their
+        neighbours measured on the rest of the batches as well; whether there was any to measure."""
         if not rest:
             return False
         wanted = set()
@@ -465,6 +482,10 @@ def plan(
                         wanted.add((k, j))
                     elif j and counts[j - 1] > chosen > counts[j]:  # interpolated from both
                         wanted.update({(k, j - 1), (k, j)})
+        # and the next option each way in their layer: an option the screen overrated is not chosen, so it would
+        # never be measured again (on ResNet-20 with 256 images, 128 screening, the chosen plan's damage was 18 %
+        # above the unscreened plan's without them; with them no worse, and at 512 images the same plan)
+        wanted |= {(k, j + d) for k, j in wanted for d in (-1, 1) if 0 <= j + d < len(option_damage[k][0])}
         new = sorted((k, j) for k, j in wanted - confirmed if j > 0)  # the first option: as it is, damage 0
         for k, j in tqdm(new, desc="plan: chosen options on every image", unit="option", leave=False,
                          disable=not progress):

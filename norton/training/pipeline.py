@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from norton.checkpoints import atomic_write_text, load_model, save_checkpoint
-from norton.compression import PLANNER_CRITERION, Plan, check_round_to, decompose, prune, recover
+from norton.compression import PLANNER_CRITERION, Plan, calibration_batch_size, check_round_to, decompose, prune, recover
 from norton.compression import plan as plan_compression
 from norton.core import complexity
 from norton.errors import NortonError
@@ -318,10 +318,14 @@ def _check_config(config: CompressConfig) -> None:
                           "(compress_rate, amount and global_ranking need a rank)")
 
 
-def calibration_batches(data: ArrayDataset, num_images: int, *, batch_size: int = 256, seed: int = 0) -> list[torch.Tensor]:
-    """``num_images`` training images (no augmentation), in batches, for the planner."""
+def calibration_batches(data: ArrayDataset, num_images: int, *, batch_size: int | None = None, seed: int = 0
+                        ) -> list[torch.Tensor]:
+    """``num_images`` training images (no augmentation), in batches for the planner
+    (by default ``calibration_batch_size``: 256 images a batch, two batches for
+    256–512 images, so that the planner screens on the first)."""
     if num_images < 1:
         raise NortonError(f"calibration images must be at least 1, got {num_images}")
+    batch_size = batch_size or calibration_batch_size(num_images)
     return list(first_images(data.without_augmentation(), num_images, batch_size, seed=seed, epoch=20_000))
 
 
