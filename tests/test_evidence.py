@@ -204,6 +204,10 @@ def test_report_from_tiny_runs(compared):
     report = run_report(out, compare_dir=compare_dir, budget=TINY, plan=plan, data_dir=data, progress=False)
     md = open(os.path.join(out, "report.md")).read()
     saved = json.load(open(os.path.join(out, "report.json")))
+    from norton.evidence.report import report_markdown
+
+    assert report_markdown(saved) == md  # the page renders from the record alone (docs/generate.py does)
+    assert md.startswith("# NORTON analyses on ") and saved["commit"] and saved["command"] is None
     for rank in ("1", "2"):
         s = saved["rank_sweep"][rank]
         assert f"| {rank} | {s['decomposed']['mean_nmse']:.4f} |" in md

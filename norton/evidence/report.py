@@ -143,22 +143,33 @@ def run_report(out_dir: str, *, baseline_ckpt: str | None = None, compare_dir: s
     report["pareto"] = points
     cams = _gradcam(out_dir, baseline, test, plan, sweep, grid, names, device, size, names_of_classes)
     report["gradcam_agreement"] = cams
-    sections = [
-        f"# NORTON analyses on {_data_text(data, test)} ({'ResNet-20' if arch == 'resnet_20' else arch or 'the baseline'})\n\n"
-        f"Measured by `norton report`: {len(train)} training images "
-        f"(+{len(val)} validation), {len(test)} test images, {budget.finetune.epochs} fine-tuning epoch(s) per model, BN "
-        f"recalibration on {budget.recalibration_images} images. Baseline: {base['top1']:.2f} %, {base['macs'] / 1e6:.2f}M "
-        f"MACs, {base['params'] / 1e3:.1f}K params.\n",
-        rank_sweep_table(report), grid_table(report), pareto_section(points), gradcam_section(cams),
-    ]
+    report["title"] = (f"NORTON analyses on {_data_text(data, test)} "
+                       f"({'ResNet-20' if arch == 'resnet_20' else arch or 'the baseline'})")
+    report["budget"]["recalibration_images"] = budget.recalibration_images
     _plot_rank_sweep(report, os.path.join(out_dir, "rank_sweep.png"))
     _plot_grid(report, os.path.join(out_dir, "grid.png"))
     _plot_pareto(points, base, os.path.join(out_dir, "pareto.png"))
-    atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(sections))
+    text = report_markdown(report)
+    atomic_write_text(os.path.join(out_dir, "report.md"), text)
     atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
-    print("\n".join(sections))
+    print(text)
     print(f"written: {out_dir}/report.md, report.json, rank_sweep.png, grid.png, pareto.png, gradcam.png")
     return report
+
+
+def report_markdown(report: dict) -> str:
+    """report.md, rendered from report.json alone (``docs/generate.py`` renders the site's copy with it)."""
+    base, budget = report["baseline"], report["budget"]
+    header = (f"# {report['title']}\n\n"
+              f"Measured by `{report.get('command') or 'norton report'}`"
+              + (f" ({report['date']}, commit {report['commit']})" if report.get("date") else "")
+              + f": {budget['train_images']} training images (+{budget['val_images']} validation), "
+              f"{budget['test_images']} test images, {budget['finetune_epochs']} fine-tuning epoch(s) per model, BN "
+              f"recalibration on {budget['recalibration_images']} images. Baseline: {base['top1']:.2f} %, "
+              f"{base['macs'] / 1e6:.2f}M MACs, {base['params'] / 1e3:.1f}K params.\n")
+    sections = [header, rank_sweep_table(report), grid_table(report), pareto_section(report["pareto"]),
+                gradcam_section(report["gradcam_agreement"])]
+    return "\n".join(sections)
 
 
 def _compared_data(compare_dir: str | None, data_dir: str | None, folder_options: dict | None):
