@@ -19,6 +19,7 @@ record is the site's source: ``docs/generate.py`` renders ``docs/results/zoo.md`
 (``zoo_timm.md``) from it; ``--out`` also writes the table to a file of your own.
 
     .venv/bin/python benchmarks/zoo.py [--models resnet18 mobilenet_v2 ...] [--size 224] [--timeout 900]
+    .venv/bin/python benchmarks/zoo.py --resume --refresh-undated --timeout 180   # re-measure rows without a date
 """
 from __future__ import annotations
 
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="rows kept here as they finish (committed: a run continues across "
                         "sessions; default docs/zoo.json)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --cache")
+    parser.add_argument("--refresh-undated", action="store_true",
+                        help="with --resume: measure again the rows recorded before rows kept their date and commit")
     parser.add_argument("--out", default=None, help="also write the summary and table here (the site's page, "
                         "docs/results/zoo*.md, is rendered from the record by docs/generate.py)")
     parser.add_argument("--report", action="store_true", help="only write --out from the rows in --cache")
@@ -180,7 +183,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
     for name in names:
         for mode in args.modes:
-            if (name, mode) in rows or args.report:
+            kept = rows.get((name, mode))
+            if args.report or (kept and not (args.refresh_undated and not kept.get("date"))):
                 continue
             rows[(name, mode)] = row = run_isolated(name, mode, args.size, args.timeout)
             made = provenance()  # each row when and from which code it was measured: a run spans sessions
