@@ -43,7 +43,7 @@ docs-check: $(STAMP)
 demo: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton demo $(DEMO_ARGS)
 
-# NORTON vs pruning / decomposition baselines, then the paper's analyses (~30 + ~20 min on 2 cores)
+# NORTON vs pruning / decomposition baselines, then the paper's analyses (~15 + ~8 min on 2 cores)
 compare: $(STAMP) fashion-mnist
 	$(VENV)/bin/norton compare --budget small --resume
 	$(VENV)/bin/norton report --compare runs/compare --resume
