@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import os
 import signal
@@ -379,3 +380,31 @@ def test_fit_stops_early_and_a_resume_keeps_it_stopped(digits, tmp_path, monkeyp
     assert again.epochs == 4 and again.stopped_early  # a stopped run stays stopped
     with pytest.raises(NortonError, match="patience must be an integer >= 0"):
         TrainConfig(patience=-1).validate()
+
+
+def test_precise_bn_validates_with_statistics_of_the_epochs_final_weights(digits, tmp_path):
+    from norton.training import recalibrate_bn
+
+    train, val, _ = digits
+    torch.manual_seed(0)
+    model = create_model("resnet_20", num_classes=10, in_channels=1)
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.1, warmup_epochs=0, precise_bn=256)
+    result = fit(model, train, val, config, str(tmp_path / "run"), device=CPU, progress=False)
+    again = copy.deepcopy(model)
+    for m in again.modules():  # forget the statistics, then re-estimate them from the same images
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+    recalibrate_bn(again, train.without_augmentation(), device=CPU, num_images=256, seed=0)
+    bns = [(a, b) for a, b in zip(model.modules(), again.modules()) if isinstance(a, torch.nn.BatchNorm2d)]
+    assert bns and all(torch.allclose(a.running_var, b.running_var) and torch.allclose(a.running_mean, b.running_mean)
+                       for a, b in bns)
+    # the recorded validation top-1 is the model's with those statistics
+    assert result.history[-1]["val_top1"] == pytest.approx(evaluate(model, val, device=CPU)["top1"])
+    torch.manual_seed(0)
+    plain = create_model("resnet_20", num_classes=10, in_channels=1)
+    fit(plain, train, val, replace(config, precise_bn=0), str(tmp_path / "plain"), device=CPU, progress=False)
+    assert not torch.allclose(next(m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var,
+                              bns[0][0].running_var)  # without it: the running averages of training
+    for bad in (-1, True, 2.5):
+        with pytest.raises(NortonError, match="precise_bn must be an integer >= 0"):
+            TrainConfig(precise_bn=bad).validate()

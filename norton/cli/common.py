@@ -264,6 +264,10 @@ def add_train_args(p: argparse.ArgumentParser, *, epochs: int = 400, lr: float =
                         "to float rounding; a run resumes only in the layout it started in")
     g.add_argument("--patience", type=int, default=0, metavar="P",
                    help="stop once validation top-1 has not improved for P epochs (default 0: train every epoch)")
+    g.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                   help="before each validation, re-estimate BatchNorm statistics on N training images with the "
+                        "epoch's weights (default 0: the running averages); steadies the validation curve of short "
+                        "epochs at a high learning rate")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--run-dir", required=True, help="where checkpoints and metrics.jsonl go")
     g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -274,7 +278,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        label_smoothing=args.label_smoothing, seed=args.seed, distill=args.distill,
-                       temperature=args.temperature, channels_last=args.channels_last, patience=args.patience)
+                       temperature=args.temperature, channels_last=args.channels_last, patience=args.patience,
+                       precise_bn=args.precise_bn)
 
 
 def load_splits(args: argparse.Namespace, checkpoint: dict | None = None):

@@ -48,6 +48,10 @@ class TrainConfig:
     # stop once validation top-1 has not improved for this many epochs (0: train every epoch); the learning-rate
     # schedule still spans ``epochs``, so a run that stops early stops at a higher learning rate than the last epoch's
     patience: int = 0
+    # before each validation, BatchNorm's statistics re-estimated on this many training images (no augmentation)
+    # with the epoch's final weights ("precise BN"), instead of the running averages gathered while the weights
+    # moved; 0: the running averages
+    precise_bn: int = 0
 
     def validate(self) -> None:
         checks = [
@@ -63,6 +67,8 @@ class TrainConfig:
             (isinstance(self.channels_last, bool), "channels_last must be True or False"),
             (isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 0,
              "patience must be an integer >= 0 (0: no early stopping)"),
+            (isinstance(self.precise_bn, int) and not isinstance(self.precise_bn, bool) and self.precise_bn >= 0,
+             "precise_bn must be an integer >= 0 (training images; 0: off)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -205,6 +211,7 @@ def fit(
     if teacher is not None:
         teacher = teacher.to(device, memory_format=layout).eval().requires_grad_(False)
     steps_per_epoch = num_batches(train_data, config.batch_size)
+    clean_train = train_data.without_augmentation() if isinstance(train_data, ArrayDataset) else train_data
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     run = TrainingRun(run_dir, model, _optimizer(model, config),
                       lambda step, epoch: lr_factor(step, total, warmup, config.warmup_start),
@@ -254,6 +261,8 @@ def fit(
             elapsed = time.perf_counter() - started
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{run.lr:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
         correct = ddp.sum([correct], device)[0]
+        if config.precise_bn:  # every rank the same images, so the same statistics
+            recalibrate_bn(model, clean_train, device=device, num_images=config.precise_bn, seed=config.seed)
         val = evaluate(model, val_data, device=device, ddp=ddp)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
                   "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
