@@ -23,7 +23,8 @@ on the surgery path, a pruned copy refitted by ``norton.recover`` per option.
 measured on the first 256 of the 512 images — with ``--images 256``, on the
 first 128 of 256 — the chosen ones on all of them) and with
 ``screening=False``; it reports both times and the measured damage of each
-chosen plan, built whole, on all the images.
+chosen plan, built whole, on all the images.  ``--screening --images 512,256
+--record`` records the planner guide's table (``benchmarks/record.py``).
 ``--resnet50 S`` plans a randomly initialised ResNet-50 (ImageNet size) on 256
 random 224×224 images for at most S seconds and prints each stage's last
 progress line — the options measured, their rate and tqdm's ETA for the rest.
@@ -116,7 +117,9 @@ def main() -> None:
     parser.add_argument("--layout", action="store_true", help="one probe forward in each memory layout")
     parser.add_argument("--recover", action="store_true", help="plan with recover=True, both ways")
     parser.add_argument("--screening", action="store_true", help="screened vs every option on every image")
-    parser.add_argument("--images", type=int, default=512, help="--screening: calibration images (default 512)")
+    parser.add_argument("--images", default="512", help="--screening: calibration images, a comma list (default 512)")
+    parser.add_argument("--record", action="store_true",
+                        help="--screening, --costs: record the table the planner guide shows (docs/results/tables)")
     parser.add_argument("--resnet50", type=int, default=None, metavar="S",
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
     parser.add_argument("--targets", action="store_true", help="two MACs targets in one plan call vs one call each")
@@ -128,21 +131,48 @@ def main() -> None:
         print(json.dumps(layout_ms()))
         return
     if args.costs:
+        rows = []
         for images, steps in ((128, 8), (256, 8), (512, 8), (512, 4)):
             p = timed_plan("resnet_20", images, steps)
             print(json.dumps({"calibration_images": images, "keep_steps": steps, "seconds": round(p.seconds, 1),
-                              "damage": round(p.damage, 4)}), flush=True)
+                              "damage": round(p.damage, 4), "screening": p.screening}), flush=True)
+            screen = f", screened on {p.screening['images']}" if p.screening else ""
+            rows.append([f"{images}{' (default)' if images == 512 else ''}{screen}",
+                         f"{steps}{' (default)' if steps == 8 else ''}", f"{p.seconds:.1f} s", f"{p.damage:.4f}"])
+        if args.record:
+            from record import write_table
+
+            write_table("planner_costs", ["`--calibration-images`", "`--keep-steps`", "planning", "predicted damage"],
+                        rows, note="ResNet-20 on digits, random initial weights, `target_macs=0.6`, 2 cores, one run "
+                                   "each, the time of the whole plan; the first row includes compiling the criterion "
+                                   "kernels.")
         return
     if args.screening:
-        for arch in args.archs.split(","):
-            screened, full = timed_plan(arch, args.images), timed_plan(arch, args.images, screening=False)
-            # the chosen plan, built whole, measured on all the images: the best of the candidates measured whole
-            whole = {name: min(p.candidates.values()) if p.candidates else None for name, p in
-                     (("screened", screened), ("full", full))}
-            print(json.dumps({"arch": arch, "images": args.images, "screened_s": round(screened.seconds, 1), "full_s": round(full.seconds, 1),
-                              "screening": screened.screening, "same_plan": (screened.ranks, screened.keep, screened.tucker)
-                              == (full.ranks, full.keep, full.tucker), "whole_damage": whole,
-                              "macs_after": {"screened": screened.macs_after, "full": full.macs_after}}), flush=True)
+        rows = []
+        for images in (int(n) for n in args.images.split(",")):
+            for arch in args.archs.split(","):
+                screened, full = timed_plan(arch, images), timed_plan(arch, images, screening=False)
+                # the chosen plan, built whole, measured on all the images: the best of the candidates measured whole
+                whole = {name: min(p.candidates.values()) if p.candidates else None for name, p in
+                         (("screened", screened), ("full", full))}
+                same = (screened.ranks, screened.keep, screened.tucker) == (full.ranks, full.keep, full.tucker)
+                print(json.dumps({"arch": arch, "images": images, "screened_s": round(screened.seconds, 1),
+                                  "full_s": round(full.seconds, 1), "screening": screened.screening, "same_plan": same,
+                                  "whole_damage": whole,
+                                  "macs_after": {"screened": screened.macs_after, "full": full.macs_after}}), flush=True)
+                rows.append([arch.replace("resnet_", "ResNet-"), f"{images} ({screened.screening['images']})",
+                             f"{screened.seconds:.1f} s", f"{full.seconds:.1f} s",
+                             f"{screened.screening['confirmed']} of {screened.screening['options']}",
+                             f"{whole['screened']:.4f}, the same plan" if same
+                             else f"{whole['screened']:.4f} (unscreened {whole['full']:.4f})"])
+        if args.record:
+            from record import write_table
+
+            write_table("planner_screening", ["model", "images (screen)", "screened (default)",
+                                              "every option on every image", "options confirmed",
+                                              "whole damage of the chosen plan"], rows,
+                        note="`norton.plan(model, digits images, target_macs=0.6)`, random initial weights, "
+                             "2 cores; both ways one after the other in one process.")
         return
     if args.targets:
         import time

@@ -5,7 +5,8 @@
 - reference/cli.md: every command and every flag, from the argparse parsers of ``norton.cli``;
 - reference/api.md: one mkdocstrings entry for every name ``norton/__init__.py`` exports;
 - results/*.md: the tables of the recorded results (``docs/*.json``) as their renderers write them;
-- report/report.md: the paper's analyses from ``docs/report/report.json`` (``norton report``'s record).
+- report/report.md: the paper's analyses from ``docs/report/report.json`` (``norton report``'s record);
+- results/tables/*.md: each benchmark table recorded by ``benchmarks/record.py``, which the guides include.
 
 The test suite fails when a committed page differs from what this writes.
 """
@@ -172,6 +173,23 @@ PAGES = {
     "results/zoo_timm.md": _zoo_page("zoo_timm.json", "timm classifiers through norton",
                                      ".venv/bin/python benchmarks/zoo.py --size 224 --timm", True),
 }
+
+
+def _table_page(record_path: pathlib.Path):
+    def page() -> str:
+        import json
+
+        sys.path.insert(0, str(HERE.parent / "benchmarks"))
+        import record
+
+        return record.render_table(json.loads(record_path.read_text()))
+
+    return page
+
+
+# benchmarks' tables (benchmarks/record.py), included by the guides with --8<-- "docs/results/tables/<name>.md"
+PAGES.update({f"results/tables/{path.stem}.md": _table_page(path)
+              for path in sorted((HERE / "results" / "tables").glob("*.json"))})
 
 
 def main() -> None:

@@ -65,3 +65,31 @@ def test_the_site_builds_strict(tmp_path):
                             capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "api" / "index.html").exists()
+
+
+def test_a_benchmark_table_is_recorded_with_its_source_and_rendered_from_the_record(tmp_path, monkeypatch):
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import record
+
+    sys.path.pop(0)
+    monkeypatch.setattr(record, "TABLES", tmp_path)
+    path = record.write_table("demo", ["model", "time"], [["ResNet-20", "1.5 s"], ["a|b", 2]], command="make it")
+    saved = json.loads(pathlib.Path(path).read_text())
+    assert saved["rows"] == [["ResNet-20", "1.5 s"], ["a|b", "2"]] and saved["command"] == "make it"
+    assert saved["commit"] and saved["date"] and saved["machine"]["cpu"]
+    text = record.render_table(saved)
+    assert text.startswith("| model | time |\n|---|---|\n| ResNet-20 | 1.5 s |\n| a\\|b | 2 |\n")
+    assert f"`make it` ({saved['date']}, commit {saved['commit']}" in text
+    with pytest.raises(ValueError, match="every row needs 2 cells"):
+        record.write_table("bad", ["model", "time"], [["only one"]])
+
+
+def test_every_table_a_guide_includes_is_a_recorded_one():
+    import re
+
+    for page in (ROOT / "docs").rglob("*.md"):
+        for included in re.findall(r'--8<-- "([^"]+)"', page.read_text()):
+            assert included.startswith("docs/results/tables/") and (ROOT / included).exists(), (page, included)
+            assert (ROOT / included).with_suffix(".json").exists(), (page, included)
