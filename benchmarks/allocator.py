@@ -24,6 +24,7 @@ import sys
 
 import torch
 from latency import build, faulted_step, sgd_step
+from record import Table
 from train_overhead import median_ci
 
 from norton.core import tune_allocator
@@ -61,15 +62,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cases", nargs="+", default=CASES, metavar="ARCH:RANK")
+    parser.add_argument("--record", default=None, metavar="NAME",
+                        help="record the table under this name (docs/results/tables/NAME.json)")
     parser.add_argument("--child", nargs=2, metavar=("ARCH", "RANK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]), args.steps)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of one process "
           f"per setting, {args.steps} timed steps each\n")
-    print("| model | step, default allocator | step, tuned | default / tuned (95 % CI) "
-          "| page faults per step: default / tuned | peak memory: default / tuned |")
-    print("|---|---|---|---|---|---|")
+    table = Table(["model", "step, default allocator", "step, tuned", "default / tuned (95 % CI)",
+                   "page faults per step: default / tuned", "peak memory: default / tuned"])
     for case in args.cases:
         arch, _, rank = case.partition(":")
         rank = int(rank or 0)
@@ -80,11 +82,14 @@ def main() -> None:
         ratio = median_ci([d["step"] / t["step"] for d, t in zip(runs["default"], runs["tuned"])])
         med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in ("step", "faults", "peak_mb")} for s in SETTINGS}
         name = f"{arch} " + (f"rank {rank}" if rank else "dense")
-        print(f"| {name} | {1000 * med['default']['step']:.0f} ms | {1000 * med['tuned']['step']:.0f} ms "
-              f"| {ratio[0]:.3f}× ({ratio[1]:.3f}–{ratio[2]:.3f}) "
-              f"| {med['default']['faults']:.0f} / {med['tuned']['faults']:.0f} "
-              f"| {med['default']['peak_mb']:.0f} / {med['tuned']['peak_mb']:.0f} MB |", flush=True)
-
+        table.add([name, f"{1000 * med['default']['step']:.0f} ms", f"{1000 * med['tuned']['step']:.0f} ms",
+                   f"**{ratio[0]:.3f}×** ({ratio[1]:.3f}–{ratio[2]:.3f})",
+                   f"{med['default']['faults']:.0f} / {med['tuned']['faults']:.0f}",
+                   f"{med['default']['peak_mb']:.0f} / {med['tuned']['peak_mb']:.0f} MB"])
+    if args.record:
+        table.record(args.record, note=f"Each setting in its own process (the setting is process-wide), the order "
+                     f"alternated, {args.rounds} rounds of {args.steps} timed training steps; the median of the "
+                     "per-round ratios with a 95 % bootstrap interval.")
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,13 @@
     .venv/bin/python benchmarks/latency.py            # every reference config with rank > 0
     .venv/bin/python benchmarks/latency.py --train    # also training steps (VGG-16-BN r8, ResNet-56 r4)
     .venv/bin/python benchmarks/latency.py --train-only
+    .venv/bin/python benchmarks/latency.py --train --record   # record the deploy guide's tables
 
 For each config of tests/reference/complexity.json with rank > 0: latency of
-the uncompressed dense network, of the compressed network as the research code
-runs it (three convs per CPDBlock), and of ``norton.deploy`` of it; CIFAR
+the uncompressed dense network (eager, and deployed by ``norton.deploy`` the same
+way: the 1.00× a deployed model is compared against), of the compressed network
+as the research code runs it (three convs per CPDBlock), and of
+``norton.deploy`` of it; CIFAR
 models at batch 128, 32×32, ResNet-50 at batch 8, 224×224.  Random weights:
 latency does not depend on their values.  All runs of one config interleave,
 so machine noise hits every model alike; quote the ratios.  The allocator is set
@@ -24,6 +27,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from record import Table
 
 from norton import create_model
 from norton.core import complexity, tune_allocator, tune_plans
@@ -55,10 +60,13 @@ def inference_rows(repeats: int) -> list[dict]:
             if hasattr(m, "set_plan"):
                 m.set_plan("separable")
         deployed, report = deploy(compressed, x)
+        dense_deployed, _ = deploy(dense, x)
         f = complexity(dense, size).macs / complexity(compressed, size).macs
-        lat = compare_latency({"dense": dense, "three-conv": three_conv, "deployed": deployed}, x, repeats=repeats)
+        lat = compare_latency({"dense": dense, "dense deployed": dense_deployed, "three-conv": three_conv,
+                               "deployed": deployed}, x, repeats=repeats)
         rows.append({"arch": arch, "rank": rank, "compress_rate": rate, "batch": batch, "input": size, "macs_factor": f,
-                     "dense_ms": lat["dense"].median_ms, "three_conv_ms": lat["three-conv"].median_ms,
+                     "dense_ms": lat["dense"].median_ms, "dense_deployed_ms": lat["dense deployed"].median_ms,
+                     "three_conv_ms": lat["three-conv"].median_ms,
                      "deployed_ms": lat["deployed"].median_ms, "plans": report.layers, "channels_last": report.channels_last})
     return rows
 
@@ -135,6 +143,8 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="only the training steps")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--device", default="cpu", help="training steps on this device (cuda: skipped without a GPU)")
+    parser.add_argument("--record", action="store_true",
+                        help="record the tables the deploy guide shows (docs/results/tables/latency_*.json)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"{args.device}: no CUDA device on this machine; GPU figures skipped")
@@ -143,24 +153,37 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator_label()}\n")
     rows = [] if args.train_only else inference_rows(args.repeats)
     args.train = args.train or args.train_only
-    if rows:
-        print("| config | batch × input | MACs ÷ | dense | three-conv | deployed | deployed vs dense | vs three-conv | target |")
-        print("|---|---|---|---|---|---|---|---|---|")
+    table = Table(["config", "batch × input", "MACs ÷", "dense (eager)", "dense deployed", "three-conv", "deployed",
+                   "deployed vs dense deployed", "vs dense (eager)", "vs three-conv",
+                   "target (vs dense deployed)"]) if rows else None
     for r in rows:
         target = min(8.0, max(1.0, 0.6 * r["macs_factor"]))
-        speed = r["dense_ms"] / r["deployed_ms"]
-        print(f"| {r['arch']} r{r['rank']} `{r['compress_rate']}` | {r['batch']} × {r['input']}² | {r['macs_factor']:.1f} "
-              f"| {r['dense_ms']:.1f} ms | {r['three_conv_ms']:.1f} ms | {r['deployed_ms']:.1f} ms | {speed:.2f}× "
-              f"| {r['three_conv_ms'] / r['deployed_ms']:.2f}× | ≥ {target:.2f}× {'✓' if speed >= target else '✗'} |")
+        speed = r["dense_deployed_ms"] / r["deployed_ms"]
+        table.add([f"{r['arch']} r{r['rank']} `{r['compress_rate']}`", f"{r['batch']} × {r['input']}²",
+                   f"{r['macs_factor']:.1f}", f"{r['dense_ms']:.1f} ms", f"{r['dense_deployed_ms']:.1f} ms",
+                   f"{r['three_conv_ms']:.1f} ms", f"{r['deployed_ms']:.1f} ms", f"**{speed:.2f}×**",
+                   f"{r['dense_ms'] / r['deployed_ms']:.2f}×", f"{r['three_conv_ms'] / r['deployed_ms']:.2f}×",
+                   f"≥ {target:.2f}× {'✓' if speed >= target else '✗'}"])
+    train_table = None
     if args.train:
-        print("\n| training step, batch 128, 32×32 | dense | three-conv | as built (auto) | tuned plans | auto / dense | target |")
-        print("|---|---|---|---|---|---|---|")
+        train_table = Table(["training step, batch 128, 32×32", "dense", "three-conv", "as built (auto)",
+                             "tuned plans", "as built / dense", "target"])
         for arch, rank in TRAIN_CASES:
             t = train_step_ratio(arch, rank, args.repeats, device)
             ratio = t["as built (auto) / dense"]
-            print(f"| {arch} rank {rank} | {t['dense']:.0f} ms | {t['three-conv']:.0f} ms ({t['three-conv / dense']:.2f}×) "
-                  f"| {t['as built (auto)']:.0f} ms | {t['tuned plans']:.0f} ms ({t['tuned plans / dense']:.2f}×) "
-                  f"| {ratio:.2f}× | ≤ 1.05× {'✓' if ratio <= 1.05 else '✗'} |")
+            train_table.add([f"{arch} rank {rank}", f"{t['dense']:.0f} ms",
+                             f"{t['three-conv']:.0f} ms ({t['three-conv / dense']:.2f}×)", f"{t['as built (auto)']:.0f} ms",
+                             f"{t['tuned plans']:.0f} ms ({t['tuned plans / dense']:.2f}×)", f"{ratio:.2f}×",
+                             f"≤ 1.05× {'✓' if ratio <= 1.05 else '✗'}"])
+    if args.record:
+        allocator = allocator_label()
+        if table:
+            table.record("latency_inference", note=f"Random weights, {torch.get_num_threads()} threads, every model of "
+                         f"a row timed in one interleaved run ({args.repeats} repeats, medians); allocator {allocator}.")
+        if train_table:
+            train_table.record("latency_training", note=f"Forward + backward + SGD step; each model timed against the "
+                               f"dense one in {args.repeats} adjacent pairs of alternating order, a ratio the median of "
+                               f"the per-pair ratios; allocator {allocator}.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

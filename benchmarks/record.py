@@ -46,3 +46,21 @@ def render_table(record: dict) -> str:
     source = (f"\n*Measured by `{record['command']}` ({made}); recorded in "
               f"`docs/results/tables/{record['name']}.json`.*")
     return "\n".join(lines) + "\n" + (f"\n{record['note']}\n" if record.get("note") else "") + source + "\n"
+
+
+class Table:
+    """A benchmark's table as it is measured: each row printed at once (markdown),
+    kept, and recorded at the end with ``record`` (``--record``)."""
+
+    def __init__(self, columns: list[str]):
+        self.columns, self.rows = columns, []
+        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns), flush=True)
+
+    def add(self, cells: list) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"a row needs {len(self.columns)} cells, got {len(cells)}")
+        self.rows.append([str(c) for c in cells])
+        print("| " + " | ".join(self.rows[-1]) + " |", flush=True)
+
+    def record(self, name: str, note: str = "") -> str:
+        return write_table(name, self.columns, self.rows, note=note)

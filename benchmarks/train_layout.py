@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from record import Table
+
 from norton.models import create_model
 from norton.training import TrainConfig, fit
 from norton.training.data import ArrayDataset
@@ -40,14 +42,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="epochs in each layout, alternated")
     parser.add_argument("--images", type=int, default=1280, help="training images per epoch")
+    parser.add_argument("--record", action="store_true", help="record the deploy guide's table (docs/results/tables)")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     data = ArrayDataset(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
                         torch.randint(0, 10, (args.images,), generator=g), (0.5,) * 3, (0.25,) * 3)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of one epoch "
           f"of {args.images} images in each layout\n")
-    print("| model | contiguous epoch (median) | contiguous / channels-last (median, min–max) |")
-    print("|---|---|---|")
+    table = Table(["model", "contiguous epoch (median)", "contiguous / channels-last (median, min–max)"])
     for arch, rank in CASES:
         times = {False: [], True: []}
         for i in range(args.rounds + 1):  # the first round warms up
@@ -57,9 +59,11 @@ def main() -> None:
                     times[channels_last].append(seconds)
         ratios = sorted(a / b for a, b in zip(times[False], times[True]))
         name = f"{arch} rank {rank}" if rank else f"{arch} dense"
-        print(f"| {name} | {statistics.median(times[False]):.1f} s | **{statistics.median(ratios):.3f}×** "
-              f"({ratios[0]:.3f}–{ratios[-1]:.3f}) |", flush=True)
-
+        table.add([name, f"{statistics.median(times[False]):.1f} s", f"**{statistics.median(ratios):.3f}×** "
+                   f"({ratios[0]:.3f}–{ratios[-1]:.3f})"])
+    if args.record:
+        table.record("train_layout", note=f"{args.rounds} rounds of one `fit` epoch of {args.images} CIFAR-shaped "
+                     "images at batch 128 in each layout, the order alternated (a first round warms up).")
 
 if __name__ == "__main__":
     main()

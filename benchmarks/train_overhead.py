@@ -40,6 +40,7 @@ import time
 
 import torch
 from latency import allocator_label, build, faulted_step, sgd_step
+from record import Table
 
 from norton.core import CPDBlock
 
@@ -142,14 +143,16 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="also the channels-last columns (3.)")
     parser.add_argument("--profile", action="store_true",
                         help="also torch.profiler's self-CPU time per step of the dense and the as-built model (4.)")
+    parser.add_argument("--record", action="store_true", help="record the deploy guide's table (docs/results/tables)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} rounds, "
           f"allocator: {allocator_label()}\n")
     fmt = lambda r: f"{r[0]:.3f}× ({r[1]:.3f}–{r[2]:.3f})"  # noqa: E731
-    print("| model | recomposition per step: dense_weight / earlier orientation | dense step "
-          "| as built / dense (95 % CI) | identical dense twin / dense (the noise) | page faults per step: dense / as built |"
-          + (" channels-last: as built / dense | dense contiguous / dense channels-last |" if args.channels_last else ""))
-    print("|---|---|---|---|---|---|" + ("---|---|" if args.channels_last else ""))
+    table = Table(["model", "recomposition per step: dense_weight / earlier orientation", "dense step",
+                   "as built / dense (95 % CI)", "identical dense twin / dense (the noise)",
+                   "page faults per step: dense / as built",
+                   *(["channels-last: as built / dense", "dense contiguous / dense channels-last"]
+                     if args.channels_last else [])])
     profiles = []
     for arch, rank in CASES:
         torch.manual_seed(0)
@@ -159,20 +162,25 @@ def main() -> None:
         rec = recomposition_ms(ours.train(), args.pairs)
         plain, dense_ms, faults = step_ratios({"dense": dense, "twin": twin, "ours": ours}, {"dense": x, "twin": x, "ours": x},
                                       y, args.pairs)
-        row = (f"| {arch} rank {rank} | {rec['dense_weight']:.0f} / {rec['earlier orientation']:.0f} ms | {dense_ms:.0f} ms "
-               f"| {fmt(plain['ours'])} | {fmt(plain['twin'])} | {faults['dense']:.0f} / {faults['ours']:.0f} |")
+        row = [f"{arch} rank {rank}", f"{rec['dense_weight']:.0f} / {rec['earlier orientation']:.0f} ms",
+               f"{dense_ms:.0f} ms", f"**{fmt(plain['ours'])}**", fmt(plain['twin']),
+               f"{faults['dense']:.0f} / {faults['ours']:.0f}"]
         if args.channels_last:
             x_cl = x.contiguous(memory_format=torch.channels_last)
             cl, _, _ = step_ratios({"dense": copy.deepcopy(dense).to(memory_format=torch.channels_last),
                                  "ours": copy.deepcopy(ours).to(memory_format=torch.channels_last), "contiguous": dense},
                                 {"dense": x_cl, "ours": x_cl, "contiguous": x}, y, args.pairs)
-            row += f" {fmt(cl['ours'])} | {fmt(cl['contiguous'])} |"
-        print(row, flush=True)
+            row += [fmt(cl['ours']), fmt(cl['contiguous'])]
+        table.add(row)
         if args.profile:
             models = {"dense": dense, "as built": ours, "copied kernels": with_copied_kernels(dense)}
             for order in (list(models), list(models)[::-1]):
                 ops = {name: profile_step(models[name], x, y) for name in order}
                 profiles.append((f"{arch} rank {rank}", order, ops))
+    if args.record:
+        table.record("train_overhead", note=f"{args.pairs} rounds of one training step (batch 128, 32×32) of every "
+                     f"model, the order rotated every round; the median of the per-round ratios with a 95 % bootstrap "
+                     f"interval; allocator {allocator_label()}.")
     for name, order, ops in profiles:
         print(f"\n{name}, torch.profiler, self-CPU ms per step (mean of 3), profiled in the order {', '.join(order)}:")
         for op in ("all operators", "aten::convolution_backward", "aten::bmm"):

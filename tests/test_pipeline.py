@@ -93,6 +93,12 @@ def test_demo_runs_through_the_same_code_on_tiny_data(tmp_path):
     assert level["final"]["macs"] < level["baseline"]["macs"]
     assert f"{level['final']['top1']:.2f} %" in table  # the table holds the measured numbers
     assert (tmp_path / "demo" / "accuracy_vs_macs.png").stat().st_size > 10_000
+    # results.md is rendered from results.json alone (the docs render their copy the same way), latency deployed
+    from norton.evidence.demo import demo_markdown
+
+    assert (tmp_path / "demo" / "results.md").read_text() == demo_markdown(results)
+    assert results["latency"] == "deployed" and set(results["latency_ms"]) == {"baseline", "NORTON rank 2, prune 50%"}
+    assert f"{results['latency_ms']['baseline']:.1f} ms" in table
 
 
 def test_demo_runs_on_an_image_folder_with_its_classes_and_channels(tmp_path, capsys):
