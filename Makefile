@@ -54,9 +54,7 @@ zoo: $(STAMP)
 	$(VENV)/bin/python benchmarks/zoo.py --timm --timeout 120 --resume
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/cp_speed.py
-	$(VENV)/bin/python benchmarks/cp_speed.py --out 512 --in 512
-	$(VENV)/bin/python benchmarks/cp_speed.py --weights uniform
+	$(VENV)/bin/python benchmarks/cp_speed.py --cases kaiming:256:256,kaiming:512:512,uniform:256:256
 	$(VENV)/bin/python benchmarks/decompose_speed.py
 	$(VENV)/bin/python benchmarks/decompose_speed.py --device cuda
 	$(VENV)/bin/python benchmarks/pabs_speed.py

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/cp_speed.py            # (256, 256, 3, 3), rank 8
     .venv/bin/python benchmarks/cp_speed.py --out 512 --in 512
+    .venv/bin/python benchmarks/cp_speed.py --cases kaiming:256:256,kaiming:512:512,uniform:256:256 --record
 
 The research code calls ``tensorly.decomposition.parafac`` once per filter
 (random init, 300 iterations); norton decomposes the whole layer at once.
@@ -16,6 +17,8 @@ import numpy as np
 import tensorly as tl
 import torch
 from tensorly.decomposition import parafac
+
+from record import Table
 
 from norton import cp_als, nmse
 
@@ -63,25 +66,36 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--weights", choices=sorted(CASES), default="kaiming")
     parser.add_argument("--repeats", type=int, default=3, help="norton runs (median reported)")
+    parser.add_argument("--cases", default=None, metavar="WEIGHTS:N:C,...",
+                        help="several weights in one run, e.g. kaiming:256:256,kaiming:512:512,uniform:256:256")
+    parser.add_argument("--record", action="store_true", help="record the decomposition guide's table")
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    n, c, k, r = args.out, args.c_in, args.kernel, args.rank
-    weight = CASES[args.weights](n, c, k)
-    print(f"weight {tuple(weight.shape)} ({args.weights}), rank {r}, torch threads {torch.get_num_threads()}")
-    ours_t, ours_e, iters = norton_batched(weight, r, args.repeats)
-    print(f"norton batched CP-ALS:      {ours_t:8.3f} s   mean NMSE {ours_e:.5f}   ({iters} sweeps, SVD init, defaults)")
-    ref_t, ref_e = tensorly_loop(weight, r)
-    print(f"tensorly parafac per filter: {ref_t:8.3f} s   mean NMSE {ref_e:.5f}   (random init, 300 iterations)")
-    ratio = ref_t / ours_t
-    print(f"speed-up: {ratio:.1f}x (target >= 100x {'ok' if ratio >= 100 else 'MISSED'})   "
-          f"NMSE ratio (norton / tensorly): {ours_e / ref_e:.4f} (target <= 1.02 {'ok' if ours_e <= 1.02 * ref_e else 'MISSED'})")
-    sweep_macs = 2 * n * c * k * k * r  # one plain ALS sweep of the layer
+    cases = ([(w, int(n), int(c)) for w, n, c in (case.split(":") for case in args.cases.split(","))]
+             if args.cases else [(args.weights, args.out, args.c_in)])
+    k, r = args.kernel, args.rank
     rate = gemm_rate()
-    print(f"time per sweep: {1000 * ours_t / iters:.2f} ms; arithmetic limit of a plain sweep "
-          f"({sweep_macs / 1e6:.1f} M multiply-adds at this machine's float64 GEMM rate {rate / 1e9:.1f} G/s): "
-          f"{1000 * sweep_macs / rate:.3f} ms")
-
+    table = Table(["weight", "norton", "tensorly per filter", "speed-up", "NMSE norton / tensorly", "time per sweep",
+                   "arithmetic limit of a sweep"])
+    for name, n, c in cases:
+        if name not in CASES:
+            raise SystemExit(f"--cases: weights {name!r} is not one of {', '.join(sorted(CASES))}")
+        torch.manual_seed(0)
+        weight = CASES[name](n, c, k)
+        ours_t, ours_e, iters = norton_batched(weight, r, args.repeats)
+        ref_t, ref_e = tensorly_loop(weight, r)
+        ratio = ref_t / ours_t
+        sweep_macs = 2 * n * c * k * k * r  # one plain ALS sweep of the layer
+        table.add([f"{tuple(weight.shape)} {'Kaiming-normal' if name == 'kaiming' else 'uniform in [−1, 1]'}",
+                   f"{ours_t:.3f} s ({iters} sweeps), NMSE {ours_e:.5f}", f"{ref_t:.2f} s, NMSE {ref_e:.5f}",
+                   f"**{ratio:.0f}×**", f"{ours_e / ref_e:.4f}", f"{1000 * ours_t / iters:.2f} ms",
+                   f"{1000 * sweep_macs / rate:.2f} ms"])
+    print(f"targets: speed-up >= 100x, NMSE ratio <= 1.02; float64 GEMM rate {rate / 1e9:.1f} G multiply-adds/s")
+    if args.record:
+        table.record("cp_speed", note=f"Rank {r}, norton with its defaults (median of {args.repeats} runs), "
+                     "tensorly's `parafac` once per filter as the research code calls it (random init, 300 "
+                     f"iterations), both on the same weight in one process; {torch.get_num_threads()} threads. The "
+                     "arithmetic limit is one plain ALS sweep of the layer (2·N·C·k²·R multiply-adds) at this "
+                     "machine's float64 matrix-product rate, measured in the same run.")
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from record import Table
+
 import norton
 from norton.compression.criteria import greedy_eliminate, pabs_distances
 
@@ -35,6 +37,7 @@ def timed(fn, device: torch.device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--record", action="store_true", help="record the decomposition guide's table")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"{args.device}: no CUDA device on this machine; GPU figures skipped")
@@ -42,18 +45,25 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"device {device}, torch threads {torch.get_num_threads()}")
+    table = Table(["what", "rank", "seconds", "fit"])
     for arch in ("resnet_50", "vgg_16_bn"):
         model = norton.create_model(arch).to(device)
         report, seconds = timed(lambda: norton.decompose(model, 8, progress=False), device)
-        print(f"{arch} rank 8: {len(report.layers)} layers in {seconds:.2f} s, mean NMSE {report.mean_nmse:.4f}")
+        table.add([f"{arch}: every k×k conv ({len(report.layers)} layers)", 8, f"{seconds:.2f} s",
+                   f"mean NMSE {report.mean_nmse:.4f}"])
     weight = (torch.randn(768, 3, 32, 32) * (2.0 / (3 * 1024)) ** 0.5).to(device)
     result, seconds = timed(lambda: norton.cp_als(weight, 8), device)
-    print(f"ViT-B/32 patch embedding (768, 3, 32, 32) rank 8: {seconds:.2f} s, {result.n_iter} sweeps, "
-          f"mean NMSE {float(norton.nmse(weight, result.factors).mean()):.4f}")
+    table.add(["ViT-B/32 patch embedding (768, 3, 32, 32)", 8, f"{seconds:.2f} s",
+               f"{result.n_iter} sweeps, mean NMSE {float(norton.nmse(weight, result.factors).mean()):.4f}"])
     factors = tuple(f.to(device) for f in (torch.randn(512, 512, 8), torch.randn(512, 3, 8), torch.randn(512, 3, 8)))
+    _, first = timed(lambda: greedy_eliminate(pabs_distances(factors), 256), device)
     _, seconds = timed(lambda: greedy_eliminate(pabs_distances(factors), 256), device)
-    print(f"pabs + greedy selection, 512 filters, C_in 512, rank 8: {seconds:.2f} s")
-
+    table.add(["pabs distances + greedy selection of 256 of 512 filters (C_in 512)", 8,
+               f"{seconds:.2f} s (the first call in the process: {first:.2f} s)", "—"])
+    if args.record:
+        table.record("decompose_speed" if device.type == "cpu" else f"decompose_speed_{device.type}",
+                     note=f"Random weights (the hardest case for a low-rank fit), {device}, "
+                          f"{torch.get_num_threads()} threads, one run each.")
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,8 @@ from unittest import mock
 
 import torch
 
+from record import Table
+
 from norton.compression import kernels
 from norton.compression.criteria import csa_similarities, greedy_eliminate, pabs_distances, vbd_distances
 
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of filters kept")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls after the first, per criterion")
     parser.add_argument("--skip-loop", action="store_true", help="leave out the pair-by-pair loop (minutes)")
+    parser.add_argument("--record", action="store_true", help="record the pruning guide's table")
     args = parser.parse_args()
     torch.manual_seed(0)
     n, r = args.filters, args.rank
@@ -75,25 +78,31 @@ def main() -> None:
     }
     _, first = timed(criteria["pabs"])
     print(f"first call in the process (pabs; imports numba, loads the kernels): {first:.2f} s")
-    print(f"{'criterion + greedy':<22}{'median':>9}{'min':>8}{'max':>8}   target < {TARGET_SECONDS} s")
+    table = Table(["what", "median", "min–max", f"target < {TARGET_SECONDS} s"])
     for name, run in criteria.items():
         times = [timed(run)[1] for _ in range(args.repeats)]
         median = statistics.median(times)
-        print(f"{name:<22}{median:>8.3f}s{min(times):>7.3f}s{max(times):>7.3f}s   "
-              f"{'ok' if median < TARGET_SECONDS else 'MISSED'}")
-
+        table.add([f"{name} + greedy selection", f"**{median:.3f} s**", f"{min(times):.3f}–{max(times):.3f} s",
+                   "✓" if median < TARGET_SECONDS else "✗"])
+    table.add(["pabs + greedy, the first call in the process (imports numba, loads the compiled kernels)",
+               f"{first:.2f} s", "—", "—"])
     fast, t_fast = timed(pabs_distances, factors)
     lapack, t_lapack = timed(batched_lapack_pabs, factors)
-    print(f"pabs distances alone: compiled kernel {t_fast:.3f} s, batched LAPACK eigvalsh {t_lapack:.3f} s "
-          f"({t_lapack / t_fast:.1f}x); max |difference| {float((fast - lapack).abs().max()):.1e}")
-    if args.skip_loop:
-        return
-    kept_fast, t_sel = timed(greedy_eliminate, fast, keep)
-    slow, t_slow = timed(loop_pabs, factors)
-    kept_slow = greedy_eliminate(slow, keep)
-    print(f"pairwise loop: {t_slow:.2f} s ({t_slow / (t_fast + t_sel):.0f}x norton's pabs + greedy); "
-          f"max |distance difference| {float((fast - slow).abs().max()):.2e}; same kept filters: {kept_fast == kept_slow}")
-
+    table.add(["pabs distances alone: the compiled kernel / batched LAPACK `eigvalsh`",
+               f"{t_fast:.3f} s / {t_lapack:.3f} s ({t_lapack / t_fast:.1f}×)",
+               f"largest difference {float((fast - lapack).abs().max()):.1e}", "—"])
+    if not args.skip_loop:
+        kept_fast, t_sel = timed(greedy_eliminate, fast, keep)
+        slow, t_slow = timed(loop_pabs, factors)
+        kept_slow = greedy_eliminate(slow, keep)
+        table.add(["pabs pair by pair (a Python loop, one `eigvalsh` per pair)",
+                   f"{t_slow:.2f} s ({t_slow / (t_fast + t_sel):.0f}× norton's pabs + greedy)",
+                   f"largest difference {float((fast - slow).abs().max()):.1e}; the same kept filters: "
+                   f"{'yes' if kept_fast == kept_slow else 'NO'}", "—"])
+    if args.record:
+        table.record("pabs_speed", note=f"Random CP factors of a layer of {n} filters, {args.c_in} input channels, "
+                     f"rank {r}, keeping {keep}; {args.repeats} timed calls per criterion after the first; "
+                     f"{torch.get_num_threads()} threads.")
 
 if __name__ == "__main__":
     main()
