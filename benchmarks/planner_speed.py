@@ -87,7 +87,7 @@ def layout_ms(repeats: int = 20) -> dict[str, float]:
     return {name: round(statistics.median(t[3:]), 1) for name, t in times.items()}
 
 
-def resnet50_eta(seconds: int) -> None:
+def resnet50_eta(seconds: int, record: bool = False) -> None:
     import re
     import subprocess
     import sys
@@ -108,6 +108,19 @@ def resnet50_eta(seconds: int) -> None:
         if match and "|" in line:
             last[match[1]] = line.strip()
     print(json.dumps({"limit_s": seconds, "stages": last, "finished": out.strip() or None}, indent=1))
+    if record:
+        from record import write_table
+
+        rows = []
+        for stage, line in last.items():
+            match = re.search(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+),\s*([^\]]+)\]", line)
+            if match:
+                done, total, spent, left, rate = match.groups()
+                rows.append([stage.removeprefix("plan: "), f"{done} of {total}", spent, rate.strip(), left])
+        write_table("planner_resnet50", ["stage", "done", "time", "rate", "tqdm's estimate of the rest"], rows,
+                    note=f"A randomly initialised ResNet-50, 256 random 224×224 images in four batches of 64 (screened "
+                         f"on the first 128), `target_macs=0.6`, stopped after {seconds} s"
+                         + (f"; {out.strip()}" if out.strip() else "") + ".")
 
 
 def main() -> None:
@@ -119,13 +132,14 @@ def main() -> None:
     parser.add_argument("--screening", action="store_true", help="screened vs every option on every image")
     parser.add_argument("--images", default="512", help="--screening: calibration images, a comma list (default 512)")
     parser.add_argument("--record", action="store_true",
-                        help="--screening, --costs: record the table the planner guide shows (docs/results/tables)")
+                        help="--screening, --costs, --resnet50: record the table the planner guide shows "
+                             "(docs/results/tables)")
     parser.add_argument("--resnet50", type=int, default=None, metavar="S",
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
     parser.add_argument("--targets", action="store_true", help="two MACs targets in one plan call vs one call each")
     args = parser.parse_args()
     if args.resnet50:
-        resnet50_eta(args.resnet50)
+        resnet50_eta(args.resnet50, args.record)
         return
     if args.layout:
         print(json.dumps(layout_ms()))
