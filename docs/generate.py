@@ -6,6 +6,7 @@
 - reference/api.md: one mkdocstrings entry for every name ``norton/__init__.py`` exports;
 - results/*.md: the tables of the recorded results (``docs/*.json``) as their renderers write them;
 - report/report.md: the paper's analyses from ``docs/report/report.json`` (``norton report``'s record);
+- results/compare_digits.md: the small comparison on scikit-learn's digits (ResNet-56), from ``docs/compare_digits.json``;
 - results/demo.md: ``make demo``'s table from ``docs/demo.json`` (its ``results.json``), which the demo guide includes;
 - results/tables/*.md: each benchmark table recorded by ``benchmarks/record.py``, which the guides include.
 
@@ -88,14 +89,19 @@ def scoreboard_page() -> str:
         render_table(summary), summary)
 
 
-def compare_small_page() -> str:
-    import json
+def _compare_page(source: str, title: str, command: str):
+    def page() -> str:
+        import json
 
-    from norton.evidence.compare import render_table
+        from norton.evidence.compare import render_table
 
-    summary = json.loads((HERE / "compare_small.json").read_text())
-    return "# Comparison (small budget), as recorded\n\n" + _recorded(
-        "compare_small.json", "norton compare --budget small", render_table(summary), summary)
+        summary = json.loads((HERE / source).read_text())
+        return f"# {title}, as recorded\n\n" + _recorded(source, command, render_table(summary), summary)
+
+    return page
+
+
+compare_small_page = _compare_page("compare_small.json", "Comparison (small budget)", "norton compare --budget small")
 
 
 def report_page() -> str:
@@ -179,6 +185,8 @@ PAGES = {
     "reference/cli.md": cli_page, "reference/api.md": api_page,
     "results/scoreboard.md": scoreboard_page, "results/compare_small.md": compare_small_page,
     "report/report.md": report_page, "results/demo.md": demo_page,
+    "results/compare_digits.md": _compare_page("compare_digits.json", "Comparison (small budget) on digits, ResNet-56",
+                                               "norton compare --budget small --data digits --arch resnet_56"),
     "results/zoo.md": _zoo_page("zoo.json", "torchvision classifiers through norton",
                                 ".venv/bin/python benchmarks/zoo.py --size 224", False),
     "results/zoo_timm.md": _zoo_page("zoo_timm.json", "timm classifiers through norton",
