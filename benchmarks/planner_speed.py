@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--screening", action="store_true", help="screened vs every option on every image")
     parser.add_argument("--images", default="512", help="--screening: calibration images, a comma list (default 512)")
     parser.add_argument("--record", action="store_true",
-                        help="--screening, --costs, --resnet50: record the table the planner guide shows "
+                        help="--screening, --costs, --resnet50 and the default: record the table the planner guide shows "
                              "(docs/results/tables)")
     parser.add_argument("--resnet50", type=int, default=None, metavar="S",
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
@@ -142,7 +142,15 @@ def main() -> None:
         resnet50_eta(args.resnet50, args.record)
         return
     if args.layout:
-        print(json.dumps(layout_ms()))
+        ms = layout_ms()
+        print(json.dumps(ms))
+        if args.record:
+            from record import write_table
+
+            write_table("planner_layout", ["probe forward, ResNet-20, 256 16×16 images", "median"],
+                        [[name.replace("_", "-"), f"{value} ms"] for name, value in ms.items()],
+                        note="A batch-statistics forward as the probes run it, both layouts in 20 alternating rounds "
+                             "(after 3 warm-up rounds); 2 cores.")
         return
     if args.costs:
         rows = []
@@ -201,13 +209,24 @@ def main() -> None:
                               "same_plans": [(a.ranks, a.keep, a.tucker) == (b.ranks, b.keep, b.tucker)
                                              for a, b in zip(jointly, alone)]}), flush=True)
         return
+    rows = []
     for arch in args.archs.split(","):
         fast = timed_plan(arch, 512, recover=args.recover)
         slow = timed_plan(arch, 512, in_place=False, recover=args.recover)
         same = (fast.ranks, fast.keep, fast.tucker) == (slow.ranks, slow.keep, slow.tucker)
+        rel = abs(fast.damage - slow.damage) / slow.damage
         print(json.dumps({"arch": arch, "recover": args.recover, "in_place_s": round(fast.seconds, 1), "surgery_s": round(slow.seconds, 1),
-                          "same_plan": same, "damage_rel_diff": abs(fast.damage - slow.damage) / slow.damage}),
-              flush=True)
+                          "same_plan": same, "damage_rel_diff": rel}), flush=True)
+        rows.append([arch.replace("resnet_", "ResNet-"), f"{fast.seconds:.1f} s", f"{slow.seconds:.1f} s",
+                     "yes" if same else f"no (damages {rel:.1e} apart)"])
+    if args.record:
+        from record import write_table
+
+        write_table("planner_in_place" + ("_recover" if args.recover else ""),
+                    ["model", "in place (the planner)", "surgery path", "the same plan"], rows,
+                    note="`norton.plan(model, 512 digits images, target_macs=0.6" + (", recover=True" if args.recover else "")
+                         + ")`, random initial weights, screened both ways, one after the other in one process; "
+                         "2 cores.")
 
 
 if __name__ == "__main__":
