@@ -16,7 +16,7 @@ import shlex
 import sys
 
 from norton.checkpoints import atomic_write_text
-from norton.core.devices import machine_record, provenance
+from norton.core.devices import machine_record, provenance, provenance_text
 
 TABLES = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results" / "tables"
 
@@ -36,13 +36,20 @@ def write_table(name: str, columns: list[str], rows: list[list], command: str | 
     return str(path)
 
 
+def header(columns: list[str]) -> str:
+    """A markdown table's header and rule."""
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
 def render_table(record: dict) -> str:
     """The markdown a guide includes: the table, then where it comes from."""
     machine = record.get("machine") or {}
-    lines = ["| " + " | ".join(record["columns"]) + " |", "|" + "---|" * len(record["columns"])]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in record["rows"]]
-    made = ", ".join(x for x in (record.get("date"), record.get("commit") and f"commit {record['commit']}",
-                                 machine.get("cpu") and f"{machine['cpu']}, torch {machine.get('torch')}") if x)
+    lines = [header(record["columns"]), *(markdown_row(row) for row in record["rows"])]
+    made = provenance_text(record, machine.get("cpu") and f"{machine['cpu']}, torch {machine.get('torch')}")
     source = (f"\n*Measured by `{record['command']}` ({made}); recorded in "
               f"`docs/results/tables/{record['name']}.json`.*")
     return "\n".join(lines) + "\n" + (f"\n{record['note']}\n" if record.get("note") else "") + source + "\n"
@@ -54,13 +61,13 @@ class Table:
 
     def __init__(self, columns: list[str]):
         self.columns, self.rows = columns, []
-        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns), flush=True)
+        print(header(columns), flush=True)
 
     def add(self, cells: list) -> None:
         if len(cells) != len(self.columns):
             raise ValueError(f"a row needs {len(self.columns)} cells, got {len(cells)}")
         self.rows.append([str(c) for c in cells])
-        print("| " + " | ".join(self.rows[-1]) + " |", flush=True)
+        print(markdown_row(self.rows[-1]), flush=True)
 
     def record(self, name: str, note: str = "") -> str:
         return write_table(name, self.columns, self.rows, note=note)

@@ -155,6 +155,7 @@ def readme_scoreboard() -> str:
     """The README's results table and the sentence that says where it comes from, from docs/scoreboard.json."""
     import json
 
+    from norton.core import provenance_text
     from norton.evidence.compare import DATA_NAMES, headline_table
 
     summary = json.loads((HERE / "scoreboard.json").read_text())
@@ -163,7 +164,7 @@ def readme_scoreboard() -> str:
     seeds = sorted({r["seed"] for r in summary["runs"]})
     trained = (f"trained {base['epochs']} epochs, {'converged' if base.get('converged') else 'not converged'}"
                if base.get("epochs") else "trained")
-    made = ", ".join(x for x in (summary.get("date"), summary.get("commit") and f"commit {summary['commit']}") if x)
+    made = provenance_text(summary)
     return (f"`{summary.get('command') or 'norton compare --budget ' + summary['budget']}`"
             f"{f' ({made})' if made else ''}: {summary['arch'].replace('resnet_20', 'ResNet-20')} on "
             f"{DATA_NAMES.get(summary['data'], summary['data'])}, {summary['minutes']:.0f} min on "

@@ -25,6 +25,7 @@ from norton.core.devices import (
     device_name,
     machine_record,
     provenance,
+    provenance_text,
     resolve_device,
     resolve_dtype,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "device_name",
     "machine_record",
     "provenance",
+    "provenance_text",
     "fit_compress_rate",
     "format_compress_rate",
     "is_decomposable",

@@ -120,6 +120,11 @@ def provenance(command: str | None = None) -> dict[str, str | None]:
             "commit": commit or "unknown", "command": command}
 
 
+def provenance_text(record: dict, *more: str | None) -> str:
+    """A record's ``provenance`` as a page prints it: "date, commit X" and ``more`` (parts left out where empty)."""
+    return ", ".join(x for x in (record.get("date"), record.get("commit") and f"commit {record['commit']}", *more) if x)
+
+
 @contextlib.contextmanager
 def deterministic_numerics(device: torch.device | str | None = None):
     """Reproducible float32 arithmetic while inside: on CUDA, cuDNN's

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from norton.checkpoints import load_checkpoint, load_model
-from norton.core import machine_record, provenance
+from norton.core import machine_record, provenance, provenance_text
 from norton.deployment import compare_latency, deploy
 from norton.evidence.compare import DATA_NAMES, CompareBudget, comparison_splits
 from norton.evidence.plotting import accuracy_vs_macs_axes, pyplot, save
@@ -127,8 +127,7 @@ def demo_markdown(record: dict) -> str:
     """``results.md``: what the demo measured, rendered from its ``results.json`` alone."""
     b = record["budget"]
     machine = record.get("machine") or {}
-    made = ", ".join(x for x in (record.get("date"), record.get("commit") and f"commit {record['commit']}",
-                                 machine.get("cpu")) if x)
+    made = provenance_text(record, machine.get("cpu"))
     header = (f"NORTON on {record['data']} (ResNet-20), measured by `{record.get('command') or 'norton demo'}` in "
               f"{record['minutes']:.1f} min on {record['threads']} CPU threads ({made}).\n"
               f"Training subset: {b['train_images']} images (+{b['val_images']} validation), baseline "
