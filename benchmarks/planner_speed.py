@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/planner_speed.py                  # ResNet-20 and ResNet-56, both ways
     .venv/bin/python benchmarks/planner_speed.py --costs          # ResNet-20 at 128/256/512 images, 8 and 4 keep steps
-    .venv/bin/python benchmarks/planner_speed.py --layout         # one probe forward, channels-last vs contiguous
+    .venv/bin/python benchmarks/planner_speed.py --layout         # one probe forward: contiguous, channels-last, traced
     .venv/bin/python benchmarks/planner_speed.py --recover        # recover=True: refits from input sums vs per option
     .venv/bin/python benchmarks/planner_speed.py --screening      # screened (the default) vs every option on every image
     .venv/bin/python benchmarks/planner_speed.py --resnet50 300   # ResNet-50 at 224×224, 256 images: stages and ETA
     .venv/bin/python benchmarks/planner_speed.py --targets        # 60 % and 85 % in one plan call vs one call each
+    .venv/bin/python benchmarks/planner_speed.py --workers        # options side by side (the default) vs one at a time
 
 ``norton.plan(model, digits calibration images, target_macs=0.6)`` on a
 randomly initialised zoo model (the damages it measures need no training to
@@ -31,6 +32,11 @@ progress line — the options measured, their rate and tqdm's ETA for the rest.
 ``--targets`` plans 60 % and 85 % fewer MACs as ``compare`` does (256 images,
 ``recover=True``): in one ``plan`` call (every option measured once) and in
 one call per target; both wall times, and whether the plans are the same.
+``--workers`` plans each model with the options measured side by side on
+threads (``workers=None``, the default: one per torch thread) and one at a
+time on all threads (``workers=1``), alternating, ``--rounds`` times each;
+the median of each, and whether the plans are the same (their float rounding
+differs: a convolution on one thread sums in another order than on two).
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from norton.training import calibration_batches, load_dataset
 
 
 def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = True, recover: bool = False,
-               screening: bool = True, target=0.6):
+               screening: bool = True, target=0.6, workers: int | None = None):
     warnings.simplefilter("ignore")
     batches = calibration_batches(load_dataset("digits", None, "train"), images, seed=0)
     torch.manual_seed(0)
@@ -57,32 +63,37 @@ def timed_plan(arch: str, images: int, keep_steps: int = 8, in_place: bool = Tru
         planning._InPlace.make = classmethod(lambda cls, *args, **kwargs: None)
     try:
         return plan(model, batches, target_macs=target, keep_steps=keep_steps, seed=0, recover=recover,
-                    screening=screening)
+                    screening=screening, workers=workers)
     finally:
         planning._InPlace.make = make
 
 
 def layout_ms(repeats: int = 20) -> dict[str, float]:
-    """A batch-statistics forward of ResNet-20 on 256 16×16 images, as the probes run it, in both layouts
-    (alternating rounds, median ms)."""
+    """A batch-statistics forward of ResNet-20 on 256 16×16 images, as the probes run it, in both layouts,
+    and the traced forward a probe runs (``CachedForward.run`` from the input, channels-last), alternating
+    rounds, median ms."""
     import statistics
     import time
 
+    from norton.compression.probing import CachedForward
     from norton.core import batch_statistics
 
     torch.manual_seed(0)
     model = create_model("resnet_20", num_classes=10, in_channels=1).eval()
     x = torch.randn(256, 1, 16, 16)
-    layouts = {"contiguous": (model, x),
-               "channels_last": (copy.deepcopy(model).to(memory_format=torch.channels_last),
-                                 x.contiguous(memory_format=torch.channels_last))}
-    times = {name: [] for name in layouts}
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    traced = CachedForward(last, [x_last])
+    runs = {"contiguous": (model, lambda: model(x)),
+            "channels_last": (last, lambda: last(x_last)),
+            "traced, channels_last": (traced.module, lambda: traced.run(0, []))}
+    times = {name: [] for name in runs}
     with torch.no_grad():
         for _ in range(repeats + 3):
-            for name, (m, images) in layouts.items():
+            for name, (m, forward) in runs.items():
                 with batch_statistics(m):
                     started = time.perf_counter()
-                    m(images)
+                    forward()
                     times[name].append(1000 * (time.perf_counter() - started))
     return {name: round(statistics.median(t[3:]), 1) for name, t in times.items()}
 
@@ -123,6 +134,39 @@ def resnet50_eta(seconds: int, record: bool = False) -> None:
                          + (f"; {out.strip()}" if out.strip() else "") + ".")
 
 
+def side_by_side(archs: list[str], rounds: int, record: bool, recover: bool) -> None:
+    import statistics
+
+    from norton.compression.probing import probe_workers
+
+    rows = []
+    for arch in archs:
+        seconds: dict[str, list[float]] = {"side by side": [], "one at a time": []}
+        plans = {}
+        for _ in range(rounds):
+            for name, workers in (("side by side", None), ("one at a time", 1)):
+                p = timed_plan(arch, 512, recover=recover, workers=workers)
+                seconds[name].append(p.seconds)
+                plans[name] = p
+        a, b = plans["side by side"], plans["one at a time"]
+        same = (a.ranks, a.keep, a.tucker) == (b.ranks, b.keep, b.tucker)
+        median = {name: statistics.median(t) for name, t in seconds.items()}
+        print(json.dumps({"arch": arch, "recover": recover, "workers": probe_workers(None, 0), "seconds": seconds,
+                          "same_plan": same, "damage": [a.damage, b.damage]}), flush=True)
+        rows.append([arch.replace("resnet_", "ResNet-"), f"{median['side by side']:.1f} s",
+                     f"{median['one at a time']:.1f} s", f"{median['one at a time'] / median['side by side']:.2f}×",
+                     "yes" if same else f"no (summed damage {a.damage:.4f} vs {b.damage:.4f})"])
+    if record:
+        from record import write_table
+
+        write_table("planner_workers" + ("_recover" if recover else ""),
+                    ["model", "side by side (the default)", "one at a time", "speed-up", "the same plan"], rows,
+                    note=f"`norton.plan(model, 512 digits images, target_macs=0.6{', recover=True' if recover else ''}"
+                         f")`, random initial weights, screened; the options measured by {probe_workers(None, 0)} "
+                         f"threads of one torch thread each (`workers=None`) or one at a time on "
+                         f"{torch.get_num_threads()} (`workers=1`), alternating, median of {rounds} plans each.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="resnet_20,resnet_56")
@@ -137,6 +181,8 @@ def main() -> None:
     parser.add_argument("--resnet50", type=int, default=None, metavar="S",
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
     parser.add_argument("--targets", action="store_true", help="two MACs targets in one plan call vs one call each")
+    parser.add_argument("--workers", action="store_true", help="options side by side on threads vs one at a time")
+    parser.add_argument("--rounds", type=int, default=2, help="--workers: plans of each kind per model (default 2)")
     args = parser.parse_args()
     if args.resnet50:
         resnet50_eta(args.resnet50, args.record)
@@ -149,8 +195,9 @@ def main() -> None:
 
             write_table("planner_layout", ["probe forward, ResNet-20, 256 16×16 images", "median"],
                         [[name.replace("_", "-"), f"{value} ms"] for name, value in ms.items()],
-                        note="A batch-statistics forward as the probes run it, both layouts in 20 alternating rounds "
-                             "(after 3 warm-up rounds); 2 cores.")
+                        note="A batch-statistics forward as the probes run it: the model's own forward in both "
+                             "layouts, and the traced forward a probe runs (from the input), in 20 alternating "
+                             "rounds (after 3 warm-up rounds); 2 cores.")
         return
     if args.costs:
         rows = []
@@ -195,6 +242,9 @@ def main() -> None:
                                               "whole damage of the chosen plan"], rows,
                         note="`norton.plan(model, digits images, target_macs=0.6)`, random initial weights, "
                              "2 cores; both ways one after the other in one process.")
+        return
+    if args.workers:
+        side_by_side(args.archs.split(","), args.rounds, args.record, args.recover)
         return
     if args.targets:
         import time

@@ -12,7 +12,7 @@ from norton import NortonError, create_model
 from norton.cli import main
 from norton.compression import Plan, plan
 from norton.compression.costs import fit_nonnegative, layer_macs
-from norton.core import CPDBlock, count_macs
+from norton.core import CPDBlock, count_macs, replace_module
 
 SMALL = {"ranks": (1, 2, 4), "keep_steps": 4}  # a small search space keeps the tests fast
 
@@ -249,18 +249,24 @@ def test_norton_plan_writes_a_plan_that_compress_applies(baseline, tmp_path, cap
     assert "drop -r" in capsys.readouterr().err
     assert main(["compress", "--ckpt", str(baseline), "-r", "2", "--amount", "0.5", "--ranks", "1,2", "--data", "digits",
                  "--run-dir", str(tmp_path / "r")]) == 2
-    assert "--ranks, --keep-steps, --forms, --trial-steps, --screening, --latency-batch and --latency-dtype steer the planner" in capsys.readouterr().err
+    assert ("--ranks, --keep-steps, --forms, --trial-steps, --screening, --probe-workers, --latency-batch and "
+            "--latency-dtype steer the planner") in capsys.readouterr().err
 
 
-def test_the_screening_flags_reach_the_planner(baseline, tmp_path, monkeypatch):
+def test_the_screening_and_worker_flags_reach_the_planner(baseline, tmp_path, monkeypatch, capsys):
     import norton.cli.compression as cli
 
     given = []
     monkeypatch.setattr(cli, "plan", lambda *args, **kwargs: given.append(kwargs) or plan(*args, **kwargs))
-    for flag, expected in [([], None), (["--no-screening"], False), (["--screening"], True)]:
+    for flag, key, expected in [([], "screening", None), (["--no-screening"], "screening", False),
+                                (["--screening"], "screening", True), ([], "workers", None),
+                                (["--probe-workers", "2"], "workers", 2)]:
         assert main(["plan", "--ckpt", str(baseline), "--data", "digits", "--target-macs", "0.5",
                      "--calibration-images", "8", "--ranks", "1", "--keep-steps", "2", "--forms", "cp", *flag]) == 0
-        assert given.pop().get("screening") == expected, flag
+        assert given.pop().get(key) == expected, flag
+    assert main(["plan", "--ckpt", str(baseline), "--data", "digits", "--target-macs", "0.5",
+                 "--calibration-images", "8", "--probe-workers", "0"]) == 2
+    assert "workers must be a positive integer (options measured side by side) or None, got 0" in capsys.readouterr().err
 
 
 def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
@@ -470,8 +476,8 @@ def test_masked_damage_equals_pruned_damage_in_float64(arch):
     """Zeroing a group's removed channels in place (and running the traced model
     from the last cached cut point) gives what real surgery gives."""
     from norton.compression.graph import build_graph, collect_groups
-    from norton.compression.probing import CachedForward, Probe
-    from norton.compression.pruning import prune_in_place, zero_channels
+    from norton.compression.probing import CachedForward, Change, Probe
+    from norton.compression.pruning import prune_in_place, silenced_channels, zero_channels
     from norton.compression.selection import plan_selection, round_to_blocks
 
     torch.manual_seed(0)
@@ -491,17 +497,23 @@ def test_masked_damage_equals_pruned_damage_in_float64(arch):
             g.target = count if g is g0 else g.info.total
         round_to_blocks(groups)
         plan_selection(groups, "fpgm", 0)
-        handles = zero_channels(groups, {g0.info.root: set(g0.info.kept)})
+        kept = {g0.info.root: set(g0.info.kept)}
+        handles = zero_channels(groups, kept)
         masked_whole = probe.damage(model)
         masked_cached = probe.damage(None, [names[h.module] for h in handles])
         for h in handles:
             h.remove()
+        # the same zeroing as a change of the traced model, which is not modified (side by side on threads)
+        change = Change(after={names[m]: zeroing for m, zeroing in silenced_channels(groups, kept).items()})
+        as_change = list(probe.damages([change, change], workers=2))
+        assert not any(m._forward_hooks for m in model.modules())
         trial = copy.deepcopy(model)
         prune_in_place(trial, example, keep={g0.info.root: count}, criterion="fpgm")
         real = probe.damage(trial)
         assert real > 0
         assert masked_whole == pytest.approx(real, rel=1e-9), g0.info.root
         assert masked_cached == pytest.approx(real, rel=1e-9), g0.info.root
+        assert as_change == [pytest.approx(real, rel=1e-9)] * 2, g0.info.root
         checked += 1
     assert checked >= 4
     assert probe.cached.cuts  # activations cached at cut points
@@ -525,6 +537,64 @@ def test_the_cached_forward_is_the_whole_forward():
 
     replace_module(whole, "layer2.1.conv1", changed)
     assert cached > 0 and cached == probe.damage(whole)  # from the cut point on: the same numbers
+
+
+def test_changes_measured_side_by_side_are_the_swapped_models_damages():
+    """A ``Change`` runs the traced model with a layer swapped (or an output changed) without modifying
+    it, so that probes can run on several threads; each result is the model's with the layer swapped,
+    in the order given, and a callable among them runs alone, in the model's own modes."""
+    from norton.compression.probing import CachedForward, Change, Probe
+
+    model = create_model("resnet_20").eval().double()
+    batches = [images(8).double(), images(8, seed=1).double()]
+    probe = Probe(model, batches, CachedForward(model, batches))
+    names = ["layer1.0.conv1", "layer2.1.conv2", "layer3.2.conv1", "conv1"]
+    changes, expected = [], []
+    for k, name in enumerate(names):
+        conv = model.get_submodule(name)
+        changed = copy.deepcopy(conv)
+        with torch.no_grad():
+            changed.weight.add_(0.1 * (k + 1) * torch.randn_like(conv.weight))
+        whole = copy.deepcopy(model)
+        replace_module(whole, name, changed)
+        expected.append(probe.damage(whole))
+        changes.append(Change(swaps={name: changed}))
+    modes = []
+
+    def alone() -> float:
+        modes.append([m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
+        return -1.0
+
+    one = list(probe.damages(changes, workers=1))
+    two = list(probe.damages([*changes[:2], alone, *changes[2:]], workers=2))
+    assert len(set(expected)) == len(expected) and all(e > 0 for e in expected)
+    assert one == [pytest.approx(e, rel=1e-9) for e in expected]
+    assert two == [*one[:2], -1.0, *one[2:]]  # in order, float64: the same to rounding
+    assert modes == [[False] * len(modes[0])]  # the callable ran in eval mode: no batch statistics around it
+    assert all(model.get_submodule(n) is not c.swaps[n] for n, c in zip(names, changes))  # not modified
+    assert torch.get_num_threads() >= 1 and not any(m.training for m in model.modules())
+
+
+def test_probe_workers_by_device_and_memory(monkeypatch):
+    from norton.compression import probing
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert probing.probe_workers(None, 1 << 20) == 4
+    assert probing.probe_workers(torch.device("cpu"), probing.WORKER_BYTES // 8) == 2  # four activations each
+    assert probing.probe_workers(torch.device("cpu"), probing.WORKER_BYTES) == 1
+    assert probing.probe_workers(torch.device("cuda"), 1) == 1
+
+
+def test_options_measured_side_by_side_give_the_plan_of_one_at_a_time():
+    model = create_model("resnet_20").eval()
+    x = [images(16), images(16, seed=1)]
+    side = plan(model, x, target_macs=0.6, **SMALL, seed=1, workers=2, recover=True)
+    alone = plan(model, x, target_macs=0.6, **SMALL, seed=1, workers=1, recover=True)
+    assert (side.ranks, side.keep, side.tucker) == (alone.ranks, alone.keep, alone.tucker)
+    assert side.damage == pytest.approx(alone.damage, rel=1e-4)  # a conv on one thread sums in another order
+    for bad in (0, 1.5, True):
+        with pytest.raises(NortonError, match=f"workers must be a positive integer .* got {bad!r}"):
+            plan(model, x, target_macs=0.6, **SMALL, workers=bad)
 
 
 def test_the_plan_is_the_plan_of_the_surgery_path(monkeypatch):
@@ -670,22 +740,22 @@ def test_a_screened_plan_chooses_options_whose_damages_are_over_every_image(monk
 
 # -- several MACs targets: every option measured once ----------------------------------------------------
 def test_several_macs_targets_plan_as_each_alone(monkeypatch):
-    from norton.compression import planning
+    from norton.compression import probing
 
     measured = []
-    original = planning._InPlace.rank_damage
+    original = probing.Probe._changed_damage
 
-    def counting(self, *args, **kwargs):
-        measured.append(args[0])
-        return original(self, *args, **kwargs)
+    def counting(self, change, indices):
+        measured.append(change.changed)
+        return original(self, change, indices)
 
-    monkeypatch.setattr(planning._InPlace, "rank_damage", counting)
+    monkeypatch.setattr(probing.Probe, "_changed_damage", counting)
     model = create_model("resnet_20").eval()
     batches = [images(8, size=16, seed=s) for s in range(2)]
     both = plan(model, batches, target_macs=[0.5, 0.75], **SMALL, seed=1, screening=False)
     jointly = len(measured)
     alone = [plan(model, batches, target_macs=t, **SMALL, seed=1, screening=False) for t in (0.5, 0.75)]
-    assert len(measured) == 3 * jointly  # the rank options measured once for both targets
+    assert len(measured) == 3 * jointly  # the options measured once for both targets
     assert isinstance(both, list) and [p.value for p in both] == [0.5, 0.75]
     for joint, single in zip(both, alone):
         assert {**joint.to_dict(), "seconds": None} == {**single.to_dict(), "seconds": None}
@@ -710,3 +780,36 @@ def test_float32_rounding_does_not_send_pruning_options_to_the_surgery_path():
     probe = Probe(model, batches)
     in_place = planning._InPlace.make(model, batches, probe, groups, "fpgm", 0, None, example, surgery_only=False)
     assert in_place.masks
+
+
+def test_the_greedy_allocation_is_the_full_scan_of_every_step(monkeypatch):
+    """Greedy keeps each unit's best step and finds it again only where the last step changed a layer
+    of that unit: the same steps as scanning every unit's every option at each step."""
+    from norton.compression.search import Search
+
+    def full_scan(search: Search, budget: float) -> list[int]:
+        state = [0] * len(search.units)
+        current = search.layer_costs(state)
+        while search.costs.constant + sum(current.values()) > budget:
+            best = None
+            for k, j, d_damage, d_cost in search._moves(state, current):
+                if d_cost < 0 and (best is None or d_damage / -d_cost < best[0]):
+                    best = (d_damage / -d_cost, k, j)
+            state[best[1]] = best[2]
+            current = search.layer_costs(state)
+        return search.refill(state, budget)
+
+    incremental = Search.greedy
+    compared = []
+
+    def both(search: Search, budget: float) -> list[int]:
+        got = incremental(search, budget)
+        assert got == full_scan(search, budget)
+        compared.append(budget)
+        return got
+
+    monkeypatch.setattr(Search, "greedy", both)
+    model = create_model("resnet_20").eval()
+    for target, forms in ((0.5, ("cp", "tucker2")), (0.85, ("cp",))):
+        plan(model, images(8, size=16), target_macs=target, forms=forms, keep_steps=4, seed=2)
+    assert len(compared) >= 4  # greedy, and greedy on each corner within reach, per target

@@ -147,8 +147,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not planned and (args.target_speedup is not None or args.plan is not None):
         raise NortonError("--target-speedup and --plan let the planner choose ranks: drop -r")
     if not planned and search_options(args):
-        raise NortonError("--ranks, --keep-steps, --forms, --trial-steps, --screening, --latency-batch and --latency-dtype "
-                          "steer the planner: drop -r, or drop them")
+        raise NortonError("--ranks, --keep-steps, --forms, --trial-steps, --screening, --probe-workers, --latency-batch "
+                          "and --latency-dtype steer the planner: drop -r, or drop them")
     if planned and (args.compress_rate or args.layer_rate or args.amount is not None or args.global_ranking):
         raise NortonError("-cpr, --layer-rate, --amount and --global prune a model decomposed at one rank: give -r RANK")
     saved_plan = read_plan(args.plan) if args.plan else None
@@ -241,6 +241,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                         f"them from {2 * SCREEN_MIN_IMAGES} to {2 * SCREEN_IMAGES}) and the options the allocation "
                         f"chooses on all of them (default: on, from {2 * SCREEN_MIN_IMAGES} calibration images); "
                         "--no-screening measures every option on every image")
+    p.add_argument("--probe-workers", type=int, default=None, metavar="N",
+                   help="planner: options measured side by side on N threads, each with its share of torch's threads "
+                        "(default: on a CPU one per torch thread while their activations fit 4 GiB, on a GPU 1)")
 
 
 def form_list(text: str) -> tuple[str, ...]:
@@ -255,7 +258,7 @@ def search_options(args: argparse.Namespace) -> dict:
     """The planner arguments given on the command line."""
     given = {"ranks": args.ranks, "keep_steps": args.keep_steps, "latency_batch": args.latency_batch,
              "forms": args.forms, "trial_steps": args.trial_steps, "latency_dtype": args.latency_dtype,
-             "screening": args.screening}
+             "screening": args.screening, "workers": args.probe_workers}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -24,7 +24,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -41,8 +41,15 @@ from norton.compression.decomposition import (
 )
 from norton.compression.graph import build_graph, collect_groups, is_depthwise
 from norton.compression.attention import window_attentions
-from norton.compression.probing import CachedForward, Probe, probe_layout
-from norton.compression.pruning import PruneReport, check_round_to, prune, prune_in_place, zero_channels
+from norton.compression.probing import CachedForward, Change, Probe, probe_layout, probe_workers
+from norton.compression.pruning import (
+    PruneReport,
+    check_round_to,
+    prune,
+    prune_in_place,
+    silenced_channels,
+    zero_channels,
+)
 from norton.compression.recovery import InputSums, input_sums, refit_weight
 from norton.compression.recovery import recover as refit
 from norton.compression.search import Search, Unit, only_option, refine_counts, uniform_pruning
@@ -275,6 +282,7 @@ def plan(
     recover: bool = False,
     trial_steps: int = TRIAL_STEPS,
     screening: bool = True,
+    workers: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Plan | list[Plan]:
@@ -315,6 +323,9 @@ def plan(
     their layers, are measured on the rest as well, and the allocations are
     run again until every option they choose has been measured on every image
     (``screen_batches``).  False: every option on every image.
+    ``workers``: how many options are measured side by side, each on its share
+    of torch's threads (None: ``probe_workers`` — on a CPU one per thread while
+    their activations fit 4 GiB, on an accelerator one).
     The model is not changed.
     """
     started = time.perf_counter()
@@ -347,6 +358,8 @@ def plan(
         raise NortonError(f"trial_steps must be an integer >= 0, got {trial_steps!r}")
     if not isinstance(screening, bool):
         raise NortonError(f"screening must be True or False, got {screening!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise NortonError(f"workers must be a positive integer (options measured side by side) or None, got {workers!r}")
     if round_to != "auto":
         check_round_to(round_to)
 
@@ -433,13 +446,12 @@ def plan(
     first = range(screen or len(batches))  # the batches every option is measured on
     rest = range(screen or len(batches), len(batches))  # and those the options an allocation chooses are, too
 
-    def option_damage_on(u: Unit, option, indices: range) -> float:
+    def whole_damage_of(u: Unit, option, indices: range) -> float:
+        """An option measured on the whole model: where it could not be traced, or a pruning option where
+        zeroing channels does not compute what pruning them does (surgery on a copy)."""
         if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
             conv = _in_layout(blocks[(u.name, option)].to_conv(), dense.get_submodule(u.name))
-            return (in_place.rank_damage(u.name, conv, indices) if in_place
-                    else _swapped_damage(probe, dense, u.name, conv, indices))
-        if in_place and in_place.masks:
-            return in_place.keep_damage(u.name, option, indices)
+            return _swapped_damage(probe, dense, u.name, conv, indices)
         trial = copy.deepcopy(dense)
         kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed,
                                  round_to=round_to)
@@ -447,14 +459,31 @@ def plan(
             refit(trial, dense, batches, kept, seed=seed)
         return probe.damage(trial, batches=indices)
 
-    option_damage: list[tuple[list, list[float]]] = []  # per unit: the options measured and their damages
+    if workers is None:
+        workers = probe_workers(device, in_place.cached.activation_bytes) if in_place else 1
+
+    def option_job(u: Unit, option, indices: range) -> Change | Callable[[], float]:
+        """One option's measurement: a change of the traced model (measured side by side with others), or
+        the measurement itself where it needs the model to itself."""
+        if in_place is None or (u.kind == "keep" and not in_place.masks):
+            return lambda: whole_damage_of(u, option, indices)
+        if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
+            conv = _in_layout(blocks[(u.name, option)].to_conv(), dense.get_submodule(u.name))
+            return Change(swaps={u.name: conv})
+        return in_place.keep_job(u.name, option, indices)
+
+    def measure_jobs(jobs: Sequence[tuple[Unit, object]], indices: range, bar) -> list[float]:
+        """The damages of (unit, option) ``jobs`` on the batches ``indices``, in order."""
+        got = []
+        for damage in probe.damages((option_job(u, o, indices) for u, o in jobs), indices, workers):
+            got.append(damage)
+            bar.update(1)
+        return got
+
     with tqdm(total=trials, desc="plan: damage of each option", unit="option", disable=not progress) as bar:
-        for u in units:
-            damages = [0.0]
-            for option in u.options[1:]:
-                damages.append(option_damage_on(u, option, first))
-                bar.update(1)
-            option_damage.append((list(u.options), damages))
+        measured = iter(measure_jobs([(u, o) for u in units for o in u.options[1:]], first, bar))
+    option_damage: list[tuple[list, list[float]]] = [  # per unit: the options measured and their damages
+        (list(u.options), [0.0, *(next(measured) for _ in u.options[1:])]) for u in units]
 
     def fill_in() -> None:  # between measured counts, any count: damage interpolated, so the budget can be met closely
         for u, (options, damages) in zip(units, option_damage):
@@ -487,10 +516,12 @@ def plan(
         # above the unscreened plan's without them; with them no worse, and at 512 images the same plan)
         wanted |= {(k, j + d) for k, j in wanted for d in (-1, 1) if 0 <= j + d < len(option_damage[k][0])}
         new = sorted((k, j) for k, j in wanted - confirmed if j > 0)  # the first option: as it is, damage 0
-        for k, j in tqdm(new, desc="plan: chosen options on every image", unit="option", leave=False,
-                         disable=not progress):
-            options, damages = option_damage[k]
-            damages[j] = (damages[j] * len(first) + option_damage_on(units[k], options[j], rest) * len(rest)) / len(batches)
+        with tqdm(total=len(new), desc="plan: chosen options on every image", unit="option", leave=False,
+                  disable=not progress) as bar:
+            got = measure_jobs([(units[k], option_damage[k][0][j]) for k, j in new], rest, bar)
+        for (k, j), damage in zip(new, got):
+            damages = option_damage[k][1]
+            damages[j] = (damages[j] * len(first) + damage * len(rest)) / len(batches)
             confirmed.add((k, j))
         if new:
             fill_in()
@@ -668,10 +699,6 @@ class _InPlace:
         made.recover = recover
         return made
 
-    def rank_damage(self, name: str, conv: nn.Module, batches: Sequence[int] | None = None) -> float:
-        with self.cached.swapped(name, conv):
-            return self.probe.damage(None, [name], batches)
-
     def _kept(self, root: str, count: int) -> dict[str, set[int]]:
         for g in self.groups:
             g.target = count if g.info.root == root else g.info.total
@@ -679,16 +706,45 @@ class _InPlace:
         plan_selection(self.groups, self.criterion, self.seed, scores=self._scores)  # the weights stay as they are
         return {g.info.root: set(g.info.kept) for g in self.groups if g.info.root == root}
 
-    def keep_damage(self, root: str, count: int, batches: Sequence[int] | None = None) -> float:
+    def keep_job(self, root: str, count: int, batches: Sequence[int] | None = None) -> Change | Callable[[], float]:
+        """A pruning option as a ``Change`` of the traced model (what ``Probe.damages`` runs side by side), or
+        where it needs the model to itself (the input sums of a refit not gathered yet, a layer the trace
+        does not call) the measurement itself, as a callable."""
+        if self.recover and (self._sums is None or self._sums[0] != root):
+            return lambda: self.keep_damage(root, count, batches)
+        change = self._keep_change(root, count)
+        return change if change is not None else (lambda: self.keep_damage(root, count, batches))
+
+    def _keep_change(self, root: str, count: int) -> Change | None:
+        """Keeping ``count`` filters of group ``root``: its removed channels zeroed where they are produced and
+        after its BatchNorms, and with ``recover`` the layers that read them refitted (copies with the refit
+        weights swapped in); None where a zeroed layer is not a call of the trace."""
         kept = self._kept(root, count)
+        after = {self.names.get(m): zeroing for m, zeroing in silenced_channels(self.groups, kept).items()}
+        if any(name not in self.cached.first_call for name in after):
+            return None
+        swaps = {}
+        for sums, idxs, root_idxs in self._readers(root) if self.recover else []:
+            if self.names.get(sums.module) not in self.cached.first_call:
+                return None
+            weight = sums.module.weight
+            fitted = refit_weight(sums, weight.flatten(1), {i for i, r in zip(idxs, root_idxs) if r not in kept[root]})
+            if fitted is not None:
+                refitted = copy.deepcopy(sums.module)
+                refitted.weight.data.copy_(fitted.reshape(weight.shape).to(weight.dtype))
+                swaps[self.names[sums.module]] = refitted
+        return Change(swaps=swaps, after=after)
+
+    def keep_damage(self, root: str, count: int, batches: Sequence[int] | None = None) -> float:
+        change = self._keep_change(root, count)
+        if change is not None:
+            return next(self.probe.damages([change], batches))
+        kept = self._kept(root, count)  # a zeroed layer the trace does not call: hooks, and the whole forward
         handles = zero_channels(self.groups, kept)
         restore = []
         try:
             restore = self._refits(root, kept[root]) if self.recover else []
-            changed = [self.names.get(h.module) for h in handles]
-            if any(name not in self.cached.first_call for name in changed):  # a hooked layer the trace does not call
-                return self.probe.damage(self.dense, batches=batches)
-            return self.probe.damage(None, changed, batches)
+            return self.probe.damage(self.dense, batches=batches)
         finally:
             for h in handles:
                 h.remove()

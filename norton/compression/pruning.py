@@ -46,7 +46,7 @@ from norton.core.surgery import as_args, output_shapes, unchanged_on_error
 from norton.errors import NortonError
 
 __all__ = ["GroupPruning", "PruneReport", "build_graph", "collect_groups", "prune", "prune_in_place", "restructure",
-           "zero_channels", "zeroed_equivalent"]
+           "silenced_channels", "zero_channels", "zeroed_equivalent"]
 
 
 @dataclass
@@ -323,6 +323,15 @@ def zero_channels(groups, kept: Mapping[str, set[int]]) -> list:
     channels computes, without surgery.  Groups not in ``kept`` are left alone.
     Returns the hook handles (``handle.remove()`` undoes them).  A cut group that
     passes through a normalisation across channels has no such form: NortonError."""
+    return [_Hooked(module, module.register_forward_hook(zeroing))
+            for module, zeroing in silenced_channels(groups, kept).items()]
+
+
+def silenced_channels(groups, kept: Mapping[str, set[int]]) -> dict[nn.Module, ZeroChannels]:
+    """The layers whose outputs ``zero_channels`` changes, each with the callable
+    ``(module, inputs, output) -> output`` (a forward hook's signature) that zeroes the
+    channels outside ``kept`` in its output: for running the model with the same
+    effect and no hooks (the planner's probes on several threads)."""
     silenced: dict[nn.Module, set[int]] = {}
     for g in groups:
         if g.info.root not in kept:
@@ -338,9 +347,8 @@ def zero_channels(groups, kept: Mapping[str, set[int]]) -> list:
             if isinstance(module, _PER_CHANNEL_NORMS) or (is_out and isinstance(module, (*ROOT_TYPES, ChannelPadShortcut))):
                 # one group channel may be several of a layer's (a concatenation of copies)
                 silenced.setdefault(module, set()).update(i for i, r in zip(idxs, root_idxs) if r in removed)
-    return [_Hooked(module, module.register_forward_hook(
-                _ZeroChannels(sorted(channels), -1 if isinstance(module, nn.Linear) else 1)))
-            for module, channels in silenced.items() if channels]
+    return {module: ZeroChannels(sorted(channels), -1 if isinstance(module, nn.Linear) else 1)
+            for module, channels in silenced.items() if channels}
 
 
 class _Hooked:
@@ -353,7 +361,7 @@ class _Hooked:
         self.handle.remove()
 
 
-class _ZeroChannels:
+class ZeroChannels:
     """A forward hook that zeroes some channels of a layer's output."""
 
     def __init__(self, channels: list[int], dim: int):

@@ -38,6 +38,7 @@ class Search:
                           tuple(dict.fromkeys(g for n in u.layers for g in self._groups[n] if g != u.name or u.kind != "keep")))
                          for u in units]
         self._options: dict[tuple, list[float]] = {}
+        self._touching: list[list[int]] | None = None  # per unit: the units that share a layer with it (itself too)
 
     def config(self, state: Sequence[int]) -> tuple[dict[str, int], dict[str, int]]:
         ranks = {u.name: u.options[i] for u, i in zip(self.units, state) if u.kind == "rank"}
@@ -110,22 +111,47 @@ class Search:
                     yield k, j, u.damage[j] - u.damage[state[k]], cost - before
 
     def greedy(self, budget: float) -> list[int]:
-        """Cheapen the unit with the least damage per cost saved until the budget is met."""
+        """Cheapen the unit with the least damage per cost saved until the budget is met (the first such
+        unit and option, in order, on a tie).  Each unit's best step is kept and found again only for the
+        units whose layers the last step changed."""
         state = [0] * len(self.units)
         current = self.layer_costs(state)
+        if self._touching is None:
+            layers = [set(u.layers) for u in self.units]
+            self._touching = [[k2 for k2, other in enumerate(layers) if mine & other or k2 == k]
+                              for k, mine in enumerate(layers)]
+        ranks, keep = self.config(state)
+        steps = [self._cheapening(k, state, current, ranks, keep) for k in range(len(self.units))]
         while self.costs.constant + sum(current.values()) > budget:
             best = None
-            for k, j, d_damage, d_cost in self._moves(state, current):
-                if d_cost >= 0:
-                    continue
-                score = d_damage / -d_cost
-                if best is None or score < best[0]:
-                    best = (score, k, j)
+            for k, step in enumerate(steps):
+                if step is not None and (best is None or step[0] < best[0]):
+                    best = (step[0], k, step[1])
             if best is None:
                 raise NortonError("the planner cannot reduce the cost any further")
-            state[best[1]] = best[2]
+            k = best[1]
+            state[k] = best[2]
             current = self.layer_costs(state)
+            ranks, keep = self.config(state)
+            for other in self._touching[k]:
+                steps[other] = self._cheapening(other, state, current, ranks, keep)
         return self.refill(state, budget)
+
+    def _cheapening(self, k: int, state: Sequence[int], current: Mapping[str, float], ranks: dict[str, int],
+                    keep: dict[str, int]) -> tuple[float, int] | None:
+        """Unit ``k``'s option of least damage added per cost saved (the first on a tie), with that ratio;
+        None if none of its options costs less."""
+        u = self.units[k]
+        before = sum(current[n] for n in u.layers)
+        best = None
+        for j, cost in enumerate(self._option_costs(k, ranks, keep)):
+            d_cost = cost - before
+            if j == state[k] or d_cost >= 0:
+                continue
+            score = (u.damage[j] - u.damage[state[k]]) / -d_cost
+            if best is None or score < best[0]:
+                best = (score, j)
+        return best
 
     def lagrangian(self, budget: float) -> list[int]:
         """Minimise damage + λ·cost by coordinate descent, λ bisected (in log
