@@ -140,6 +140,7 @@ def side_by_side(archs: list[str], rounds: int, record: bool, recover: bool) -> 
     from norton.compression.probing import probe_workers
 
     rows = []
+    timed_plan(archs[0], 128)  # a warm-up, untimed: the first plan of a process compiles the criterion kernels
     for arch in archs:
         seconds: dict[str, list[float]] = {"side by side": [], "one at a time": []}
         plans = {}
@@ -164,7 +165,8 @@ def side_by_side(archs: list[str], rounds: int, record: bool, recover: bool) -> 
                     note=f"`norton.plan(model, 512 digits images, target_macs=0.6{', recover=True' if recover else ''}"
                          f")`, random initial weights, screened; the options measured by {probe_workers(None, 0)} "
                          f"threads of one torch thread each (`workers=None`) or one at a time on "
-                         f"{torch.get_num_threads()} (`workers=1`), alternating, median of {rounds} plans each.")
+                         f"{torch.get_num_threads()} (`workers=1`), alternating, median of {rounds} plans each "
+                         "(after an untimed warm-up plan).")
 
 
 def main() -> None:
@@ -182,7 +184,7 @@ def main() -> None:
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
     parser.add_argument("--targets", action="store_true", help="two MACs targets in one plan call vs one call each")
     parser.add_argument("--workers", action="store_true", help="options side by side on threads vs one at a time")
-    parser.add_argument("--rounds", type=int, default=2, help="--workers: plans of each kind per model (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="--workers: plans of each kind per model (default 3)")
     args = parser.parse_args()
     if args.resnet50:
         resnet50_eta(args.resnet50, args.record)

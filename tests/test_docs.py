@@ -86,6 +86,21 @@ def test_a_benchmark_table_is_recorded_with_its_source_and_rendered_from_the_rec
         record.write_table("bad", ["model", "time"], [["only one"]])
 
 
+def test_every_figure_the_comparison_guide_quotes_from_the_scoreboard_is_in_its_record():
+    """The guide's reading of the scoreboard is prose, but each measured figure it quotes (a number with a
+    decimal point) is one the recorded scoreboard page shows: a re-run that changes the record fails here
+    until the prose says what the record says."""
+    import re
+
+    guide = (ROOT / "docs" / "guides" / "comparison.md").read_text()
+    section = guide[guide.index("## The scoreboard"):guide.index("How the defaults behind this table were chosen")]
+    record = (ROOT / "docs" / "results" / "scoreboard.md").read_text()
+    quoted = re.findall(r"[-+]?\d+\.\d+", section)
+    assert len(quoted) >= 15
+    missing = [n for n in quoted if not re.search(r"(?<![\d.])" + re.escape(n) + r"(?![\d])", record)]
+    assert not missing, f"figures in the comparison guide that docs/results/scoreboard.md does not show: {missing}"
+
+
 def test_every_table_a_guide_includes_is_rendered_from_a_record():
     import re
 

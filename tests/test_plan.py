@@ -161,6 +161,33 @@ def test_the_budget_follows_the_measured_speedup(monkeypatch, speedups, budgets,
         assert asked == pytest.approx(budgets)
 
 
+@pytest.mark.parametrize("refined_speedup, chosen", [(2.01, "refined"), (1.97, "quick"), (None, "same")])
+def test_whole_candidates_are_measured_only_at_the_budget_the_search_ends_on(monkeypatch, refined_speedup, chosen):
+    """The budget is searched on the summed damages; at the budget of the least damaging candidate that met
+    the target, the whole-measured pick replaces it when it differs and its own timing meets the target."""
+    from norton.compression import planning
+
+    timings = [1.5, 2.05] + ([refined_speedup] if refined_speedup else [])
+    monkeypatch.setattr(planning, "compare_latency", ScriptedTimings(timings))
+    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
+    refined = []
+
+    def refine(budget):
+        refined.append(budget)
+        return "best (measured best of 3)", ([budget] if chosen == "same" else [budget, "other"])
+
+    name, state, got = planning.meet_measured_speedup(
+        2.0, 50.0, 1.0, lambda budget: ("greedy", [budget]), lambda state: nn.Identity(), nn.Identity(),
+        torch.zeros(1), lambda st: -st[0], False, refine=refine)
+    assert refined == [pytest.approx(37.5)]  # once, at the budget that met the target
+    if chosen == "refined":
+        assert (name, state, got) == ("best (measured best of 3)", [37.5, "other"], 2.01)
+    elif chosen == "quick":  # the whole-measured pick ran too slow: the timed one stays
+        assert (name, state, got) == ("greedy", [37.5], 2.05)
+    else:
+        assert (name, state, got) == ("best (measured best of 3)", [37.5], 2.05)
+
+
 def test_a_speedup_never_measured_is_refused(monkeypatch):
     from norton.compression import planning
 
@@ -295,11 +322,26 @@ def test_the_latency_model_is_calibrated_on_whole_deployed_models(monkeypatch):
             out[name] = Latency(1000 * seconds, 0, 0, 1)
         return out
 
-    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
+    deployed = []
+    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: deployed.append(model) or (model, None))
     monkeypatch.setattr(planning, "compare_latency", scripted)
+    monkeypatch.setattr(planning, "_CALIBRATIONS", {})
     planning.calibrate_latency(costs, search, lambda state: tuple(state), torch.zeros(1), progress=False)
     assert costs.constant == pytest.approx(0.002, rel=1e-6)
     assert costs.scales == pytest.approx(truth, rel=1e-6)
+    samples = len(deployed)
+    assert samples == 7  # dense at 3 widths, CP and Tucker-2 at 2 each
+    # a second plan of the same shapes and options (another seed, another target) reuses the fit, untimed
+    again = CostModel(layers, "macs", 1, None, torch.float32)
+    planning.calibrate_latency(again, Search(units, again, {"a": 8}), lambda state: tuple(state), torch.zeros(1),
+                               progress=False)
+    assert len(deployed) == samples and (again.constant, again.scales) == (costs.constant, costs.scales)
+    truth["dense"] = 0.75  # other options, or another input: timed again
+    fewer = [*units[:2], Unit("keep", "a", [8, 4], [0.0] * 2, ["a", "b"])]
+    other = CostModel(layers, "macs", 1, None, torch.float32)
+    search = Search(fewer, other, {"a": 8})  # what the scripted timings read
+    planning.calibrate_latency(other, search, lambda state: tuple(state), torch.zeros(1), progress=False)
+    assert len(deployed) == 2 * samples and other.scales["dense"] == pytest.approx(0.75, rel=1e-6)
 
 
 def test_with_recover_pruning_options_are_refitted_from_input_sums_and_candidates_by_recover(monkeypatch):

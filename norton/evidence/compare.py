@@ -711,8 +711,9 @@ def _convergence(base: dict) -> str:
     if not base["epochs"]:
         return given + ", no validation curve recorded with it"
     state = "converged" if base["converged"] else "not converged"
-    return (f"{given}; trained {base['epochs']} epochs, {state} (validation top-1 of the last {CONVERGED_WINDOW} epochs "
-            f"{'within' if base['converged'] else 'not within'} {CONVERGED_SPREAD} points)")
+    last = ", ".join(f"{v:.2f}" for v in base.get("val_curve", [])[-CONVERGED_WINDOW:])
+    return (f"{given}; trained {base['epochs']} epochs, {state} (validation top-1 of the last {CONVERGED_WINDOW} epochs"
+            f"{f' {last} %,' if last else ''} {'within' if base['converged'] else 'not within'} {CONVERGED_SPREAD} points)")
 
 
 def _shared_settings(budget: CompareBudget) -> dict:
