@@ -161,33 +161,6 @@ def test_the_budget_follows_the_measured_speedup(monkeypatch, speedups, budgets,
         assert asked == pytest.approx(budgets)
 
 
-@pytest.mark.parametrize("refined_speedup, chosen", [(2.01, "refined"), (1.97, "quick"), (None, "same")])
-def test_whole_candidates_are_measured_only_at_the_budget_the_search_ends_on(monkeypatch, refined_speedup, chosen):
-    """The budget is searched on the summed damages; at the budget of the least damaging candidate that met
-    the target, the whole-measured pick replaces it when it differs and its own timing meets the target."""
-    from norton.compression import planning
-
-    timings = [1.5, 2.05] + ([refined_speedup] if refined_speedup else [])
-    monkeypatch.setattr(planning, "compare_latency", ScriptedTimings(timings))
-    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
-    refined = []
-
-    def refine(budget):
-        refined.append(budget)
-        return "best (measured best of 3)", ([budget] if chosen == "same" else [budget, "other"])
-
-    name, state, got = planning.meet_measured_speedup(
-        2.0, 50.0, 1.0, lambda budget: ("greedy", [budget]), lambda state: nn.Identity(), nn.Identity(),
-        torch.zeros(1), lambda st: -st[0], False, refine=refine)
-    assert refined == [pytest.approx(37.5)]  # once, at the budget that met the target
-    if chosen == "refined":
-        assert (name, state, got) == ("best (measured best of 3)", [37.5, "other"], 2.01)
-    elif chosen == "quick":  # the whole-measured pick ran too slow: the timed one stays
-        assert (name, state, got) == ("greedy", [37.5], 2.05)
-    else:
-        assert (name, state, got) == ("best (measured best of 3)", [37.5], 2.05)
-
-
 def test_a_speedup_never_measured_is_refused(monkeypatch):
     from norton.compression import planning
 

@@ -14,9 +14,10 @@ operations on the same values.
 A probe's change can also be given as a value (``Change``: layers used in
 place of others, outputs changed after a layer) that the traced model runs
 without being modified; ``Probe.damages`` then measures many changes side by
-side on threads (``probe_workers``): on 2 CPU cores two probes of one
-thread each ran a ResNet-56 forward on 256 16×16 images 1.25–1.28× faster than
-one probe on both cores (``benchmarks/planner_speed.py --workers``).
+side on threads (``probe_workers``).  On 2 CPU cores that planned ResNet-20 and
+ResNet-56 1.07–1.08× faster than one probe at a time on both cores
+(``benchmarks/planner_speed.py --workers``): small convolutions there already
+use two threads well.
 """
 from __future__ import annotations
 
