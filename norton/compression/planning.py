@@ -446,12 +446,15 @@ def plan(
     first = range(screen or len(batches))  # the batches every option is measured on
     rest = range(screen or len(batches), len(batches))  # and those the options an allocation chooses are, too
 
+    def recomposed(u: Unit, option) -> nn.Conv2d:
+        """A rank option's layer as its recomposed kernel (the same function, the fastest to evaluate here)."""
+        return _in_layout(blocks[(u.name, option)].to_conv(), dense.get_submodule(u.name))
+
     def whole_damage_of(u: Unit, option, indices: range) -> float:
         """An option measured on the whole model: where it could not be traced, or a pruning option where
         zeroing channels does not compute what pruning them does (surgery on a copy)."""
-        if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
-            conv = _in_layout(blocks[(u.name, option)].to_conv(), dense.get_submodule(u.name))
-            return _swapped_damage(probe, dense, u.name, conv, indices)
+        if u.kind == "rank":
+            return _swapped_damage(probe, dense, u.name, recomposed(u, option), indices)
         trial = copy.deepcopy(dense)
         kept, _ = prune_in_place(trial, example, keep={u.name: option}, criterion=criterion, seed=seed,
                                  round_to=round_to)
@@ -467,9 +470,8 @@ def plan(
         the measurement itself where it needs the model to itself."""
         if in_place is None or (u.kind == "keep" and not in_place.masks):
             return lambda: whole_damage_of(u, option, indices)
-        if u.kind == "rank":  # the recomposed kernel (the same function, the fastest to evaluate here)
-            conv = _in_layout(blocks[(u.name, option)].to_conv(), dense.get_submodule(u.name))
-            return Change(swaps={u.name: conv})
+        if u.kind == "rank":
+            return Change(swaps={u.name: recomposed(u, option)})
         return in_place.keep_job(u.name, option, indices)
 
     def measure_jobs(jobs: Sequence[tuple[Unit, object]], indices: range, bar) -> list[float]:
@@ -712,35 +714,28 @@ class _InPlace:
         does not call) the measurement itself, as a callable."""
         if self.recover and (self._sums is None or self._sums[0] != root):
             return lambda: self.keep_damage(root, count, batches)
-        change = self._keep_change(root, count)
+        change = self._keep_change(root, self._kept(root, count))
         return change if change is not None else (lambda: self.keep_damage(root, count, batches))
 
-    def _keep_change(self, root: str, count: int) -> Change | None:
-        """Keeping ``count`` filters of group ``root``: its removed channels zeroed where they are produced and
-        after its BatchNorms, and with ``recover`` the layers that read them refitted (copies with the refit
-        weights swapped in); None where a zeroed layer is not a call of the trace."""
-        kept = self._kept(root, count)
+    def _keep_change(self, root: str, kept: dict[str, set[int]]) -> Change | None:
+        """Keeping the ``kept`` filters of group ``root``: its removed channels zeroed where they are produced
+        and after its BatchNorms, and with ``recover`` the layers that read them refitted (copies with the
+        refit weights swapped in); None where a changed layer is not a call of the trace."""
         after = {self.names.get(m): zeroing for m, zeroing in silenced_channels(self.groups, kept).items()}
-        if any(name not in self.cached.first_call for name in after):
-            return None
         swaps = {}
-        for sums, idxs, root_idxs in self._readers(root) if self.recover else []:
-            if self.names.get(sums.module) not in self.cached.first_call:
-                return None
-            weight = sums.module.weight
-            fitted = refit_weight(sums, weight.flatten(1), {i for i, r in zip(idxs, root_idxs) if r not in kept[root]})
-            if fitted is not None:
-                refitted = copy.deepcopy(sums.module)
-                refitted.weight.data.copy_(fitted.reshape(weight.shape).to(weight.dtype))
-                swaps[self.names[sums.module]] = refitted
+        for module, fitted in self._fitted(root, kept[root]) if self.recover else []:
+            swaps[self.names.get(module)] = refitted = copy.deepcopy(module)
+            refitted.weight.data.copy_(fitted)
+        if any(name not in self.cached.first_call for name in [*after, *swaps]):
+            return None
         return Change(swaps=swaps, after=after)
 
     def keep_damage(self, root: str, count: int, batches: Sequence[int] | None = None) -> float:
-        change = self._keep_change(root, count)
+        kept = self._kept(root, count)
+        change = self._keep_change(root, kept)
         if change is not None:
             return next(self.probe.damages([change], batches))
-        kept = self._kept(root, count)  # a zeroed layer the trace does not call: hooks, and the whole forward
-        handles = zero_channels(self.groups, kept)
+        handles = zero_channels(self.groups, kept)  # a layer the trace does not call: hooks, the whole forward
         restore = []
         try:
             restore = self._refits(root, kept[root]) if self.recover else []
@@ -769,16 +764,22 @@ class _InPlace:
         self._sums = (root, [(s, *readers[s.module]) for s in sums])
         return self._sums[1]
 
+    def _fitted(self, root: str, kept: set[int]) -> Iterator[tuple[nn.Module, Tensor]]:
+        """Each reader of group ``root`` whose refit for keeping ``kept`` exists, with that weight (its shape
+        and dtype)."""
+        for sums, idxs, root_idxs in self._readers(root):
+            weight = sums.module.weight
+            fitted = refit_weight(sums, weight.flatten(1), {i for i, r in zip(idxs, root_idxs) if r not in kept})
+            if fitted is not None:
+                yield sums.module, fitted.reshape(weight.shape).to(weight.dtype)
+
     def _refits(self, root: str, kept: set[int]) -> list[tuple[nn.Parameter, Tensor]]:
         """Each reader's refit for keeping ``kept`` of group ``root`` put in its weight; the old weights."""
         restore = []
         try:
-            for sums, idxs, root_idxs in self._readers(root):
-                weight = sums.module.weight
-                fitted = refit_weight(sums, weight.flatten(1), {i for i, r in zip(idxs, root_idxs) if r not in kept})
-                if fitted is not None:
-                    restore.append((weight, weight.detach().clone()))
-                    weight.data.copy_(fitted.reshape(weight.shape).to(weight.dtype))
+            for module, fitted in self._fitted(root, kept):
+                restore.append((module.weight, module.weight.detach().clone()))
+                module.weight.data.copy_(fitted)
         except BaseException:
             for param, old in restore:
                 param.data.copy_(old)
