@@ -712,18 +712,23 @@ class _InPlace:
         """A pruning option as a ``Change`` of the traced model (what ``Probe.damages`` runs side by side), or
         where it needs the model to itself (the input sums of a refit not gathered yet, a layer the trace
         does not call) the measurement itself, as a callable."""
-        if self.recover and (self._sums is None or self._sums[0] != root):
+        if self.recover and not self._has_sums(root):
             return lambda: self.keep_damage(root, count, batches)
-        change = self._keep_change(root, self._kept(root, count))
+        kept = self._kept(root, count)
+        change = self._keep_change(kept, self._fits(root, kept))
         return change if change is not None else (lambda: self.keep_damage(root, count, batches))
 
-    def _keep_change(self, root: str, kept: dict[str, set[int]]) -> Change | None:
-        """Keeping the ``kept`` filters of group ``root``: its removed channels zeroed where they are produced
-        and after its BatchNorms, and with ``recover`` the layers that read them refitted (copies with the
-        refit weights swapped in); None where a changed layer is not a call of the trace."""
+    def _fits(self, root: str, kept: dict[str, set[int]]) -> list[tuple[nn.Module, Tensor]]:
+        """With ``recover``, each reader of group ``root`` and its refit for keeping ``kept``; else none."""
+        return list(self._fitted(root, kept[root])) if self.recover else []
+
+    def _keep_change(self, kept: dict[str, set[int]], fits: list[tuple[nn.Module, Tensor]]) -> Change | None:
+        """Keeping the ``kept`` filters: the removed channels zeroed where they are produced and after the
+        group's BatchNorms, and the readers' ``fits`` (copies with the refit weights swapped in); None where a
+        changed layer is not a call of the trace."""
         after = {self.names.get(m): zeroing for m, zeroing in silenced_channels(self.groups, kept).items()}
         swaps = {}
-        for module, fitted in self._fitted(root, kept[root]) if self.recover else []:
+        for module, fitted in fits:
             swaps[self.names.get(module)] = refitted = copy.deepcopy(module)
             refitted.weight.data.copy_(fitted)
         if any(name not in self.cached.first_call for name in [*after, *swaps]):
@@ -732,13 +737,16 @@ class _InPlace:
 
     def keep_damage(self, root: str, count: int, batches: Sequence[int] | None = None) -> float:
         kept = self._kept(root, count)
-        change = self._keep_change(root, kept)
+        fits = self._fits(root, kept)
+        change = self._keep_change(kept, fits)
         if change is not None:
             return next(self.probe.damages([change], batches))
         handles = zero_channels(self.groups, kept)  # a layer the trace does not call: hooks, the whole forward
         restore = []
         try:
-            restore = self._refits(root, kept[root]) if self.recover else []
+            for module, fitted in fits:
+                restore.append((module.weight, module.weight.detach().clone()))
+                module.weight.data.copy_(fitted)
             return self.probe.damage(self.dense, batches=batches)
         finally:
             for h in handles:
@@ -746,11 +754,15 @@ class _InPlace:
             for param, weight in restore:
                 param.data.copy_(weight)
 
+    def _has_sums(self, root: str) -> bool:
+        """Whether the input sums of group ``root``'s readers are gathered (one group's are kept at a time)."""
+        return self._sums is not None and self._sums[0] == root
+
     def _readers(self, root: str) -> list[tuple[InputSums, list[int], list[int]]]:
         """The layers a cut of group ``root`` refits (those ``recover`` refits: convs with one group
         and linear layers that read its channels), in the order the model runs them, with their input sums and,
         per input channel they read from the group, the group's channel."""
-        if self._sums is not None and self._sums[0] == root:
+        if self._has_sums(root):
             return self._sums[1]
         group = next(g for g in self.groups if g.info.root == root)
         readers: dict[nn.Module, tuple[list[int], list[int]]] = {}
@@ -772,19 +784,6 @@ class _InPlace:
             fitted = refit_weight(sums, weight.flatten(1), {i for i, r in zip(idxs, root_idxs) if r not in kept})
             if fitted is not None:
                 yield sums.module, fitted.reshape(weight.shape).to(weight.dtype)
-
-    def _refits(self, root: str, kept: set[int]) -> list[tuple[nn.Parameter, Tensor]]:
-        """Each reader's refit for keeping ``kept`` of group ``root`` put in its weight; the old weights."""
-        restore = []
-        try:
-            for module, fitted in self._fitted(root, kept):
-                restore.append((module.weight, module.weight.detach().clone()))
-                module.weight.data.copy_(fitted)
-        except BaseException:
-            for param, old in restore:
-                param.data.copy_(old)
-            raise
-        return restore
 
     def _agrees_with_surgery(self, dense: nn.Module, example) -> bool:
         """A pruning option of one group of every kind (the layer types it couples) measured both ways."""
