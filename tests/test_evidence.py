@@ -26,6 +26,7 @@ from norton.evidence.compare import (
     deployed_latencies,
     dominated_by,
     macs_reduction,
+    headline_table,
     render_table,
     run_compare,
     write_report,
@@ -80,7 +81,7 @@ def test_compare_writes_the_measured_table_and_plot(compared):
         std = statistics.stdev(r["top1"] for r in runs)
         assert f"**{mean:.2f} ± {std:.2f}**" in table
         assert abs(1 - runs[0]["macs"] / saved["baseline"]["macs"] - 0.85) <= TOLERANCE
-        assert runs[0]["latency_ms"] > 0
+        assert runs[0]["latency_ms"] > 0 and runs[0]["latency_ms"] != runs[1]["latency_ms"]  # each seed's model timed
     assert f"Baseline ResNet-20: {saved['baseline']['top1']:.2f} %" in table
     # the record says what produced it: command, date, commit, machine
     import subprocess
@@ -263,6 +264,23 @@ def test_compare_takes_another_model_and_dataset(tmp_path):
         run_compare(str(tmp_path / "x"), budget=budget, data="mnist")
 
 
+def test_seeds_that_build_different_models_are_each_timed_and_shown():
+    """Seeds may plan differently (each draws its own calibration images): a method's latency is the mean
+    over its seeds' models, the speed-up gives their range where they differ, and the configuration each
+    seed's plan; where the seeds agree, one figure and one configuration."""
+    runs = run("norton-auto", "NORTON", "macs", 0.85, 50.0, [88.0, 88.4, 88.2])
+    runs[1].update(latency_ms=100.0, configuration="d", macs=40)
+    runs[2].update(latency_ms=150.0, configuration="d", macs=30)
+    summary = {"budget": "custom", "setup": "s", "minutes": 1.0,
+               "baseline": {"top1": 90.0, "macs": 100, "params": 10, "latency_ms": 100.0},
+               "runs": runs + run("l1", "pruning", "macs", 0.85, 40.0, [87.5, 87.7, 87.6])}
+    table = render_table(summary)
+    assert "| 85% | NORTON-AUTO | seed 0: c; seed 1: d; seed 2: d | 60.0 % |" in table  # mean MACs 40 of 100
+    assert "| 100.0 ms (1.00× (0.67–2.00× by seed)) |" in table  # mean latency (50 + 100 + 150) / 3
+    assert "| 85% | L1 | c | 50.0 % |" in table and "| 40.0 ms (2.50×) |" in table
+    assert "| 1.00× (0.67–2.00× by seed) |" in headline_table(summary)
+
+
 def test_deployed_latency_is_the_faster_memory_format_timed_round_robin(monkeypatch):
     """Each model is deployed in both memory formats, all of them timed in one
     round-robin; a model's latency is the faster format's median."""
@@ -349,12 +367,19 @@ def test_a_win_needs_a_paired_interval_that_excludes_zero():
     assert one.verdict == "tie" and one.text() == "+1.00 points (one seed: no interval)"
 
 
-def test_compare_takes_a_trained_baseline_and_refuses_another_model(compared, tmp_path):
+def test_compare_takes_a_trained_baseline_and_refuses_another_model(compared, tmp_path, monkeypatch):
+    from norton.evidence import compare
+
     data, out, summary = compared
     given = os.path.join(out, "baseline", "best.pt")
     one_seed = CompareBudget(**{**TINY.__dict__, "seeds": (0,)})
+    calls = []  # the checkout moves on while the run goes: the record names the commit it started from
+    monkeypatch.setattr(compare, "provenance", lambda command=None: calls.append(command) or
+                        {"date": f"day {len(calls)}", "commit": f"commit {len(calls)}", "command": command})
     again = run_compare(str(tmp_path / "given"), budget=one_seed, methods=["l1"], data_dir=data, progress=False,
                         baseline_ckpt=given)
+    assert len(calls) == 2 and (again["commit"], again["started"], again["date"]) == ("commit 1", "day 1", "day 2")
+    monkeypatch.undo()
     assert again["baseline"]["given"] == given and again["baseline"]["top1"] == summary["baseline"]["top1"]
     assert again["baseline"]["val_curve"] == summary["baseline"]["val_curve"]  # read from its run directory
     assert not os.path.exists(tmp_path / "given" / "baseline" / "last.pt")  # nothing trained

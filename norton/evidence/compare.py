@@ -501,6 +501,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
             raise NortonError(f"{key} must be an integer >= 1, got {getattr(budget, key)!r}")
     device = device or torch.device("cpu")
     started = time.perf_counter()
+    source = provenance(command)  # the code this run executes: the checkout may change while it runs
     budget, full, train, val, test = comparison_splits(data, data_dir, budget, budget_name, folder_options)
     given = load_checkpoint(baseline_ckpt) if baseline_ckpt is not None else None
     settings = {**_shared_settings(budget), "baseline_checkpoint": given["sha256"] if given else None,
@@ -557,7 +558,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                   device=device)
 
     results = []
-    finals: dict[tuple[str, float], nn.Module] = {}
+    finals: dict[tuple[str, float, int], nn.Module] = {}  # every seed's model: seeds may plan differently
     cells = [("macs", t) for t in budget.targets] + [("speedup", s) for s in budget.speedup_targets]
     for kind, target in cells:
         for name in (m for m in methods if METHODS[m].target_kind == kind):
@@ -595,20 +596,20 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
                                       device, progress, resume, build_seconds, teacher)
                     atomic_write_text(result_path, json.dumps(result, indent=1))
                 results.append(result)
-                finals.setdefault((name, target), model)
+                finals[(name, target, seed)] = model
         baseline.to(device)
 
     latency = deployed_latencies(baseline, finals, device, input_size, batch=budget.latency_batch,
                                  repeats=budget.latency_repeats)
     for r in results:
-        r["latency_ms"] = latency[(r["method"], r["target"])]
+        r["latency_ms"] = latency[(r["method"], r["target"], r["seed"])]
     summary = {
         "budget": budget_name, "setup": setup, "arch": arch, "data": data,
         "baseline": {"top1": base_test["top1"], "macs": base_cx.macs, "params": base_cx.params,
                      "latency_ms": latency["baseline"], "epochs": len(curve), "val_curve": curve,
                      "converged": converged(curve), "given": baseline_ckpt},
         "runs": results, "budget_settings": _budget_dict(budget), "machine": machine_record(device),
-        **provenance(command),
+        **provenance(command), "commit": source["commit"], "started": source["date"],
         "minutes": (time.perf_counter() - started) / 60,
     }
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=1))
@@ -804,15 +805,17 @@ def _run_one(model, configuration, method, target, seed, train, val, test, ctx: 
 
 def deployed_latencies(baseline: nn.Module, finals: dict, device: torch.device, input_size, *,
                        batch: int = LATENCY_BATCH, repeats: int = LATENCY_REPEATS) -> dict:
-    """Deployed latency of every compressed model (seed 0) and of the baseline,
-    timed round-robin in one run (``repeats`` passes) on a batch of ``batch``.
+    """Deployed latency of every compressed model (``finals``: by method, target
+    and seed — the seeds of one method may build different models) and of the
+    baseline, timed round-robin in one run (``repeats`` passes) on a batch of
+    ``batch``.
 
     Each model is deployed in both memory formats and both are in the
     round-robin; a model's latency is the faster of its two medians.  (``deploy``
     alone picks the format from a few calls timed one after the other, which on
     a noisy machine can pick the slower one for one model and not for its twin.)"""
     example = torch.randn(batch, *input_size, device=device)
-    models = {"baseline": baseline, **{(name, target): model for (name, target), model in finals.items()}}
+    models = {"baseline": baseline, **finals}
     layouts = ("contiguous", "channels_last")
     deployed = {(key, layout): deploy(model, example, memory_format=layout)[0]
                 for key, model in models.items() for layout in layouts}
@@ -833,6 +836,32 @@ def _target_text(kind: str, target: float) -> str:
     return f"{target:.0%}" if kind == "macs" else f"{target:g}× faster"
 
 
+def latency_of(runs: list[dict]) -> float:
+    """A method's deployed latency at one target: the mean over its seeds' models (records from before
+    every seed was timed give each run seed 0's)."""
+    return statistics.fmean(r["latency_ms"] for r in runs)
+
+
+def speedup_text(runs: list[dict], base: dict) -> str:
+    """The speed-up of ``latency_of(runs)`` over the baseline, with the seeds' range where they differ by
+    more than 5 % (their plans differ)."""
+    each = [base["latency_ms"] / r["latency_ms"] for r in runs]
+    spread = f" ({min(each):.2f}–{max(each):.2f}× by seed)" if max(each) > 1.05 * min(each) else ""
+    return f"{base['latency_ms'] / latency_of(runs):.2f}×{spread}"
+
+
+def configuration_text(runs: list[dict]) -> str:
+    """What a method built at one target: one line, or each seed's where they differ."""
+    configurations = {r["configuration"] for r in runs}
+    if len(configurations) == 1:
+        return runs[0]["configuration"]
+    return "; ".join(f"seed {r['seed']}: {r['configuration']}" for r in runs)
+
+
+def _mean_of(runs: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in runs)
+
+
 def _mean_top1(runs: list[dict]) -> float:
     return statistics.fmean(r["top1"] for r in runs)
 
@@ -842,7 +871,7 @@ def dominated_by(summary: dict, method: str) -> list[tuple[list[dict], list[dict
     is both faster and more accurate): what the accuracy-vs-latency figure shows."""
     points = list(_groups(summary).values())
     return [(ours, other) for ours in points if ours[0]["method"] == method for other in points
-            if other[0]["method"] != method and other[0]["latency_ms"] < ours[0]["latency_ms"]
+            if other[0]["method"] != method and latency_of(other) < latency_of(ours)
             and _mean_top1(other) > _mean_top1(ours)]
 
 
@@ -865,13 +894,13 @@ def _margins(ours: list[dict], other: list[dict]) -> str:
     interval: a tie when it includes 0) and faster."""
     difference = paired_difference(other, ours)
     tie = "; the accuracy difference is a tie, its interval includes 0" if difference.verdict == "tie" else ""
-    return f"by {difference.text()} and {ours[0]['latency_ms'] - other[0]['latency_ms']:.1f} ms{tie}"
+    return f"by {difference.text()} and {latency_of(ours) - latency_of(other):.1f} ms{tie}"
 
 
 def _point_text(runs: list[dict]) -> str:
     r0 = runs[0]
     return (f"{r0['label']} at {_target_text(r0.get('target_kind', 'macs'), r0['target'])} "
-            f"({r0['latency_ms']:.1f} ms, {_mean_top1(runs):.2f} %)")
+            f"({latency_of(runs):.1f} ms, {_mean_top1(runs):.2f} %)")
 
 
 def _fmt(values: list[float]) -> str:
@@ -916,9 +945,9 @@ def headline_table(summary: dict) -> str:
         verdict = (f"{found[0].verdict} vs {found[1]}: {found[0].mean:+.2f} ({found[0].low:+.2f} to "
                    f"{found[0].high:+.2f})" if found else "")
         name = f"**{r0['label']}**" if method.startswith("norton") else r0["label"]
-        lines.append(f"| {_target_text(kind, target)} | {name} | {100 * (1 - r0['macs'] / base['macs']):.1f} % "
+        lines.append(f"| {_target_text(kind, target)} | {name} | {100 * (1 - _mean_of(runs, 'macs') / base['macs']):.1f} % "
                      f"| {_fmt(final)} | {statistics.fmean(final) - base['top1']:+.2f} "
-                     f"| {base['latency_ms'] / r0['latency_ms']:.2f}× | {verdict} "
+                     f"| {speedup_text(runs, base)} | {verdict} "
                      f"| `norton compare --budget {budget} --methods {method}` |")
     return "\n".join(lines) + "\n"
 
@@ -948,11 +977,11 @@ def render_table(summary: dict) -> str:
             r0 = runs[0]
             final = [r["top1"] for r in runs]
             lines.append(
-                f"| {_target_text(kind, target)} | {r0['label']} | {r0['configuration']} | {100 * (1 - r0['macs'] / base['macs']):.1f} % "
-                f"| {100 * (1 - r0['params'] / base['params']):.1f} % | {_fmt([r['top1_before_finetune'] for r in runs])} "
+                f"| {_target_text(kind, target)} | {r0['label']} | {configuration_text(runs)} | {100 * (1 - _mean_of(runs, 'macs') / base['macs']):.1f} % "
+                f"| {100 * (1 - _mean_of(runs, 'params') / base['params']):.1f} % | {_fmt([r['top1_before_finetune'] for r in runs])} "
                 f"| {_fmt([r['top1_recalibrated'] for r in runs])} | **{_fmt(final)}** "
-                f"| {statistics.fmean(final) - base['top1']:+.2f} | {r0['latency_ms']:.1f} ms "
-                f"({base['latency_ms'] / r0['latency_ms']:.2f}×) |")
+                f"| {statistics.fmean(final) - base['top1']:+.2f} | {latency_of(runs):.1f} ms "
+                f"({speedup_text(runs, base)}) |")
     for (target, ours_name), (difference, peer_label) in peer_verdicts(summary).items():
         label = groups[("macs", target, ours_name)][0]["label"]
         peer_text = f"the best other method, {peer_label}"
@@ -1009,8 +1038,8 @@ def plot_compare(summary: dict, path: str) -> None:
     floor = max(min(means) - 1.5, base["top1"] - 12)
     off_scale = []
     for marker, (method, groups) in zip(markers, by_method.items()):
-        groups.sort(key=lambda runs: runs[0]["macs"], reverse=True)
-        xs = [100 * (1 - runs[0]["macs"] / base["macs"]) for runs in groups]
+        groups.sort(key=lambda runs: _mean_of(runs, "macs"), reverse=True)
+        xs = [100 * (1 - _mean_of(runs, "macs") / base["macs"]) for runs in groups]
         stats = [_mean_std([r["top1"] for r in runs]) for runs in groups]
         ys = [max(m, floor + 0.4) for m, _ in stats]
         ours = groups[0][0]["family"] == "NORTON"
@@ -1044,7 +1073,7 @@ def plot_latency(summary: dict, path: str) -> None:
     groups = list(_groups(summary).values())
     means = [_mean_top1(runs) for runs in groups]
     floor = max(min(means) - 1.5, base["top1"] - 12)
-    points = [(base["latency_ms"] / runs[0]["latency_ms"], m) for runs, m in zip(groups, means)]
+    points = [(base["latency_ms"] / latency_of(runs), m) for runs, m in zip(groups, means)]
     front = sorted(p for p in points if not any(q[0] > p[0] and q[1] > p[1] for q in points))
     ax.plot([x for x, _ in front], [max(y, floor + 0.4) for _, y in front], color="0.6", linewidth=3, alpha=0.5,
             zorder=1, label="no other point both faster and more accurate")
@@ -1052,8 +1081,8 @@ def plot_latency(summary: dict, path: str) -> None:
     for runs in groups:
         by_method.setdefault(runs[0]["method"], []).append(runs)
     for marker, (method, series) in zip("o^sDvP*Xh<>", by_method.items()):
-        series.sort(key=lambda runs: runs[0]["latency_ms"], reverse=True)
-        xs = [base["latency_ms"] / runs[0]["latency_ms"] for runs in series]
+        series.sort(key=latency_of, reverse=True)
+        xs = [base["latency_ms"] / latency_of(runs) for runs in series]
         stats = [_mean_std([r["top1"] for r in runs]) for runs in series]
         ours = series[0][0]["family"] == "NORTON"
         ax.errorbar(xs, [max(m, floor + 0.4) for m, _ in stats], yerr=[s if m > floor else 0 for m, s in stats],
