@@ -96,6 +96,7 @@ def test_compare_writes_the_measured_table_and_plot(compared):
     assert base["converged"] == (len(curve) >= 3 and max(curve[-3:]) - min(curve[-3:]) <= 0.2)
     assert f"trained {base['epochs']} epochs, {'converged' if base['converged'] else 'not converged'}" in table
     assert "median of 3 round-robin passes of a batch of 16" in table  # the budget's latency settings
+    assert saved["timed"] == "every seed" and "the mean over its seeds' models" in table
     assert all(r["run_seconds"] > 0 for r in saved["runs"]) and "min as recorded)" in table
     for label in ("NORTON (pabs)", "NORTON-auto (planner, MACs target)"):  # each NORTON row against the best peer
         verdicts = [f"{label} **{word}** {joint} the best other method, L1-norm pruning: "
@@ -274,7 +275,11 @@ def test_seeds_that_build_different_models_are_each_timed_and_shown():
     summary = {"budget": "custom", "setup": "s", "minutes": 1.0,
                "baseline": {"top1": 90.0, "macs": 100, "params": 10, "latency_ms": 100.0},
                "runs": runs + run("l1", "pruning", "macs", 0.85, 40.0, [87.5, 87.7, 87.6])}
+    assert "each method's latency is its seed-0 model's (recorded before every seed's model was timed)" in \
+        render_table(summary)  # a record that does not say every seed was timed
+    summary["timed"] = "every seed"
     table = render_table(summary)
+    assert "a method's latency is the mean over its seeds' models." in table
     assert "| 85% | NORTON-AUTO | seed 0: c; seed 1: d; seed 2: d | 60.0 % |" in table  # mean MACs 40 of 100
     assert "| 100.0 ms (1.00× (0.67–2.00× by seed)) |" in table  # mean latency (50 + 100 + 150) / 3
     assert "| 85% | L1 | c | 50.0 % |" in table and "| 40.0 ms (2.50×) |" in table

@@ -608,7 +608,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
         "baseline": {"top1": base_test["top1"], "macs": base_cx.macs, "params": base_cx.params,
                      "latency_ms": latency["baseline"], "epochs": len(curve), "val_curve": curve,
                      "converged": converged(curve), "given": baseline_ckpt},
-        "runs": results, "budget_settings": _budget_dict(budget), "machine": machine_record(device),
+        "runs": results, "timed": "every seed", "budget_settings": _budget_dict(budget), "machine": machine_record(device),
         **provenance(command), "commit": source["commit"], "started": source["date"],
         "minutes": (time.perf_counter() - started) / 60,
     }
@@ -960,7 +960,9 @@ def render_table(summary: dict) -> str:
         f"Accuracy: test top-1 (%), mean ± std over seeds. Latency: deployed model, median of "
         f"{_latency_setting(summary, 'latency_repeats')} round-robin passes of a batch of "
         f"{_latency_setting(summary, 'latency_batch')}, the faster of its two memory formats (ratios are what "
-        "to quote).",
+        "to quote)" + ("; a method's latency is the mean over its seeds' models." if summary.get("timed") == "every seed"
+                       else "; each method's latency is its seed-0 model's (recorded before every seed's model was "
+                       "timed), whatever the other seeds built."),
         "",
         f"Baseline {_model_name(summary)}: {base['top1']:.2f} %, {base['macs'] / 1e6:.2f}M MACs, {base['params'] / 1e3:.1f}K params, "
         f"{base['latency_ms']:.1f} ms" + _convergence(base) + ".",
