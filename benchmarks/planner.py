@@ -2,7 +2,9 @@
 time, the plan, and the planned model's accuracy after BN recalibration,
 before any fine-tuning, at 60 % and 85 % fewer MACs.
 
-    .venv/bin/python benchmarks/planner.py [--run-dir runs/planner_base]
+    .venv/bin/python benchmarks/planner.py [--run-dir runs/planner_base] [--record]
+
+``--record`` writes the table the planner guide shows (``benchmarks/record.py``).
 
 The baseline (3 epochs on 10,000 training images, 2,000 held out for
 validation) is trained once into --run-dir and reused afterwards.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 
 import torch
@@ -36,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/planner_base")
     parser.add_argument("--calibration-batches", type=int, default=1, help="batches of 256 training images")
+    parser.add_argument("--record", action="store_true", help="record the table (docs/results/tables/planner_example)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -46,7 +50,9 @@ def main() -> None:
         fit(model, train, val, TrainConfig(epochs=3, batch_size=128, lr=0.1, warmup_epochs=1), args.run_dir,
             device=CPU, progress=False)
     load_best(model, args.run_dir)
-    print(f"baseline: {evaluate(model, test, device=CPU)['top1']:.2f} % on {len(test)} test images")
+    baseline = evaluate(model, test, device=CPU)["top1"]
+    print(f"baseline: {baseline:.2f} % on {len(test)} test images")
+    rows = []
 
     calibration_set = limit(load_dataset("fashion-mnist", None, "train"), 4000)
     batches = [x for i, (x, _) in enumerate(epoch_batches(calibration_set.without_augmentation(), 256, seed=0, epoch=0,
@@ -61,8 +67,28 @@ def main() -> None:
         plan.apply(planned, batches[0][:1])
         counted = 1 - norton.count_macs(planned, batches[0][:1]) / norton.count_macs(model, batches[0][:1])
         recalibrate_bn(planned, calibration_set, device=CPU, num_images=1024)
-        print(f"counted {counted:.2%} fewer MACs; after BN recalibration, before fine-tuning: "
-              f"{evaluate(planned, test, device=CPU)['top1']:.2f} %")
+        top1 = evaluate(planned, test, device=CPU)["top1"]
+        print(f"counted {counted:.2%} fewer MACs; after BN recalibration, before fine-tuning: {top1:.2f} %")
+        rows.append([f"{target:.0%}", f"{seconds:.1f} s", _described(plan), f"{counted:.2%}", f"{top1:.2f} %"])
+    if args.record:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from record import write_table
+
+        write_table("planner_example", ["MACs target", "planning", "plan", "counted MACs ↓",
+                                        "top-1 after BN recalibration"], rows,
+                    note=f"ResNet-20 trained 3 epochs on 10,000 Fashion-MNIST images ({baseline:.2f} % on "
+                         f"{len(test)} test images), {256 * args.calibration_batches} calibration images, default "
+                         "options; top-1 before any fine-tuning, BatchNorm recalibrated on 1,024 training images.")
+
+
+def _described(plan) -> str:
+    """The plan in one line: layers by form, filters pruned."""
+    forms = {"CP": 0, "Tucker-2": 0, "dense": 0}
+    for row in plan.rows:
+        forms["Tucker-2" if row.tucker else "CP" if row.rank else "dense"] += 1
+    kept = sum(plan.keep.values()) / max(1, sum(plan.totals.values()))
+    return (", ".join(f"{n} {form}" + (" (the classifier among them)" if form == "dense" else "")
+                      for form, n in forms.items() if n) + f"; {1 - kept:.0%} of the filters pruned")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,17 @@ def test_detector_complexity_cli(capsys):
     assert record["box_rois"] > 0 and record["input_size"] == [3, 320, 320]
 
 
+def test_benchmark_times_a_detector_at_batch_8_unless_told():
+    """``norton benchmark``'s serving batch is 128 images for a classifier and 8 for a detector: 128 images of
+    800×800 through Faster R-CNN were killed for memory on a 24 GiB machine."""
+    from norton.cli import build_parser
+    from norton.cli.deployment import benchmark_batches
+
+    assert build_parser().parse_args(["benchmark", "--arch", "fasterrcnn_resnet50_fpn"]).batch_size is None
+    assert benchmark_batches(detector=True) == (1, 8) and benchmark_batches(detector=False) == (1, 128)
+    assert build_parser().parse_args(["benchmark", "--arch", "resnet_20", "--batch-size", "4"]).batch_size == (4,)
+
+
 def test_detector_benchmark_cli(capsys):
     args = ["benchmark", "--arch", "fasterrcnn_resnet50_fpn", "-r", "1", "-cpr", CPR, "--input-size", "224",
             "--repeats", "2", "--batch-size", "1,2", "--json"]
