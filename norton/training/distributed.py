@@ -1,6 +1,7 @@
 """Processes under ``torchrun``; the device a command runs on comes from ``norton.core.devices``."""
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -38,4 +39,16 @@ def init_distributed(device: torch.device) -> Distributed:
         return Distributed()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # left to the interpreter's exit, the group's threads were torn down running ("terminate called without
+        # an active exception"): a rank then aborted after its work was done and torchrun reported a failure
+        atexit.register(_leave)
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _leave() -> None:
+    """Destroy the process group at exit, once every rank has reached it."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
