@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 
 import torch
 
 import norton
+from norton.evidence.compare import plan_summary
 from norton.training import (
     TrainConfig,
     evaluate,
@@ -69,9 +69,8 @@ def main() -> None:
         recalibrate_bn(planned, calibration_set, device=CPU, num_images=1024)
         top1 = evaluate(planned, test, device=CPU)["top1"]
         print(f"counted {counted:.2%} fewer MACs; after BN recalibration, before fine-tuning: {top1:.2f} %")
-        rows.append([f"{target:.0%}", f"{seconds:.1f} s", _described(plan), f"{counted:.2%}", f"{top1:.2f} %"])
+        rows.append([f"{target:.0%}", f"{seconds:.1f} s", plan_summary(plan), f"{counted:.2%}", f"{top1:.2f} %"])
     if args.record:
-        sys.path.insert(0, os.path.dirname(__file__))
         from record import write_table
 
         write_table("planner_example", ["MACs target", "planning", "plan", "counted MACs ↓",
@@ -80,15 +79,6 @@ def main() -> None:
                          f"{len(test)} test images), {256 * args.calibration_batches} calibration images, default "
                          "options; top-1 before any fine-tuning, BatchNorm recalibrated on 1,024 training images.")
 
-
-def _described(plan) -> str:
-    """The plan in one line: layers by form, filters pruned."""
-    forms = {"CP": 0, "Tucker-2": 0, "dense": 0}
-    for row in plan.rows:
-        forms["Tucker-2" if row.tucker else "CP" if row.rank else "dense"] += 1
-    kept = sum(plan.keep.values()) / max(1, sum(plan.totals.values()))
-    return (", ".join(f"{n} {form}" + (" (the classifier among them)" if form == "dense" else "")
-                      for form, n in forms.items() if n) + f"; {1 - kept:.0%} of the filters pruned")
 
 
 if __name__ == "__main__":

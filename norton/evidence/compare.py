@@ -839,7 +839,7 @@ def _target_text(kind: str, target: float) -> str:
 def latency_of(runs: list[dict]) -> float:
     """A method's deployed latency at one target: the mean over its seeds' models (records from before
     every seed was timed give each run seed 0's)."""
-    return statistics.fmean(r["latency_ms"] for r in runs)
+    return _mean_of(runs, "latency_ms")
 
 
 def speedup_text(runs: list[dict], base: dict) -> str:
@@ -863,7 +863,7 @@ def _mean_of(runs: list[dict], key: str) -> float:
 
 
 def _mean_top1(runs: list[dict]) -> float:
-    return statistics.fmean(r["top1"] for r in runs)
+    return _mean_of(runs, "top1")
 
 
 def dominated_by(summary: dict, method: str) -> list[tuple[list[dict], list[dict]]]:
