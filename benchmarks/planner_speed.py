@@ -106,7 +106,9 @@ def resnet50_eta(seconds: int, record: bool = False) -> None:
     code = ("import torch, warnings; warnings.simplefilter('ignore'); from norton import create_model, plan; "
             "torch.manual_seed(0); m = create_model('resnet_50').eval(); "
             "x = [torch.randn(64, 3, 224, 224) for _ in range(4)]; "
-            "p = plan(m, x, target_macs=0.6, progress=True); print('planned in', round(p.seconds), 's')")
+            "p = plan(m, x, target_macs=0.6, progress=True); "
+            "print(f'planned in {p.seconds / 60:.1f} min, {p.screening[\"confirmed\"]} of "
+            "{p.screening[\"options\"]} options confirmed on every image')")
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds)
         out, err = done.stdout, done.stderr
@@ -130,8 +132,8 @@ def resnet50_eta(seconds: int, record: bool = False) -> None:
                 rows.append([stage.removeprefix("plan: "), f"{done} of {total}", spent, rate.strip(), left])
         write_table("planner_resnet50", ["stage", "done", "time", "rate", "tqdm's estimate of the rest"], rows,
                     note=f"A randomly initialised ResNet-50, 256 random 224×224 images in four batches of 64 (screened "
-                         f"on the first 128), `target_macs=0.6`, stopped after {seconds} s"
-                         + (f"; {out.strip()}" if out.strip() else "") + ".")
+                         f"on the first 128), `target_macs=0.6`, "
+                         + (f"run to the end: {out.strip()}" if out.strip() else f"stopped after {seconds} s") + ".")
 
 
 def side_by_side(archs: list[str], rounds: int, record: bool, recover: bool) -> None:

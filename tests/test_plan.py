@@ -554,6 +554,45 @@ def test_the_cached_forward_is_the_whole_forward():
     assert cached > 0 and cached == probe.damage(whole)  # from the cut point on: the same numbers
 
 
+def test_the_cache_holds_only_cut_points_a_probe_starts_from_within_its_budget():
+    """Of two cut points with no layer first called between them (a residual addition and the activation
+    after it), only the later is cached; a budget too small for a cut point leaves it out (its probes start
+    earlier, with the same results); the default budget is half the free memory."""
+    from norton.compression.probing import CachedForward, Change, cache_budget
+    from norton.core import batch_statistics
+
+    model = create_model("resnet_20").eval()
+    batches = [images(8), images(4, seed=1)]
+    cached = CachedForward(model, batches)
+    every = [cached.position[n] for n in cached._cut_points()]
+    assert len(cached.cuts) < len(every)  # the add / relu pairs: one of each
+    starts = sorted(cached.first_call.values())
+    for here, following in zip(cached.cuts, [*cached.cuts[1:], len(cached.nodes)]):
+        assert any(here < p <= following for p in starts)
+    per_batch = [sum(v.numel() * v.element_size() for v in values.values()) for values in cached.cache]
+    assert per_batch[0] == 2 * per_batch[1] > 0  # every batch at the chosen cut points
+    assert cached.cached_bytes == sum(per_batch)
+    small = CachedForward(model, batches, budget=cached.cached_bytes // 3)
+    assert 0 < len(small.cuts) < len(cached.cuts) and small.cached_bytes <= cached.cached_bytes // 3
+    assert set(small.cuts) <= set(cached.cuts) and max(small.cuts) == max(cached.cuts)  # the output's end first
+    none = CachedForward(model, batches, budget=0)
+    assert none.cuts == [] and none.start_for(["layer3.2.conv2"]) is None
+    layer = "layer1.2.conv2"  # in the first stage, whose activations are the largest: not in the small cache
+    conv = model.get_submodule(layer)
+    change = Change(swaps={layer: nn.Conv2d(16, 16, 3, padding=1, bias=False)})
+    with torch.no_grad():
+        change.swaps[layer].weight.copy_(conv.weight * 0.7)
+    outputs = []
+    for c in (cached, small, none):  # as probes run: every BatchNorm on the batch's statistics
+        with torch.no_grad(), batch_statistics(c.module):
+            outputs.append(c.run(1, (), change))
+    assert cached.start_for([layer]) > (small.start_for([layer]) or -1)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    with open("/proc/meminfo") as f:  # free memory moves as other tests run: bounded by the total
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert 64 << 20 < cache_budget(torch.device("cpu")) <= total // 2
+
+
 def test_changes_measured_side_by_side_are_the_swapped_models_damages():
     """A ``Change`` runs the traced model with a layer swapped (or an output changed) without modifying
     it, so that probes can run on several threads; each result is the model's with the layer swapped,

@@ -37,7 +37,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from norton.core import ChannelPadShortcut, CPDBlock, TuckerBlock, batch_statistics, batchnorms, replace_module
 from norton.core.surgery import flatten_tensors
 
-CACHE_BYTES = 2 << 30  # activations kept for skipping the unchanged front of the network
+CACHE_FALLBACK_BYTES = 2 << 30  # activations cached where the free memory cannot be read (``cache_budget``)
 WORKER_BYTES = 4 << 30  # activations the probes running side by side may hold together (about 4 of the largest each)
 
 
@@ -72,7 +72,7 @@ class CachedForward:
     Swap layers with ``swapped`` (on the traced module); forward hooks on the
     layers (shared with ``model``) act as they would on ``model``."""
 
-    def __init__(self, model: nn.Module, batches: list[Tensor], budget: int = CACHE_BYTES):
+    def __init__(self, model: nn.Module, batches: list[Tensor], budget: int | None = None):
         self.module = fx.GraphModule(model, _Tracer().trace(model))
         self.nodes = list(self.module.graph.nodes)
         self.position = {node: i for i, node in enumerate(self.nodes)}
@@ -89,24 +89,28 @@ class CachedForward:
                 last_use[arg] = i
         for node, i in last_use.items():
             self.freed[i].append(node)
-        candidates = self._cut_points()
-        self.cache: list[dict[fx.Node, Tensor]] = []
+        candidates = self._useful(self._cut_points())
+        if budget is None:
+            budget = cache_budget(batches[0].device)
         with torch.no_grad(), batch_statistics(self.module):
-            for x in batches:
-                values = self._execute(0, {self.nodes[0]: x}, keep=set(candidates))
-                self.cache.append(values)
-        per_cut = {n: sum(v[n].numel() * v[n].element_size() for v in self.cache) for n in candidates}
-        # the largest activation of one batch (at a cut point), what a probe running beside others holds
-        self.activation_bytes = max((v[n].numel() * v[n].element_size() for v in self.cache[:1] for n in candidates),
-                                    default=0)
-        chosen, used = [], 0
-        for node in reversed(candidates):  # from the output back: those save the most
-            if used + per_cut[node] <= budget:
-                chosen.append(node)
-                used += per_cut[node]
-        for values in self.cache:
-            for node in [n for n in values if n not in chosen]:
-                del values[node]
+            first = self._execute(0, {self.nodes[0]: batches[0]}, keep=set(candidates))
+            # what each cut point holds for every batch, from the first (batches are about the same size):
+            # the cut points are chosen before the other batches run, so only what is kept is ever held
+            images = sum(x.shape[0] for x in batches)
+            size = {n: first[n].numel() * first[n].element_size() for n in candidates}
+            # the largest activation of one batch (at a cut point), what a probe running beside others holds
+            self.activation_bytes = max(size.values(), default=0)
+            chosen, used = set(), 0
+            for node in reversed(candidates):  # from the output back: those save the most
+                held = size[node] * images // batches[0].shape[0]
+                if used + held <= budget:
+                    chosen.add(node)
+                    used += held
+            self.cache: list[dict[fx.Node, Tensor]] = [{n: v for n, v in first.items() if n in chosen}]
+            del first
+            for x in batches[1:]:
+                self.cache.append(self._execute(0, {self.nodes[0]: x}, keep=chosen))
+        self.cached_bytes = used
         self.cuts = sorted(self.position[n] for n in chosen)
 
     def _cut_points(self) -> list[fx.Node]:
@@ -124,6 +128,15 @@ class CachedForward:
             if live == {node} and node.op != "placeholder":
                 cuts.append(node)
         return cuts
+
+    def _useful(self, cuts: list[fx.Node]) -> list[fx.Node]:
+        """The cut points a probe can start from: each the last before some layer's first call (of two
+        cut points with no layer first called between them — an addition and the activation after it — the
+        earlier would never be used, and would take the memory of one that is)."""
+        starts = {self.first_call[name] for name in self.first_call}
+        positions = [self.position[c] for c in cuts] + [len(self.nodes)]
+        return [c for c, here, following in zip(cuts, positions, positions[1:])
+                if any(here < p <= following for p in starts)]
 
     def _fetch(self, target: str):
         value = self.module
@@ -277,6 +290,26 @@ class Probe:
         for i in indices:
             total += divergence(_float64(self.cached.run(i, (), change)), self.reference[i])
         return total / len(indices)
+
+
+def cache_budget(device: torch.device) -> int:
+    """The memory the probes' activation cache may take on ``device``: half of
+    what is free there now (on a CPU, Linux's MemAvailable), or
+    ``CACHE_FALLBACK_BYTES`` where that cannot be read.  ResNet-50 at 224×224
+    on 256 calibration images caches 5.4 GiB at its 16 useful cut points; with
+    2 GiB, the probes of its first two stages ran from the input."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024 // 2
+        except OSError:
+            pass
+    return CACHE_FALLBACK_BYTES
 
 
 def probe_workers(device: torch.device | None, activation_bytes: int) -> int:
