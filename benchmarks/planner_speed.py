@@ -98,6 +98,14 @@ def layout_ms(repeats: int = 20) -> dict[str, float]:
     return {name: round(statistics.median(t[3:]), 1) for name, t in times.items()}
 
 
+def per_item(spent: str, done: str, rate: str) -> str:
+    """The stage's time over the items done (tqdm's own rate is smoothed over the last updates), in the unit
+    of tqdm's rate ("2.84s/option" or "4.43option/s": an option)."""
+    seconds = sum(int(part) * 60 ** i for i, part in enumerate(reversed(spent.split(":"))))
+    unit = rate.strip().split("/")[1 if "s/" in rate else 0].lstrip("0123456789.")
+    return f"{seconds / max(1, int(done)):.2f} s/{unit}"
+
+
 def resnet50_eta(seconds: int, record: bool = False) -> None:
     import re
     import subprocess
@@ -129,8 +137,8 @@ def resnet50_eta(seconds: int, record: bool = False) -> None:
             match = re.search(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+),\s*([^\]]+)\]", line)
             if match:
                 done, total, spent, left, rate = match.groups()
-                rows.append([stage.removeprefix("plan: "), f"{done} of {total}", spent, rate.strip(), left])
-        write_table("planner_resnet50", ["stage", "done", "time", "rate", "tqdm's estimate of the rest"], rows,
+                rows.append([stage.removeprefix("plan: "), f"{done} of {total}", spent, per_item(spent, done, rate), left])
+        write_table("planner_resnet50", ["stage", "done", "time", "time per item", "tqdm's estimate of the rest"], rows,
                     note=f"A randomly initialised ResNet-50, 256 random 224×224 images in four batches of 64 (screened "
                          f"on the first 128), `target_macs=0.6`, "
                          + (f"run to the end: {out.strip()}" if out.strip() else f"stopped after {seconds} s") + ".")

@@ -345,7 +345,12 @@ def test_budgets_fit_a_small_dataset_and_leave_fashion_mnist_alone():
         assert getattr(larger, config).epochs < getattr(medium, config).epochs
     # early stopping waits as many SGD steps as the budget's does
     assert larger.baseline.patience == medium.baseline.patience == math.ceil(5 * 10_000 / (2000 - 333))
+    # the deployed models are timed on a batch of about as many pixels as 128 Fashion-MNIST images
+    assert (medium.latency_batch, larger.latency_batch) == (128, 32)
+    assert scale_budget(BUDGETS["medium"], 60_000, 10_000, "medium", 96 * 96).latency_batch == 8  # a large dataset
+    assert scale_budget(BUDGETS["gpu"], 60_000, 10_000, "gpu", 64 * 64).latency_batch == 64
     photos = scale_budget(BUDGETS["medium"], 2000, 500, "medium", 224 * 224)  # never below the budget's epochs
+    assert photos.latency_batch == 8  # nor below 8 images
     assert (photos.baseline.epochs, photos.finetune.epochs) == (BUDGETS["medium"].baseline.epochs,
                                                                 BUDGETS["medium"].finetune.epochs)
     with pytest.raises(NortonError, match="budget 'small' needs at least 100 training images; this dataset has 60"):

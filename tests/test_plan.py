@@ -171,6 +171,51 @@ def test_a_speedup_never_measured_is_refused(monkeypatch):
                                         nn.Identity(), torch.zeros(1), lambda st: 0.0, False)
 
 
+def test_several_speedup_targets_measure_the_options_once(monkeypatch):
+    """``target_speedup=[a, b]``: one plan per target, in order, each meeting its target as timed, for one
+    measurement of the options and one latency calibration (timings here: MACs, so the test is exact)."""
+    from norton.compression import costs, planning, probing
+    from norton.core import count_macs
+    from norton.deployment import Latency
+
+    def by_macs(models, x):
+        return {name: Latency(*[count_macs(m, x[:1]) / 1e6] * 3, 1) for name, m in models.items()}
+
+    def layer_macs(self, layer, rank, n, c):
+        return costs.CostModel(self.layers, "macs", 1, None, torch.float32).unscaled_cost(layer, rank, n, c) / 1e9
+
+    monkeypatch.setattr(planning, "compare_latency", by_macs)
+    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
+    monkeypatch.setattr(costs.CostModel, "_time_once", layer_macs)
+    monkeypatch.setattr(costs, "_LATENCY_CACHE", {})
+    calibrations = []
+    monkeypatch.setattr(planning, "_CALIBRATIONS", {})
+    original_calibrate = planning.calibrate_latency
+    monkeypatch.setattr(planning, "calibrate_latency",
+                        lambda *a: (calibrations.append(1), original_calibrate(*a))[1])
+    measured = []
+    original = probing.Probe._changed_damage
+    monkeypatch.setattr(probing.Probe, "_changed_damage",
+                        lambda self, change, indices: (measured.append(1), original(self, change, indices))[1])
+    model = create_model("resnet_20").eval()
+    batches = [images(8, size=16, seed=s) for s in range(2)]
+    both = plan(model, batches, target_speedup=[1.3, 1.8], latency_batch=4, **SMALL, seed=1, screening=False)
+    jointly = len(measured)
+    single = plan(model, batches, target_speedup=1.8, latency_batch=4, **SMALL, seed=1, screening=False)
+    assert jointly > 0 and len(measured) == 2 * jointly  # the options measured once for both targets
+    assert len(calibrations) == 2  # once per call (the fit is cached per process after the first)
+    assert isinstance(both, list) and [p.value for p in both] == [1.3, 1.8]
+    assert [p.target for p in both] == ["speedup"] * 2
+    for p in both:
+        assert p.measured_speedup >= p.value
+    assert both[0].measured_speedup < both[1].measured_speedup
+    assert {**both[1].to_dict(), "seconds": None} == {**single.to_dict(), "seconds": None}
+    with pytest.raises(NortonError, match="target_speedup is an empty list"):
+        plan(model, batches, target_speedup=[], **SMALL)
+    with pytest.raises(NortonError, match=r"number > 1 .*, or a list of them, got \[1.5, 0.9\]"):
+        plan(model, batches, target_speedup=[1.5, 0.9], **SMALL)
+
+
 # -- the command line --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):

@@ -269,7 +269,7 @@ def plan(
     data,
     *,
     target_macs: float | Sequence[float] | None = None,
-    target_speedup: float | None = None,
+    target_speedup: float | Sequence[float] | None = None,
     criterion: str = PLANNER_CRITERION,
     ranks: Sequence[int] = RANK_OPTIONS,
     forms: Sequence[str] = FORMS,
@@ -295,7 +295,9 @@ def plan(
     measuring every option once) or
     ``target_speedup`` (> 1, latency of the layers' fastest execution plans
     timed on the model's device on ``latency_batch`` images, deployed in
-    ``latency_dtype``: float32, bfloat16 or float16; default the model's).  ``criterion`` selects the filters
+    ``latency_dtype``: float32, bfloat16 or float16; default the model's; a
+    list gives a plan per target, the options measured and the latency model
+    calibrated once).  ``criterion`` selects the filters
     of a pruned group (one that works on dense weights: fpgm — the default —, l2, l1, random).
     ``forms``: the factored forms a layer may take besides dense — "cp" (the
     published method, at ``ranks``) and "tucker2" (both channel modes at
@@ -331,17 +333,20 @@ def plan(
     started = time.perf_counter()
     if (target_macs is None) == (target_speedup is None):
         raise NortonError("give exactly one of target_macs or target_speedup")
-    several = isinstance(target_macs, (list, tuple))
-    macs_targets = list(target_macs) if several else [target_macs]
-    if several and not macs_targets:
-        raise NortonError("target_macs is an empty list: give a fraction of the MACs to remove, or a list of them")
+    several = isinstance(target_macs, (list, tuple)) or isinstance(target_speedup, (list, tuple))
+    macs_targets = list(target_macs) if isinstance(target_macs, (list, tuple)) else [target_macs]
+    speed_targets = list(target_speedup) if isinstance(target_speedup, (list, tuple)) else [target_speedup]
+    if several and not (macs_targets if target_macs is not None else speed_targets):
+        raise NortonError(f"{'target_macs' if target_macs is not None else 'target_speedup'} is an empty list: "
+                          "give a target, or a list of them")
     for value in macs_targets if target_macs is not None else ():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
             raise NortonError(f"target_macs must be a fraction of the MACs to remove, in (0, 1), or a list of them, "
                               f"got {target_macs!r}")
-    if target_speedup is not None and (isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float))
-                                       or not target_speedup > 1.0 or not math.isfinite(target_speedup)):
-        raise NortonError(f"target_speedup must be a number > 1 (e.g. 2 for twice as fast), got {target_speedup!r}")
+    for value in speed_targets if target_speedup is not None else ():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1.0 or not math.isfinite(value):
+            raise NortonError(f"target_speedup must be a number > 1 (e.g. 2 for twice as fast), or a list of them, "
+                              f"got {target_speedup!r}")
     if allocation not in ALLOCATIONS:
         raise NortonError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if get_criterion(criterion).needs_factors:
@@ -631,12 +636,17 @@ def plan(
         calibrate_latency(costs, search, build, x, progress)
         full = search.cost([0] * len(units))
         cheapest = search.cost(search.cheapest())
-        budget = max(full / target_speedup, cheapest)  # the prediction may call it out of reach; the timing decides
-        chosen, state, measured = meet_measured_speedup(target_speedup, budget, cheapest, allocate, build, dense, x,
-                                                         search.damage, progress)
-        result = as_plan(state, chosen if allocation == "best" else allocation, target_speedup, measured)
-        result.seconds = time.perf_counter() - started
-        return result
+        shared = time.perf_counter() - started  # the options and the latency model: once for every target
+        results = []
+        for value in speed_targets:
+            begun = time.perf_counter()
+            budget = max(full / value, cheapest)  # the prediction may call it out of reach; the timing decides
+            chosen, state, measured = meet_measured_speedup(value, budget, cheapest, allocate, build, dense, x,
+                                                             search.damage, progress)
+            result = as_plan(state, chosen if allocation == "best" else allocation, value, measured)
+            result.seconds = shared + time.perf_counter() - begun
+            results.append(result)
+        return results if several else results[0]
 
     shared = time.perf_counter() - started  # measuring the options: once for every target
     results = []

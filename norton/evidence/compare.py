@@ -150,6 +150,17 @@ BUDGETS = {"small": SMALL, "medium": MEDIUM, "full": FULL, "gpu": GPU}
 MAX_EPOCH_SCALE = 50  # a small dataset's epochs are scaled up at most this much
 MIN_TRAIN_IMAGES = 100
 REFERENCE_PIXELS = 28 * 28  # the image size the budgets were sized for (Fashion-MNIST)
+MIN_LATENCY_BATCH = 8  # a budget's latency batch, scaled down for larger images, is never smaller
+
+
+def latency_batch_for(batch: int, pixels: int) -> int:
+    """A budget's latency batch (sized for 28×28 images) for images of ``pixels`` (height × width): the power
+    of two nearest to as many pixels per batch, at least ``MIN_LATENCY_BATCH`` and at most ``batch`` — 32 for
+    64×64 images where Fashion-MNIST's is 128, so that timing the deployed models (and the speed-up targets'
+    candidates) costs about what it costs at 28×28."""
+    if pixels <= REFERENCE_PIXELS:
+        return batch
+    return min(batch, max(MIN_LATENCY_BATCH, 2 ** round(math.log2(batch * REFERENCE_PIXELS / pixels))))
 
 
 def scale_budget(budget: CompareBudget, train_available: int, test_available: int, name: str = "custom",
@@ -167,11 +178,14 @@ def scale_budget(budget: CompareBudget, train_available: int, test_available: in
     (height × width) cost more per step, and the scale shrinks by as much (never
     below the budget's own epochs), so a folder of larger images takes about the
     budget's compute, not its steps.  A patience (early stopping) is scaled to
-    the budget's steps.  Too few images for any comparison: one clear error."""
+    the budget's steps.  Images larger than 28×28 are timed on a smaller batch
+    (``latency_batch_for``), whatever the dataset's size.  Too few images for
+    any comparison: one clear error."""
     wanted = (budget.train_images or train_available) + budget.extra_val_images
     test_images = budget.test_images if budget.test_images is None or budget.test_images <= test_available else test_available
+    budget = replace(budget, latency_batch=latency_batch_for(budget.latency_batch, pixels))
     if train_available >= wanted:
-        return replace(budget, test_images=test_images) if test_images != budget.test_images else budget
+        return replace(budget, test_images=test_images)
     if train_available < MIN_TRAIN_IMAGES:
         raise NortonError(f"budget {name!r} needs at least {MIN_TRAIN_IMAGES} training images; this dataset has "
                           f"{train_available} (and {test_available} test images)")
@@ -292,20 +306,28 @@ def _shared_plan(base: nn.Module, seed: int, ctx: Context, options: dict) -> Pla
     """``norton.plan`` of ``base`` on the seed's calibration images with ``options``, made once per
     comparison: kept under the comparison's ``plans/`` folder by a digest of the options, so methods that
     plan alike (NORTON-auto and its no-selection ablation) share one plan, and a resumed run reuses it.
-    A MACs target of the budget is planned together with the budget's other MACs targets (one ``plan``
-    call: every option measured once for all of them)."""
-    jointly = list(ctx.budget.targets) if options.get("target_macs") in ctx.budget.targets else None
-    each = ([{**options, "target_macs": t, "planned_with": jointly} for t in jointly] if jointly
-            else [options])
+    A target of the budget is planned together with the budget's other targets of its kind (MACs, or
+    speed-up: one ``plan`` call, every option measured once for all of them; for speed-ups the latency
+    model is calibrated once too)."""
+    key = "target_macs" if "target_macs" in options else "target_speedup"
+    targets = ctx.budget.targets if key == "target_macs" else ctx.budget.speedup_targets
+    jointly = list(targets) if options.get(key) in targets else None
+    each = [{**options, key: t, "planned_with": jointly} for t in jointly] if jointly else [options]
     paths = [None] * len(each)
     if ctx.cell_dir:
         paths = [os.path.join(os.path.dirname(ctx.cell_dir), "plans", f"{_digest(o)}_seed{seed}.json") for o in each]
-    wanted = jointly.index(options["target_macs"]) if jointly else 0
+    wanted = jointly.index(options[key]) if jointly else 0
     if paths[wanted] and os.path.exists(paths[wanted]):
         with open(paths[wanted]) as f:
             return Plan.from_dict(json.load(f))
-    made = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **({**options, "target_macs": jointly} if jointly
-                                                                      else options))
+    try:
+        made = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **({**options, key: jointly} if jointly
+                                                                          else options))
+    except NortonError:  # a speed-up out of reach fails the joint call: this target planned alone
+        if not jointly:
+            raise
+        return _shared_plan(base, seed, replace(ctx, budget=replace(ctx.budget, **{
+            "targets" if key == "target_macs" else "speedup_targets": ()})), options)
     made = made if jointly else [made]
     for path, one in zip(paths, made):
         if path:
