@@ -324,7 +324,7 @@ def test_a_budgets_targets_are_planned_together_and_one_out_of_reach_alone(monke
     targets' plans are kept for their cells.  A speed-up out of reach fails the joint call: the asked target
     is then planned alone, and its failure alone is an error."""
     from norton.evidence import compare
-    from norton.evidence.compare import BUDGETS, Context, _shared_plan
+    from norton.evidence.compare import BUDGETS, Context, shared_plan
 
     calls = []
 
@@ -350,14 +350,14 @@ def test_a_budgets_targets_are_planned_together_and_one_out_of_reach_alone(monke
     monkeypatch.setattr(compare.Plan, "from_dict", staticmethod(lambda d: Made(d["target"])))
     ctx = Context(base_macs=1, example=torch.zeros(1), budget=BUDGETS["medium"], cell_dir=str(tmp_path / "cell"))
     model = torch.nn.Linear(1, 1)
-    assert _shared_plan(model, 0, ctx, {"target_macs": 0.85}).target == 0.85
-    assert _shared_plan(model, 0, ctx, {"target_macs": 0.6}).target == 0.6  # kept from the joint call
+    assert shared_plan(model, 0, ctx, {"target_macs": 0.85}).target == 0.85
+    assert shared_plan(model, 0, ctx, {"target_macs": 0.6}).target == 0.6  # kept from the joint call
     assert calls == [[0.6, 0.85]]
     calls.clear()
-    assert _shared_plan(model, 1, ctx, {"target_speedup": 1.8, "latency_batch": 32}).target == 1.8
+    assert shared_plan(model, 1, ctx, {"target_speedup": 1.8, "latency_batch": 32}).target == 1.8
     assert calls == [[1.8, 3.0], 1.8]
     with pytest.raises(NortonError, match="target_speedup 3 is out of reach"):
-        _shared_plan(model, 1, ctx, {"target_speedup": 3.0, "latency_batch": 32})
+        shared_plan(model, 1, ctx, {"target_speedup": 3.0, "latency_batch": 32})
 
 
 def test_budgets_fit_a_small_dataset_and_leave_fashion_mnist_alone():

@@ -284,7 +284,7 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
                 options["target_macs"] = target
             else:
                 options.update(target_speedup=target, latency_batch=ctx.budget.latency_batch)
-            chosen = _shared_plan(base, seed, ctx, options)
+            chosen = shared_plan(base, seed, ctx, options)
             if select and kind == "macs" and ctx.budget.selection_epochs and chosen.alternatives:
                 chosen = select_plan(base, chosen, ctx.train, ctx.val, epochs=ctx.budget.selection_epochs,
                                      finetune=ctx.budget.finetune, run_dir=os.path.join(ctx.cell_dir, "selection"),
@@ -302,7 +302,7 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
     return build
 
 
-def _shared_plan(base: nn.Module, seed: int, ctx: Context, options: dict) -> Plan:
+def shared_plan(base: nn.Module, seed: int, ctx: Context, options: dict) -> Plan:
     """``norton.plan`` of ``base`` on the seed's calibration images with ``options``, made once per
     comparison: kept under the comparison's ``plans/`` folder by a digest of the options, so methods that
     plan alike (NORTON-auto and its no-selection ablation) share one plan, and a resumed run reuses it.
@@ -326,7 +326,7 @@ def _shared_plan(base: nn.Module, seed: int, ctx: Context, options: dict) -> Pla
     except NortonError:  # a speed-up out of reach fails the joint call: this target planned alone
         if not jointly:
             raise
-        return _shared_plan(base, seed, replace(ctx, budget=replace(ctx.budget, **{
+        return shared_plan(base, seed, replace(ctx, budget=replace(ctx.budget, **{
             "targets" if key == "target_macs" else "speedup_targets": ()})), options)
     made = made if jointly else [made]
     for path, one in zip(paths, made):
