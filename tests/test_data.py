@@ -111,6 +111,18 @@ def test_digits():
     assert set(train.labels.tolist()) == set(range(10))
 
 
+def test_a_grayscale_batch_comes_in_the_standard_layout_and_a_convolution_keeps_it():
+    """A gathered or cropped one-channel batch could carry channels-last strides (a size-1 dimension's stride
+    is free); convolution then ran the whole network channels-last, where batch norm is slow on a CPU."""
+    train = load_dataset("digits", None, "train")
+    assert train.crop_padding  # the cropped path as well as the gathered one
+    for data in (train, train.without_augmentation()):
+        images, _ = next(iter(epoch_batches(data, 64, seed=0, epoch=0, shuffle=True)))
+        assert images.stride() == (256, 256, 16, 1)
+        features = torch.nn.Conv2d(1, 4, 3, padding=1)(images)
+        assert features.stride() == (4 * 256, 256, 16, 1)
+
+
 def test_image_folder(tmp_path):
     write_image_folder(tmp_path)
     train = load_dataset("imagenet", str(tmp_path), "train")

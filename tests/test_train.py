@@ -19,6 +19,7 @@ from norton.training import (
     classification_loss,
     evaluate,
     fit,
+    limit,
     load_dataset,
     lr_factor,
     recalibrate_bn,
@@ -226,16 +227,21 @@ def test_channels_last_training_gives_the_same_numbers_and_resumes_exactly(digit
     start = create_model("resnet_20", in_channels=1)
     runs = {}
     for name, channels_last in (("contiguous", False), ("channels_last", True)):
-        model = create_model("resnet_20", in_channels=1)
-        model.load_state_dict(start.state_dict())
-        runs[name] = (model, fit(model, train, val, replace(config, channels_last=channels_last), str(tmp_path / name),
-                                 device=CPU, progress=False))
-    (plain, a), (fast, b) = runs["contiguous"], runs["channels_last"]
-    for x, y in zip(a.history, b.history):  # the same training up to float rounding
-        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-3)
+        for images in (128, None):  # one step an epoch (the same step up to float rounding), and every image
+            model = create_model("resnet_20", in_channels=1)
+            model.load_state_dict(start.state_dict())
+            runs[name, images] = (model, fit(model, limit(train, images), val, replace(config, channels_last=channels_last),
+                                             str(tmp_path / f"{name}{images}"), device=CPU, progress=False))
+    (_, a), (_, b) = runs["contiguous", 128], runs["channels_last", 128]
+    assert b.history[0]["train_loss"] == pytest.approx(a.history[0]["train_loss"], rel=1e-6)
+    assert b.history[1]["train_loss"] == pytest.approx(a.history[1]["train_loss"], rel=1e-4)
     assert a.history[0]["train_loss"] != a.history[1]["train_loss"]
+    # ten steps an epoch: rounding differences grow with SGD's steps from a random start, so only roughly equal
+    (_, a), (fast, b) = runs["contiguous", None], runs["channels_last", None]
+    for x, y in zip(a.history, b.history):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=0.1)
     assert all(p.is_contiguous() for p in fast.parameters())  # handed back contiguous
-    assert load_checkpoint(tmp_path / "channels_last" / "last.pt")["train_state"]["config"]["channels_last"] is True
+    assert load_checkpoint(tmp_path / "channels_lastNone" / "last.pt")["train_state"]["config"]["channels_last"] is True
 
     # stopped after the first epoch's checkpoint, then resumed: bit-identical to the straight run
     layouts, real_evaluate = [], classification.evaluate
@@ -273,8 +279,74 @@ def test_channels_last_training_names_a_view_that_needs_contiguous_activations(d
     with pytest.raises(NortonError, match=r"reshapes a channels-last activation with \.view.*channels_last=False"):
         fit(model, train, val, TrainConfig(epochs=1, batch_size=64, warmup_epochs=0, channels_last=True),
             str(tmp_path), device=CPU, progress=False)
-    with pytest.raises(NortonError, match="channels_last must be True or False"):
+    with pytest.raises(NortonError, match="channels_last must be True, False or \"auto\""):
         TrainConfig(channels_last="yes").validate()
+
+
+@pytest.mark.parametrize("slow", ["contiguous", "channels_last"])
+def test_auto_layout_trains_in_the_layout_its_first_steps_timed_faster_and_resumes_in_it(digits, tmp_path,
+                                                                                        monkeypatch, slow):
+    from norton.training import classification
+
+    slow_format = torch.contiguous_format if slow == "contiguous" else torch.channels_last
+    real_synchronize = classification.LayoutTrial._synchronize
+
+    def synchronize(self):  # the slow layout's steps take 0.2 s longer
+        real_synchronize(self)
+        if self.phase == slow_format and self.chosen is None:
+            time.sleep(0.2)
+
+    monkeypatch.setattr(classification.LayoutTrial, "_synchronize", synchronize)
+    layouts, real_evaluate = [], classification.evaluate
+
+    def evaluate_then_stop(model, *args, **kwargs):
+        weight = model.layer1[0].conv1.weight
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+        if len(layouts) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(model, *args, **kwargs)
+
+    train, val, _ = digits  # 1,237 training images: 10 steps of 128, the trial takes 6
+    config = TrainConfig(epochs=3, batch_size=128, lr=0.05, warmup_epochs=0, channels_last="auto")
+    model = create_model("resnet_20", in_channels=1)
+    monkeypatch.setattr(classification, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, train, val, config, str(tmp_path), device=CPU, progress=False)
+    faster = slow == "contiguous"  # channels-last is the faster one
+    assert layouts == [faster, faster]
+    assert load_checkpoint(tmp_path / "last.pt")["train_state"]["channels_last"] is faster
+
+    def no_trial(*args, **kwargs):
+        raise AssertionError("a resumed run timed the layouts again")
+
+    layouts.clear()
+    monkeypatch.setattr(classification, "evaluate", lambda model, *a, **k: (evaluate_then_stop(model, *a, **k)
+                                                                            if len(layouts) < 1 else
+                                                                            real_evaluate(model, *a, **k)))
+    monkeypatch.setattr(classification, "LayoutTrial", no_trial)
+    resumed = create_model("resnet_20", in_channels=1)
+    fit(resumed, train, val, config, str(tmp_path), device=CPU, progress=False, resume=True)
+    assert layouts == [faster]  # epoch 3 trained in the layout chosen in epoch 1
+    assert all(p.is_contiguous() for p in resumed.parameters())  # handed back in the standard layout
+
+
+def test_auto_layout_trains_a_model_that_cannot_run_channels_last_and_a_short_epoch_decides_on_what_it_timed(
+        digits, tmp_path):
+    class Flatten(nn.Module):
+        def forward(self, x):
+            return x.view(x.shape[0], -1)
+
+    train, val, _ = digits
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), Flatten(), nn.Linear(4 * 16 * 16, 10))
+    result = fit(model, train, val, TrainConfig(epochs=2, batch_size=128, warmup_epochs=0, channels_last="auto"),
+                 str(tmp_path / "view"), device=CPU, progress=False)
+    assert len(result.history) == 2
+    assert load_checkpoint(tmp_path / "view" / "last.pt")["train_state"]["channels_last"] is False
+    # two steps an epoch, both in the standard layout's part of the trial: the standard layout, decided at its end
+    short = create_model("resnet_20", in_channels=1)
+    fit(short, limit(train, 256), val, TrainConfig(epochs=1, batch_size=128, warmup_epochs=0, channels_last="auto"),
+        str(tmp_path / "short"), device=CPU, progress=False)
+    assert load_checkpoint(tmp_path / "short" / "last.pt")["train_state"]["channels_last"] is False
 
 
 def test_the_cli_trains_channels_last_on_request(tmp_path):
@@ -284,6 +356,12 @@ def test_the_cli_trains_channels_last_on_request(tmp_path):
     assert main(["train", "--arch", "resnet_20", "--data", "digits", "--subset", "256", "--epochs", "1",
                  "--batch-size", "128", "--warmup-epochs", "0", "--channels-last", "--run-dir", run, "--device", "cpu"]) == 0
     assert load_checkpoint(os.path.join(run, "last.pt"))["train_state"]["config"]["channels_last"] is True
+    auto = str(tmp_path / "auto")
+    assert main(["train", "--arch", "resnet_20", "--data", "digits", "--subset", "256", "--epochs", "1",
+                 "--batch-size", "128", "--warmup-epochs", "0", "--channels-last", "auto", "--run-dir", auto,
+                 "--device", "cpu"]) == 0
+    state = load_checkpoint(os.path.join(auto, "last.pt"))["train_state"]
+    assert state["config"]["channels_last"] == "auto" and state["channels_last"] in (True, False)
 
 
 def test_evaluation_is_one_function_whatever_plan_the_blocks_were_set_to(digits):

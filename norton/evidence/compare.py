@@ -111,14 +111,14 @@ class CompareBudget:
 # ResNet-56 they took 17 of the 34 minutes of every method (building and fine-tuning as recorded)
 SMALL = CompareBudget(
     train_images=12_000, val_images=2_000, test_images=5_000,
-    baseline=TrainConfig(epochs=6, batch_size=128, lr=0.1, warmup_epochs=1),
-    finetune=TrainConfig(epochs=1, batch_size=128, lr=0.02, warmup_epochs=0),
+    baseline=TrainConfig(epochs=6, batch_size=128, lr=0.1, warmup_epochs=1, channels_last="auto"),
+    finetune=TrainConfig(epochs=1, batch_size=128, lr=0.02, warmup_epochs=0, channels_last="auto"),
     methods=("norton-auto", "norton", "cp-only", "l1", "fpgm", "tltorch-tucker2"),
 )
 FULL = CompareBudget(
     train_images=None, val_images=5_000, test_images=None,
-    baseline=TrainConfig(epochs=200, batch_size=128, lr=0.1, warmup_epochs=5),
-    finetune=TrainConfig(epochs=60, batch_size=128, lr=0.02, warmup_epochs=0),
+    baseline=TrainConfig(epochs=200, batch_size=128, lr=0.1, warmup_epochs=5, channels_last="auto"),
+    finetune=TrainConfig(epochs=60, batch_size=128, lr=0.02, warmup_epochs=0, channels_last="auto"),
     seeds=(0, 1, 2),
 )
 # several fine-tuning epochs, the methods that matter, three seeds, and a baseline trained until its validation
@@ -130,8 +130,8 @@ FULL = CompareBudget(
 # (norton-auto-cp, norton-l2) run with --methods.
 MEDIUM = CompareBudget(
     train_images=12_000, val_images=2_000, test_images=5_000, extra_val_images=8_000,
-    baseline=TrainConfig(epochs=30, batch_size=128, lr=0.1, warmup_epochs=1, patience=5),
-    finetune=TrainConfig(epochs=3, batch_size=128, lr=0.02, warmup_epochs=0),
+    baseline=TrainConfig(epochs=30, batch_size=128, lr=0.1, warmup_epochs=1, channels_last="auto", patience=5),
+    finetune=TrainConfig(epochs=3, batch_size=128, lr=0.02, warmup_epochs=0, channels_last="auto"),
     seeds=(0, 1, 2),
     methods=("norton-auto", "norton-auto-speed", "norton", "cp-only", "l1", "fpgm", "tltorch-tucker2"),
     speedup_targets=(1.8, 3.0),
@@ -141,8 +141,8 @@ MEDIUM = CompareBudget(
 # sized to finish in about 12 minutes on one H200 — an estimate, not a measurement: no GPU has run it yet
 GPU = CompareBudget(
     train_images=None, val_images=5_000, test_images=None,
-    baseline=TrainConfig(epochs=30, batch_size=256, lr=0.2, warmup_epochs=1, patience=4),
-    finetune=TrainConfig(epochs=8, batch_size=256, lr=0.04, warmup_epochs=0, patience=2),
+    baseline=TrainConfig(epochs=30, batch_size=256, lr=0.2, warmup_epochs=1, channels_last="auto", patience=4),
+    finetune=TrainConfig(epochs=8, batch_size=256, lr=0.04, warmup_epochs=0, channels_last="auto", patience=2),
     seeds=(0, 1), methods=("norton-auto", "norton", "cp-only", "l1", "fpgm"),
     calibration_images=512, latency_batch=256,
 )
