@@ -36,7 +36,6 @@ from norton.errors import NortonError
 
 ROWS = 16384  # sampled positions per layer (spread evenly over the calibration images)
 RIDGE = 1e-3  # λ relative to the mean diagonal of XᵀX
-CHUNK = 32  # images unfolded at once (im2col of a conv)
 
 
 @dataclass
@@ -86,18 +85,21 @@ def _rows(module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
         return x.reshape(-1, x.shape[-1])[index]
     if isinstance(module, CPDBlock):
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])[index]
+    # the rows of im2col at the sampled positions only, gathered from the padded input (an unfold of every
+    # position, then a sample of it, spent most of a 64×64 refit making rows it dropped: the same values)
     padded = F.pad(x, module._reversed_padding_repeated_twice,
                    mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    _, out_w = conv_output_size(module, x.shape)
     per_image = _positions(module, x)
-    out = []
-    for start in range(0, x.shape[0], CHUNK):  # im2col of a few images at a time
-        lo, hi = start * per_image, (start + CHUNK) * per_image
-        mine = index[(index >= lo) & (index < hi)] - lo
-        if mine.numel():
-            cols = F.unfold(padded[start:start + CHUNK], module.kernel_size, dilation=module.dilation,
-                            stride=module.stride)  # (b, C·kh·kw, L)
-            out.append(cols.transpose(1, 2).reshape(-1, cols.shape[1])[mine])
-    return torch.cat(out)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    image, position = index // per_image, index % per_image
+    device = x.device
+    ys = (position // out_w * sh)[:, None] + torch.arange(kh, device=device)[None, :] * dh  # (rows, kh)
+    xs = (position % out_w * sw)[:, None] + torch.arange(kw, device=device)[None, :] * dw  # (rows, kw)
+    channels = torch.arange(x.shape[1], device=device)
+    patches = padded[image[:, None, None, None], channels[None, :, None, None], ys[:, None, :, None],
+                     xs[:, None, None, :]]  # (rows, C, kh, kw): unfold's feature order
+    return patches.reshape(index.numel(), -1)
 
 
 def _positions(module: nn.Module, x: Tensor) -> int:
