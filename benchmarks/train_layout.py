@@ -1,6 +1,7 @@
 """Training epochs with ``TrainConfig(channels_last=True)`` against contiguous ones.
 
     .venv/bin/python benchmarks/train_layout.py [--rounds 5] [--images 1280]
+    .venv/bin/python benchmarks/train_layout.py --gray64 [--record]
 
 For VGG-16-BN rank 8 and ResNet-56 rank 4 as ``create_model`` builds them and
 their dense counterparts (batch 128, 32×32 CIFAR-shaped images; the pixel
@@ -8,6 +9,10 @@ values do not change the time): rounds of one ``fit`` epoch in each layout, the
 order alternated every round; per model, the median of the per-round ratios
 contiguous / channels-last of the epoch's training seconds (above 1: the
 channels-last epoch was faster), with the fastest and slowest round.
+``--gray64``: ResNet-20 on one-channel 64×64 images instead (a grayscale image
+folder's), dense and L1-pruned to 85 % and 60 % fewer MACs — the models a
+comparison fine-tunes, where the faster layout is not the same for all
+(``channels_last="auto"`` chooses per run).
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ import tempfile
 import warnings
 
 import torch
+from torch import nn
 
 from record import Table
 
+from norton.compression import prune
 from norton.models import create_model
 from norton.training import TrainConfig, fit
 from norton.training.data import ArrayDataset
@@ -27,10 +34,22 @@ from norton.training.data import ArrayDataset
 CASES = (("vgg_16_bn", 8), ("vgg_16_bn", 0), ("resnet_56", 4), ("resnet_56", 0))
 
 
-def epoch_seconds(arch: str, rank: int, data: ArrayDataset, channels_last: bool) -> float:
+GRAY64_CASES = (("resnet_20", 0.0), ("resnet_20", 0.85), ("resnet_20", 0.60))
+
+
+def gray_model(arch: str, pruned: float) -> nn.Module:
+    """``arch`` for one-channel 64×64 images, L1-pruned to ``pruned`` fewer MACs (0: dense)."""
+    torch.manual_seed(0)
+    model = create_model(arch, in_channels=1)
+    if pruned:
+        prune(model, target_macs=pruned, criterion="l1", example_inputs=torch.zeros(1, 1, 64, 64))
+    return model
+
+
+def epoch_seconds(arch: str, rank, data: ArrayDataset, channels_last: bool) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = create_model(arch, rank=rank)
+        model = gray_model(arch, rank) if data.images.shape[1] == 1 else create_model(arch, rank=rank)
     config = TrainConfig(epochs=1, batch_size=128, lr=0.01, warmup_epochs=0, channels_last=channels_last)
     with tempfile.TemporaryDirectory() as run_dir:
         result = fit(model, data, data.subset(torch.arange(128)), config, run_dir, device=torch.device("cpu"),
@@ -42,15 +61,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="epochs in each layout, alternated")
     parser.add_argument("--images", type=int, default=1280, help="training images per epoch")
+    parser.add_argument("--gray64", action="store_true",
+                        help="ResNet-20 on one-channel 64×64 images, dense and L1-pruned (85 %%, 60 %% fewer MACs)")
     parser.add_argument("--record", action="store_true", help="record the deploy guide's table (docs/results/tables)")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
-    data = ArrayDataset(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
-                        torch.randint(0, 10, (args.images,), generator=g), (0.5,) * 3, (0.25,) * 3)
+    shape, mean, std = ((1, 64, 64), (0.5,), (0.25,)) if args.gray64 else ((3, 32, 32), (0.5,) * 3, (0.25,) * 3)
+    data = ArrayDataset(torch.randint(0, 256, (args.images, *shape), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 10, (args.images,), generator=g), mean, std)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of one epoch "
           f"of {args.images} images in each layout\n")
     table = Table(["model", "contiguous epoch (median)", "contiguous / channels-last (median, min–max)"])
-    for arch, rank in CASES:
+    for arch, rank in GRAY64_CASES if args.gray64 else CASES:
         times = {False: [], True: []}
         for i in range(args.rounds + 1):  # the first round warms up
             for channels_last in ((False, True) if i % 2 else (True, False)):
@@ -58,12 +80,17 @@ def main() -> None:
                 if i:
                     times[channels_last].append(seconds)
         ratios = sorted(a / b for a, b in zip(times[False], times[True]))
-        name = f"{arch} rank {rank}" if rank else f"{arch} dense"
+        if args.gray64:
+            name = f"{arch} L1-pruned to {rank:.0%} fewer MACs" if rank else f"{arch} dense"
+        else:
+            name = f"{arch} rank {rank}" if rank else f"{arch} dense"
         table.add([name, f"{statistics.median(times[False]):.1f} s", f"**{statistics.median(ratios):.3f}×** "
                    f"({ratios[0]:.3f}–{ratios[-1]:.3f})"])
     if args.record:
-        table.record("train_layout", note=f"{args.rounds} rounds of one `fit` epoch of {args.images} CIFAR-shaped "
-                     "images at batch 128 in each layout, the order alternated (a first round warms up).")
+        what = "one-channel 64×64" if args.gray64 else "CIFAR-shaped"
+        table.record("train_layout_gray64" if args.gray64 else "train_layout",
+                     note=f"{args.rounds} rounds of one `fit` epoch of {args.images} {what} images at batch 128 in "
+                     "each layout, the order alternated (a first round warms up).")
 
 if __name__ == "__main__":
     main()

@@ -135,7 +135,18 @@ class ScriptedTimings:
     def __call__(self, models, example):
         from norton.deployment import Latency
         ratio = self.speedups.pop(0)
-        return {"dense": Latency(10.0, 10.0, 10.0, 1), "plan": Latency(10.0 / ratio, 0, 0, 1)}
+        return {name: Latency(10.0, 10.0, 10.0, 1) if name == "dense" else Latency(10.0 / ratio, 0, 0, 1)
+                for name in models}
+
+
+def one_candidate(asked: list | None = None):
+    """An allocation with one candidate at each budget (its state: the budget), as ``plan``'s ``allocate``."""
+    def allocate(budget, keep):
+        if asked is not None:
+            asked.append(budget)
+        kept = keep({"greedy": [budget]})
+        return ("greedy", kept["greedy"]) if kept else (None, None)
+    return allocate
 
 
 @pytest.mark.parametrize("speedups,budgets,chosen", [
@@ -149,16 +160,48 @@ def test_the_budget_follows_the_measured_speedup(monkeypatch, speedups, budgets,
     monkeypatch.setattr(planning, "compare_latency", ScriptedTimings(speedups))
     monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
     asked = []
-
-    def allocate(budget):
-        asked.append(budget)
-        return "greedy", [budget]
-
-    name, state, got = planning.meet_measured_speedup(2.0, 50.0, 1.0, allocate, lambda state: nn.Identity(),
+    name, state, got = planning.meet_measured_speedup(2.0, 50.0, 1.0, one_candidate(asked), lambda state: nn.Identity(),
                                                        nn.Identity(), torch.zeros(1), lambda st: -st[0], False)
     assert got == chosen and state == [asked[speedups.index(chosen)]]
     if budgets:
         assert asked == pytest.approx(budgets)
+
+
+def test_candidates_are_timed_before_their_damage_is_measured(monkeypatch):
+    """Every candidate allocation at a budget is deployed and timed first; only those that meet the target go
+    on to have their (costly) whole damage measured, and a round where none does measures none — its fastest
+    candidate moves the budget."""
+    from norton.compression import planning
+    from norton.deployment import Latency
+
+    speedups = {1: 1.5, 2: 1.7, 3: 2.05, 4: 2.5}  # of the candidate whose options are [key]
+
+    class Built(nn.Identity):
+        def __init__(self, state):
+            super().__init__()
+            self.speedup = speedups[state[0]]
+
+    monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
+    monkeypatch.setattr(planning, "compare_latency", lambda models, x: {
+        name: Latency(10.0 if name == "dense" else 10.0 / m.speedup, 0, 0, 1) for name, m in models.items()})
+    rounds = iter([{"greedy": [1], "lagrangian": [2]}, {"greedy": [3], "lagrangian": [4]}])
+    whole_damage = {3: 0.1, 4: 0.2}
+    budgets, measured = [], []
+
+    def allocate(budget, keep):
+        budgets.append(budget)
+        kept = keep(next(rounds))
+        measured.append(sorted(kept))  # what allocation "best" builds whole and measures
+        if not kept:
+            return None, None
+        name = min(kept, key=lambda k: whole_damage[kept[k][0]])
+        return name, kept[name]
+
+    name, state, got = planning.meet_measured_speedup(2.0, 50.0, 1.0, allocate, Built, nn.Identity(), torch.zeros(1),
+                                                       lambda st: 0.0, False)
+    assert measured == [[], ["greedy", "lagrangian"]]  # round 1: neither fast enough, nothing measured whole
+    assert budgets == pytest.approx([50.0, 50.0 * 1.7 / 2.0])  # moved by the fastest candidate's speed-up
+    assert (name, state, got) == ("greedy", [3], 2.05)  # the less damaging of the two that met 2×
 
 
 def test_a_speedup_never_measured_is_refused(monkeypatch):
@@ -166,8 +209,9 @@ def test_a_speedup_never_measured_is_refused(monkeypatch):
 
     monkeypatch.setattr(planning, "compare_latency", ScriptedTimings([1.2, 1.3, 1.3]))
     monkeypatch.setattr(planning, "deploy", lambda model, x, **options: (model, None))
-    with pytest.raises(NortonError, match=r"target_speedup 2 is out of reach as measured here: .* ran 1.20×, 1.30× faster"):
-        planning.meet_measured_speedup(2.0, 50.0, 40.0, lambda b: ("greedy", [b]), lambda s: nn.Identity(),
+    with pytest.raises(NortonError, match=r"target_speedup 2 is out of reach as measured here: .* ran at most 1.20×, "
+                                          r"1.30× faster"):
+        planning.meet_measured_speedup(2.0, 50.0, 40.0, one_candidate(), lambda s: nn.Identity(),
                                         nn.Identity(), torch.zeros(1), lambda st: 0.0, False)
 
 

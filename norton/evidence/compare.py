@@ -177,7 +177,9 @@ def scale_budget(budget: CompareBudget, train_available: int, test_available: in
     as many epochs) — but no more work: images of more than 28×28 ``pixels``
     (height × width) cost more per step, and the scale shrinks by as much (never
     below the budget's own epochs), so a folder of larger images takes about the
-    budget's compute, not its steps.  A patience (early stopping) is scaled to
+    budget's compute, not its steps.  "About": the nearest whole number of epochs
+    (rounding up added up to an epoch: 5 fine-tuning epochs where 4.3 keep the
+    budget's work on 1,333 images of 64×64).  A patience (early stopping) is scaled to
     the budget's steps.  Images larger than 28×28 are timed on a smaller batch
     (``latency_batch_for``), whatever the dataset's size.  Too few images for
     any comparison: one clear error."""
@@ -198,7 +200,7 @@ def scale_budget(budget: CompareBudget, train_available: int, test_available: in
     def scaled(config: TrainConfig) -> TrainConfig:
         # patience stays the budget's in SGD steps: on a small split, a few epochs are a few steps, and the
         # validation top-1 of a model still training at a high learning rate swings by tens of points
-        return replace(config, epochs=max(config.epochs, math.ceil(config.epochs * scale)),
+        return replace(config, epochs=max(config.epochs, round(config.epochs * scale)),
                        warmup_epochs=math.ceil(config.warmup_epochs * scale) if config.warmup_epochs else 0,
                        patience=math.ceil(config.patience * steps) if config.patience else config.patience)
 
