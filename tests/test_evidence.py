@@ -319,21 +319,30 @@ def test_the_header_counts_each_build_once_and_every_fine_tuning():
     assert "as recorded" not in render_table(summary)
 
 
+class Made:
+    """A stand-in plan: its target only."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def to_dict(self):
+        return {"target": self.target}
+
+
+def planning_faked(monkeypatch, fake_plan):
+    from norton.evidence import compare
+
+    monkeypatch.setattr(compare, "plan", fake_plan)
+    monkeypatch.setattr(compare.Plan, "from_dict", staticmethod(lambda d: Made(d["target"])))
+
+
 def test_a_budgets_targets_are_planned_together_and_one_out_of_reach_alone(monkeypatch, tmp_path):
     """NORTON-auto's MACs targets, and its speed-up targets, are each one ``plan`` call per seed; the other
     targets' plans are kept for their cells.  A speed-up out of reach fails the joint call: the asked target
     is then planned alone, and its failure alone is an error."""
-    from norton.evidence import compare
     from norton.evidence.compare import BUDGETS, Context, shared_plan
 
     calls = []
-
-    class Made:
-        def __init__(self, target):
-            self.target = target
-
-        def to_dict(self):
-            return {"target": self.target}
 
     def fake_plan(model, data, *, seed, **options):
         target = options.get("target_macs", options.get("target_speedup"))
@@ -346,8 +355,7 @@ def test_a_budgets_targets_are_planned_together_and_one_out_of_reach_alone(monke
             raise NortonError("target_speedup 3 is out of reach as measured here")
         return Made(target)
 
-    monkeypatch.setattr(compare, "plan", fake_plan)
-    monkeypatch.setattr(compare.Plan, "from_dict", staticmethod(lambda d: Made(d["target"])))
+    planning_faked(monkeypatch, fake_plan)
     ctx = Context(base_macs=1, example=torch.zeros(1), budget=BUDGETS["medium"], cell_dir=str(tmp_path / "cell"))
     model = torch.nn.Linear(1, 1)
     assert shared_plan(model, 0, ctx, {"target_macs": 0.85}).target == 0.85
@@ -358,6 +366,37 @@ def test_a_budgets_targets_are_planned_together_and_one_out_of_reach_alone(monke
     assert calls == [[1.8, 3.0], 1.8]
     with pytest.raises(NortonError, match="target_speedup 3 is out of reach"):
         shared_plan(model, 1, ctx, {"target_speedup": 3.0, "latency_batch": 32})
+
+
+def test_methods_that_plan_alike_plan_both_kinds_of_target_in_one_call(monkeypatch, tmp_path):
+    """With NORTON-auto and NORTON-auto-speed in the run, a seed's MACs and speed-up targets are one ``plan``
+    call (the options measured once for all four); every cell then takes its plan from what that call kept.
+    An ablation that plans with other forms plans on its own."""
+    from norton.evidence import compare
+    from norton.evidence.compare import BUDGETS, Context, shared_plan
+
+    calls = []
+
+    def fake_plan(model, data, *, seed, **options):
+        calls.append({k: options.get(k) for k in ("target_macs", "target_speedup", "latency_batch", "forms")})
+        targets = [*(options.get("target_macs") or []), *(options.get("target_speedup") or [])]
+        return [Made(t) for t in targets] if len(targets) > 1 else Made(options.get("target_macs"))
+
+    planning_faked(monkeypatch, fake_plan)
+    ctx = Context(base_macs=1, example=torch.zeros(1), budget=BUDGETS["medium"], cell_dir=str(tmp_path / "cell"),
+                  methods=("norton-auto", "norton-auto-speed", "norton-auto-cp"))
+    model = torch.nn.Linear(1, 1)
+    planned = {"forms": ("cp", "tucker2"), "recover": True, "criterion": compare.PLANNER_CRITERION}
+    assert shared_plan(model, 0, ctx, {**planned, "target_macs": 0.6}).target == 0.6
+    assert calls == [{"target_macs": [0.6, 0.85], "target_speedup": [1.8, 3.0], "latency_batch": 128,
+                      "forms": ("cp", "tucker2")}]
+    for options in ({"target_macs": 0.85}, {"target_speedup": 1.8, "latency_batch": 128},
+                    {"target_speedup": 3.0, "latency_batch": 128}):
+        assert shared_plan(model, 0, ctx, {**planned, **options}).target == options.get("target_macs", options.get(
+            "target_speedup"))
+    assert len(calls) == 1  # every other cell's plan was kept from the joint call
+    shared_plan(model, 0, ctx, {**planned, "forms": ("cp",), "target_macs": 0.6})  # the CP-only ablation
+    assert calls[1] == {"target_macs": [0.6, 0.85], "target_speedup": None, "latency_batch": None, "forms": ("cp",)}
 
 
 def test_budgets_fit_a_small_dataset_and_leave_fashion_mnist_alone():

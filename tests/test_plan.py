@@ -89,8 +89,7 @@ def test_plan_does_not_change_the_model():
     ({"target_macs": 1.0}, "target_macs must be"),
     ({"target_macs": -0.2}, "target_macs must be"),
     ({"target_speedup": 1.0}, "target_speedup must be"),
-    ({"target_macs": 0.5, "target_speedup": 2.0}, "exactly one"),
-    ({}, "exactly one"),
+    ({}, "give target_macs, target_speedup, or both"),
     ({"target_macs": 0.999}, "out of reach"),
     ({"target_macs": 0.5, "criterion": "pabs"}, "needs CP factors"),
     ({"target_macs": 0.5, "allocation": "annealing"}, "allocation must be"),
@@ -215,9 +214,9 @@ def test_a_speedup_never_measured_is_refused(monkeypatch):
                                         nn.Identity(), torch.zeros(1), lambda st: 0.0, False)
 
 
-def test_several_speedup_targets_measure_the_options_once(monkeypatch):
-    """``target_speedup=[a, b]``: one plan per target, in order, each meeting its target as timed, for one
-    measurement of the options and one latency calibration (timings here: MACs, so the test is exact)."""
+def timings_by_macs(monkeypatch) -> tuple[list, list]:
+    """Latency "measured" as MACs (so speed-up tests are exact); returns the lists that record each latency
+    calibration and each option measured."""
     from norton.compression import costs, planning, probing
     from norton.core import count_macs
     from norton.deployment import Latency
@@ -241,6 +240,13 @@ def test_several_speedup_targets_measure_the_options_once(monkeypatch):
     original = probing.Probe._changed_damage
     monkeypatch.setattr(probing.Probe, "_changed_damage",
                         lambda self, change, indices: (measured.append(1), original(self, change, indices))[1])
+    return calibrations, measured
+
+
+def test_several_speedup_targets_measure_the_options_once(monkeypatch):
+    """``target_speedup=[a, b]``: one plan per target, in order, each meeting its target as timed, for one
+    measurement of the options and one latency calibration (timings here: MACs, so the test is exact)."""
+    calibrations, measured = timings_by_macs(monkeypatch)
     model = create_model("resnet_20").eval()
     batches = [images(8, size=16, seed=s) for s in range(2)]
     both = plan(model, batches, target_speedup=[1.3, 1.8], latency_batch=4, **SMALL, seed=1, screening=False)
@@ -956,3 +962,22 @@ def test_the_greedy_allocation_is_the_full_scan_of_every_step(monkeypatch):
     for target, forms in ((0.5, ("cp", "tucker2")), (0.85, ("cp",))):
         plan(model, images(8, size=16), target_macs=target, forms=forms, keep_steps=4, seed=2)
     assert len(compared) >= 4  # greedy, and greedy on each corner within reach, per target
+
+
+def test_targets_of_both_kinds_are_planned_in_one_call(monkeypatch):
+    """``target_macs`` and ``target_speedup`` together: the MACs plans first, then the speed-up plans, the
+    options measured once for all; each MACs plan is the one a call with that target alone gives."""
+    _, measured = timings_by_macs(monkeypatch)
+    model = create_model("resnet_20").eval()
+    batches = [images(8, size=16, seed=s) for s in range(2)]
+    joint = plan(model, batches, target_macs=[0.5, 0.7], target_speedup=1.8, latency_batch=4, **SMALL, seed=1,
+                 screening=False)
+    jointly = len(measured)
+    alone = plan(model, batches, target_macs=[0.5, 0.7], **SMALL, seed=1, screening=False)
+    assert jointly > 0 and len(measured) == 2 * jointly  # the speed-up target measured no option again
+    assert [(p.target, p.value) for p in joint] == [("macs", 0.5), ("macs", 0.7), ("speedup", 1.8)]
+    for together, single in zip(joint[:2], alone):
+        assert {**together.to_dict(), "seconds": None} == {**single.to_dict(), "seconds": None}
+    speed = joint[2]
+    assert speed.measured_speedup >= 1.8 and speed.latency_before_ms is not None
+    assert joint[0].latency_before_ms is None and joint[0].measured_speedup is None

@@ -290,14 +290,16 @@ def plan(
     for every coupled group of ``model`` so that it meets the target with the
     least damage measured on ``data`` (calibration images: a tensor or batches).
 
-    Give one of ``target_macs`` (fraction of MACs to remove, in (0, 1); a list of
+    Give ``target_macs`` (fraction of MACs to remove, in (0, 1); a list of
     fractions gives a list of plans, one per fraction in that order, for the cost of
-    measuring every option once) or
+    measuring every option once),
     ``target_speedup`` (> 1, latency of the layers' fastest execution plans
     timed on the model's device on ``latency_batch`` images, deployed in
     ``latency_dtype``: float32, bfloat16 or float16; default the model's; a
     list gives a plan per target, the options measured and the latency model
-    calibrated once).  ``criterion`` selects the filters
+    calibrated once), or both: a list of plans, the MACs targets' then the
+    speed-up targets', every option measured once for all of them (``norton
+    compare`` plans NORTON-auto's targets of both kinds this way).  ``criterion`` selects the filters
     of a pruned group (one that works on dense weights: fpgm — the default —, l2, l1, random).
     ``forms``: the factored forms a layer may take besides dense — "cp" (the
     published method, at ``ranks``) and "tucker2" (both channel modes at
@@ -331,19 +333,21 @@ def plan(
     The model is not changed.
     """
     started = time.perf_counter()
-    if (target_macs is None) == (target_speedup is None):
-        raise NortonError("give exactly one of target_macs or target_speedup")
-    several = isinstance(target_macs, (list, tuple)) or isinstance(target_speedup, (list, tuple))
-    macs_targets = list(target_macs) if isinstance(target_macs, (list, tuple)) else [target_macs]
-    speed_targets = list(target_speedup) if isinstance(target_speedup, (list, tuple)) else [target_speedup]
-    if several and not (macs_targets if target_macs is not None else speed_targets):
-        raise NortonError(f"{'target_macs' if target_macs is not None else 'target_speedup'} is an empty list: "
-                          "give a target, or a list of them")
-    for value in macs_targets if target_macs is not None else ():
+    if target_macs is None and target_speedup is None:
+        raise NortonError("give target_macs, target_speedup, or both")
+    several = (isinstance(target_macs, (list, tuple)) or isinstance(target_speedup, (list, tuple))
+               or (target_macs is not None and target_speedup is not None))
+    macs_targets = [] if target_macs is None else list(target_macs) if isinstance(target_macs, (list, tuple)) else [target_macs]
+    speed_targets = ([] if target_speedup is None else
+                     list(target_speedup) if isinstance(target_speedup, (list, tuple)) else [target_speedup])
+    for key, given, listed in (("target_macs", target_macs, macs_targets), ("target_speedup", target_speedup, speed_targets)):
+        if given is not None and not listed:
+            raise NortonError(f"{key} is an empty list: give a target, or a list of them")
+    for value in macs_targets:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
             raise NortonError(f"target_macs must be a fraction of the MACs to remove, in (0, 1), or a list of them, "
                               f"got {target_macs!r}")
-    for value in speed_targets if target_speedup is not None else ():
+    for value in speed_targets:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1.0 or not math.isfinite(value):
             raise NortonError(f"target_speedup must be a number > 1 (e.g. 2 for twice as fast), or a list of them, "
                               f"got {target_speedup!r}")
@@ -405,7 +409,7 @@ def plan(
                 side = layers[name].out_groups if is_out else layers[name].in_groups
                 if all(root != g.info.root for root, _ in side):
                     side.append((g.info.root, len(set(idxs)) / g.info.total))
-    measure = "macs" if target_macs is not None else "seconds"
+    measure = "seconds" if speed_targets else "macs"  # of the search; MACs targets search MACs (``macs_search``)
     costs = CostModel(layers, measure, latency_batch, device, timed_dtype)
     counter = costs if measure == "macs" else CostModel(layers, "macs", 1, device, dtype)  # MACs, whatever the target
 
@@ -432,10 +436,10 @@ def plan(
     dense_macs = float(count_macs(dense, example))
     macs_search = Search(units, counter, totals)
     counter.constant = dense_macs - sum(macs_search.layer_costs([0] * len(units)).values())
-    if measure == "macs":
-        full = search.cost([0] * len(units))
+    if macs_targets:
+        full = macs_search.cost([0] * len(units))
         budget = full * (1.0 - max(macs_targets))
-        cheapest = search.cost([len(u.options) - 1 for u in units])
+        cheapest = macs_search.cost([len(u.options) - 1 for u in units])
         if cheapest > budget:
             raise NortonError(f"the target is out of reach: the planner's cheapest options (forms {', '.join(forms)}, "
                               f"rank {min(rank_options)}, 1/{keep_steps} of the filters) give {1 - cheapest / full:.1%} "
@@ -534,24 +538,29 @@ def plan(
             fill_in()
         return bool(new)
 
-    # the corners, searched on their own as well: every layer dense (pruning only), every filter kept
-    corners = {"pruning only": Search([only_option(u, 0) if u.kind == "rank" else u for u in units], costs, totals),
-               "no pruning": Search([only_option(u, 0) if u.kind == "keep" else u for u in units], costs, totals)}
+    # the corners, searched on their own as well: every layer dense (pruning only), every filter kept; for the
+    # search of each cost (MACs targets search MACs, speed-up targets seconds)
+    def corners_of(model: CostModel) -> dict[str, Search]:
+        return {"pruning only": Search([only_option(u, 0) if u.kind == "rank" else u for u in units], model, totals),
+                "no pruning": Search([only_option(u, 0) if u.kind == "keep" else u for u in units], model, totals)}
+
+    corners = {id(search): corners_of(costs), id(macs_search): corners_of(counter)}
+    searching = search  # the search the current target allocates in
 
     whole_damage: dict[tuple[int, ...], float] = {}  # of whole candidate plans, kept across budgets
 
     def allocations(limit: float) -> dict[str, list[int]]:
-        """The candidate plans at a budget, by name."""
+        """The candidate plans at a budget (of ``searching``'s cost), by name."""
         candidates = {}
         if allocation in ("best", "greedy"):
-            candidates["greedy"] = search.greedy(limit)
+            candidates["greedy"] = searching.greedy(limit)
         if allocation in ("best", "lagrangian"):
-            candidates["lagrangian"] = search.lagrangian(limit)
+            candidates["lagrangian"] = searching.lagrangian(limit)
         if allocation == "best":
-            for name, corner in corners.items():  # a corner's option indices are those of the full search
+            for name, corner in corners[id(searching)].items():  # a corner's option indices are the full search's
                 if corner.cost([len(u.options) - 1 for u in corner.units]) <= limit:
                     candidates[f"greedy, {name}"] = corner.greedy(limit)
-            uniform = uniform_pruning(units, search, limit)
+            uniform = uniform_pruning(units, searching, limit)
             if uniform is not None:
                 candidates["uniform pruning"] = uniform
         return candidates
@@ -605,11 +614,13 @@ def plan(
             refit(trial, reference, batches, kept, seed=seed)
         return trial
 
-    def as_plan(state: Sequence[int], allocated: str, value: float, measured: float | None = None) -> Plan:
+    def as_plan(state: Sequence[int], allocated: str, value: float, measured: float | None = None,
+                kind: str = "macs") -> Plan:
         ranks_chosen, keep = search.config(state)
         rank_units = {u.name: (u, i) for u, i in zip(units, state) if u.kind == "rank"}
         macs_per_layer = macs_search.layer_costs(state)
-        layer_seconds = search.layer_costs(state) if measure == "seconds" else {}
+        timed = kind == "speedup"
+        layer_seconds = search.layer_costs(state) if timed else {}
         rows = []
         for name, layer in layers.items():
             n, c = costs.channels(layer, keep, totals)
@@ -621,15 +632,15 @@ def plan(
                                  damage=unit[0].damage[unit[1]] if unit else 0.0,
                                  tucker=list(option) if isinstance(option, tuple) else None))
         return Plan(
-            target="macs" if target_macs is not None else "speedup",
+            target=kind,
             value=float(value),
             ranks={n: (o if isinstance(o, int) else 0) for n, o in ranks_chosen.items()},
             tucker={n: list(o) for n, o in ranks_chosen.items() if isinstance(o, tuple)},
             keep=keep, totals=totals, criterion=criterion, allocation=allocated, seed=seed,
             macs_before=round(macs_search.cost([0] * len(units))),
             macs_after=round(macs_search.cost(state)),
-            latency_before_ms=1000 * full if measure == "seconds" else None,
-            latency_after_ms=1000 * search.cost(state) if measure == "seconds" else None,
+            latency_before_ms=1000 * search.cost([0] * len(units)) if timed else None,
+            latency_after_ms=1000 * search.cost(state) if timed else None,
             damage=search.damage(state), rows=rows,
             group_damage={u.name: u.damage[i] for u, i in zip(units, state) if u.kind == "keep"},
             measured_speedup=measured, recover=bool(recover),
@@ -640,25 +651,10 @@ def plan(
                        "confirmed": len(confirmed)} if rest else None,
         )
 
-    if measure == "seconds":  # the predicted latency steers; the deployed model's timing decides
-        x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=timed_dtype)
-        calibrate_latency(costs, search, build, x, progress)
-        full = search.cost([0] * len(units))
-        cheapest = search.cost(search.cheapest())
-        shared = time.perf_counter() - started  # the options and the latency model: once for every target
-        results = []
-        for value in speed_targets:
-            begun = time.perf_counter()
-            budget = max(full / value, cheapest)  # the prediction may call it out of reach; the timing decides
-            chosen, state, measured = meet_measured_speedup(value, budget, cheapest, allocate, build, dense, x,
-                                                             search.damage, progress)
-            result = as_plan(state, chosen if allocation == "best" else allocation, value, measured)
-            result.seconds = shared + time.perf_counter() - begun
-            results.append(result)
-        return results if several else results[0]
-
     shared = time.perf_counter() - started  # measuring the options: once for every target
     results = []
+    searching = macs_search
+    full = macs_search.cost([0] * len(units))
     for value in macs_targets:
         begun = time.perf_counter()
         chosen, state = allocate(full * (1.0 - value))
@@ -670,6 +666,22 @@ def plan(
                 result.alternatives[name] = as_plan(candidate, name, value).to_dict()
         result.seconds = shared + time.perf_counter() - begun
         results.append(result)
+    if speed_targets:  # the predicted latency steers; the deployed model's timing decides
+        begun = time.perf_counter()
+        searching = search
+        x = torch.randn(latency_batch, *batches[0].shape[1:], device=device, dtype=timed_dtype)
+        calibrate_latency(costs, search, build, x, progress)
+        full = search.cost([0] * len(units))
+        cheapest = search.cost(search.cheapest())
+        shared += time.perf_counter() - begun  # the latency model: once for every speed-up target
+        for value in speed_targets:
+            begun = time.perf_counter()
+            budget = max(full / value, cheapest)  # the prediction may call it out of reach; the timing decides
+            chosen, state, measured = meet_measured_speedup(value, budget, cheapest, allocate, build, dense, x,
+                                                             search.damage, progress)
+            result = as_plan(state, chosen if allocation == "best" else allocation, value, measured, kind="speedup")
+            result.seconds = shared + time.perf_counter() - begun
+            results.append(result)
     return results if several else results[0]
 
 

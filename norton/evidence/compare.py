@@ -222,6 +222,7 @@ class Context:
     train: object = None  # the training and validation splits, for NORTON-auto's plan selection
     val: object = None
     device: torch.device = torch.device("cpu")
+    methods: tuple[str, ...] = ()  # the methods the comparison runs (those that plan alike plan together)
 
 
 @dataclass(frozen=True)
@@ -301,36 +302,53 @@ def _auto(kind: str, forms: tuple[str, ...] = ("cp", "tucker2"), select: bool = 
         report = chosen.prune(model, ctx.example)
         return model, plan_summary(chosen) + _recovered(model, reference, report, seed, ctx, chosen.recover)
 
+    build.planner = (tuple(forms), criterion)  # methods that plan alike share their plan calls (shared_plan)
     return build
 
 
-def shared_plan(base: nn.Module, seed: int, ctx: Context, options: dict) -> Plan:
+KINDS = ("target_macs", "target_speedup")
+
+
+def shared_plan(base: nn.Module, seed: int, ctx: Context, options: dict, scope: int = 2) -> Plan:
     """``norton.plan`` of ``base`` on the seed's calibration images with ``options``, made once per
     comparison: kept under the comparison's ``plans/`` folder by a digest of the options, so methods that
     plan alike (NORTON-auto and its no-selection ablation) share one plan, and a resumed run reuses it.
-    A target of the budget is planned together with the budget's other targets of its kind (MACs, or
-    speed-up: one ``plan`` call, every option measured once for all of them; for speed-ups the latency
-    model is calibrated once too)."""
+    A target of the budget is planned together with the budget's other targets (``scope`` 2): of its kind
+    (MACs, or speed-up), and of the other kind too where a method of the run plans those with the same
+    forms and criterion (NORTON-auto and NORTON-auto-speed) — one ``plan`` call, every option measured once
+    for all of them, the latency model calibrated once.  A speed-up out of reach fails the joint call:
+    then the targets of its own kind are planned together (``scope`` 1), then it alone (0)."""
     key = "target_macs" if "target_macs" in options else "target_speedup"
-    targets = ctx.budget.targets if key == "target_macs" else ctx.budget.speedup_targets
-    jointly = list(targets) if options.get(key) in targets else None
-    each = [{**options, key: t, "planned_with": jointly} for t in jointly] if jointly else [options]
+    budget_targets = {"target_macs": list(ctx.budget.targets), "target_speedup": list(ctx.budget.speedup_targets)}
+    common = {k: v for k, v in options.items() if k not in (*KINDS, "latency_batch")}
+    joint = {key: budget_targets[key]} if scope and options[key] in budget_targets[key] else {key: [options[key]]}
+    other = KINDS[1 - KINDS.index(key)]
+    if scope == 2 and options[key] in budget_targets[key]:
+        if budget_targets[other] and any(
+                METHODS[m].target_kind == other[len("target_"):] and getattr(METHODS[m].build, "planner", None)
+                == (tuple(common.get("forms", ())), common.get("criterion")) for m in ctx.methods):
+            joint[other] = budget_targets[other]
+    latency_batch = options.get("latency_batch", ctx.budget.latency_batch)
+    each = [{**common, kind: t, **({"latency_batch": latency_batch} if kind == "target_speedup" else {}),
+             **({"planned_with": joint} if len(joint) > 1 or len(joint[key]) > 1 else {})}
+            for kind in KINDS for t in joint.get(kind, ())]
+    wanted = next(i for i, o in enumerate(each) if o.get(key) == options[key])
     paths = [None] * len(each)
     if ctx.cell_dir:
         paths = [os.path.join(os.path.dirname(ctx.cell_dir), "plans", f"{_digest(o)}_seed{seed}.json") for o in each]
-    wanted = jointly.index(options[key]) if jointly else 0
     if paths[wanted] and os.path.exists(paths[wanted]):
         with open(paths[wanted]) as f:
             return Plan.from_dict(json.load(f))
+    together = {kind: targets if len(each) > 1 else targets[0] for kind, targets in joint.items()}
+    if "target_speedup" in joint:
+        together["latency_batch"] = latency_batch
     try:
-        made = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **({**options, key: jointly} if jointly
-                                                                          else options))
-    except NortonError:  # a speed-up out of reach fails the joint call: this target planned alone
-        if not jointly:
+        made = plan(copy.deepcopy(base), ctx.calibration, seed=seed, **common, **together)
+    except NortonError:  # a speed-up out of reach fails the joint call: fewer targets together
+        if len(each) == 1:
             raise
-        return shared_plan(base, seed, replace(ctx, budget=replace(ctx.budget, **{
-            "targets" if key == "target_macs" else "speedup_targets": ()})), options)
-    made = made if jointly else [made]
+        return shared_plan(base, seed, ctx, options, scope=1 if len(joint) > 1 else 0)
+    made = made if len(each) > 1 else [made]
     for path, one in zip(paths, made):
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -579,7 +597,7 @@ def run_compare(out_dir: str = "runs/compare", *, budget: CompareBudget | str = 
     teacher = copy.deepcopy(baseline) if budget.finetune.distill > 0 else None  # the same teacher for every method
     ctx = Context(base_macs=base_cx.macs, example=torch.zeros(1, *input_size), budget=budget, input_size=input_size,
                   calibration=calibration_batches(train, budget.calibration_images, seed=0), train=train, val=val,
-                  device=device)
+                  device=device, methods=tuple(methods))
 
     results = []
     finals: dict[tuple[str, float, int], nn.Module] = {}  # every seed's model: seeds may plan differently
