@@ -240,7 +240,11 @@ class CPDBlock(nn.Module):
         spatial = (self.vertical * self.horizontal).reshape(self.rank, n, kh * kw).permute(1, 2, 0)
         pointwise = self.pointwise.reshape(self.rank, n, self.in_channels).transpose(0, 1)
         weight = torch.bmm(spatial, pointwise).view(n, kh, kw, self.in_channels).permute(0, 3, 1, 2)
-        return weight if memory_format == torch.channels_last else weight.contiguous()
+        if memory_format == torch.channels_last:
+            return weight
+        # the standard strides, also where contiguous() keeps these (one input channel: (C·K, 1, kw, 1) passes as
+        # contiguous, yet a convolution reads it as channels-last and puts the whole network in that layout)
+        return weight.contiguous().view(-1).view(weight.shape)
 
     @classmethod
     def like_conv(cls, conv: nn.Conv2d, rank: int) -> "CPDBlock":
