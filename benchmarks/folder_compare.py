@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/folder_compare.py                         # 2,000 64×64 images, --budget medium
     .venv/bin/python benchmarks/folder_compare.py --images 500 --budget small --out runs/folder_small
+    .venv/bin/python benchmarks/folder_compare.py --record    # the own-data guide's table (a finished run: no work)
 
 Writes ``--images`` real images to ``<out>/images/<class>/`` — Fashion-MNIST's first training images
 (Debian's dataset-fashion-mnist), the same number from each class, resized to ``--size`` pixels and saved as
 grayscale PNGs — the layout a user's class folders have (no train/val/test subfolders: compare splits it), then
 runs ``norton compare --data folder --data-dir <out>/images --budget B --out <out>/compare --resume`` and
 prints the minutes it took (also recorded in its results.json).  Resumable: the folder is written once, and
-an interrupted comparison goes on where it stopped.
+an interrupted comparison goes on where it stopped.  ``--record`` records where the minutes went (the
+baseline's training epochs, building the compressed models — planning included —, fine-tuning and evaluating
+them, and the rest: reading the folder, timing every deployed model, the figures) for the own-data guide.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import torch.nn.functional as F
 from PIL import Image
+
+from record import write_table
 
 from norton.training import load_dataset
 
@@ -51,6 +56,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--budget", default="medium", choices=("small", "medium"))
     parser.add_argument("--out", default="runs/folder_compare")
+    parser.add_argument("--record", action="store_true", help="record the own-data guide's table (docs/results/tables)")
     args = parser.parse_args()
     out = Path(args.out)
     write_folder(out / "images", args.images, args.size)
@@ -63,6 +69,31 @@ def main() -> None:
     print(json.dumps({"images": args.images, "size": args.size, "budget": args.budget,
                       "this_call_minutes": round((time.perf_counter() - started) / 60, 1),
                       "recorded_minutes": round(recorded["minutes"], 1), "setup": recorded["setup"]}))
+    if args.record:
+        record_minutes(recorded, out / "compare", args)
+
+
+def record_minutes(results: dict, compare_dir: Path, args: argparse.Namespace) -> None:
+    """The comparison's minutes by stage, from its results and the baseline's metrics."""
+    baseline = 0.0
+    metrics = compare_dir / "baseline" / "metrics.jsonl"
+    if metrics.exists():  # absent when --baseline gave a trained one
+        baseline = sum(json.loads(line)["seconds"] for line in metrics.read_text().splitlines() if line.strip())
+    build = sum(run["build_seconds"] for run in results["runs"])
+    run = sum(run["run_seconds"] for run in results["runs"])
+    total = 60 * results["minutes"]
+    rows = [["training the baseline (its epochs)", f"{baseline / 60:.1f}"],
+            [f"building the {len(results['runs'])} compressed models (planning included)", f"{build / 60:.1f}"],
+            ["fine-tuning and evaluating them", f"{run / 60:.1f}"],
+            ["the rest (reading the folder, timing every deployed model, figures)",
+             f"{(total - baseline - build - run) / 60:.1f}"],
+            ["**total**", f"**{total / 60:.1f}**"]]
+    write_table("folder_compare", ["stage", "minutes"], rows,
+                command=f".venv/bin/python benchmarks/folder_compare.py --images {args.images} --size {args.size} "
+                        f"--budget {args.budget}",
+                note=f"`norton compare --budget {args.budget}` on {results['setup'].replace(str(Path.cwd()) + '/', '')}. "
+                     f"The run started from commit "
+                     f"{results['commit']} on {results['started']}.")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ order alternated every round; per model, the median of the per-round ratios
 contiguous / channels-last of the epoch's training seconds (above 1: the
 channels-last epoch was faster), with the fastest and slowest round.
 ``--gray64``: ResNet-20 on one-channel 64×64 images instead (a grayscale image
-folder's), dense and L1-pruned to 85 % and 60 % fewer MACs — the models a
-comparison fine-tunes, where the faster layout is not the same for all
-(``channels_last="auto"`` chooses per run).
+folder's), dense, L1-pruned to 85 % and 60 % fewer MACs, and CP at rank 4 — the
+kinds of model a comparison fine-tunes, where the faster layout is not the same
+for all (``channels_last="auto"`` chooses per run).
 """
 from __future__ import annotations
 
@@ -34,12 +34,15 @@ from norton.training.data import ArrayDataset
 CASES = (("vgg_16_bn", 8), ("vgg_16_bn", 0), ("resnet_56", 4), ("resnet_56", 0))
 
 
-GRAY64_CASES = (("resnet_20", 0.0), ("resnet_20", 0.85), ("resnet_20", 0.60))
+GRAY64_CASES = (("resnet_20", 0.0), ("resnet_20", 0.85), ("resnet_20", 0.60), ("resnet_20", "rank 4"))
 
 
-def gray_model(arch: str, pruned: float) -> nn.Module:
-    """``arch`` for one-channel 64×64 images, L1-pruned to ``pruned`` fewer MACs (0: dense)."""
+def gray_model(arch: str, pruned: float | str) -> nn.Module:
+    """``arch`` for one-channel 64×64 images, L1-pruned to ``pruned`` fewer MACs (0: dense), or
+    CP-decomposed (``pruned`` "rank R")."""
     torch.manual_seed(0)
+    if isinstance(pruned, str):
+        return create_model(arch, rank=int(pruned.split()[1]), in_channels=1)
     model = create_model(arch, in_channels=1)
     if pruned:
         prune(model, target_macs=pruned, criterion="l1", example_inputs=torch.zeros(1, 1, 64, 64))
@@ -62,7 +65,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="epochs in each layout, alternated")
     parser.add_argument("--images", type=int, default=1280, help="training images per epoch")
     parser.add_argument("--gray64", action="store_true",
-                        help="ResNet-20 on one-channel 64×64 images, dense and L1-pruned (85 %%, 60 %% fewer MACs)")
+                        help="ResNet-20 on one-channel 64×64 images: dense, L1-pruned (85 %%, 60 %% fewer MACs), CP rank 4")
     parser.add_argument("--record", action="store_true", help="record the deploy guide's table (docs/results/tables)")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
@@ -81,7 +84,8 @@ def main() -> None:
                     times[channels_last].append(seconds)
         ratios = sorted(a / b for a, b in zip(times[False], times[True]))
         if args.gray64:
-            name = f"{arch} L1-pruned to {rank:.0%} fewer MACs" if rank else f"{arch} dense"
+            name = (f"{arch} {rank}" if isinstance(rank, str) else f"{arch} L1-pruned to {rank:.0%} fewer MACs"
+                    if rank else f"{arch} dense")
         else:
             name = f"{arch} rank {rank}" if rank else f"{arch} dense"
         table.add([name, f"{statistics.median(times[False]):.1f} s", f"**{statistics.median(ratios):.3f}×** "
