@@ -426,6 +426,11 @@ def test_budgets_fit_a_small_dataset_and_leave_fashion_mnist_alone():
         assert getattr(larger, config).epochs < getattr(medium, config).epochs
     folder = scale_budget(BUDGETS["medium"], 1600, 400, "medium", 64 * 64)  # 2,000 images: 1,333 train + 267 val
     assert (folder.baseline.epochs, folder.finetune.epochs) == (43, 4)  # 30 and 3 × 1.436, rounded
+    # a scaled fine-tuning's few steps an epoch: validated with BatchNorm statistics re-estimated first (not the
+    # baseline's, nor on Fashion-MNIST — above: unchanged); never on more images than the training split has
+    assert (folder.finetune.precise_bn, folder.baseline.precise_bn) == (256, 0)
+    assert BUDGETS["medium"].finetune.precise_bn == 0
+    assert scale_budget(BUDGETS["small"], 250, 50, "small").finetune.precise_bn == 250 - 42
     # early stopping waits as many SGD steps as the budget's does
     assert larger.baseline.patience == medium.baseline.patience == math.ceil(5 * 10_000 / (2000 - 333))
     # the deployed models are timed on a batch of about as many pixels as 128 Fashion-MNIST images
