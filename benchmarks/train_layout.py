@@ -34,25 +34,23 @@ from norton.training.data import ArrayDataset
 CASES = (("vgg_16_bn", 8), ("vgg_16_bn", 0), ("resnet_56", 4), ("resnet_56", 0))
 
 
-GRAY64_CASES = (("resnet_20", 0.0), ("resnet_20", 0.85), ("resnet_20", 0.60), ("resnet_20", "rank 4"))
+GRAY64_CASES = (("resnet_20", 0.0, 0), ("resnet_20", 0.85, 0), ("resnet_20", 0.60, 0), ("resnet_20", 0.0, 4))
 
 
-def gray_model(arch: str, pruned: float | str) -> nn.Module:
-    """``arch`` for one-channel 64×64 images, L1-pruned to ``pruned`` fewer MACs (0: dense), or
-    CP-decomposed (``pruned`` "rank R")."""
+def gray_model(arch: str, pruned: float, rank: int) -> nn.Module:
+    """``arch`` for one-channel 64×64 images: CP-decomposed at ``rank`` (0: dense), L1-pruned to ``pruned``
+    fewer MACs (0: not pruned)."""
     torch.manual_seed(0)
-    if isinstance(pruned, str):
-        return create_model(arch, rank=int(pruned.split()[1]), in_channels=1)
-    model = create_model(arch, in_channels=1)
+    model = create_model(arch, rank=rank, in_channels=1)
     if pruned:
         prune(model, target_macs=pruned, criterion="l1", example_inputs=torch.zeros(1, 1, 64, 64))
     return model
 
 
-def epoch_seconds(arch: str, rank, data: ArrayDataset, channels_last: bool) -> float:
+def epoch_seconds(arch: str, pruned: float, rank: int, data: ArrayDataset, channels_last: bool) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = gray_model(arch, rank) if data.images.shape[1] == 1 else create_model(arch, rank=rank)
+        model = gray_model(arch, pruned, rank) if data.images.shape[1] == 1 else create_model(arch, rank=rank)
     config = TrainConfig(epochs=1, batch_size=128, lr=0.01, warmup_epochs=0, channels_last=channels_last)
     with tempfile.TemporaryDirectory() as run_dir:
         result = fit(model, data, data.subset(torch.arange(128)), config, run_dir, device=torch.device("cpu"),
@@ -75,19 +73,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of one epoch "
           f"of {args.images} images in each layout\n")
     table = Table(["model", "contiguous epoch (median)", "contiguous / channels-last (median, min–max)"])
-    for arch, rank in GRAY64_CASES if args.gray64 else CASES:
+    for arch, pruned, rank in GRAY64_CASES if args.gray64 else [(arch, 0.0, rank) for arch, rank in CASES]:
         times = {False: [], True: []}
         for i in range(args.rounds + 1):  # the first round warms up
             for channels_last in ((False, True) if i % 2 else (True, False)):
-                seconds = epoch_seconds(arch, rank, data, channels_last)
+                seconds = epoch_seconds(arch, pruned, rank, data, channels_last)
                 if i:
                     times[channels_last].append(seconds)
         ratios = sorted(a / b for a, b in zip(times[False], times[True]))
-        if args.gray64:
-            name = (f"{arch} {rank}" if isinstance(rank, str) else f"{arch} L1-pruned to {rank:.0%} fewer MACs"
-                    if rank else f"{arch} dense")
-        else:
-            name = f"{arch} rank {rank}" if rank else f"{arch} dense"
+        name = (f"{arch} L1-pruned to {pruned:.0%} fewer MACs" if pruned else f"{arch} rank {rank}" if rank
+                else f"{arch} dense")
         table.add([name, f"{statistics.median(times[False]):.1f} s", f"**{statistics.median(ratios):.3f}×** "
                    f"({ratios[0]:.3f}–{ratios[-1]:.3f})"])
     if args.record:

@@ -337,9 +337,10 @@ def plan(
         raise NortonError("give target_macs, target_speedup, or both")
     several = (isinstance(target_macs, (list, tuple)) or isinstance(target_speedup, (list, tuple))
                or (target_macs is not None and target_speedup is not None))
-    macs_targets = [] if target_macs is None else list(target_macs) if isinstance(target_macs, (list, tuple)) else [target_macs]
-    speed_targets = ([] if target_speedup is None else
-                     list(target_speedup) if isinstance(target_speedup, (list, tuple)) else [target_speedup])
+    def listed(target) -> list:
+        return [] if target is None else list(target) if isinstance(target, (list, tuple)) else [target]
+
+    macs_targets, speed_targets = listed(target_macs), listed(target_speedup)
     for key, given, listed in (("target_macs", target_macs, macs_targets), ("target_speedup", target_speedup, speed_targets)):
         if given is not None and not listed:
             raise NortonError(f"{key} is an empty list: give a target, or a list of them")
@@ -538,13 +539,17 @@ def plan(
             fill_in()
         return bool(new)
 
-    # the corners, searched on their own as well: every layer dense (pruning only), every filter kept; for the
-    # search of each cost (MACs targets search MACs, speed-up targets seconds)
-    def corners_of(model: CostModel) -> dict[str, Search]:
-        return {"pruning only": Search([only_option(u, 0) if u.kind == "rank" else u for u in units], model, totals),
-                "no pruning": Search([only_option(u, 0) if u.kind == "keep" else u for u in units], model, totals)}
+    # the corners, searched on their own as well: every layer dense (pruning only), every filter kept; in the
+    # cost of the search a target allocates in (MACs targets: MACs, speed-up targets: seconds), made when first used
+    corners: dict[int, dict[str, Search]] = {}
 
-    corners = {id(search): corners_of(costs), id(macs_search): corners_of(counter)}
+    def corners_of(whole: Search) -> dict[str, Search]:
+        if id(whole) not in corners:
+            corners[id(whole)] = {
+                "pruning only": Search([only_option(u, 0) if u.kind == "rank" else u for u in units], whole.costs, totals),
+                "no pruning": Search([only_option(u, 0) if u.kind == "keep" else u for u in units], whole.costs, totals)}
+        return corners[id(whole)]
+
     searching = search  # the search the current target allocates in
 
     whole_damage: dict[tuple[int, ...], float] = {}  # of whole candidate plans, kept across budgets
@@ -557,7 +562,7 @@ def plan(
         if allocation in ("best", "lagrangian"):
             candidates["lagrangian"] = searching.lagrangian(limit)
         if allocation == "best":
-            for name, corner in corners[id(searching)].items():  # a corner's option indices are the full search's
+            for name, corner in corners_of(searching).items():  # a corner's option indices are the full search's
                 if corner.cost([len(u.options) - 1 for u in corner.units]) <= limit:
                     candidates[f"greedy, {name}"] = corner.greedy(limit)
             uniform = uniform_pruning(units, searching, limit)
