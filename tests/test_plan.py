@@ -430,8 +430,8 @@ def test_with_recover_pruning_options_are_refitted_from_input_sums_and_candidate
     model = create_model("resnet_20").eval()
     x = images(8, size=16)
     p = plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), recover=True, allocation="greedy")
-    assert not calls  # no copy pruned and refitted per option: one pass of input sums per group
-    assert len(sums) == len(p.totals) and all(n >= 1 for n in sums)
+    assert not calls  # no copy pruned and refitted per option: the input sums of every group in one pass
+    assert len(sums) == 1 and sums[0] >= len(p.totals)
     sums.clear()  # "best" measures whole candidate plans after the real refit
     plan(model, x, target_macs=0.6, ranks=(2,), keep_steps=2, forms=("cp",), recover=True)
     assert calls and any(len(c) > 1 for c in calls)
@@ -450,7 +450,7 @@ def test_a_refit_from_input_sums_is_the_refit_of_recover_where_one_layer_reads_t
     from norton.compression.graph import build_graph, collect_groups
     from norton.compression.probing import Probe
     from norton.compression.pruning import prune_in_place
-    from norton.compression.recovery import recover
+    from norton.compression.recovery import input_sums, recover
 
     torch.manual_seed(0)
     model = create_model("resnet_20").eval().double()
@@ -484,6 +484,39 @@ def test_a_refit_from_input_sums_is_the_refit_of_recover_where_one_layer_reads_t
             seen["several"] += 1
     assert seen["one reader"] >= 6 and seen["several"] >= 2
     assert probe.damage(None, ["conv1"]) == 0.0  # every refit and mask undone
+    # gathered for many groups in one pass, the sums are each group's own pass's (the same sampled positions)
+    for g in groups:
+        readers = in_place._readers(g.info.root)
+        alone = input_sums(model, [s.module for s, *_ in readers], batches, seed=0)
+        assert all(torch.equal(a.gram, s.gram) and torch.equal(a.cross, s.cross) and torch.equal(a.energy, s.energy)
+                   for a, (s, *_) in zip(alone, readers)), g.info.root
+
+
+def test_input_sums_are_kept_within_their_budget_the_least_recently_used_dropped(monkeypatch):
+    from norton.compression import planning
+    from norton.compression.graph import build_graph, collect_groups
+    from norton.compression.probing import Probe
+
+    model = create_model("resnet_20").eval()
+    batches = [images(8)]
+    example = batches[0][:1]
+    groups, _ = collect_groups(model, build_graph(model, example), example, [])
+    in_place = planning._InPlace.make(model, batches, Probe(model, batches), groups, "fpgm", 0, None, example,
+                                      surgery_only=False, recover=True)
+    roots = [g.info.root for g in groups]
+    passes = []
+    real = planning.input_sums
+    monkeypatch.setattr(planning, "input_sums", lambda *a, **k: passes.append(len(a[1])) or real(*a, **k))
+    in_place._readers(roots[0])
+    assert len(passes) == 1 and all(in_place._has_sums(r) for r in roots)  # every group in one pass
+    in_place._readers(roots[3])
+    assert len(passes) == 1  # kept
+    monkeypatch.setattr(planning, "SUMS_BYTES", 1)  # room for one group: the one asked for
+    in_place._sums.clear()
+    in_place._readers(roots[2])
+    assert len(passes) == 2 and list(in_place._sums) == [roots[2]]
+    in_place._readers(roots[5])
+    assert len(passes) == 3 and list(in_place._sums) == [roots[5]]
 
 
 def test_best_allocation_measures_whole_candidate_plans():

@@ -351,16 +351,22 @@ class InputSums:
 
 @torch.no_grad()
 def input_sums(model: nn.Module, modules: Sequence[nn.Module], data: Sequence[Tensor], *, rows: int = ROWS,
-               seed: int = 0) -> list[InputSums]:
+               seed: int = 0, seeds: Sequence[int] | None = None) -> list[InputSums]:
     """``InputSums`` of each of ``modules`` (layers of ``model``, given in the
     order the model runs them) on the calibration batches ``data``: the same
     positions ``recover`` samples when these layers are the ones a pruning cut
     (the i-th with seed ``seed + 7919·i``), so that ``refit_weight`` on a
     subset of the input channels is the refit ``recover`` computes for a model
-    pruned only there — when no layer before it was refitted.  One forward per
-    batch in each mode, not one per layer or per pruning option."""
+    pruned only there — when no layer before it was refitted.  ``seeds``: the
+    seed of each instead (the sums of several cuts' layers in one pass; a layer
+    may be listed twice, with two seeds).  One forward per batch in each mode,
+    not one per layer or per pruning option."""
     images = sum(b.shape[0] for b in data)
-    generators = [torch.Generator().manual_seed(seed + 7919 * i) for i in range(len(modules))]
+    if seeds is None:
+        seeds = [seed + 7919 * i for i in range(len(modules))]
+    elif len(seeds) != len(modules):
+        raise ValueError(f"input_sums: {len(seeds)} seeds for {len(modules)} modules")
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
     sums: list[InputSums | None] = [None] * len(modules)
     was_training = model.training
     model.eval()
