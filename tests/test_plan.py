@@ -692,7 +692,7 @@ def test_the_cache_holds_only_cut_points_a_probe_starts_from_within_its_budget()
     model = create_model("resnet_20").eval()
     batches = [images(8), images(4, seed=1)]
     cached = CachedForward(model, batches)
-    every = [cached.position[n] for n in cached._cut_points()]
+    every = [cached.position[n] for n in cached.cut_points()]
     assert len(cached.cuts) < len(every)  # the add / relu pairs: one of each
     starts = sorted(cached.first_call.values())
     for here, following in zip(cached.cuts, [*cached.cuts[1:], len(cached.nodes)]):

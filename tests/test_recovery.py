@@ -7,7 +7,7 @@ from torch import nn
 
 from norton import CPDBlock, NortonError, create_model, decompose, prune
 from norton.compression import recover, recovery
-from norton.core import batch_statistics, reestimate_bn
+from norton.core import TuckerBlock, batch_statistics, reestimate_bn, replace_module
 
 
 class Linear2(nn.Module):
@@ -144,3 +144,34 @@ def test_batch_statistics_normalises_with_the_batch_and_restores_every_mode():
     assert [m.training for m in model] == [False, False, True, False] and not model.training
     assert model[1].track_running_stats
     assert all(torch.equal(a, b) for a, b in zip(stats, (model[1].running_mean, model[1].running_var)))
+
+
+@pytest.mark.parametrize("arch", ["resnet_20", "resnet_20 tucker2", "densenet_40", "vgg_16_bn"])
+def test_stage_inputs_from_cut_points_give_the_refit_of_running_up_to_each_layer(arch, monkeypatch):
+    """recover takes each stage's input from a traced forward that goes on from the last cut point before the
+    stage before it (the network about once per batch); running the pruned model up to each layer instead
+    (what an untraceable model gets) gives the same weights — also where a stage is a conv inside a
+    Tucker-2 block."""
+    torch.manual_seed(0)
+    model = create_model(arch.split()[0], in_channels=1, num_classes=10).eval()
+    if "tucker2" in arch:
+        for name in ("layer2.1.conv2", "layer3.0.conv1", "layer3.1.conv2"):
+            replace_module(model, name, TuckerBlock.from_conv(model.get_submodule(name), (8, 8)))
+    data = [torch.randn(6, 1, 16, 16) for _ in range(2)]
+    reference = copy.deepcopy(model)
+    report = prune(model, target_macs=0.5, example_inputs=data[0][:1], criterion="l1")
+    slow = copy.deepcopy(model)
+    captured = []
+    real = recovery._capture
+    monkeypatch.setattr(recovery, "_capture", lambda *a: captured.append(1) or real(*a))
+    fast = recover(model, reference, data, report)
+    assert not captured and len(fast.layers) >= 3
+    if "tucker2" in arch:
+        assert any(".conv2.0" in r.name or ".conv1.0" in r.name for r in fast.layers)  # no run up to a layer: every input from the traced forward
+    monkeypatch.setattr(recovery.TracedForward, "__init__", lambda self, model: (_ for _ in ()).throw(TypeError()))
+    ran_up = recover(slow, reference, data, report)
+    assert len(captured) == 2 * len(ran_up.layers)  # the untraceable path: one run per layer and batch
+    assert [r.name for r in fast.layers] == [r.name for r in ran_up.layers]
+    for (name, a), b in zip(model.state_dict().items(), slow.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(r.error_after < r.error_before for r in fast.layers)

@@ -57,23 +57,29 @@ class Change:
         return [*self.swaps, *self.after]
 
 
+OPAQUE = (CPDBlock, TuckerBlock, ChannelPadShortcut, FrozenBatchNorm2d)  # modules of the traced graph, not traced into
+
+
 class _Tracer(fx.Tracer):
-    """Layers a probe may hook or swap stay modules of the traced graph."""
+    """Layers a probe may hook or swap stay modules of the traced graph (``opaque``)."""
+
+    def __init__(self, opaque: tuple[type, ...] = OPAQUE):
+        super().__init__()
+        self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, (CPDBlock, TuckerBlock, ChannelPadShortcut, FrozenBatchNorm2d))
-                or super().is_leaf_module(m, qualname))
+        return isinstance(m, self.opaque) or super().is_leaf_module(m, qualname)
 
 
-class CachedForward:
-    """``model`` traced, with the activations of the calibration batches at its
-    cut points cached; ``run(i, changed)`` computes batch i's outputs starting
-    from the last cached cut point before the first of the ``changed`` layers.
-    Swap layers with ``swapped`` (on the traced module); forward hooks on the
-    layers (shared with ``model``) act as they would on ``model``."""
+class TracedForward:
+    """``model`` traced by torch.fx (its layers shared, not copied), run from any
+    cut point — a node after which no value computed before it is needed — with
+    values freed as soon as no later node reads them.  ``opaque``: the module types
+    that stay calls of the graph (probes swap them whole; other modules' layers
+    are called one by one)."""
 
-    def __init__(self, model: nn.Module, batches: list[Tensor], budget: int | None = None):
-        self.module = fx.GraphModule(model, _Tracer().trace(model))
+    def __init__(self, model: nn.Module, opaque: tuple[type, ...] = OPAQUE):
+        self.module = fx.GraphModule(model, _Tracer(opaque).trace(model))
         self.nodes = list(self.module.graph.nodes)
         self.position = {node: i for i, node in enumerate(self.nodes)}
         self.first_call = {}  # module name -> position of its first call
@@ -81,7 +87,6 @@ class CachedForward:
             if node.op == "call_module":
                 self.first_call.setdefault(node.target, i)
         self.layers = {name: self.module.get_submodule(name) for name in self.first_call}  # what each call runs
-        self.batches = batches
         self.freed: list[list[fx.Node]] = [[] for _ in self.nodes]  # per position: the values last used there
         last_use = {}
         for i, node in enumerate(self.nodes):
@@ -89,7 +94,90 @@ class CachedForward:
                 last_use[arg] = i
         for node, i in last_use.items():
             self.freed[i].append(node)
-        candidates = self._useful(self._cut_points())
+
+    def cut_points(self) -> list[fx.Node]:
+        """Nodes after which no other value computed earlier is still needed."""
+        last_use = {}
+        for i, node in enumerate(self.nodes):
+            for arg in node.all_input_nodes:
+                if arg.op != "get_attr":
+                    last_use[arg] = i
+        cuts, live = [], set()
+        for i, node in enumerate(self.nodes[:-1]):
+            if node.op != "get_attr":
+                live.add(node)
+            live = {n for n in live if last_use.get(n, -1) > i}
+            if live == {node} and node.op != "placeholder":
+                cuts.append(node)
+        return cuts
+
+    def _fetch(self, target: str):
+        value = self.module
+        for part in target.split("."):
+            value = getattr(value, part)
+        return value
+
+    def _execute(self, begin: int, env: dict, keep: set | None = None, change: Change | None = None,
+                 stop: int | None = None):
+        """Run the nodes from position ``begin`` on, given ``env`` (the values they need from before it),
+        with ``change`` made; the output, or with ``keep`` the values of those nodes (with ``stop``: up to
+        the node at that position, not run, whose first input is kept as "input")."""
+        kept: dict = {}
+        swaps, after = (change.swaps, change.after) if change is not None else ({}, {})
+
+        def load(node: fx.Node):
+            if node not in env and node.op == "get_attr":
+                env[node] = self._fetch(node.target)
+            return env[node]
+
+        for position, node in enumerate(self.nodes[begin:], begin):
+            if node in env:  # the input, given
+                continue
+            args = fx.node.map_arg(node.args, load)
+            kwargs = fx.node.map_arg(node.kwargs, load)
+            if position == stop:
+                kept["input"] = args[0]
+                return kept
+            if node.op == "output":
+                return args[0] if keep is None else kept
+            if node.op == "get_attr":
+                env[node] = self._fetch(node.target)
+            elif node.op == "call_module":
+                module = swaps[node.target] if node.target in swaps else self.layers[node.target]
+                out = module(*args, **kwargs)
+                env[node] = after[node.target](module, args, out) if node.target in after else out
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            else:  # call_method
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            if keep is not None and node in keep:
+                kept[node] = env[node]
+            for used in self.freed[position]:  # freed as soon as no later node needs it: the memory is reused
+                env.pop(used, None)
+        raise RuntimeError("the traced graph has no output")
+
+    def input_of(self, position: int, begin: int, value: Tensor, keep: int | None = None
+                 ) -> tuple[Tensor, Tensor | None]:
+        """The first input of the node at ``position``, running from the cut point at ``begin`` (its
+        ``value``; -1: the input is ``value``), and the value of the cut point ``keep`` on the way (before
+        ``position``; None: none kept)."""
+        env = {self.nodes[max(begin, 0)]: value}
+        kept = self._execute(max(begin, 0) + (begin >= 0), env, keep={self.nodes[keep]} if keep is not None else set(),
+                             stop=position)
+        return kept["input"], kept.get(self.nodes[keep]) if keep is not None else None
+
+
+class CachedForward(TracedForward):
+    """``model`` traced, with the activations of the calibration batches at its
+    cut points cached; ``run(i, changed)`` computes batch i's outputs starting
+    from the last cached cut point before the first of the ``changed`` layers.
+    Swap layers with ``swapped`` (on the traced module); forward hooks on the
+    layers (shared with ``model``) act as they would on ``model``."""
+
+    def __init__(self, model: nn.Module, batches: list[Tensor], budget: int | None = None):
+        super().__init__(model)
+        self.batches = batches
+        candidates = self._useful(self.cut_points())
         if budget is None:
             budget = cache_budget(batches[0].device)
         with torch.no_grad(), batch_statistics(self.module):
@@ -113,22 +201,6 @@ class CachedForward:
         self.cached_bytes = used
         self.cuts = sorted(self.position[n] for n in chosen)
 
-    def _cut_points(self) -> list[fx.Node]:
-        """Nodes after which no other value computed earlier is still needed."""
-        last_use = {}
-        for i, node in enumerate(self.nodes):
-            for arg in node.all_input_nodes:
-                if arg.op != "get_attr":
-                    last_use[arg] = i
-        cuts, live = [], set()
-        for i, node in enumerate(self.nodes[:-1]):
-            if node.op != "get_attr":
-                live.add(node)
-            live = {n for n in live if last_use.get(n, -1) > i}
-            if live == {node} and node.op != "placeholder":
-                cuts.append(node)
-        return cuts
-
     def _useful(self, cuts: list[fx.Node]) -> list[fx.Node]:
         """The cut points a probe can start from: each the last before some layer's first call (of two
         cut points with no layer first called between them — an addition and the activation after it — the
@@ -137,46 +209,6 @@ class CachedForward:
         positions = [self.position[c] for c in cuts] + [len(self.nodes)]
         return [c for c, here, following in zip(cuts, positions, positions[1:])
                 if any(here < p <= following for p in starts)]
-
-    def _fetch(self, target: str):
-        value = self.module
-        for part in target.split("."):
-            value = getattr(value, part)
-        return value
-
-    def _execute(self, begin: int, env: dict, keep: set | None = None, change: Change | None = None):
-        """Run the nodes from position ``begin`` on, given ``env`` (the values they need from before it),
-        with ``change`` made; the output, or with ``keep`` the values of those nodes."""
-        kept: dict = {}
-        swaps, after = (change.swaps, change.after) if change is not None else ({}, {})
-
-        def load(node: fx.Node):
-            if node not in env and node.op == "get_attr":
-                env[node] = self._fetch(node.target)
-            return env[node]
-
-        for position, node in enumerate(self.nodes[begin:], begin):
-            if node in env:  # the input, given
-                continue
-            args = fx.node.map_arg(node.args, load)
-            kwargs = fx.node.map_arg(node.kwargs, load)
-            if node.op == "output":
-                return args[0] if keep is None else kept
-            if node.op == "get_attr":
-                env[node] = self._fetch(node.target)
-            elif node.op == "call_module":
-                module = swaps[node.target] if node.target in swaps else self.layers[node.target]
-                out = module(*args, **kwargs)
-                env[node] = after[node.target](module, args, out) if node.target in after else out
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            else:  # call_method
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            if keep is not None and node in keep:
-                kept[node] = env[node]
-            for used in self.freed[position]:  # freed as soon as no later node needs it: the memory is reused
-                env.pop(used, None)
-        raise RuntimeError("the traced graph has no output")
 
     def start_for(self, changed: Iterable[str]) -> int | None:
         """The position of the last cached cut point before every changed layer (None: run it all)."""
