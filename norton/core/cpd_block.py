@@ -28,18 +28,17 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # how forward may compute the block: "auto" and each ``forward_<plan>`` method below (a new execution plan is a
 # method and its name here; norton.tune_plans and norton.deploy time every one but auto)
 PLANS = ("auto", "separable", "depthwise", "dense")
-# Depthwise convolutions run far below a dense conv's MACs/s on CPUs; the cost
-# model charges each depthwise MAC this many dense MACs.
-DEPTHWISE_COST = 8.0
-# Training (forward + backward) cost of the depthwise plan relative to the dense
-# conv, fitted to per-layer timings on CPU (ranks 1–8, 3–512 channels, 2–32 px):
-# ≈ MACS_WEIGHT × (its MACs / dense MACs) + TRAFFIC_WEIGHT × (its R·N·H·W
-# intermediate values / dense MACs).  The factored plan trains only when that
-# is below TRAIN_FACTORED_BELOW; otherwise the recomposed dense kernel trains at
-# the dense model's speed.
-TRAIN_MACS_WEIGHT = 1.3
-TRAIN_TRAFFIC_WEIGHT = 200.0
-TRAIN_FACTORED_BELOW = 0.6
+# Cost of the depthwise plan relative to the dense conv, fitted to per-layer
+# timings of training (forward + backward) on CPU (ranks 1–8, 3–512 channels,
+# 2–32 px): ≈ MACS_WEIGHT × (its MACs / dense MACs) + TRAFFIC_WEIGHT × (its
+# R·N·H·W intermediate values / dense MACs).  The factored plan runs only when
+# that is below FACTORED_BELOW; otherwise the recomposed dense kernel runs at the
+# dense model's speed.  Inference follows the same rule: timed without gradients
+# (benchmarks/auto_plan.py), it chose within a few percent of the fastest plan,
+# where charging the separable plan its MACs alone chose one several times slower.
+MACS_WEIGHT = 1.3
+TRAFFIC_WEIGHT = 200.0
+FACTORED_BELOW = 0.6
 
 
 def _positive_pair(name: str, value: object) -> tuple[int, int]:
@@ -141,20 +140,18 @@ class CPDBlock(nn.Module):
         return self
 
     def resolved_plan(self) -> str:
-        """The plan forward runs: the set one, or for ``auto`` the cheaper by a
-        cost model — when training (gradients on), the measured training model
-        above, so a fresh block trains at least as fast as the dense conv with
-        no plan tuning by the caller."""
+        """The plan forward runs: the set one, or for ``auto`` the depthwise plan
+        where the cost model above (measured timings, not MACs alone) predicts
+        it clearly faster than the dense conv, else the recomposed dense kernel —
+        so a fresh block trains and evaluates at least about as fast as the dense
+        conv with no plan tuning by the caller (``norton.deploy`` times every
+        plan for serving)."""
         if self.plan != "auto":
             return self.plan
         kh, kw = self.kernel_size
         dense = self.in_channels * kh * kw
-        if self.training and torch.is_grad_enabled() and self.pointwise.requires_grad:
-            predicted = (TRAIN_MACS_WEIGHT * self.rank * (self.in_channels + kh * kw) / dense
-                         + TRAIN_TRAFFIC_WEIGHT * self.rank / dense)
-            return "depthwise" if predicted < TRAIN_FACTORED_BELOW else "dense"
-        separable = self.rank * (self.in_channels + DEPTHWISE_COST * (kh + kw))
-        return "separable" if separable < dense else "dense"
+        predicted = MACS_WEIGHT * self.rank * (self.in_channels + kh * kw) / dense + TRAFFIC_WEIGHT * self.rank / dense
+        return "depthwise" if predicted < FACTORED_BELOW else "dense"
 
     def forward(self, x: Tensor) -> Tensor:
         return getattr(self, f"forward_{self.resolved_plan()}")(x)
