@@ -343,8 +343,8 @@ def plan(
         return [] if target is None else list(target) if isinstance(target, (list, tuple)) else [target]
 
     macs_targets, speed_targets = listed(target_macs), listed(target_speedup)
-    for key, given, listed in (("target_macs", target_macs, macs_targets), ("target_speedup", target_speedup, speed_targets)):
-        if given is not None and not listed:
+    for key, given, values in (("target_macs", target_macs, macs_targets), ("target_speedup", target_speedup, speed_targets)):
+        if given is not None and not values:
             raise NortonError(f"{key} is an empty list: give a target, or a list of them")
     for value in macs_targets:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
@@ -843,11 +843,9 @@ class _InPlace:
         sums = iter(input_sums(self.dense, modules, self.probe.batches, seeds=seeds) if modules else [])
         for other, channels, size in wanted:
             self._sums[other] = ([(next(sums), idxs, root_idxs) for _, idxs, root_idxs in channels], size)
+        self._sums.move_to_end(root)  # the one in use: dropped last
         while len(self._sums) > 1 and sum(size for _, size in self._sums.values()) > SUMS_BYTES:
-            oldest = next(iter(self._sums))
-            if oldest == root:
-                break
-            del self._sums[oldest]
+            del self._sums[next(iter(self._sums))]
         return self._sums[root][0]
 
     def _fitted(self, root: str, kept: set[int]) -> Iterator[tuple[nn.Module, Tensor]]:

@@ -159,10 +159,9 @@ class TracedForward:
     def input_of(self, position: int, begin: int, value: Tensor, keep: int | None = None
                  ) -> tuple[Tensor, Tensor | None]:
         """The first input of the node at ``position``, running from the cut point at ``begin`` (its
-        ``value``; -1: the input is ``value``), and the value of the cut point ``keep`` on the way (before
-        ``position``; None: none kept)."""
-        env = {self.nodes[max(begin, 0)]: value}
-        kept = self._execute(max(begin, 0) + (begin >= 0), env, keep={self.nodes[keep]} if keep is not None else set(),
+        ``value``; 0, the placeholder: the model's input), and the value of the cut point ``keep`` on the way
+        (before ``position``; None: none kept)."""
+        kept = self._execute(begin, {self.nodes[begin]: value}, keep={self.nodes[keep]} if keep is not None else set(),
                              stop=position)
         return kept["input"], kept.get(self.nodes[keep]) if keep is not None else None
 

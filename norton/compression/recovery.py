@@ -193,7 +193,7 @@ class _StageInputs:
         self.traced, self.positions = traced, positions
         cuts = [traced.position[c] for c in traced.cut_points()]
         self.before = [max((c for c in cuts if c < p), default=None) for p in positions]  # the cut to hold
-        self.held = [(-1, x) for x in batches]  # per batch: a cut point (-1: the input) and its value
+        self.held = [(0, x) for x in batches]  # per batch: a cut point (0, the placeholder: the input) and its value
         self.stage = [-1] * len(batches)
 
     @classmethod
