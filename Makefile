@@ -10,7 +10,12 @@ $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@$(VENV)/bin/python -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' || \
 		{ echo "norton needs Python >= 3.11 in $(VENV); remove it and set PYTHON=python3.11"; exit 1; }
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@# a download cut off midway (seen once in CI: urllib3's read error after 16 s) is not
+	@# retried by pip itself, so the install is tried up to three times before giving up
+	@for try in 1 2 3; do \
+		$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --retries 10 -e '.[test]' && exit 0; \
+		echo "pip install failed (try $$try of 3)"; sleep $$((try * 10)); \
+	done; exit 1
 	@touch $(STAMP)
 
 test: $(STAMP) fashion-mnist
