@@ -3,7 +3,13 @@ Tucker-2 block,
 layers shared by models and pruning, MAC/param counting, module surgery and
 the compress-rate grammar, and the allocator set up for training.  Imports nothing else of norton but its errors."""
 from norton.core.allocator import tune_allocator
-from norton.core.batchnorm import batch_statistics, batchnorms, reestimate_bn
+from norton.core.batchnorm import (
+    ChannelsLastBatchNorm2d,
+    batch_statistics,
+    batchnorms,
+    fast_channels_last_batchnorm,
+    reestimate_bn,
+)
 from norton.core.compress_rate import (
     fit_compress_rate,
     format_compress_rate,
@@ -47,6 +53,8 @@ __all__ = [
     "as_args",
     "batch_statistics",
     "batchnorms",
+    "ChannelsLastBatchNorm2d",
+    "fast_channels_last_batchnorm",
     "complexity",
     "conv_output_size",
     "count_macs",

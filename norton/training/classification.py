@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from norton.checkpoints import load_checkpoint, save_checkpoint
-from norton.core import deterministic_numerics, plan_override, reestimate_bn, tune_plans
+from norton.core import deterministic_numerics, fast_channels_last_batchnorm, plan_override, reestimate_bn, tune_plans
 from norton.errors import NortonError
 from norton.training.data import ArrayDataset, epoch_batches, first_images, num_batches
 from norton.training.distributed import Distributed
@@ -238,78 +238,81 @@ def fit(
         tune_training_plans(model, train_data, config, device, layout)
     net = nn.parallel.DistributedDataParallel(model) if ddp.world_size > 1 else model
 
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        net.train()
-        loss_sum = correct = seen = 0.0
-        bar = tqdm(epoch_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, shuffle=True,
-                                 rank=ddp.rank, world_size=ddp.world_size),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not (progress and ddp.main), leave=False)
-        for step, (images, labels) in enumerate(bar):
-            if trial is not None:
-                layout = trial.begin(step, (model, teacher))
-            images, labels = images.to(device, memory_format=layout), labels.to(device)
-            try:
-                logits = net(images)
-            except RuntimeError as error:
-                if trial is not None and layout == torch.channels_last and "view size is not compatible" in str(error):
-                    layout = trial.decide((model, teacher), refused=True)  # it cannot train channels-last
-                    images = images.clone(memory_format=torch.contiguous_format)
+    # pruned widths (not multiples of 16) made PyTorch's channels-last BatchNorm the slowest part of a
+    # step on the CPU: the same arithmetic in a form that vectorises (norton.core.batchnorm)
+    with fast_channels_last_batchnorm(model):
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            net.train()
+            loss_sum = correct = seen = 0.0
+            bar = tqdm(epoch_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, shuffle=True,
+                                     rank=ddp.rank, world_size=ddp.world_size),
+                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                       disable=not (progress and ddp.main), leave=False)
+            for step, (images, labels) in enumerate(bar):
+                if trial is not None:
+                    layout = trial.begin(step, (model, teacher))
+                images, labels = images.to(device, memory_format=layout), labels.to(device)
+                try:
                     logits = net(images)
-                elif channels_last and "view size is not compatible" in str(error):
-                    raise NortonError("channels_last training: the model reshapes a channels-last activation with "
-                                      ".view, which needs contiguous memory; use .reshape or torch.flatten there, or "
-                                      f"train contiguous (channels_last=False): {error}") from error
+                except RuntimeError as error:
+                    if trial is not None and layout == torch.channels_last and "view size is not compatible" in str(error):
+                        layout = trial.decide((model, teacher), refused=True)  # it cannot train channels-last
+                        images = images.clone(memory_format=torch.contiguous_format)
+                        logits = net(images)
+                    elif channels_last and "view size is not compatible" in str(error):
+                        raise NortonError("channels_last training: the model reshapes a channels-last activation with "
+                                          ".view, which needs contiguous memory; use .reshape or torch.flatten there, or "
+                                          f"train contiguous (channels_last=False): {error}") from error
+                    else:
+                        raise
+                with torch.no_grad():
+                    teacher_logits = teacher(images) if teacher is not None and config.distill > 0 else None
+                loss = classification_loss(logits, labels, config, teacher_logits)
+                if ddp.world_size > 1:  # DDP averages rank means; weigh them so the result is the global mean
+                    global_n = min(config.batch_size, len(train_data) - step * config.batch_size)
+                    weighted = loss * (labels.numel() * ddp.world_size / global_n)
                 else:
-                    raise
-            with torch.no_grad():
-                teacher_logits = teacher(images) if teacher is not None and config.distill > 0 else None
-            loss = classification_loss(logits, labels, config, teacher_logits)
-            if ddp.world_size > 1:  # DDP averages rank means; weigh them so the result is the global mean
-                global_n = min(config.batch_size, len(train_data) - step * config.batch_size)
-                weighted = loss * (labels.numel() * ddp.world_size / global_n)
-            else:
-                weighted = loss
-            batch_loss = ddp.sum([float(loss.detach()) * labels.numel(), float(labels.numel())], device)
-            run.step(weighted, loss_value=batch_loss[0], epoch=epoch, where=f"epoch {epoch + 1}, step {step + 1}")
-            if trial is not None and trial.end(step, (model, teacher)):
+                    weighted = loss
+                batch_loss = ddp.sum([float(loss.detach()) * labels.numel(), float(labels.numel())], device)
+                run.step(weighted, loss_value=batch_loss[0], epoch=epoch, where=f"epoch {epoch + 1}, step {step + 1}")
+                if trial is not None and trial.end(step, (model, teacher)):
+                    channels_last, layout, trial = trial.chosen == torch.channels_last, trial.batches, None
+                loss_sum += batch_loss[0]
+                seen += batch_loss[1]
+                correct += float((logits.argmax(1) == labels).sum())
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{run.lr:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            if trial is not None:  # an epoch shorter than the trial: what it measured decides
+                trial.decide((model, teacher))
                 channels_last, layout, trial = trial.chosen == torch.channels_last, trial.batches, None
-            loss_sum += batch_loss[0]
-            seen += batch_loss[1]
-            correct += float((logits.argmax(1) == labels).sum())
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{run.lr:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
-        if trial is not None:  # an epoch shorter than the trial: what it measured decides
-            trial.decide((model, teacher))
-            channels_last, layout, trial = trial.chosen == torch.channels_last, trial.batches, None
-        correct = ddp.sum([correct], device)[0]
-        if config.precise_bn:  # every rank the same images, so the same statistics
-            recalibrate_bn(model, clean_train, device=device, num_images=config.precise_bn, seed=config.seed)
-        val = evaluate(model, val_data, device=device, ddp=ddp)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
-                  "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
-                  "lr": run.lr, "seconds": time.perf_counter() - started,
-                  "images_per_s": seen / max(time.perf_counter() - started, 1e-9)}
-        history.append(record)
-        run.log(record)
-        improved = val["top1"] > best_val["top1"]
-        if improved:
-            best_epoch, best_val = epoch, val
-        metrics = {"val": val, "epoch": epoch + 1}
-        if improved and ddp.main:
-            save_checkpoint(os.path.join(run_dir, "best.pt"), model, metrics=metrics, extra=extra)
-        stop = stops_early([r["val_top1"] for r in history], config.patience)
-        run.save(finished=epoch + 1 == config.epochs or stop, metrics=metrics, extra=extra,
-                 position={"epoch": epoch, "best_epoch": best_epoch, "best_val": best_val, "stopped_early": stop,
-                           "channels_last": channels_last})
-        if progress and ddp.main:
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  val top-1 "
-                       f"{val['top1']:.2f}%  ({record['images_per_s']:.0f} img/s)"
-                       + (f"; no improvement for {config.patience} epochs: stopped" if stop else ""))
-        ddp.barrier()
-        if stop:
-            break
+            correct = ddp.sum([correct], device)[0]
+            if config.precise_bn:  # every rank the same images, so the same statistics
+                recalibrate_bn(model, clean_train, device=device, num_images=config.precise_bn, seed=config.seed)
+            val = evaluate(model, val_data, device=device, ddp=ddp)
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+                      "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
+                      "lr": run.lr, "seconds": time.perf_counter() - started,
+                      "images_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+            history.append(record)
+            run.log(record)
+            improved = val["top1"] > best_val["top1"]
+            if improved:
+                best_epoch, best_val = epoch, val
+            metrics = {"val": val, "epoch": epoch + 1}
+            if improved and ddp.main:
+                save_checkpoint(os.path.join(run_dir, "best.pt"), model, metrics=metrics, extra=extra)
+            stop = stops_early([r["val_top1"] for r in history], config.patience)
+            run.save(finished=epoch + 1 == config.epochs or stop, metrics=metrics, extra=extra,
+                     position={"epoch": epoch, "best_epoch": best_epoch, "best_val": best_val, "stopped_early": stop,
+                               "channels_last": channels_last})
+            if progress and ddp.main:
+                tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  val top-1 "
+                           f"{val['top1']:.2f}%  ({record['images_per_s']:.0f} img/s)"
+                           + (f"; no improvement for {config.patience} epochs: stopped" if stop else ""))
+            ddp.barrier()
+            if stop:
+                break
     if channels_last:
         _convert((model, teacher), torch.contiguous_format)
     curve = [r["val_top1"] for r in history]
