@@ -10,6 +10,7 @@ DistributedDataParallel (gloo on CPU, nccl on GPU) and only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -240,7 +241,7 @@ def fit(
 
     # pruned widths (not multiples of 16) made PyTorch's channels-last BatchNorm the slowest part of a
     # step on the CPU: the same arithmetic in a form that vectorises (norton.core.batchnorm)
-    with fast_channels_last_batchnorm(model):
+    with fast_channels_last_batchnorm(model) if device.type == "cpu" else contextlib.nullcontext():
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             net.train()
