@@ -463,6 +463,18 @@ def test_a_win_needs_a_paired_interval_that_excludes_zero():
     assert d.seeds == (5, 7) and d.mean == 0.5
     one = paired_difference(runs([2.0]), runs([1.0]))
     assert one.verdict == "tie" and one.text() == "+1.00 points (one seed: no interval)"
+    # two seeds each one test image of 360 apart: a sample deviation of 0, an interval of width 0 — unless the
+    # deviation is floored at what the grid of one image (100/360 points) gives: 0.2778/√6 = 0.1134,
+    # t(0.975, 1) = 12.706 -> ± 1.019
+    step = 100 / 360
+    grid = paired_difference(runs([90.0 - step, 80.0 - step], seeds=(0, 1)), runs([90.0, 80.0], seeds=(0, 1)))
+    assert grid.verdict == "loses" and grid.high == grid.low
+    floored = paired_difference(runs([90.0 - step, 80.0 - step], seeds=(0, 1)), runs([90.0, 80.0], seeds=(0, 1)),
+                                resolution=step)
+    assert floored.verdict == "tie" and round(floored.high, 3) == round(-step + 12.706 * step / 6 ** 0.5 / 2 ** 0.5, 3)
+    # a difference well above the grid keeps its verdict, and a spread above the floor is the spread
+    assert (paired_difference(runs([80.3, 81.4, 79.5]), runs([80.0, 81.0, 79.0]), resolution=0.2).low
+            == paired_difference(runs([80.3, 81.4, 79.5]), runs([80.0, 81.0, 79.0])).low)
 
 
 def test_compare_takes_a_trained_baseline_and_refuses_another_model(compared, tmp_path, monkeypatch):

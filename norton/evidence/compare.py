@@ -944,10 +944,17 @@ def _recorded_minutes(summary: dict) -> str:
     return f" (this invocation; building and fine-tuning the compressed models took {total:.1f} min as recorded)"
 
 
-def _margins(ours: list[dict], other: list[dict]) -> str:
+def top1_resolution(summary: dict) -> float:
+    """The points one test image is worth in ``summary``'s comparison (0 where its record does not say how many
+    test images there were)."""
+    images = summary.get("budget_settings", {}).get("test_images")
+    return 100.0 / images if images else 0.0
+
+
+def _margins(ours: list[dict], other: list[dict], resolution: float) -> str:
     """By how much ``other`` is more accurate (paired over seeds, with its
     interval: a tie when it includes 0) and faster."""
-    difference = paired_difference(other, ours)
+    difference = paired_difference(other, ours, resolution=resolution)
     tie = "; the accuracy difference is a tie, its interval includes 0" if difference.verdict == "tie" else ""
     return f"by {difference.text()} and {latency_of(ours) - latency_of(other):.1f} ms{tie}"
 
@@ -979,7 +986,9 @@ def peer_verdicts(summary: dict) -> dict[tuple[float, str], tuple]:
         peers = [(m, runs) for m, runs in ranked if m not in METHODS or METHODS[m].family not in ("NORTON", "ablation")]
         for ours_name in ("norton-auto", "norton"):
             if ours_name in dict(rows) and peers:
-                out[(target, ours_name)] = (paired_difference(dict(rows)[ours_name], peers[0][1]), peers[0][1][0]["label"])
+                out[(target, ours_name)] = (paired_difference(dict(rows)[ours_name], peers[0][1],
+                                                              resolution=top1_resolution(summary)),
+                                            peers[0][1][0]["label"])
     return out
 
 
@@ -1058,12 +1067,14 @@ def render_table(summary: dict) -> str:
             verdicts.append(f"- accuracy vs deployed latency: no other method is both faster and more accurate than "
                             f"any {runs[0]['label']} model.")
         verdicts += [f"- accuracy vs deployed latency: {_point_text(other)} is both faster and more accurate than "
-                     f"{_point_text(ours)}, {_margins(ours, other)}." for ours, other in beaten]
+                     f"{_point_text(ours)}, {_margins(ours, other, top1_resolution(summary))}."
+                     for ours, other in beaten]
     machine = summary.get("machine")
     ran_on = [f"Ran on {_machine_text(machine)}.", ""] if machine else []
     rule = ("Verdicts: each method's difference to the best other method, paired by seed (the same seed gives both "
             "the same data order, calibration images and fine-tuning), with its 95 % interval; a win or a loss only "
-            "where the interval excludes 0, otherwise a tie.")
+            "where the interval excludes 0, otherwise a tie (the deviation of the differences taken no smaller than "
+            "one test image's step gives: `norton.evidence.verdicts`).")
     return "\n".join(lines + [""] + ran_on + [rule, ""] + verdicts) + "\n"
 
 
