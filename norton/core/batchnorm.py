@@ -70,10 +70,11 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
 # -- channels-last BatchNorm on the CPU ---------------------------------------------------------
 # PyTorch's CPU kernel for a channels-last BatchNorm with batch statistics runs at a fraction of its
 # speed when the channel count is not a multiple of the vector width: forward + backward of
-# 128×10×64×64 took ~70 ms against ~15 ms contiguous (and 20 channels at 32×32 ~18 ms against ~5),
-# while 16, 32 and 64 channels ran as fast as contiguous.  Pruned widths are rarely multiples of 16,
-# so a pruned ResNet-20 trained slower channels-last than contiguous although its convolutions ran
-# faster channels-last (benchmarks/train_batchnorm.py).  The same arithmetic written as reductions
+# 128×10×64×64 took 63.0 ms against 14.6 ms contiguous (20 channels at 32×32: 17.4 against 6.1 ms),
+# while 16, 32 and 64 channels ran as fast as contiguous (benchmarks/train_batchnorm.py, deploy
+# guide).  Pruned widths are rarely multiples of 16, so a pruned ResNet-20 trained slower
+# channels-last than contiguous although its convolutions ran faster channels-last
+# (benchmarks/train_layout.py --gray64).  The same arithmetic written as reductions
 # and fused multiply-adds over the channels-last memory seen as a matrix whose rows hold several
 # pixels' channels (a width that vectorises) runs at about the contiguous kernel's speed.
 FAST_BN_LANES = 16  # channel counts that are a multiple of this keep PyTorch's kernel
