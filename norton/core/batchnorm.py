@@ -112,21 +112,20 @@ class _ChannelsLastNorm(torch.autograd.Function):
             torch.mul(centered, scale.repeat(k), out=out)
         else:
             torch.addcmul(bias.repeat(k), centered, scale.repeat(k), out=out)
-        ctx.save_for_backward(centered, invstd, weight)
-        ctx.shape, ctx.k, ctx.has_bias = (n, c, h, w), k, bias is not None
+        ctx.save_for_backward(centered, invstd, scale)
+        ctx.shape, ctx.k, ctx.has_weight, ctx.has_bias = (n, c, h, w), k, weight is not None, bias is not None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean, _dvar):
-        centered, invstd, weight = ctx.saved_tensors
+        centered, invstd, scale = ctx.saved_tensors
         n, c, h, w = ctx.shape
         pixels, k = n * h * w, ctx.k
         grad = dy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(pixels // k, k * c)
         ones = grad.new_ones(pixels // k)
         sum_dy = torch.mv(grad.t(), ones).view(k, c).sum(0)
         sum_dy_centered = torch.mv((grad * centered).t(), ones).view(k, c).sum(0)
-        scale = invstd if weight is None else weight * invstd
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = scale · (dy − mean(dy) − x̂ · mean(dy · x̂)), x̂ = centered · invstd
@@ -134,7 +133,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
             out = dx.permute(0, 2, 3, 1).view(pixels // k, k * c)
             torch.addcmul((-scale * sum_dy / pixels).repeat(k), grad, scale.repeat(k), out=out)
             out.addcmul_(centered, (-scale * invstd * invstd * sum_dy_centered / pixels).repeat(k))
-        dweight = sum_dy_centered * invstd if weight is not None and ctx.needs_input_grad[1] else None
+        dweight = sum_dy_centered * invstd if ctx.has_weight and ctx.needs_input_grad[1] else None
         dbias = sum_dy if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None
 

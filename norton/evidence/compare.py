@@ -944,7 +944,7 @@ def _recorded_minutes(summary: dict) -> str:
     return f" (this invocation; building and fine-tuning the compressed models took {total:.1f} min as recorded)"
 
 
-def top1_resolution(summary: dict) -> float:
+def _top1_resolution(summary: dict) -> float:
     """The points one test image is worth in ``summary``'s comparison (0 where its record does not say how many
     test images there were)."""
     images = summary.get("budget_settings", {}).get("test_images")
@@ -987,7 +987,7 @@ def peer_verdicts(summary: dict) -> dict[tuple[float, str], tuple]:
         for ours_name in ("norton-auto", "norton"):
             if ours_name in dict(rows) and peers:
                 out[(target, ours_name)] = (paired_difference(dict(rows)[ours_name], peers[0][1],
-                                                              resolution=top1_resolution(summary)),
+                                                              resolution=_top1_resolution(summary)),
                                             peers[0][1][0]["label"])
     return out
 
@@ -1067,7 +1067,7 @@ def render_table(summary: dict) -> str:
             verdicts.append(f"- accuracy vs deployed latency: no other method is both faster and more accurate than "
                             f"any {runs[0]['label']} model.")
         verdicts += [f"- accuracy vs deployed latency: {_point_text(other)} is both faster and more accurate than "
-                     f"{_point_text(ours)}, {_margins(ours, other, top1_resolution(summary))}."
+                     f"{_point_text(ours)}, {_margins(ours, other, _top1_resolution(summary))}."
                      for ours, other in beaten]
     machine = summary.get("machine")
     ran_on = [f"Ran on {_machine_text(machine)}.", ""] if machine else []
