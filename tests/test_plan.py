@@ -762,9 +762,13 @@ def test_probe_workers_by_device_and_memory(monkeypatch):
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert probing.probe_workers(None, 1 << 20) == 4
-    assert probing.probe_workers(torch.device("cpu"), probing.WORKER_BYTES // 8) == 2  # four activations each
-    assert probing.probe_workers(torch.device("cpu"), probing.WORKER_BYTES) == 1
+    assert probing.probe_workers(torch.device("cpu"), probing.THREAD_HEAP_BYTES) == 4
+    # a buffer larger than a thread's heap is a fresh mmap on every probe: one probe at a time, on the main thread
+    assert probing.probe_workers(torch.device("cpu"), probing.THREAD_HEAP_BYTES + 1) == 1
     assert probing.probe_workers(torch.device("cuda"), 1) == 1
+    monkeypatch.setattr(probing, "WORKER_BYTES", 32 << 20)
+    assert probing.probe_workers(torch.device("cpu"), 4 << 20) == 2  # four activations each: two fit
+    assert probing.probe_workers(torch.device("cpu"), 8 << 20) == 1
 
 
 def test_options_measured_side_by_side_give_the_plan_of_one_at_a_time():

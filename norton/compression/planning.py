@@ -64,6 +64,7 @@ from norton.core import (
     is_decomposable,
     replace_module,
     resolve_dtype,
+    tune_allocator,
 )
 from norton.core.plans import block_inputs
 from norton.core.surgery import flatten_tensors
@@ -331,7 +332,9 @@ def plan(
     (``screen_batches``).  False: every option on every image.
     ``workers``: how many options are measured side by side, each on its share
     of torch's threads (None: ``probe_workers`` — on a CPU one per thread while
-    their activations fit 4 GiB, on an accelerator one).
+    their activations fit 4 GiB and each a thread's 64 MiB heap, on an accelerator one).
+    The C library's allocator is set up as ``fit`` sets it (``norton.tune_allocator``:
+    freed memory kept for the next probe) unless ``NORTON_ALLOCATOR=default``.
     The model is not changed.
     """
     started = time.perf_counter()
@@ -374,6 +377,10 @@ def plan(
         raise NortonError(f"workers must be a positive integer (options measured side by side) or None, got {workers!r}")
     if round_to != "auto":
         check_round_to(round_to)
+    # the probes allocate and free the same large activations option after option: kept for reuse instead of
+    # fresh pages each time, unless NORTON_ALLOCATOR=default (ResNet-50 on two batches of 64 224×224 images, 2 cores:
+    # 7.4 s side by side with the C library's defaults, 5.0 s tuned on the main thread; benchmarks/allocator.py --probes)
+    tune_allocator()
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else None

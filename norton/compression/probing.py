@@ -39,6 +39,7 @@ from norton.core.surgery import flatten_tensors
 
 CACHE_FALLBACK_BYTES = 2 << 30  # activations cached where the free memory cannot be read (``cache_budget``)
 WORKER_BYTES = 4 << 30  # activations the probes running side by side may hold together (about 4 of the largest each)
+THREAD_HEAP_BYTES = 64 << 20  # the largest block glibc's malloc serves a thread other than the main one from its heap
 
 
 @dataclass
@@ -347,8 +348,19 @@ def probe_workers(device: torch.device | None, activation_bytes: int) -> int:
     """How many probes run side by side: on a CPU, one per torch thread (each
     probe on one thread: small convolutions parallelise poorly over threads)
     while their activations — about four of the largest, ``activation_bytes``,
-    each — fit ``WORKER_BYTES``; on an accelerator one (its kernels fill it)."""
+    each — fit ``WORKER_BYTES`` and each fits a thread's heap
+    (``THREAD_HEAP_BYTES``); on an accelerator one (its kernels fill it).
+
+    glibc's malloc serves a thread other than the main one from heaps of at
+    most 64 MiB; a larger buffer is a fresh ``mmap`` every time, its pages
+    faulted in on first touch.  ResNet-50's activations at 224×224 are 205 MB
+    a batch of 64: two forwards of it side by side on one thread each took
+    6.6 s on 2 cores, one after the other on both threads of the main one
+    5.0 s, without a page fault (allocator tuned, ``norton.tune_allocator``;
+    ``benchmarks/allocator.py --probes``)."""
     if device is not None and device.type != "cpu":
+        return 1
+    if activation_bytes > THREAD_HEAP_BYTES:
         return 1
     fit = WORKER_BYTES // max(1, 4 * activation_bytes)
     return max(1, min(torch.get_num_threads(), fit))
