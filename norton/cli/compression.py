@@ -243,7 +243,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                         "--no-screening measures every option on every image")
     p.add_argument("--probe-workers", type=int, default=None, metavar="N",
                    help="planner: options measured side by side on N threads, each with its share of torch's threads "
-                        "(default: on a CPU one per torch thread while their activations fit 4 GiB, on a GPU 1)")
+                        "(default: on a CPU one per torch thread while their activations fit 4 GiB and each "
+                        "a thread's 64 MiB heap, on a GPU 1)")
 
 
 def form_list(text: str) -> tuple[str, ...]:
