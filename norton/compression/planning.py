@@ -379,7 +379,7 @@ def plan(
         check_round_to(round_to)
     # the probes allocate and free the same large activations option after option: kept for reuse instead of
     # fresh pages each time, unless NORTON_ALLOCATOR=default (ResNet-50 on two batches of 64 224×224 images, 2 cores:
-    # 7.4 s side by side with the C library's defaults, 5.0 s tuned on the main thread; benchmarks/allocator.py --probes)
+    # 6.8 s side by side with the C library's defaults, 5.0 s tuned on the main thread; benchmarks/allocator.py --probes)
     tune_allocator()
 
     param = next(model.parameters(), None)

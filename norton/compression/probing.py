@@ -355,7 +355,7 @@ def probe_workers(device: torch.device | None, activation_bytes: int) -> int:
     most 64 MiB; a larger buffer is a fresh ``mmap`` every time, its pages
     faulted in on first touch.  ResNet-50's activations at 224×224 are 205 MB
     a batch of 64: two forwards of it side by side on one thread each took
-    6.6 s on 2 cores, one after the other on both threads of the main one
+    6.2 s on 2 cores, one after the other on both threads of the main one
     5.0 s, without a page fault (allocator tuned, ``norton.tune_allocator``;
     ``benchmarks/allocator.py --probes``)."""
     if device is not None and device.type != "cpu":
