@@ -152,6 +152,8 @@ def one_candidate(asked: list | None = None):
     ([1.5, 2.05], [50.0, 50.0 * 1.5 / 2], 2.05),  # short, then met within the slack: stop
     ([2.6, 1.9, 2.02], [50.0, 65.0, (50.0 * 65.0) ** 0.5], 2.02),  # over, under: bisect between them; met
     ([2.6, 2.5, 2.4, 2.3, 2.2, 2.15], None, 2.15),  # never within the slack: the least damaging that met it
+    # just short: the budget moves by half the slack at least, not by 0.05 % (to the same candidate again)
+    ([1.999, 2.02], [50.0, 50.0 / 1.02], 2.02),
 ])
 def test_the_budget_follows_the_measured_speedup(monkeypatch, speedups, budgets, chosen):
     from norton.compression import planning
