@@ -99,12 +99,7 @@ def probes(rounds: int, repeats: int, record: str | None) -> None:
     got = {c: [] for c in configs}
     for i in range(rounds):
         for way, setting in configs[i % len(configs):] + configs[:i % len(configs)]:
-            done = subprocess.run([sys.executable, __file__, "--probe-child", way, "--steps", str(repeats)],
-                                  env={**os.environ, "NORTON_ALLOCATOR": setting}, capture_output=True, text=True,
-                                  check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            if result["applied"] != (setting == "tuned"):
-                raise SystemExit(f"NORTON_ALLOCATOR={setting}: tune_allocator returned {result['applied']}")
+            result = run_child(["--probe-child", way, "--steps", str(repeats)], setting)
             got[(way, setting)].append(result)
             print(way, setting, result, flush=True)
     slowest = statistics.median(r["seconds"] for r in got[("side by side", "default")])
@@ -121,14 +116,19 @@ def probes(rounds: int, repeats: int, record: str | None) -> None:
                      "thread: one forward after the other on all torch threads.")
 
 
-def measure(arch: str, rank: int, setting: str, steps: int) -> dict:
+def run_child(arguments: list[str], setting: str) -> dict:
+    """This script again in a fresh process with ``arguments`` and ``NORTON_ALLOCATOR=setting`` (the allocator
+    is a setting of the whole process); its last line's JSON, checked to have applied the setting."""
     env = {**os.environ, "NORTON_ALLOCATOR": setting}
-    done = subprocess.run([sys.executable, __file__, "--child", arch, str(rank), "--steps", str(steps)],
-                          env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, __file__, *arguments], env=env, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["applied"] != (setting == "tuned"):
         raise SystemExit(f"NORTON_ALLOCATOR={setting}: tune_allocator returned {result['applied']}")
     return result
+
+
+def measure(arch: str, rank: int, setting: str, steps: int) -> dict:
+    return run_child(["--child", arch, str(rank), "--steps", str(steps)], setting)
 
 
 def main() -> None:

@@ -999,12 +999,12 @@ def meet_measured_speedup(target: float, budget: float, cheapest: float, allocat
             slow = budget if slow is None else min(slow, budget)
         if fast is not None and slow is not None:
             moved = math.sqrt(fast * slow)
-        elif state is None:  # none met it: a smaller budget, by at least half the slack — a candidate measured
-            # just short of the target (1.199× for 1.2×) moved the budget by 0.1 %, and the allocation there
-            # was the same candidate again, round after round
-            moved = min(budget * got / target, budget / (1 + SPEEDUP_SLACK / 2))
         else:
             moved = budget * got / target
+            if state is None:  # none met it: smaller by at least half the slack — a candidate measured just short
+                # of the target (shown as 1.20× for 1.2×) moved the budget by a fraction of a percent, to the
+                # same candidate again, round after round
+                moved = min(moved, budget / (1 + SPEEDUP_SLACK / 2))
         moved = max(moved, cheapest)
         if moved == budget:  # already at the cheapest options
             break

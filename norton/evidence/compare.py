@@ -980,14 +980,14 @@ def peer_verdicts(summary: dict) -> dict[tuple[float, str], tuple]:
     method's label)} — the most accurate method outside the NORTON family and its ablations, by mean top-1."""
     out = {}
     groups = _groups(summary)
+    resolution = _top1_resolution(summary)
     for target in dict.fromkeys(t for k, t, _ in groups if k == "macs"):
         rows = [(m, runs) for (k, t, m), runs in groups.items() if (k, t) == ("macs", target)]
         ranked = sorted(rows, key=lambda mr: -statistics.fmean(r["top1"] for r in mr[1]))
         peers = [(m, runs) for m, runs in ranked if m not in METHODS or METHODS[m].family not in ("NORTON", "ablation")]
         for ours_name in ("norton-auto", "norton"):
             if ours_name in dict(rows) and peers:
-                out[(target, ours_name)] = (paired_difference(dict(rows)[ours_name], peers[0][1],
-                                                              resolution=_top1_resolution(summary)),
+                out[(target, ours_name)] = (paired_difference(dict(rows)[ours_name], peers[0][1], resolution=resolution),
                                             peers[0][1][0]["label"])
     return out
 
@@ -1058,6 +1058,7 @@ def render_table(summary: dict) -> str:
         else:
             verdicts.append(f"- at {target:.0%} fewer MACs {label} **ties** with {peer_text}: {difference.text()}; "
                             "the interval includes 0.")
+    resolution = _top1_resolution(summary)
     for name in ("norton-auto", "norton-auto-speed"):
         runs = [r for r in summary["runs"] if r["method"] == name]
         if not runs:
@@ -1067,7 +1068,7 @@ def render_table(summary: dict) -> str:
             verdicts.append(f"- accuracy vs deployed latency: no other method is both faster and more accurate than "
                             f"any {runs[0]['label']} model.")
         verdicts += [f"- accuracy vs deployed latency: {_point_text(other)} is both faster and more accurate than "
-                     f"{_point_text(ours)}, {_margins(ours, other, _top1_resolution(summary))}."
+                     f"{_point_text(ours)}, {_margins(ours, other, resolution)}."
                      for ours, other in beaten]
     machine = summary.get("machine")
     ran_on = [f"Ran on {_machine_text(machine)}.", ""] if machine else []
