@@ -8,6 +8,7 @@
     .venv/bin/python benchmarks/planner_speed.py --resnet50 300   # ResNet-50 at 224×224, 256 images: stages and ETA
     .venv/bin/python benchmarks/planner_speed.py --targets        # 60 % and 85 % in one plan call vs one call each
     .venv/bin/python benchmarks/planner_speed.py --workers        # options side by side (the default) vs one at a time
+    .venv/bin/python benchmarks/planner_speed.py --overwrite      # probe forwards writing over dead activations vs not
 
 ``norton.plan(model, digits calibration images, target_macs=0.6)`` on a
 randomly initialised zoo model (the damages it measures need no training to
@@ -37,6 +38,15 @@ threads (``workers=None``, the default: one per torch thread) and one at a
 time on all threads (``workers=1``), alternating, ``--rounds`` times each;
 the median of each, and whether the plans are the same (their float rounding
 differs: a convolution on one thread sums in another order than on two).
+``--overwrite`` times the traced forward a probe runs (``CachedForward.run``
+from the input, batch statistics, channels-last, no gradients) with its
+BatchNorms, additions and ReLUs writing over activations no longer needed (the
+default) and with a new buffer for each (``probing.OVERWRITE = False``):
+ResNet-50 on 128 and on 64 random 224×224 images, ResNet-56 on 256 16×16;
+each way in its own process (what the C library's allocator holds is a state
+of the process), ``--rounds`` rounds with the order alternated, the median
+over a process's timed forwards and then over rounds; and whether both ways
+gave the same outputs to the last bit.
 """
 from __future__ import annotations
 
@@ -113,7 +123,7 @@ def resnet50_eta(seconds: int, record: bool = False) -> None:
 
     code = ("import torch, warnings; warnings.simplefilter('ignore'); from norton import create_model, plan; "
             "torch.manual_seed(0); m = create_model('resnet_50').eval(); "
-            "x = [torch.randn(64, 3, 224, 224) for _ in range(4)]; "
+            "x = [torch.randn(128, 3, 224, 224) for _ in range(2)]; "
             "p = plan(m, x, target_macs=0.6, progress=True); "
             "print(f'planned in {p.seconds / 60:.1f} min, {p.screening[\"confirmed\"]} of "
             "{p.screening[\"options\"]} options confirmed on every image')")
@@ -139,8 +149,8 @@ def resnet50_eta(seconds: int, record: bool = False) -> None:
                 done, total, spent, left, rate = match.groups()
                 rows.append([stage.removeprefix("plan: "), f"{done} of {total}", spent, per_item(spent, done, rate), left])
         write_table("planner_resnet50", ["stage", "done", "time", "time per item", "tqdm's estimate of the rest"], rows,
-                    note=f"A randomly initialised ResNet-50, 256 random 224×224 images in four batches of 64 (screened "
-                         f"on the first 128), `target_macs=0.6`, "
+                    note=f"A randomly initialised ResNet-50, 256 random 224×224 images in two batches of 128 (as `norton "
+                         f"plan --calibration-images 256` batches them; screened on the first), `target_macs=0.6`, "
                          + (f"run to the end: {out.strip()}" if out.strip() else f"stopped after {seconds} s") + ".")
 
 
@@ -179,6 +189,78 @@ def side_by_side(archs: list[str], rounds: int, record: bool, recover: bool) -> 
                          "(after an untimed warm-up plan).")
 
 
+OVERWRITE_CASES = (("resnet_50", 128, 224), ("resnet_50", 64, 224), ("resnet_56", 256, 16))
+
+
+def overwrite_child(arch: str, images: int, size: int, overwrite: bool, repeats: int) -> None:
+    """One process: the traced forward from the input, ``repeats`` times after a warm-up; the median seconds,
+    the page faults of a forward and the output's exact sum, as JSON."""
+    import resource
+    import statistics
+    import time
+
+    from norton import tune_allocator
+    from norton.compression import probing
+    from norton.core import batch_statistics
+
+    tune_allocator()
+    probing.OVERWRITE = overwrite
+    torch.manual_seed(0)
+    imagenet = arch == "resnet_50"
+    model = (create_model(arch) if imagenet else create_model(arch, num_classes=10, in_channels=1)).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(images, 3 if imagenet else 1, size, size).contiguous(memory_format=torch.channels_last)
+    traced = probing.CachedForward(model, [x], budget=0)  # nothing cached: every run from the input
+    times, faults = [], []
+    with torch.no_grad(), batch_statistics(traced.module):
+        out = traced.run(0, [])
+        for _ in range(repeats):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            began = time.perf_counter()
+            traced.run(0, [])
+            times.append(time.perf_counter() - began)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"seconds": statistics.median(times), "faults": statistics.median(faults),
+                      "sum": float(out.double().sum())}))
+
+
+def overwrite_ab(rounds: int, record: bool) -> None:
+    import statistics
+    import subprocess
+    import sys
+
+    rows = []
+    for arch, images, size in OVERWRITE_CASES:
+        repeats = 5 if arch == "resnet_50" else 40
+        got: dict[bool, list[dict]] = {True: [], False: []}
+        for r in range(rounds):
+            for overwrite in ((True, False) if r % 2 else (False, True)):
+                done = subprocess.run([sys.executable, __file__, "--overwrite-child", arch, str(images), str(size),
+                                       "on" if overwrite else "off", str(repeats)],
+                                      capture_output=True, text=True, check=True)
+                got[overwrite].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(arch, images, "written over" if overwrite else "new buffers", got[overwrite][-1], flush=True)
+        seconds = {k: statistics.median(r["seconds"] for r in v) for k, v in got.items()}
+        faults = {k: statistics.median(r["faults"] for r in v) for k, v in got.items()}
+        same = len({r["sum"] for v in got.values() for r in v}) == 1
+        unit, scale = ("s", 1.0) if arch == "resnet_50" else ("ms", 1000.0)
+        rows.append([f"{arch.replace('resnet_', 'ResNet-')}, {images} images {size}×{size}",
+                     f"{scale * seconds[False]:.{2 if unit == 's' else 1}f} {unit}",
+                     f"{scale * seconds[True]:.{2 if unit == 's' else 1}f} {unit}",
+                     f"{seconds[False] / seconds[True]:.2f}×", f"{faults[False]:,.0f} / {faults[True]:,.0f}",
+                     "yes" if same else "no"])
+    if record:
+        from record import write_table
+
+        write_table("planner_overwrite", ["traced forward", "new buffers", "written over (the default)", "speed-up",
+                                          "page faults per forward: new / written over", "the same outputs"], rows,
+                    note="A probe's traced forward from the input (`CachedForward.run`, batch statistics, channels-last, "
+                         "no gradients) of a randomly initialised model, the C library's allocator tuned as the planner "
+                         f"tunes it; each way in its own process, {rounds} rounds with the order alternated, the median "
+                         "of 5 (ResNet-50) or 40 (ResNet-56) timed forwards per process, then over rounds.  The same "
+                         "outputs: every process's output summed to the same number.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="resnet_20,resnet_56")
@@ -188,14 +270,23 @@ def main() -> None:
     parser.add_argument("--screening", action="store_true", help="screened vs every option on every image")
     parser.add_argument("--images", default="512", help="--screening: calibration images, a comma list (default 512)")
     parser.add_argument("--record", action="store_true",
-                        help="--screening, --costs, --resnet50 and the default: record the table the planner guide shows "
+                        help="--screening, --costs, --resnet50, --overwrite and the default: record the table the planner guide shows "
                              "(docs/results/tables)")
     parser.add_argument("--resnet50", type=int, default=None, metavar="S",
                         help="ResNet-50 at 224×224 on 256 images for at most S seconds: each stage's progress and ETA")
     parser.add_argument("--targets", action="store_true", help="two MACs targets in one plan call vs one call each")
     parser.add_argument("--workers", action="store_true", help="options side by side on threads vs one at a time")
-    parser.add_argument("--rounds", type=int, default=3, help="--workers: plans of each kind per model (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--workers: plans of each kind per model; --overwrite: processes each way (default 3)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="probe forwards writing over activations no longer needed vs a new buffer for each")
+    parser.add_argument("--overwrite-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.overwrite_child:
+        arch, images, size, way, repeats = args.overwrite_child
+        return overwrite_child(arch, int(images), int(size), way == "on", int(repeats))
+    if args.overwrite:
+        return overwrite_ab(args.rounds, args.record)
     if args.resnet50:
         resnet50_eta(args.resnet50, args.record)
         return

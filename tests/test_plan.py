@@ -684,6 +684,73 @@ def test_the_cached_forward_is_the_whole_forward():
     assert cached > 0 and cached == probe.damage(whole)  # from the cut point on: the same numbers
 
 
+class _Noting(nn.Module):
+    """A layer that notes where its input and output lie in memory (addresses, not the tensors)."""
+
+    def __init__(self, layer: nn.Module, notes: dict):
+        super().__init__()
+        self.layer, self.notes = layer, notes
+
+    def forward(self, x):
+        out = self.layer(x)
+        self.notes.setdefault("input", []).append(x.data_ptr())
+        self.notes.setdefault("output", []).append(out.data_ptr())
+        return out
+
+
+def test_the_traced_forward_writes_over_activations_no_longer_needed_with_the_same_values():
+    """Without gradients, the last block's BatchNorm, its residual addition and ReLU write over the conv's
+    output (no new buffer for each) and the outputs are the model's, bit for bit; with gradients nothing is
+    written over."""
+    from norton.compression.probing import CachedForward, Change
+    from norton.core import batch_statistics
+
+    model = create_model("resnet_20").eval()
+    batches = [images(8)]
+    cached = CachedForward(model, batches)
+    notes: dict = {}
+    change = Change(swaps={"layer3.2.conv2": _Noting(model.get_submodule("layer3.2.conv2"), notes),
+                           "avgpool": _Noting(model.avgpool, notes)})
+    with torch.no_grad(), batch_statistics(model):
+        want = model(batches[0])
+    with batch_statistics(cached.module):
+        with torch.no_grad():
+            got = cached.run(0, (), change)
+        with torch.enable_grad():
+            graded = cached.run(0, (), change)
+    assert torch.equal(got, want) and torch.equal(graded.detach(), want)
+    conv_out, pool_in = notes["output"][0], notes["input"][1]
+    assert pool_in == conv_out  # bn2, the addition and relu2 of layer3.2 wrote over conv2's output
+    assert notes["input"][3] != notes["output"][2]  # with gradients: each a buffer of its own
+    graded.sum().backward()  # and autograd still has what it saved
+    assert model.get_submodule("layer3.2.bn2").weight.grad is not None
+
+
+def test_values_given_kept_or_seen_by_a_hook_are_never_written_over():
+    """The cached activations a probe starts from (the shortcut of the block after them reads them last),
+    and a layer's output a forward hook keeps, stay as they were."""
+    from norton.compression.probing import CachedForward
+    from norton.core import batch_statistics
+
+    model = create_model("resnet_20").eval()
+    batches = [images(8), images(8, seed=1)]
+    cached = CachedForward(model, batches)
+    before = [{n: v.clone() for n, v in values.items()} for values in cached.cache]
+    kept = []
+    conv = model.get_submodule("layer2.1.conv2")
+    handle = conv.register_forward_hook(lambda m, i, out: kept.append((out, out.clone())))
+    try:
+        with torch.no_grad(), batch_statistics(cached.module):
+            outs = [cached.run(i, ["layer2.1.conv1"]) for i in range(2)] + [cached.run(i, ["layer3.1.conv1"]) for i in range(2)]
+    finally:
+        handle.remove()
+    assert cached.start_for(["layer2.1.conv1"]) is not None  # it started from a cached cut point
+    assert all(torch.equal(v, before[i][n]) for i, values in enumerate(cached.cache) for n, v in values.items())
+    assert len(kept) == 2 and all(torch.equal(out, copy) for out, copy in kept)
+    with torch.no_grad(), batch_statistics(model):
+        assert all(torch.equal(out, model(batches[i % 2])) for i, out in enumerate(outs))
+
+
 def test_the_cache_holds_only_cut_points_a_probe_starts_from_within_its_budget():
     """Of two cut points with no layer first called between them (a residual addition and the activation
     after it), only the later is cached; a budget too small for a cut point leaves it out (its probes start

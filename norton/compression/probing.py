@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 from torchvision.ops import FrozenBatchNorm2d
 
 from norton.core import ChannelPadShortcut, CPDBlock, TuckerBlock, batch_statistics, batchnorms, replace_module
@@ -56,6 +58,23 @@ class Change:
     @property
     def changed(self) -> list[str]:
         return [*self.swaps, *self.after]
+
+
+# the traced forward writes outputs over activations no longer needed (``TracedForward._execute``); False: a new
+# buffer for every output, as the model's own forward (``benchmarks/planner_speed.py --overwrite`` times both)
+OVERWRITE = True
+ADDITIONS = (operator.add, torch.add)  # what a traced addition calls
+NORMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}  # the input dimensions each takes
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook sees ``module``'s inputs or outputs (it may keep them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
 
 
 OPAQUE = (CPDBlock, TuckerBlock, ChannelPadShortcut, FrozenBatchNorm2d)  # modules of the traced graph, not traced into
@@ -95,6 +114,17 @@ class TracedForward:
                 last_use[arg] = i
         for node, i in last_use.items():
             self.freed[i].append(node)
+        # per position: which arguments of a node that may write its output over an input (``_overwrite``: a
+        # BatchNorm, a ReLU, an addition) are read there for the last time
+        self.dying: dict[int, tuple[int, ...]] = {}
+        for i, node in enumerate(self.nodes):
+            if node.kwargs or not (node.op == "call_module" and len(node.args) == 1
+                                   or node.op == "call_function" and node.target in ADDITIONS and len(node.args) == 2):
+                continue
+            last = tuple(k for k, arg in enumerate(node.args) if isinstance(arg, fx.Node) and arg.op != "get_attr"
+                         and last_use.get(arg) == i and sum(a is arg for a in node.args) == 1)
+            if last:
+                self.dying[i] = last
 
     def cut_points(self) -> list[fx.Node]:
         """Nodes after which no other value computed earlier is still needed."""
@@ -122,9 +152,16 @@ class TracedForward:
                  stop: int | None = None):
         """Run the nodes from position ``begin`` on, given ``env`` (the values they need from before it),
         with ``change`` made; the output, or with ``keep`` the values of those nodes (with ``stop``: up to
-        the node at that position, not run, whose first input is kept as "input")."""
+        the node at that position, not run, whose first input is kept as "input").
+
+        Without gradients, a BatchNorm with batch statistics, a ReLU and an addition write their output
+        over an input read there for the last time, where that input is memory this forward allocated and
+        nothing else holds (``_overwrite``): the same values, without a new buffer for each."""
         kept: dict = {}
         swaps, after = (change.swaps, change.after) if change is not None else ({}, {})
+        overwrite = OVERWRITE and not torch.is_grad_enabled()
+        # memory that is not this forward's own: the values given, those kept, those a hook or ``after`` saw
+        foreign = {_storage(v) for v in env.values() if isinstance(v, Tensor)} if overwrite else set()
 
         def load(node: fx.Node):
             if node not in env and node.op == "get_attr":
@@ -145,17 +182,73 @@ class TracedForward:
                 env[node] = self._fetch(node.target)
             elif node.op == "call_module":
                 module = swaps[node.target] if node.target in swaps else self.layers[node.target]
-                out = module(*args, **kwargs)
+                seen = node.target in after or _hooked(module)  # something else sees its input and output
+                out = None
+                if overwrite and position in self.dying and not seen:
+                    out = self._overwrite(module, args, self.dying[position], env, foreign)
+                if out is None:
+                    out = module(*args, **kwargs)
                 env[node] = after[node.target](module, args, out) if node.target in after else out
+                if overwrite and seen:
+                    foreign.update(_storage(v) for v in (*args, out, env[node]) if isinstance(v, Tensor))
             elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
+                out = None
+                if overwrite and position in self.dying:
+                    out = self._overwrite(node.target, args, self.dying[position], env, foreign)
+                env[node] = node.target(*args, **kwargs) if out is None else out
             else:  # call_method
                 env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
             if keep is not None and node in keep:
                 kept[node] = env[node]
+                if overwrite and isinstance(env[node], Tensor):
+                    foreign.add(_storage(env[node]))
             for used in self.freed[position]:  # freed as soon as no later node needs it: the memory is reused
                 env.pop(used, None)
         raise RuntimeError("the traced graph has no output")
+
+    @staticmethod
+    def _free(args: tuple, indices: tuple[int, ...], env: dict, foreign: set[int]) -> list[int]:
+        """Of the arguments at ``indices`` (each read for the last time), those whose memory this forward
+        allocated and no other value it holds shares."""
+        free = []
+        for k in indices:
+            t = args[k]
+            if not isinstance(t, Tensor) or t.numel() == 0:
+                continue
+            ptr = _storage(t)
+            if ptr not in foreign and sum(isinstance(v, Tensor) and _storage(v) == ptr for v in env.values()) == 1:
+                free.append(k)
+        return free
+
+    @classmethod
+    def _overwrite(cls, op, args: tuple, dying: tuple[int, ...], env: dict, foreign: set[int]) -> Tensor | None:
+        """``op(*args)`` written over one of the arguments at ``dying`` (read there for the last time) that
+        is free to overwrite (``_free``); None: not an operation done so here, or no argument free.  Each
+        gives the same values as ``op`` itself: BatchNorm's own kernel with its output on its input (CPU,
+        batch statistics: the statistics are taken before anything is written), ``relu_``, ``add_``.  On a
+        CPU a new buffer for a large activation is fresh memory from the system, faulted in page by page."""
+        if type(op) in NORMS:
+            x = args[0]
+            if (not op.training or op.track_running_stats or not isinstance(x, Tensor) or x.device.type != "cpu"
+                    or x.dtype not in (torch.float32, torch.float64) or x.dim() not in NORMS[type(op)]
+                    or not (x.is_contiguous() or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+                    or not cls._free(args, dying, env, foreign)):
+                return None
+            torch.ops.aten.native_batch_norm.out(x, op.weight, op.bias, None, None, True, 0.0, op.eps, out=x,
+                                                 save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
+            return x
+        if type(op) is nn.ReLU and not op.inplace:
+            return torch.relu_(args[0]) if cls._free(args, dying, env, foreign) else None
+        if op in ADDITIONS:
+            a, b = args
+            if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                    and a.device == b.device and a.stride() == b.stride()):
+                return None
+            free = cls._free(args, dying, env, foreign)
+            if not free:
+                return None
+            return a.add_(b) if free[0] == 0 else b.add_(a)  # IEEE addition commutes: the same values as a + b
+        return None
 
     def input_of(self, position: int, begin: int, value: Tensor, keep: int | None = None
                  ) -> tuple[Tensor, Tensor | None]:
