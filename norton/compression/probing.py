@@ -156,7 +156,9 @@ class TracedForward:
 
         Without gradients, a BatchNorm with batch statistics, a ReLU and an addition write their output
         over an input read there for the last time, where that input is memory this forward allocated and
-        nothing else holds (``_overwrite``): the same values, without a new buffer for each."""
+        nothing else holds (``_overwrite``): the same values, without a new buffer for each.  What holds a
+        tensor is seen through the values of this forward, forward hooks and ``change.after``; a layer that
+        keeps a reference to its own output by other means would see it written over."""
         kept: dict = {}
         swaps, after = (change.swaps, change.after) if change is not None else ({}, {})
         overwrite = OVERWRITE and not torch.is_grad_enabled()
