@@ -243,10 +243,9 @@ def overwrite_ab(rounds: int, record: bool) -> None:
         seconds = {k: statistics.median(r["seconds"] for r in v) for k, v in got.items()}
         faults = {k: statistics.median(r["faults"] for r in v) for k, v in got.items()}
         same = len({r["sum"] for v in got.values() for r in v}) == 1
-        unit, scale = ("s", 1.0) if arch == "resnet_50" else ("ms", 1000.0)
+        shown = (lambda t: f"{t:.2f} s") if arch == "resnet_50" else (lambda t: f"{1000 * t:.1f} ms")
         rows.append([f"{arch.replace('resnet_', 'ResNet-')}, {images} images {size}×{size}",
-                     f"{scale * seconds[False]:.{2 if unit == 's' else 1}f} {unit}",
-                     f"{scale * seconds[True]:.{2 if unit == 's' else 1}f} {unit}",
+                     shown(seconds[False]), shown(seconds[True]),
                      f"{seconds[False] / seconds[True]:.2f}×", f"{faults[False]:,.0f} / {faults[True]:,.0f}",
                      "yes" if same else "no"])
     if record:

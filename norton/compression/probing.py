@@ -184,14 +184,15 @@ class TracedForward:
                 env[node] = self._fetch(node.target)
             elif node.op == "call_module":
                 module = swaps[node.target] if node.target in swaps else self.layers[node.target]
-                seen = node.target in after or _hooked(module)  # something else sees its input and output
+                # something else sees its input and output (asked only where anything is written over)
+                seen = overwrite and (node.target in after or _hooked(module))
                 out = None
-                if overwrite and position in self.dying and not seen:
+                if overwrite and not seen and position in self.dying:
                     out = self._overwrite(module, args, self.dying[position], env, foreign)
                 if out is None:
                     out = module(*args, **kwargs)
                 env[node] = after[node.target](module, args, out) if node.target in after else out
-                if overwrite and seen:
+                if seen:
                     foreign.update(_storage(v) for v in (*args, out, env[node]) if isinstance(v, Tensor))
             elif node.op == "call_function":
                 out = None
